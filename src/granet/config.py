@@ -1,0 +1,204 @@
+"""The configuration of a sparsifier: one flat, validated dataclass.
+
+A method (``granet``, ``rigl``, ...) is a preset of these fields (see :mod:`granet.methods`); every
+field can be overridden. Step-valued fields (``prune_start``, ``prune_end``, ``regrow_start``,
+``regrow_end``) accept an ``int`` (optimizer steps) or a ``float`` in [0, 1] (a fraction of
+``total_steps``). They are resolved to steps once, by :meth:`SparsityConfig.resolve_steps`; nothing
+is ever derived from epochs, loader lengths or world size.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+from .criteria import GROW_CRITERIA
+from .distributions import DISTRIBUTIONS
+
+StepSpec = Union[int, float]
+
+PRUNE_SCOPES = ("global", "layerwise")
+REDISTRIBUTIONS = ("none", "momentum")
+DROP_DECAYS = ("cosine", "constant")
+STEP_FIELDS = ("prune_start", "prune_end", "regrow_start", "regrow_end")
+
+
+@dataclass
+class SparsityConfig:
+    """Everything that defines a sparse-training method.
+
+    Attributes:
+        method: name of the preset this configuration came from (informational).
+        density: final density of the sparsified weights, in (0, 1].
+        init_density: density at the start; ``None`` means ``density`` for constant-density methods.
+            Must equal ``density`` unless ``prune`` is set.
+        distribution: layer-wise split of the initial (and, for layer-wise pruning, final) density:
+            ``uniform``, ``er``, ``erk`` or ``global``.
+        erk_power_scale: exponent on the ER/ERK raw densities.
+        keep_dense: name patterns (``fnmatch``, matched against module and parameter names) of
+            layers that stay dense; each must match at least one layer.
+        prune: gradual magnitude pruning scope, ``global`` / ``layerwise``, or ``None`` for none.
+        prune_start: t0, step where gradual pruning starts.
+        prune_end: tf, step where the final density is reached.
+        update_interval: ΔT, optimizer steps between topology updates (pruning and regrowth).
+        drop_fraction: r_0, fraction of each layer's active weights dropped and regrown per update;
+            0 disables regrowth.
+        drop_fraction_end: value r_t decays to at ``regrow_end`` (cosine decay).
+        drop_decay: ``cosine`` or ``constant``.
+        regrow_start: first step of drop-and-regrow updates; ``None`` means ``prune_start`` for pruning
+            methods and 0 otherwise.
+        regrow_end: updates happen strictly before this step.
+        grow: grow criterion, ``gradient``, ``momentum`` or ``random``.
+        redistribute: ``none`` keeps every layer's count; ``momentum`` (SNFS) moves regrowth between
+            layers in proportion to their mean momentum magnitude.
+        mask_optimizer_state: zero the optimizer state of inactive weights after every step. SNFS turns
+            it off because it regrows by the momentum that inactive weights accumulate.
+        total_steps: number of optimizer steps of the whole run; needed when a step field is a fraction.
+        seed: seed of every random choice (initial mask, random regrowth, tie-breaking).
+        track_exploration: keep a bit-packed "ever active" mask for the exploration rate.
+    """
+
+    method: str = "custom"
+    density: float = 1.0
+    init_density: Optional[float] = None
+    distribution: str = "erk"
+    erk_power_scale: float = 1.0
+    keep_dense: tuple[str, ...] = ()
+    prune: Optional[str] = None
+    prune_start: StepSpec = 0
+    prune_end: StepSpec = 0.5
+    update_interval: int = 100
+    drop_fraction: float = 0.0
+    drop_fraction_end: float = 0.0
+    drop_decay: str = "cosine"
+    regrow_start: Optional[StepSpec] = None
+    regrow_end: StepSpec = 1.0
+    grow: str = "gradient"
+    redistribute: str = "none"
+    mask_optimizer_state: bool = True
+    total_steps: Optional[int] = None
+    seed: int = 0
+    track_exploration: bool = True
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Names of all configuration fields."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def replace(self, **changes: Any) -> "SparsityConfig":
+        """A copy with ``changes`` applied; unknown field names raise ``ValueError``."""
+        unknown = sorted(set(changes) - set(self.field_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown sparsity option(s) {', '.join(unknown)}; valid: {', '.join(self.field_names())}"
+            )
+        if "keep_dense" in changes and changes["keep_dense"] is not None:
+            value = changes["keep_dense"]
+            changes["keep_dense"] = (value,) if isinstance(value, str) else tuple(value)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python dictionary (YAML/JSON friendly)."""
+        out = dataclasses.asdict(self)
+        out["keep_dense"] = list(self.keep_dense)
+        return out
+
+    @property
+    def effective_init_density(self) -> float:
+        """The initial density after applying the ``None`` default."""
+        return self.density if self.init_density is None else self.init_density
+
+    def validate(self) -> None:
+        """Check ranges and consistency; raises ``ValueError`` with a message naming the field."""
+        for name in ("density", "init_density"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+        init = self.effective_init_density
+        if self.prune is None and init != self.density:
+            raise ValueError(
+                f"method {self.method!r} keeps the density constant (no gradual pruning), so init_density "
+                f"({init}) must equal density ({self.density}); set prune='global' to prune gradually"
+            )
+        if self.prune is not None and self.density > init:
+            raise ValueError(
+                f"final density {self.density} is above the initial density {init}: "
+                f"{self.method!r} prunes, so density must be <= init_density"
+            )
+        _check_choice("distribution", self.distribution, DISTRIBUTIONS)
+        if self.prune is not None:
+            _check_choice("prune", self.prune, PRUNE_SCOPES)
+        _check_choice("grow", self.grow, GROW_CRITERIA)
+        _check_choice("redistribute", self.redistribute, REDISTRIBUTIONS)
+        _check_choice("drop_decay", self.drop_decay, DROP_DECAYS)
+        if isinstance(self.update_interval, bool) or not isinstance(self.update_interval, int) or self.update_interval < 1:
+            raise ValueError(f"update_interval must be a positive integer, got {self.update_interval!r}")
+        for name in ("drop_fraction", "drop_fraction_end"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        if self.erk_power_scale < 0:
+            raise ValueError(f"erk_power_scale must be >= 0, got {self.erk_power_scale}")
+        if self.total_steps is not None and (isinstance(self.total_steps, bool) or self.total_steps < 1):
+            raise ValueError(f"total_steps must be a positive integer, got {self.total_steps!r}")
+        if self.prune == "layerwise" and self.distribution == "global":
+            raise ValueError("layer-wise pruning needs a per-layer distribution (uniform, er or erk), not 'global'")
+
+    def uses_field(self, name: str) -> bool:
+        """Whether a step field matters for this configuration."""
+        if name in ("prune_start", "prune_end"):
+            return self.prune is not None
+        if name in ("regrow_start", "regrow_end"):
+            return self.drop_fraction > 0
+        return True
+
+    def resolve_steps(self) -> dict[str, int]:
+        """Turn the step fields into optimizer steps.
+
+        Returns:
+            ``{field: step}`` for the fields this configuration uses.
+
+        Raises:
+            ValueError: a fraction is given without ``total_steps``, a value is out of range, or
+                t0 >= tf.
+        """
+        resolved: dict[str, int] = {}
+        for name in STEP_FIELDS:
+            if not self.uses_field(name):
+                continue
+            value = getattr(self, name)
+            if value is None and name == "regrow_start":
+                value = resolved.get("prune_start", 0) if self.prune is not None else 0
+            resolved[name] = self._to_step(name, value)
+        if self.prune is not None and resolved["prune_start"] >= resolved["prune_end"]:
+            raise ValueError(
+                f"prune_start (t0={resolved['prune_start']}) must be before prune_end "
+                f"(tf={resolved['prune_end']})"
+            )
+        return resolved
+
+    def _to_step(self, name: str, value: StepSpec) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a step (int) or a fraction of training (float), got {value!r}")
+        if isinstance(value, int):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+            return value
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name}={value} is a fraction of training and must be in [0, 1]; give steps as an int")
+        if self.total_steps is None:
+            raise ValueError(
+                f"{name}={value} is a fraction of training, so {self.method!r} needs total_steps "
+                f"(the number of optimizer steps of the run); pass total_steps=... or give {name} in steps"
+            )
+        return int(round(value * self.total_steps))
+
+
+def _check_choice(name: str, value: object, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+
+
+__all__ = ["SparsityConfig", "PRUNE_SCOPES", "REDISTRIBUTIONS", "STEP_FIELDS"]

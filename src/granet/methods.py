@@ -1,0 +1,141 @@
+"""Sparse-training methods as named presets of :class:`~granet.config.SparsityConfig`.
+
+Every method is the same engine with different pieces: a distribution for the initial mask, an
+optional gradual pruning schedule, and an optional drop-and-regrow rule with a grow criterion.
+
+================  =============  ==============  ==================  ============  ===========
+method            initial mask   gradual prune   regrowth            grow score    ΔT, r_0
+================  =============  ==============  ==================  ============  ===========
+``dense``         dense          —               —                   —             —
+``static``        ERK random     —               —                   —             —
+``gmp``           dense          global cubic    —                   —             1000
+``gmp-layerwise`` dense          per-layer cubic —                   —             1000
+``set``           ERK random     —               until 75%           random        100, 0.3
+``rigl``          ERK random     —               until 75%           gradient      100, 0.3
+``snfs``          ERK random     —               until 75%, moved    momentum      100, 0.5
+``granet``        dense (s_i=0)  global cubic    t0 → end            gradient      1000, 0.5
+``granet-st``     ERK 50%        global cubic    t0 → end            gradient      1000, 0.5
+================  =============  ==============  ==================  ============  ===========
+
+GraNet's defaults follow the paper's CIFAR recipe: t0 = 0, tf = half of training, ΔT = 1000,
+r_t cosine-decayed from 0.5 to 0.005 over training. RigL/SET/SNFS follow RigL's defaults. Every field
+can be overridden: ``create_sparsifier("granet", ..., update_interval=100, prune_end=0.75)``.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .config import SparsityConfig
+from .sparsifier import DEFAULT_LAYER_TYPES, Sparsifier
+
+_REGISTRY: dict[str, dict[str, Any]] = {}
+_DESCRIPTIONS: dict[str, str] = {}
+_LOCKED: dict[str, dict[str, Any]] = {}
+
+
+def register_method(name: str, description: str, locked: Optional[dict[str, Any]] = None, **preset: Any) -> None:
+    """Register a method as a preset of :class:`SparsityConfig` fields.
+
+    Args:
+        name: the method name users pass to :func:`create_sparsifier`.
+        description: one line for listings.
+        locked: fields that define the method and cannot be overridden (``dense`` locks
+            ``density=1``); overriding one with another value is an error.
+        **preset: field values; unknown fields raise ``ValueError``.
+    """
+    SparsityConfig().replace(**preset, **(locked or {}))  # validates the field names
+    if name in _REGISTRY:
+        raise ValueError(f"method {name!r} is already registered")
+    _REGISTRY[name] = dict(preset, **(locked or {}), method=name)
+    _LOCKED[name] = dict(locked or {}, method=name)
+    _DESCRIPTIONS[name] = description
+
+
+def list_methods() -> list[str]:
+    """Names of the registered methods, sorted."""
+    return sorted(_REGISTRY)
+
+
+def describe_method(name: str) -> str:
+    """One-line description of a method."""
+    _check_method(name)
+    return _DESCRIPTIONS[name]
+
+
+def _check_method(name: str) -> None:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(list_methods())}")
+
+
+def method_config(name: str, **overrides: Any) -> SparsityConfig:
+    """The :class:`SparsityConfig` of method ``name`` with ``overrides`` applied and validated.
+
+    Raises:
+        ValueError: unknown method (valid ones listed), unknown option, or invalid values.
+    """
+    _check_method(name)
+    for key, value in _LOCKED[name].items():
+        if key in overrides and overrides[key] != value:
+            raise ValueError(f"method {name!r} requires {key}={value!r}, got {overrides[key]!r}")
+    config = SparsityConfig().replace(**_REGISTRY[name]).replace(**overrides)
+    config.validate()
+    config.resolve_steps()
+    return config
+
+
+def create_sparsifier(
+    method: str,
+    model: nn.Module,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    *,
+    layer_types: tuple[type[nn.Module], ...] = DEFAULT_LAYER_TYPES,
+    **options: Any,
+) -> Sparsifier:
+    """Build a :class:`Sparsifier` for ``model`` by method name.
+
+    Example::
+
+        sparsifier = granet.create_sparsifier("granet", model, optimizer, density=0.1, total_steps=T)
+        ...
+        optimizer.step()
+        sparsifier.step()
+
+    Args:
+        method: one of :func:`list_methods`.
+        model: the model whose Conv/Linear weights are sparsified.
+        optimizer: the training optimizer (see :class:`Sparsifier`).
+        layer_types: module types whose ``weight`` is sparsified.
+        **options: :class:`SparsityConfig` fields, e.g. ``density``, ``init_density``, ``total_steps``,
+            ``update_interval``, ``distribution``, ``keep_dense``, ``seed``.
+
+    Returns:
+        The sparsifier; the model's inactive weights are already zero.
+    """
+    return Sparsifier(model, optimizer, method_config(method, **options), layer_types=layer_types)
+
+
+_DST = dict(update_interval=100, drop_fraction=0.3, drop_fraction_end=0.0, regrow_start=0, regrow_end=0.75)
+_GRANET = dict(
+    prune="global", prune_start=0, prune_end=0.5, update_interval=1000,
+    drop_fraction=0.5, drop_fraction_end=0.005, regrow_end=1.0, grow="gradient",
+)
+
+register_method("dense", "dense training (no masks change; reference point)", locked=dict(density=1.0, init_density=1.0))
+register_method("static", "static sparse: a fixed random ERK mask at the target density")
+register_method("gmp", "gradual magnitude pruning (Zhu & Gupta cubic schedule), global threshold",
+                init_density=1.0, prune="global", update_interval=1000, prune_end=0.5)
+register_method("gmp-layerwise", "gradual magnitude pruning with per-layer (uniform) targets",
+                init_density=1.0, prune="layerwise", distribution="uniform", update_interval=1000, prune_end=0.5)
+register_method("set", "SET: constant density, magnitude drop, random regrowth", grow="random", **_DST)
+register_method("rigl", "RigL: constant density, magnitude drop, dense-gradient regrowth", grow="gradient", **_DST)
+register_method("snfs", "SNFS: magnitude drop, momentum regrowth redistributed across layers by momentum",
+                grow="momentum", redistribute="momentum", mask_optimizer_state=False,
+                **dict(_DST, drop_fraction=0.5))
+register_method("granet", "GraNet: dense-to-sparse gradual global pruning + zero-cost gradient regrowth",
+                init_density=1.0, **_GRANET)
+register_method("granet-st", "GraNet-ST: sparse-to-sparse (ERK 50% start) gradual pruning + regrowth",
+                init_density=0.5, distribution="erk", **_GRANET)
+

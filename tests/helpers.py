@@ -1,0 +1,35 @@
+"""Small models and loops shared by the engine tests."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def tiny_cnn(seed: int = 0, classes: int = 5) -> nn.Module:
+    """Conv + BN + Linear: exercises conv kernels, dense norm layers and biases."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, classes),
+    )
+
+
+def tiny_mlp(seed: int = 0, classes: int = 5) -> nn.Module:
+    """A bias-free-BN MLP on 3x6x6 inputs."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(108, 40), nn.ReLU(), nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, classes))
+
+
+def batch(step: int, n: int = 8, classes: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """A deterministic batch that depends only on the step (so resumed runs see the same data)."""
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(n, 3, 6, 6, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Forward, backward and optimizer step on the step's batch (grads left in place)."""
+    x, y = batch(step)
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()

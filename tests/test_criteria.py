@@ -1,0 +1,114 @@
+"""Hand-worked exact cases for selection and every prune / grow criterion."""
+import pytest
+import torch
+from torch import nn
+
+import granet
+from granet import criteria
+
+
+def test_select_top_exact_with_ties():
+    scores = torch.tensor([0.5, -1.0, 3.0, 2.0, 2.0, 0.0, 7.0, 1.0])
+    # k=3: 7 and 3 are above the threshold 2; one of the two 2s fills the last slot (lowest index).
+    assert criteria.select_top(scores, 3).tolist() == [False, False, True, True, False, False, True, False]
+    assert criteria.select_top(scores, 4).tolist() == [False, False, True, True, True, False, True, False]
+    assert criteria.select_top(scores, 0).sum() == 0
+    assert criteria.select_top(scores, 8).all()
+    assert criteria.select_top(scores, 99).all()
+
+
+def test_select_top_random_tie_breaking_is_seeded_and_exact():
+    scores = torch.zeros(1000)
+    a = criteria.select_top(scores, 100, criteria.seeded_generator(0, "x"))
+    b = criteria.select_top(scores, 100, criteria.seeded_generator(0, "x"))
+    c = criteria.select_top(scores, 100, criteria.seeded_generator(1, "x"))
+    assert int(a.sum()) == int(c.sum()) == 100
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a[500:].any()  # ties are not all taken from the front
+
+
+def _one_layer(weights, mask, method, optimizer=False, **options):
+    layer = nn.Linear(len(weights), 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([weights]))
+    opt = torch.optim.SGD(layer.parameters(), lr=0.0, momentum=0.9) if optimizer else None
+    s = granet.create_sparsifier(method, layer, opt, **options)
+    state = s.state_dict()
+    state["masks"]["weight"] = torch.tensor([mask])
+    s.load_state_dict(state)
+    return layer, opt, s
+
+
+def test_global_magnitude_prune_hand_worked():
+    layer = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.1, -0.9, 0.3, 0.0], [-0.5, 0.2, 0.8, -0.05]]))
+    s = granet.create_sparsifier("gmp", layer, density=0.5, prune_start=0, prune_end=1, update_interval=1)
+    report = s.step()
+    assert report.pruned == 4
+    assert s.masks[0].tolist() == [[False, True, True, False], [True, False, True, False]]
+    expected = torch.tensor([[0.0, -0.9, 0.3, 0.0], [-0.5, 0.0, 0.8, 0.0]])
+    assert torch.equal(layer.weight.detach(), expected)
+
+
+def test_gradient_regrowth_hand_worked():
+    # Active {0, 2}; drop 1 of 2 (r = 0.5): the smaller |w| (index 0) goes. Candidates {0, 1, 3}
+    # have |grad| 0.2, 0.1, 0.8 -> index 3 is regrown, at zero.
+    layer, _, s = _one_layer([1.0, 0.0, 3.0, 0.0], [True, False, True, False], "rigl", density=0.5,
+                             drop_fraction=0.5, drop_decay="constant", update_interval=1, regrow_end=10)
+    layer.weight.grad = torch.tensor([[0.2, -0.1, 5.0, -0.8]])
+    report = s.step()
+    assert (report.dropped, report.regrown, report.pruned) == (1, 1, 0)
+    assert s.masks[0].tolist() == [[False, False, True, True]]
+    assert layer.weight.tolist() == [[0.0, 0.0, 3.0, 0.0]]
+
+
+def test_dropped_weight_can_be_regrown_and_restarts_at_zero():
+    layer, _, s = _one_layer([1.0, 0.0, 3.0, 0.0], [True, False, True, False], "rigl", density=0.5,
+                             drop_fraction=0.5, drop_decay="constant", update_interval=1, regrow_end=10)
+    layer.weight.grad = torch.tensor([[9.0, 0.1, 0.0, 0.2]])  # the dropped weight has the largest gradient
+    report = s.step()
+    assert (report.dropped, report.regrown) == (1, 1)
+    assert s.masks[0].tolist() == [[True, False, True, False]]
+    assert layer.weight.tolist() == [[0.0, 0.0, 3.0, 0.0]]
+
+
+def test_momentum_regrowth_hand_worked_and_state_zeroed():
+    layer, opt, s = _one_layer([2.0, 0.0, -4.0, 0.0, 1.0, 0.0], [True, False, True, False, True, False], "snfs",
+                               optimizer=True, density=0.5, drop_fraction=0.34, drop_decay="constant",
+                               update_interval=1, regrow_end=10)
+    layer.weight.grad = torch.zeros(1, 6)
+    opt.state[layer.weight]["momentum_buffer"] = torch.tensor([[0.5, 0.3, 0.1, -0.7, 0.2, 0.6]])
+    opt.step()  # lr 0: weights unchanged; momentum becomes 0.9 * m (no dampening) + grad 0
+    report = s.step()
+    # drop int(0.34 * 3) = 1: |w|=1 at index 4. Candidates {1, 3, 4, 5}: |m| 0.27, 0.63, 0.18, 0.54 -> 3.
+    assert (report.dropped, report.regrown) == (1, 1)
+    assert s.masks[0].tolist() == [[True, False, True, True, False, False]]
+    buf = opt.state[layer.weight]["momentum_buffer"]
+    assert buf[0, 3] == 0.0  # regrown weight starts with zero momentum
+    assert buf[0, 5] != 0.0  # SNFS keeps the momentum of inactive weights (its grow signal)
+
+
+def test_random_regrowth_seeded_per_step_and_layer():
+    def run(seed):
+        layer, _, s = _one_layer([float(i + 1) for i in range(64)], [i % 2 == 0 for i in range(64)], "set",
+                                 density=0.5, drop_fraction=0.25, drop_decay="constant", update_interval=1,
+                                 regrow_end=10, seed=seed)
+        masks = []
+        for _ in range(3):
+            s.step()
+            masks.append(s.masks[0].clone())
+        return masks
+
+    a, b, c = run(0), run(0), run(1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    assert not torch.equal(a[0], a[1])  # a new draw at every update step
+    assert all(int(m.sum()) == 32 for m in a)
+
+
+def test_gradient_regrowth_without_grad_is_a_clear_error():
+    layer, _, s = _one_layer([1.0, 0.0, 3.0, 0.0], [True, False, True, False], "rigl", density=0.5,
+                             drop_fraction=0.5, drop_decay="constant", update_interval=1, regrow_end=10)
+    with pytest.raises(RuntimeError, match="before optimizer.zero_grad"):
+        s.step()

@@ -1,0 +1,309 @@
+"""Property and integration tests of the sparsifier over models x densities x methods."""
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import granet
+from helpers import batch, tiny_cnn, tiny_mlp, train_step
+
+METHODS = granet.list_methods()
+STEPS = 60
+
+
+def make(method, model_fn=tiny_cnn, density=0.2, optimizer="sgd", seed=0, **options):
+    model = model_fn(seed)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    else:
+        opt = optimizer(model.parameters())
+    defaults = dict(total_steps=STEPS, update_interval=5)
+    if method != "dense":
+        defaults["density"] = density
+    defaults.update(options)
+    return model, opt, granet.create_sparsifier(method, model, opt, **defaults)
+
+
+def state_tensors(opt, p):
+    return [v for v in opt.state[p].values() if isinstance(v, torch.Tensor) and v.shape == p.shape]
+
+
+@pytest.mark.parametrize("model_fn", [tiny_cnn, tiny_mlp])
+@pytest.mark.parametrize("density", [0.05, 0.3])
+@pytest.mark.parametrize("method", METHODS)
+def test_invariants_over_training(method, density, model_fn):
+    model, opt, s = make(method, model_fn, density)
+    target = 1.0 if method == "dense" else density
+    final_count = round(target * s.total)
+    tf = s.pruning.end if s.pruning else 0
+    constant = s.pruning is None
+    updates = 0
+    for t in range(1, STEPS + 1):
+        old = [m.clone() for m in s.masks]
+        train_step(model, opt, t)
+        report = s.step()
+        assert s.step_count == t
+        for i, (p, m) in enumerate(zip(s.params, s.masks)):
+            assert m.dtype == torch.bool
+            assert int(m.sum()) == s.counts[i]
+            assert torch.count_nonzero(p[~m]) == 0, "inactive weights must be exactly zero"
+            if s.config.mask_optimizer_state:
+                for buf in state_tensors(opt, p):
+                    assert torch.count_nonzero(buf[~m]) == 0
+        if constant:
+            assert sum(s.counts) == final_count
+        if report is None:
+            assert all(torch.equal(a, b) for a, b in zip(old, s.masks))
+            continue
+        updates += 1
+        assert not report.skipped
+        delta = sum(s.counts) - sum(int(m.sum()) for m in old)
+        assert delta == report.regrown - report.pruned - report.dropped
+        if s.config.redistribute == "none":
+            for name, layer in report.layers.items():
+                assert layer["regrown"] == layer["dropped"], name
+        assert report.regrown == report.dropped  # zero-cost: density unchanged by regrowth
+        for p, m, o in zip(s.params, s.masks, old):
+            grown = m & ~o
+            assert torch.count_nonzero(p[grown]) == 0, "regrown weights start at zero"
+            for buf in state_tensors(opt, p):
+                assert torch.count_nonzero(buf[grown]) == 0, "regrown weights start with zero optimizer state"
+        if s.pruning is not None and t == tf:
+            assert sum(s.counts) == final_count, "final density must be hit exactly at tf"
+    if s.pruning is not None or s.regrowth is not None:
+        assert updates > 0
+    assert sum(s.counts) == final_count
+    assert s.density() == final_count / s.total
+    rate = s.exploration_rate()
+    assert s.density() <= rate <= 1.0
+
+
+@pytest.mark.parametrize("method", ["static", "rigl", "set", "snfs"])
+@pytest.mark.parametrize("distribution", ["uniform", "er", "erk", "global"])
+def test_initial_masks_exact(method, distribution):
+    _, _, s = make(method, tiny_cnn, 0.1, distribution=distribution)
+    assert sum(s.counts) == round(0.1 * s.total)
+    assert all(0 <= c <= n for c, n in zip(s.counts, s.sizes))
+    if distribution == "uniform":
+        for c, n in zip(s.counts, s.sizes):
+            assert abs(c - 0.1 * n) <= 1
+
+
+def test_granet_st_starts_at_half_erk_and_gmp_starts_dense():
+    _, _, s = make("granet-st", density=0.1)
+    assert sum(s.counts) == round(0.5 * s.total)
+    assert s.counts == granet.layer_counts("erk", [tuple(p.shape) for p in s.params], 0.5)
+    _, _, g = make("gmp", density=0.1)
+    assert g.density() == 1.0
+
+
+def test_layerwise_gmp_hits_per_layer_targets():
+    model, opt, s = make("gmp-layerwise", density=0.1, prune_end=30)
+    for t in range(1, 31):
+        train_step(model, opt, t)
+        s.step()
+    assert s.counts == granet.layer_counts("uniform", [tuple(p.shape) for p in s.params], 0.1)
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=1e-2),
+    lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-2),
+    lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=1e-1),
+    lambda p: torch.optim.RMSprop(p, lr=1e-2, momentum=0.5, weight_decay=1e-2),
+    lambda p: torch.optim.Adagrad(p, lr=1e-2, weight_decay=1e-2),
+], ids=["sgd-nesterov-wd", "sgd-wd", "adam", "adamw", "rmsprop", "adagrad"])
+def test_pruned_weights_stay_zero_for_every_optimizer(make_opt):
+    model, opt, s = make("rigl", optimizer=make_opt, update_interval=7)
+    for t in range(1, 30):
+        train_step(model, opt, t)
+        s.step()
+        for p, m in zip(s.params, s.masks):
+            assert torch.count_nonzero(p[~m]) == 0
+            for buf in state_tensors(opt, p):
+                assert torch.count_nonzero(buf[~m]) == 0
+    assert sum(s.counts) == round(0.2 * s.total)
+
+
+def _checkpoint(model, opt, s):
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sparsifier": s.state_dict()}, buf)
+    buf.seek(0)
+    return buf
+
+
+@pytest.mark.parametrize("method", ["granet", "granet-st", "rigl", "set", "snfs", "gmp"])
+def test_resume_is_bit_exact(method):
+    model, opt, s = make(method)
+    for t in range(1, STEPS + 1):
+        train_step(model, opt, t)
+        s.step()
+    ref_weights = [p.detach().clone() for p in model.parameters()]
+    ref_masks = [m.clone() for m in s.masks]
+
+    model, opt, s = make(method)
+    for t in range(1, 23):
+        train_step(model, opt, t)
+        s.step()
+    ckpt = torch.load(_checkpoint(model, opt, s), weights_only=True)
+    model2, opt2, s2 = make(method, seed=123)  # fresh objects, different init: all replaced by the load
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    s2.load_state_dict(ckpt["sparsifier"])
+    assert s2.step_count == 22
+    for t in range(23, STEPS + 1):
+        train_step(model2, opt2, t)
+        s2.step()
+    assert all(torch.equal(a, b) for a, b in zip(ref_masks, s2.masks))
+    assert all(torch.equal(a, b.detach()) for a, b in zip(ref_weights, model2.parameters()))
+    model3, opt3, s3 = make(method)
+    for t in range(1, STEPS + 1):
+        train_step(model3, opt3, t)
+        s3.step()
+    assert s2.exploration_rate() == s3.exploration_rate()
+
+
+def test_state_dict_round_trip_and_mismatch_errors():
+    _, _, s = make("rigl")
+    state = s.state_dict()
+    assert all(m.dtype == torch.bool for m in state["masks"].values())
+    _, _, other = make("rigl", seed=5)
+    other.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(s.masks, other.masks))
+
+    wider = nn.Sequential(nn.Flatten(), nn.Linear(108, 41), nn.ReLU(), nn.Linear(41, 24), nn.ReLU(), nn.Linear(24, 5))
+    _, _, mlp = make("rigl", tiny_mlp)
+    target = granet.create_sparsifier("rigl", wider, None, density=0.2, total_steps=10)
+    with pytest.raises(ValueError, match=r"shape mismatch: 1\.weight .*3\.weight"):
+        target.load_state_dict(mlp.state_dict())
+    with pytest.raises(ValueError, match=r"missing in the state: 1\.weight.*not sparsified in this model: 0\.weight"):
+        target.load_state_dict(s.state_dict())
+
+
+def test_grad_scaler_skipped_step_does_not_count():
+    model, opt, s = make("rigl", update_interval=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    x, y = batch(0)
+    opt.zero_grad()
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    s.params[0].grad[0].fill_(float("inf"))
+    before = [m.clone() for m in s.masks]
+    scaler.step(opt)  # inf found: optimizer.step() is skipped
+    scaler.update()
+    assert s.step() is None and s.step_count == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, s.masks))
+    for t in (1, 2):
+        x, y = batch(t)
+        opt.zero_grad()
+        scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+        report = s.step()
+    assert s.step_count == 2 and report is not None and report.regrown > 0
+
+
+def test_non_finite_gradients_skip_the_update():
+    model, _, _ = make("rigl")
+    s = granet.create_sparsifier("rigl", model, None, density=0.2, update_interval=1, total_steps=10)
+    x, y = batch(0)
+    nn.functional.cross_entropy(model(x), y).backward()
+    s.params[1].grad[0, 0, 0, 0] = float("nan")
+    before = [m.clone() for m in s.masks]
+    report = s.step()
+    assert report.skipped and s.skipped_updates == 1 and s.step_count == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, s.masks))
+    assert s.stats()["last_update"]["skipped"] is True
+
+
+def test_gradient_accumulation_micro_steps_do_not_count():
+    model, opt, s = make("rigl", update_interval=2)
+    accumulation = 4
+    for micro in range(1, 13):
+        x, y = batch(micro)
+        (nn.functional.cross_entropy(model(x), y) / accumulation).backward()
+        if micro % accumulation == 0:
+            opt.step()
+        report = s.step()  # called every micro-step on purpose
+        if micro % accumulation == 0:
+            opt.zero_grad()
+        assert s.step_count == micro // accumulation
+        if micro == 8:
+            assert report is not None and report.step == 2
+        elif micro % accumulation != 0:
+            assert report is None
+
+
+def test_keep_dense_and_wrapped_names():
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+        def forward(self, x):
+            return self.module(x)
+
+    model = Wrapper(tiny_cnn())
+    s = granet.create_sparsifier("static", model, density=0.3, keep_dense=["0", "*9.weight"])
+    assert s.names == ["3.weight", "7.weight"]
+    with pytest.raises(ValueError, match="'nope' match no Conv/Linear"):
+        granet.create_sparsifier("static", model, density=0.3, keep_dense=["nope"])
+
+
+def test_stats_and_reports():
+    model, opt, s = make("granet", density=0.1, prune_end=30, update_interval=10)
+    reports = []
+    for t in range(1, STEPS + 1):
+        train_step(model, opt, t)
+        r = s.step()
+        if r is not None:
+            reports.append(r)
+    assert [r.step for r in reports] == [10, 20, 30, 40, 50, 60][: len(reports)]
+    assert reports[0].pruned > 0 and reports[0].regrown == reports[0].dropped > 0
+    stats = s.stats()
+    assert stats["step"] == STEPS and stats["active_weights"] == round(0.1 * s.total)
+    assert stats["density"] + stats["sparsity"] == 1.0
+    assert set(stats["layer_density"]) == set(s.names)
+    total = sum(d * n for d, n in zip(stats["layer_density"].values(), s.sizes))
+    assert round(total) == stats["active_weights"]
+    assert stats["exploration_rate"] == 1.0  # dense start: every weight was active once
+    assert stats["last_update"]["step"] == reports[-1].step
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(method="bogus"), "valid methods: dense, gmp"),
+    (dict(density=0.0), r"density must be a number in \(0, 1\]"),
+    (dict(density=1.2), r"density must be a number in \(0, 1\]"),
+    (dict(method="granet-st", density=0.8), "above the initial density"),
+    (dict(method="granet", prune_start=40, prune_end=20), r"prune_start \(t0=40\) must be before prune_end"),
+    (dict(method="granet", total_steps=None), "needs total_steps"),
+    (dict(method="rigl", init_density=0.5), "must equal density"),
+    (dict(method="rigl", grow="bogus"), "unknown grow 'bogus'"),
+    (dict(method="rigl", distribution="bogus"), "unknown distribution 'bogus'"),
+    (dict(method="rigl", colour="red"), "unknown sparsity option"),
+    (dict(method="dense", density=0.5), "requires density=1.0"),
+])
+def test_bad_input_errors(options, message):
+    options = dict(options)
+    method = options.pop("method", "rigl")
+    base = dict(density=0.1, total_steps=100)
+    base.update(options)
+    if method == "dense" and "density" not in options:
+        base.pop("density")
+    with pytest.raises(ValueError, match=message):
+        granet.create_sparsifier(method, tiny_mlp(), None, **{k: v for k, v in base.items() if v is not None or k != "total_steps"})
+
+
+def test_no_sparsifiable_weights_and_momentum_requirement():
+    with pytest.raises(ValueError, match="no sparsifiable weights"):
+        granet.create_sparsifier("rigl", nn.Sequential(nn.BatchNorm1d(3)), density=0.1, total_steps=10)
+    model = tiny_mlp()
+    with pytest.raises(ValueError, match="momentum > 0"):
+        granet.create_sparsifier("snfs", model, torch.optim.SGD(model.parameters(), lr=0.1), density=0.1, total_steps=10)
+
+
+def test_masks_use_one_byte_per_weight():
+    _, _, s = make("rigl")
+    assert sum(m.element_size() * m.numel() for m in s.masks) == s.total
+    assert sum(e.numel() for e in s.ever_active) == sum(math.ceil(n / 8) for n in s.sizes)
