@@ -226,7 +226,7 @@ class Sparsifier:
         self.skipped_updates = 0
         self.last_update: Optional[UpdateReport] = None
         self.masks = self._initial_masks()
-        self.counts = [int(m.sum()) for m in self.masks]
+        self.counts = [int(torch.count_nonzero(m)) for m in self.masks]
         self.init_counts = list(self.counts)
         self.final_counts = self._final_layer_counts()
         self.ever_active: Optional[list[torch.Tensor]] = (
@@ -286,11 +286,10 @@ class Sparsifier:
             logger.debug("%d optimizer steps since the last sparsifier.step()", new_steps)
         first = self.step_count + 1
         self.step_count += new_steps
-        self.apply_masks()
-        due = [t for t in range(first, self.step_count + 1) if self._is_update_step(t)]
-        if not due:
+        if not any(self._is_update_step(t) for t in range(first, self.step_count + 1)):
+            self.apply_masks()
             return None
-        return self._update(self.step_count)
+        return self._update(self.step_count)  # installs the new masks in the same pass
 
     def _is_update_step(self, step: int) -> bool:
         return bool(
@@ -331,19 +330,23 @@ class Sparsifier:
 
     @torch.no_grad()
     def _update(self, step: int) -> UpdateReport:
+        """Prune and/or drop-and-regrow at ``step``, then zero weights and optimizer state in one pass."""
         report = UpdateReport(step=step, target_density=self.target_density(step))
         report.layers = {n: {"pruned": 0, "dropped": 0, "regrown": 0} for n in self.names}
         if not self._gradients_finite():
+            self.apply_masks()
             report.skipped = True
             report.density = self.density()
             self.skipped_updates += 1
             self.last_update = report
             logger.warning("step %d: non-finite gradients, topology update skipped", step)
             return report
+        grown: list[Optional[torch.Tensor]] = [None] * len(self.params)
         if self.pruning is not None and self.pruning.is_prune_step(step):
             self._prune(step, report)
         if self.regrowth is not None and self.regrowth.is_update_step(step):
-            self._drop_and_grow(step, report)
+            grown = self._drop_and_grow(step, report)
+        self._install(grown)
         report.pruned = sum(v["pruned"] for v in report.layers.values())
         report.dropped = sum(v["dropped"] for v in report.layers.values())
         report.regrown = sum(v["regrown"] for v in report.layers.values())
@@ -359,9 +362,19 @@ class Sparsifier:
         return report
 
     def _gradients_finite(self) -> bool:
-        """Whether every available gradient of the sparsified weights is finite (one device sync)."""
-        flags = [torch.isfinite(p.grad).all() for p in self.params if p.grad is not None]
-        return bool(torch.stack([f.to(flags[0].device) for f in flags]).all()) if flags else True
+        """Whether every available gradient of the sparsified weights is finite.
+
+        A sum is non-finite whenever any term is (NaN propagates, inf + finite = inf, inf - inf =
+        NaN), so finite sums prove finite gradients at the cost of one cheap reduction per tensor;
+        only a non-finite sum (or a float overflow of the sum) pays for the exact elementwise check.
+        """
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return True
+        sums = torch.stack([g.sum(dtype=torch.float32).to(grads[0].device) for g in grads])
+        if bool(torch.isfinite(sums).all()):
+            return True
+        return all(bool(torch.isfinite(g).all()) for g in grads)
 
     def _prune(self, step: int, report: UpdateReport) -> None:
         """Gradual magnitude pruning to the cubic schedule's target at ``step``."""
@@ -387,12 +400,16 @@ class Sparsifier:
                 gen = criteria.seeded_generator(self.config.seed, "prune", step, i)
                 new_masks.append(criteria.select_top(torch.where(m, p.abs(), -1.0), target, gen))
         for i, new in enumerate(new_masks):
-            count = int(new.sum())
+            count = int(torch.count_nonzero(new))
             report.layers[self.names[i]]["pruned"] = self.counts[i] - count
-            self._set_mask(i, new, grown=None)
+            self.masks[i], self.counts[i] = new, count
 
-    def _drop_and_grow(self, step: int, report: UpdateReport) -> None:
-        """Zero-cost neuroregeneration: per layer, drop r_t of the active weights and regrow as many."""
+    def _drop_and_grow(self, step: int, report: UpdateReport) -> list[Optional[torch.Tensor]]:
+        """Zero-cost neuroregeneration: per layer, drop r_t of the active weights and regrow as many.
+
+        Returns:
+            Per layer, the mask of regrown positions (``None`` where the layer was left alone).
+        """
         assert self.regrowth is not None
         cfg = self.config
         fraction = self.regrowth.fraction(step)
@@ -410,6 +427,7 @@ class Sparsifier:
             kept_masks.append(criteria.select_top(torch.where(m, p.abs(), -1.0), active - n_drop, gen))
             drops.append(n_drop)
         grows = self._grow_counts(drops, kept_masks)
+        grown_masks: list[Optional[torch.Tensor]] = [None] * len(self.params)
         for i, (p, kept) in enumerate(zip(self.params, kept_masks)):
             if kept is None:
                 continue
@@ -418,10 +436,12 @@ class Sparsifier:
             # Candidates are all positions inactive after the drop (just-dropped ones included,
             # as in RigL); everything else scores -1 and is never picked.
             grown = criteria.select_top(torch.where(kept, -1.0, scores.to(p.dtype)), grows[i], gen)
-            p.mul_(kept)  # dropped weights go to zero; a dropped-then-regrown weight restarts at zero
             layer = report.layers[self.names[i]]
             layer["dropped"], layer["regrown"] = drops[i], grows[i]
-            self._set_mask(i, kept | grown, grown=grown)
+            self.masks[i] = kept | grown
+            self.counts[i] += grows[i] - drops[i]
+            grown_masks[i] = grown
+        return grown_masks
 
     def _grow_counts(self, drops: list[int], kept_masks: list[Optional[torch.Tensor]]) -> list[int]:
         """How many weights each layer regrows: its own drop count, or SNFS's momentum share."""
@@ -441,17 +461,23 @@ class Sparsifier:
             out[i] = share
         return out
 
-    def _set_mask(self, index: int, new_mask: torch.Tensor, grown: Optional[torch.Tensor]) -> None:
-        """Install a new mask for layer ``index``: zero newly inactive weights and reset optimizer state."""
-        param = self.params[index]
-        self.masks[index] = new_mask
-        self.counts[index] = int(new_mask.sum())
-        param.mul_(new_mask)
-        for buf in self._state_tensors(param):
-            if grown is not None:
-                buf.masked_fill_(grown, 0.0)  # regrown weights start with zeroed optimizer state
-            if self.config.mask_optimizer_state:
-                buf.mul_(new_mask)
+    def _install(self, grown: list[Optional[torch.Tensor]]) -> None:
+        """Make weights and optimizer state agree with the current masks, in one pass per layer.
+
+        Weights outside the mask, and regrown weights (including a dropped-then-regrown one), become
+        zero. Optimizer state is zeroed at the same places; with ``mask_optimizer_state=False`` only
+        regrown positions are reset, so inactive weights keep accumulating momentum (SNFS).
+        """
+        for i, (param, mask) in enumerate(zip(self.params, self.masks)):
+            if grown[i] is None and self.counts[i] == self.sizes[i]:
+                continue
+            keep = mask if grown[i] is None else mask & ~grown[i]
+            param.mul_(keep)
+            for buf in self._state_tensors(param):
+                if self.config.mask_optimizer_state:
+                    buf.mul_(keep)
+                elif grown[i] is not None:
+                    buf.masked_fill_(grown[i], 0.0)
 
     # ------------------------------------------------------------------ statistics
 
@@ -550,7 +576,7 @@ class Sparsifier:
         if differing:
             logger.warning("loading sparsifier state saved with a different config (%s)", ", ".join(differing))
         self.masks = [masks[n].to(device=p.device, dtype=torch.bool).clone() for n, p in zip(self.names, self.params)]
-        self.counts = [int(m.sum()) for m in self.masks]
+        self.counts = [int(torch.count_nonzero(m)) for m in self.masks]
         if state.get("ever_active") is not None and self.config.track_exploration:
             self.ever_active = [state["ever_active"][n].to(p.device).clone() for n, p in zip(self.names, self.params)]
         elif self.config.track_exploration:
