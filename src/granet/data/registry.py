@@ -1,0 +1,158 @@
+"""Name-based registry of dataset builders and the :func:`build_datasets` entry point.
+
+A builder is a function ``builder(data_dir, *, val_fraction, seed, download, augment, **options)``
+returning :class:`~granet.data.base.DatasetSplits`; its extra keyword-only parameters are the
+dataset-specific ``options`` accepted by :func:`build_datasets`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Union
+
+from .base import DatasetSplits, default_data_dir
+
+__all__ = ["build_datasets", "list_datasets", "register_dataset"]
+
+logger = logging.getLogger(__name__)
+
+DatasetBuilder = Callable[..., DatasetSplits]
+
+_REGISTRY: Dict[str, DatasetBuilder] = {}
+# Modules whose import registers the built-in datasets; imported lazily so that importing the
+# registry alone (or a single loader module) stays cheap and free of import cycles.
+_BUILTIN_MODULES = ("cifar", "digits", "imagenet", "mnist", "synthetic")
+_COMMON_PARAMETERS = ("data_dir", "val_fraction", "seed", "download", "augment")
+
+
+def _normalise_name(name: str) -> str:
+    """Canonical registry key: lower case with ``-`` replaced by ``_`` (``Fashion-MNIST`` works)."""
+    return name.strip().lower().replace("-", "_")
+
+
+def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
+    """Decorator registering a dataset builder under ``name``.
+
+    Args:
+        name: Registry name.
+
+    Returns:
+        A decorator that registers the builder and returns it unchanged.
+
+    Raises:
+        ValueError: If ``name`` is already registered to a different builder.
+    """
+    key = _normalise_name(name)
+
+    def decorator(builder: DatasetBuilder) -> DatasetBuilder:
+        existing = _REGISTRY.get(key)
+        if existing is not None and existing is not builder:
+            raise ValueError(f"dataset {key!r} is already registered")
+        _REGISTRY[key] = builder
+        return builder
+
+    return decorator
+
+
+def _load_builtins() -> None:
+    """Import the built-in loader modules so they register themselves."""
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(f"{__package__}.{module}")
+
+
+def list_datasets() -> List[str]:
+    """Return the names of all registered datasets, sorted.
+
+    Returns:
+        The dataset names accepted by :func:`build_datasets`.
+    """
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def _dataset_options(builder: DatasetBuilder) -> List[str]:
+    """Names of the dataset-specific keyword options accepted by ``builder``."""
+    return [
+        p.name
+        for p in inspect.signature(builder).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _COMMON_PARAMETERS
+    ]
+
+
+def build_datasets(
+    name: str,
+    data_dir: Union[str, os.PathLike, None] = None,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    download: bool = False,
+    augment: bool = True,
+    **options: Any,
+) -> DatasetSplits:
+    """Build the train, validation and test splits of a dataset.
+
+    The validation split is held out (stratified by class, seeded by ``seed``) from the official
+    *training* split, and the test split is the official test split, so model selection never sees
+    test data. With ``val_fraction == 0`` the ``val`` split is ``None`` and model selection has to
+    fall back to the last epoch. Only training samples are augmented (when ``augment``); validation
+    and test samples always go through the deterministic evaluation transform. Every sample is an
+    ``(image, label)`` pair: a normalised ``float32`` ``(C, H, W)`` tensor and an ``int``.
+
+    Args:
+        name: Dataset name, one of :func:`list_datasets` (case-insensitive, ``-`` or ``_``).
+        data_dir: Root directory holding the dataset files (default: ``$GRANET_DATA_DIR`` or
+            ``./data``). Each loader documents the layout it expects below this root.
+        val_fraction: Fraction of the official training split held out for validation, in ``[0, 1)``.
+        seed: Seed of the train/validation split (the test split never depends on it).
+        download: Fetch missing files from the official (or mirror) locations where possible.
+        augment: Apply the dataset's training augmentation to the ``train`` split.
+        **options: Dataset-specific options (e.g. ``mirror`` for downloadable datasets,
+            ``image_size`` for ``synthetic`` and ``imagenet``).
+
+    Returns:
+        The splits and their :class:`~granet.data.base.DatasetInfo`.
+
+    Raises:
+        ValueError: If ``name`` is unknown (the message lists valid names) or ``val_fraction`` is
+            outside ``[0, 1)``.
+        TypeError: If an option is not accepted by the dataset (the message lists valid options).
+        DatasetError: If the dataset files are missing, corrupt or cannot be downloaded.
+    """
+    _load_builtins()
+    key = _normalise_name(name)
+    builder = _REGISTRY.get(key)
+    if builder is None:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(_REGISTRY))}")
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    accepted = _dataset_options(builder)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"dataset {key!r} does not accept option(s) {', '.join(unknown)}; "
+            f"valid options: {', '.join(accepted) or 'none'}"
+        )
+    root: Path = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    splits = builder(
+        root,
+        val_fraction=float(val_fraction),
+        seed=int(seed),
+        download=bool(download),
+        augment=bool(augment),
+        **options,
+    )
+    info = splits.info
+    logger.info(
+        "dataset %s: %d train / %d val / %d test samples, %d classes, input %s",
+        info.name,
+        info.num_train,
+        info.num_val,
+        info.num_test,
+        info.num_classes,
+        info.input_shape,
+    )
+    return splits
