@@ -1,0 +1,192 @@
+"""The `granet` command and training loop: default job, resume after a kill, recipes, errors."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from granet.cli import main
+from granet.train import TrainConfig, load_config, lr_factor, train
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
+SUMMARY_KEYS = {"method", "model", "dataset", "seed", "target_density", "sparsity", "layer_density",
+                "best_val_accuracy", "test_accuracy", "steps", "wall_time_s", "train_flops", "inference_flops"}
+METRIC_KEYS = {"epoch", "step", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "density",
+               "sparsity", "exploration_rate", "train_flops", "time_s"}
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.slow
+def test_default_job_reaches_target(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(["train", "--progress", "log"], capsys)
+    assert code == 0, err
+    run = tmp_path / "runs" / "digits-digits_cnn-granet-d0.05-s0"
+    summary = json.loads((run / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["test_accuracy"] >= 0.97
+    weights = sum(torch.load(run / "model.pt", weights_only=False)["masks"][n].numel() for n in summary["layer_density"])
+    assert summary["sparsity"] == pytest.approx(1 - round(0.05 * weights) / weights, abs=1e-12)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == list(range(1, 31))
+    assert METRIC_KEYS <= set(metrics[0])
+    assert metrics[-1]["density"] == pytest.approx(0.05, abs=1e-5)
+    # model selection only among epochs at the final density, and never on the test set
+    selected = summary["selected_epoch"]
+    assert metrics[selected - 1]["density"] == pytest.approx(0.05, abs=1e-5)
+    assert summary["best_val_accuracy"] == max(m["val_accuracy"] for m in metrics if abs(m["density"] - 0.05) < 1e-5)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["method"] == "granet" and saved["density"] == 0.05 and saved["out"] == str(Path("runs") / run.name)
+    # evaluate re-tests the saved model and gets the same number
+    code, out, err = run_cli(["evaluate", str(run), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out[out.index("["):])[0]["test_accuracy"] == summary["test_accuracy"]
+
+
+def _args(out, epochs=40, extra=()):
+    return ["train", "--model", "mlp", "--epochs", str(epochs), "--update-interval", "10", "--out", str(out),
+            "--progress", "log", *extra]
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, capsys):
+    reference = tmp_path / "reference"
+    assert main(_args(reference)) == 0
+    killed = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.Popen([sys.executable, "-m", "granet", *_args(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "summary.json").exists()
+    code, out, err = run_cli(["train", "--resume", str(killed), "--progress", "log"], capsys)
+    assert code == 0, err
+    ref = torch.load(reference / "checkpoint.pt", weights_only=False)
+    res = torch.load(killed / "checkpoint.pt", weights_only=False)
+    assert ref["step"] == res["step"]
+    for k, v in ref["model"].items():
+        assert torch.equal(v, res["model"][k]), k
+    for k, v in ref["sparsifier"]["masks"].items():
+        assert torch.equal(v, res["sparsifier"]["masks"][k]), k
+    a = json.loads((reference / "summary.json").read_text())
+    b = json.loads((killed / "summary.json").read_text())
+    assert (a["test_accuracy"], a["best_val_accuracy"], a["selected_epoch"]) == \
+        (b["test_accuracy"], b["best_val_accuracy"], b["selected_epoch"])
+    lines = (killed / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == list(range(1, 41))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--model", "nope"], "unknown model 'nope'; valid models: digits_cnn"),
+    (["train", "--dataset", "nope"], "unknown dataset 'nope'; valid datasets:"),
+    (["train", "--method", "nope"], "unknown method 'nope'; valid methods: dense"),
+    (["train", "--density", "1.5"], r"density must be a number in (0, 1]"),
+    (["train", "--density", "0"], r"density must be a number in (0, 1]"),
+    (["train", "--method", "granet-st", "--density", "0.7"], "above the initial density"),
+    (["train", "--prune-start", "0.6", "--prune-end", "0.4"], "must be before prune_end"),
+    (["train", "--dataset", "mnist", "--model", "lenet5", "--data-dir", "{tmp}/nothing"], "{tmp}/nothing"),
+    (["train", "--resume", "{tmp}/nothing"], "cannot resume from"),
+    (["train", "--config", "{tmp}/bad.yaml"], "unknown config key(s): colour"),
+    (["train", "--config", "{tmp}/missing.yaml"], "cannot read config file"),
+])
+def test_bad_input_is_one_line_error(args, message, tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("method: granet\ncolour: red\n")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args] + ["--out", str(tmp_path / "run")]
+    code, out, err = run_cli(args, capsys)
+    assert code == 2
+    assert err.startswith("granet: error: ") and err.count("\n") == 1, err
+    assert message.replace("{tmp}", str(tmp_path)) in err
+    assert "Traceback" not in err
+
+
+def test_resume_with_incompatible_config_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(_args(run, epochs=1)) == 0
+    code, out, err = run_cli(["train", "--resume", str(run), "--lr", "0.5"], capsys)
+    assert code == 2 and "cannot resume: the config differs" in err and "lr: run has 0.1, now 0.5" in err
+    code, out, err = run_cli(_args(run, epochs=1), capsys)
+    assert code == 2 and "already holds a run" in err
+
+
+def test_unknown_flag_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--colour", "red"])
+    assert exc.value.code == 2
+    assert "--colour" in capsys.readouterr().err
+
+
+def test_help_lists_required_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--method", "--density", "--init-density", "--model", "--dataset", "--data-dir", "--epochs",
+                 "--batch-size", "--lr", "--seed", "--device", "--out", "--resume", "--config", "--prune-end"):
+        assert flag in text
+
+
+def test_listings(capsys):
+    assert main(["models"]) == 0
+    assert "imagenet_resnet50" in capsys.readouterr().out
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert all(m in out for m in ("granet-st", "rigl", "snfs", "set", "gmp", "static", "dense"))
+    assert main(["datasets"]) == 0
+    assert "cifar100" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_recipe_runs_on_synthetic_data(recipe, tmp_path):
+    overrides = dict(dataset="synthetic", dataset_options=dict(num_train=24, num_test=8, image_size=32, num_classes=10),
+                     batch_size=8, max_steps=2, epochs=1, workers=0, download=False, val_fraction=0.25,
+                     out=str(tmp_path / "run"), progress="log")
+    config = load_config(str(recipe), overrides)
+    raw = yaml.safe_load(recipe.read_text())
+    assert config.method == raw["method"] and config.density == raw["density"]
+    summary = train(config)
+    assert summary["steps"] == 2
+    assert summary["method"] == raw["method"]
+
+
+def test_accumulation_adamw_warmup_multistep(tmp_path):
+    config = TrainConfig.from_dict(dict(
+        model="mlp", method="rigl", density=0.2, epochs=2, batch_size=64, accumulation_steps=4, optimizer="adamw",
+        lr=0.01, lr_schedule="multistep", milestones=[0.5], warmup_epochs=0.5, label_smoothing=0.1,
+        update_interval=5, out=str(tmp_path / "run"), progress="log"))
+    config.validate()
+    summary = train(config)
+    per_epoch = math.floor(1294 / 64)  # digits train split at val_fraction 0.1 (1438 - 144)
+    assert summary["steps"] == 2 * per_epoch
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["lr"] == pytest.approx(0.001)
+    assert summary["sparsity"] == pytest.approx(0.8, abs=1e-4)
+
+
+def test_lr_factor_schedules():
+    c = TrainConfig(lr_schedule="multistep", milestones=[0.5, 0.75], gamma=0.1, warmup_epochs=1)
+    assert lr_factor(c, 0, 10, 100) == pytest.approx(0.1)
+    assert lr_factor(c, 9, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(c, 49, 10, 100) == 1.0 and lr_factor(c, 50, 10, 100) == pytest.approx(0.1)
+    assert lr_factor(c, 75, 10, 100) == pytest.approx(0.01)
+    e = TrainConfig(lr_schedule="multistep", milestones=[3, 6], gamma=0.5)
+    assert lr_factor(e, 29, 10, 100) == 1.0 and lr_factor(e, 30, 10, 100) == 0.5 and lr_factor(e, 60, 10, 100) == 0.25
+    cos = TrainConfig(lr_schedule="cosine")
+    assert lr_factor(cos, 0, 10, 100) == 1.0 and lr_factor(cos, 100, 10, 100) == pytest.approx(0.0)
+    assert lr_factor(cos, 50, 10, 100) == pytest.approx(0.5)
