@@ -38,6 +38,9 @@ def test_default_job_reaches_target(tmp_path, monkeypatch, capsys):
     summary = json.loads((run / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
     assert summary["test_accuracy"] >= 0.97
+    # dense-to-sparse training costs less than dense training; the sparse model far less to run
+    assert 0.1 < summary["train_flops"] < 1.0
+    assert 0.0 < summary["inference_flops"] < 0.2
     weights = sum(torch.load(run / "model.pt", weights_only=False)["masks"][n].numel() for n in summary["layer_density"])
     assert summary["sparsity"] == pytest.approx(1 - round(0.05 * weights) / weights, abs=1e-12)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -88,8 +91,8 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, capsys):
         assert torch.equal(v, res["sparsifier"]["masks"][k]), k
     a = json.loads((reference / "summary.json").read_text())
     b = json.loads((killed / "summary.json").read_text())
-    assert (a["test_accuracy"], a["best_val_accuracy"], a["selected_epoch"]) == \
-        (b["test_accuracy"], b["best_val_accuracy"], b["selected_epoch"])
+    assert (a["test_accuracy"], a["best_val_accuracy"], a["selected_epoch"], a["train_flops"]) == \
+        (b["test_accuracy"], b["best_val_accuracy"], b["selected_epoch"], b["train_flops"])
     lines = (killed / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == list(range(1, 41))
 

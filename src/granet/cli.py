@@ -239,23 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
                              ("datasets", _cmd_datasets, "list the datasets")):
         sub.add_parser(name, help=text).set_defaults(func=func)
 
-    _add_optional_command(sub, "flops", "granet.flops", "add_flops_arguments", "run_flops_command",
-                          "per-layer and total inference FLOPs of a (sparse) model")
-    _add_optional_command(sub, "report", "granet.report", "add_report_arguments", "run_report_command",
-                          "compare runs: markdown table and plots")
+    from . import flops, report
+
+    p = sub.add_parser("flops", help="per-layer and total inference FLOPs of a (sparse) model",
+                       description="Per-layer and total inference FLOPs of a (sparse) model, without training.")
+    flops.add_flops_arguments(p)
+    p.set_defaults(func=flops.run_flops_command)
+    p = sub.add_parser("report", help="compare runs: markdown table and plots",
+                       description="Compare run directories: a markdown table and PNG plots.")
+    report.add_report_arguments(p)
+    p.set_defaults(func=report.run_report_command)
     return parser
-
-
-def _add_optional_command(sub: Any, name: str, module: str, add: str, run: str, text: str) -> None:
-    import importlib
-
-    try:
-        mod = importlib.import_module(module)
-    except ImportError:
-        return
-    p = sub.add_parser(name, help=text, description=text)
-    getattr(mod, add)(p)
-    p.set_defaults(func=getattr(mod, run))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

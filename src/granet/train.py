@@ -38,6 +38,7 @@ from torch import nn
 from . import __version__
 from .config import SparsityConfig
 from .data import DatasetError, build_datasets
+from .flops import TrainingFlopsLedger, inference_flops, inference_flops_relative, layer_flops, step_needs_dense_gradient
 from .methods import create_sparsifier, list_methods, method_config
 from .models import create_model, list_models
 from .sparsifier import Sparsifier
@@ -448,6 +449,11 @@ class Trainer:
             config.method, self.model, self.optimizer, total_steps=self.total_steps, seed=config.seed,
             **config.sparsity_options(),
         )
+        # FLOPs of every layer from one real forward pass; the ledger then follows the real masks.
+        example = torch.zeros(1, info.in_channels, info.image_size, info.image_size, device=self.device)
+        self.layer_flops = layer_flops(self.model, example)
+        self.ledger = TrainingFlopsLedger(self.layer_flops)
+        self._layer_density = self.sparsifier.layer_density()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(config, s, self.steps_per_epoch, self.total_steps)
         )
@@ -478,6 +484,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "sparsifier": self.sparsifier.state_dict(),
+            "flops": self.ledger.state_dict(),
             "best": dict(self.best),
             "wall_time": self.wall_time,
             "rng": {
@@ -494,6 +501,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.sparsifier.load_state_dict(state["sparsifier"])
+        self.ledger.load_state_dict(state["flops"])
+        self._layer_density = self.sparsifier.layer_density()
         self.epoch, self.step = state["epoch"], state["step"]
         self.best = state["best"]
         self.wall_time = state["wall_time"]
@@ -540,7 +549,12 @@ class Trainer:
                 continue
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            # This step's forward/backward ran on the masks from before its update (RigL accounting).
+            dense_gradient = step_needs_dense_gradient(self.sparsifier, self.sparsifier.step_count + 1)
+            self.ledger.record(self._layer_density, dense_gradient=dense_gradient)
             report = self.sparsifier.step()
+            if report is not None:
+                self._layer_density = self.sparsifier.layer_density()
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             self.step += 1
@@ -610,7 +624,7 @@ class Trainer:
             "density": stats["density"],
             "sparsity": stats["sparsity"],
             "exploration_rate": stats["exploration_rate"],
-            "train_flops": None,
+            "train_flops": self.ledger.relative,
             "topology_updates": len(self.updates),
             "pruned": sum(u["pruned"] for u in self.updates),
             "regrown": sum(u["regrown"] for u in self.updates),
@@ -671,8 +685,11 @@ class Trainer:
             "steps": self.step,
             "wall_time_s": self.wall_time,
             "exploration_rate": self.sparsifier.exploration_rate(),
-            "train_flops": None,
-            "inference_flops": None,
+            "train_flops": self.ledger.relative,
+            "inference_flops": inference_flops_relative(self.layer_flops, layer_density),
+            "train_flops_total": self.ledger.total,
+            "inference_flops_total": inference_flops(self.layer_flops, layer_density),
+            "dense_inference_flops": self.layer_flops.dense,
             "device": str(self.device),
             "world_size": self.dist.world_size,
         }

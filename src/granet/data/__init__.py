@@ -42,7 +42,7 @@ from .base import (
 )
 from .download import CHECKSUMS, MIRROR_ENV_VAR, MIRRORS, check_integrity, md5sum
 from .imagenet import ImageFolderDataset
-from .registry import build_datasets, list_datasets, register_dataset
+from .registry import build_datasets, dataset_shape, list_datasets, register_dataset
 
 __all__ = [
     "CHECKSUMS",
@@ -56,6 +56,7 @@ __all__ = [
     "InMemoryImageDataset",
     "build_datasets",
     "check_integrity",
+    "dataset_shape",
     "default_data_dir",
     "list_datasets",
     "md5sum",

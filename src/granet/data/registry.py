@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Union
 
 from .base import DatasetSplits, default_data_dir
 
-__all__ = ["build_datasets", "list_datasets", "register_dataset"]
+__all__ = ["build_datasets", "dataset_shape", "list_datasets", "register_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -156,3 +156,47 @@ def build_datasets(
         info.input_shape,
     )
     return splits
+
+
+def dataset_shape(name: str) -> tuple[int, int, int]:
+    """Return ``(num_classes, in_channels, image_size)`` of a dataset without loading any data.
+
+    Used to build a model of the right shape (e.g. to count its FLOPs) when the dataset files are
+    not at hand. The shapes of the built-in datasets are those their loaders produce; ``synthetic``
+    (and any registered builder with ``num_classes``/``in_channels``/``image_size`` keyword defaults)
+    reports its builder's defaults; ``imagenet`` is the standard 1000-class, 3 x 224 x 224 setting.
+
+    Args:
+        name: Dataset name, one of :func:`list_datasets` (case-insensitive, ``-`` or ``_``).
+
+    Returns:
+        ``(num_classes, in_channels, image_size)``; images are ``in_channels x image_size x image_size``.
+
+    Raises:
+        ValueError: If ``name`` is unknown (the message lists valid names), or the dataset's shape
+            cannot be known without loading it.
+    """
+    known = {
+        "digits": (10, 1, 8),
+        "mnist": (10, 1, 28),
+        "fashion_mnist": (10, 1, 28),
+        "cifar10": (10, 3, 32),
+        "cifar100": (100, 3, 32),
+        "imagenet": (1000, 3, 224),
+    }
+    _load_builtins()
+    key = _normalise_name(name)
+    builder = _REGISTRY.get(key)
+    if builder is None:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(_REGISTRY))}")
+    if key in known:
+        return known[key]
+    defaults = {
+        p.name: p.default
+        for p in inspect.signature(builder).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
+    }
+    fields = ("num_classes", "in_channels", "image_size")
+    if all(isinstance(defaults.get(f), int) for f in fields):
+        return tuple(int(defaults[f]) for f in fields)  # type: ignore[return-value]
+    raise ValueError(f"the shape of dataset {key!r} is only known after loading it")

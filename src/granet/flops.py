@@ -1,0 +1,599 @@
+"""FLOPs accounting for sparse networks, the way RigL and GraNet report results.
+
+Three quantities are reported in the sparse-training literature (Evci et al., "Rigging the Lottery",
+ICML 2020, appendix H; Liu et al., GraNet, NeurIPS 2021):
+
+* **Dense inference FLOPs** ``f_D``: the FLOPs of one forward pass of one example through the dense
+  model. They are *measured* here from a real forward pass with PyTorch's own
+  :class:`torch.utils.flop_counter.FlopCounterMode`, which counts 2 FLOPs per multiply-add for
+  convolutions and matrix products (RigL's convention): a ``Conv2d`` costs
+  ``2 * (C_in / groups) * k_h * k_w * C_out * H_out * W_out`` and a ``Linear``
+  ``2 * in_features * out_features``. Each Conv/Linear module's share is attributed to its weight
+  by forward pre/post hooks; whatever else the counter sees (``bmm``, attention, ...) is ``other``.
+  Bias additions, normalisation, activations and pooling are not counted by ``FlopCounterMode``.
+* **Sparse inference FLOPs** ``f_S``: every Conv/Linear layer's dense FLOPs scaled by its density
+  (a layer with density ``d_l`` does ``d_l`` of the multiply-adds), ``other`` counted dense::
+
+      f_S = sum_l d_l * f_l + f_other
+
+* **Training FLOPs**, summed over the real mask trajectory (:class:`TrainingFlopsLedger`). One
+  training step is a forward pass, the backward pass w.r.t. activations and the backward pass w.r.t.
+  weights, each costing about one forward pass at the current masks: ``3 * f_S``. A step that needs
+  the *dense* gradient (RigL/GraNet gradient-regrowth steps; every SNFS step, since SNFS keeps dense
+  momentum) computes the weight gradient densely: ``2 * f_S + f_D``. Per-step averages follow:
+
+      SET / static:          3 f_S
+      RigL (ΔT, 1 update):   (3 f_S ΔT + 2 f_S + f_D) / (ΔT + 1)
+      SNFS:                  2 f_S + f_D
+      pruning (GMP, GraNet): 3 f_D (1 - mean sparsity) for a single layer (f_S tracks the masks)
+
+  Dense-to-sparse methods pay the dense cost during their dense phase automatically, because
+  ``f_S = f_D`` while the masks are dense.
+
+Agreement with RigL's published ImageNet ResNet-50 numbers: the dense forward pass measures
+8,178,368,512 FLOPs (RigL: 8.2e9). With every Conv/Linear weight sparsified by ERK, the inference
+FLOPs ratio is 0.414 at 80% sparsity and 0.242 at 90% (RigL Table 2: 0.42 and 0.24); with uniform
+sparsity and ``conv1`` kept dense (``fc`` sparse at the same sparsity, as in RigL's counting colab
+``Resnet_50_Param_Flops_Counting.ipynb``) it is 0.223 and 0.126 (RigL: 0.23 and 0.13). The small,
+consistently low residual comes from RigL counting with the MicroNet-challenge counter, which adds a
+dense bias addition and a ReLU per output element of *every* Conv/Dense layer
+(``counting.Conv2D(..., use_bias=True, activation='relu')`` in ``rigl/sparse_utils.py:get_stats``):
+about 2 x 11.1M = 22.2M extra dense FLOPs, which moves our ratios to 0.415, 0.244, 0.225 and 0.128.
+We do not add those: they are not operations the PyTorch models perform (most convolutions have no
+bias), and the brief is to measure what the forward pass actually does.
+
+Command line: ``granet flops --model M [--dataset D] [--method NAME] [--distribution uniform|er|erk]
+[--density 0.1] [--keep-dense PATTERN ...] [--json]`` (see :func:`add_flops_arguments`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import numbers
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .distributions import layer_counts
+from .sparsifier import DEFAULT_LAYER_TYPES, Sparsifier, sparsifiable_parameters
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "LayerFlops",
+    "layer_flops",
+    "inference_flops",
+    "inference_flops_relative",
+    "TrainingFlopsLedger",
+    "step_needs_dense_gradient",
+    "flops_table",
+    "format_flops_table",
+    "human_readable",
+    "add_flops_arguments",
+    "run_flops_command",
+]
+
+ExampleInput = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+#: ``granet flops`` defaults: the overall density, and the distribution used when no method gives one
+#: (and as the estimate for global-pruning methods, whose final layer densities are only known after
+#: training).
+DEFAULT_DENSITY = 0.1
+DEFAULT_DISTRIBUTION = "erk"
+# Methods give schedule positions as fractions of training; any run length resolves them for the
+# validation that ``method_config`` does (a length of 1 step would collapse t0 = tf = 0 for pruning).
+_NOMINAL_STEPS = 10_000
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class LayerFlops:
+    """Dense forward FLOPs of one example, split by sparsifiable weight.
+
+    Attributes:
+        layers: dense FLOPs of every Conv/Linear weight, keyed by the parameter name
+            :func:`granet.sparsifiable_parameters` uses (``"layer1.0.conv1.weight"``), in module
+            order. A module called several times (or modules sharing a weight) add up under one name;
+            a layer never called in the forward pass has 0.
+        shapes: the shape of each of those weights.
+        other: FLOPs of everything else the counter saw (not scaled by any density).
+    """
+
+    layers: dict[str, int] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    other: int = 0
+
+    @property
+    def dense(self) -> int:
+        """Dense forward FLOPs ``f_D`` of one example: all layers plus ``other``."""
+        return sum(self.layers.values()) + self.other
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python dictionary (JSON friendly)."""
+        return {
+            "layers": dict(self.layers),
+            "shapes": {n: list(s) for n, s in self.shapes.items()},
+            "other": self.other,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LayerFlops":
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            layers={str(n): int(v) for n, v in data["layers"].items()},
+            shapes={str(n): tuple(int(d) for d in s) for n, s in data.get("shapes", {}).items()},
+            other=int(data.get("other", 0)),
+        )
+
+
+def _as_args(example_input: ExampleInput) -> tuple[torch.Tensor, ...]:
+    if isinstance(example_input, torch.Tensor):
+        return (example_input,)
+    args = tuple(example_input)
+    if not args or not all(isinstance(a, torch.Tensor) for a in args):
+        raise TypeError("example_input must be a tensor or a non-empty sequence of tensors")
+    return args
+
+
+def layer_flops(
+    model: nn.Module,
+    example_input: ExampleInput,
+    layer_types: Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES,
+) -> LayerFlops:
+    """Measure the dense forward FLOPs of every Conv/Linear weight from a real forward pass.
+
+    The model runs once in eval mode (batch-norm uses running statistics, so a batch of one works)
+    under ``torch.no_grad()`` inside :class:`~torch.utils.flop_counter.FlopCounterMode`; its
+    train/eval mode is restored afterwards. A forward pre-hook and a forward hook on each Conv/Linear
+    module read the counter's running total, and the difference is that module's FLOPs.
+
+    Args:
+        model: the model (a DDP or ``torch.compile`` wrapper is fine: names are stripped of
+            ``module.`` / ``_orig_mod.`` as by :func:`granet.sparsifiable_parameters`).
+        example_input: one input example, a tensor of shape ``(1, ...)`` (or a sequence of tensors
+            passed as positional arguments), on the model's device. FLOPs are reported per example:
+            with a batch of ``B > 1`` (the first dimension of the first tensor) counts are divided by
+            ``B``.
+        layer_types: module types whose ``weight`` is attributed separately.
+
+    Returns:
+        The per-layer and ``other`` FLOPs of one example.
+    """
+    args = _as_args(example_input)
+    batch = int(args[0].shape[0]) if args[0].dim() > 0 else 1
+    if batch < 1:
+        raise ValueError("example_input has an empty batch dimension")
+    # The same names (and tied-weight de-duplication) as the sparsifier uses.
+    named = sparsifiable_parameters(model, layer_types=layer_types)
+    names = {id(p): n for n, p in named}
+    raw: dict[str, int] = {n: 0 for n, _ in named}
+    shapes = {n: tuple(int(d) for d in p.shape) for n, p in named}
+    counter = FlopCounterMode(display=False)
+    starts: dict[int, list[int]] = {}
+    handles = []
+
+    def pre_hook(module: nn.Module, inputs: Any) -> None:
+        starts.setdefault(id(module), []).append(counter.get_total_flops())
+
+    def make_post_hook(name: str) -> Any:
+        def post_hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            raw[name] += counter.get_total_flops() - starts[id(module)].pop()
+
+        return post_hook
+
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, tuple(layer_types)) and isinstance(weight, nn.Parameter) and id(weight) in names:
+            handles.append(module.register_forward_pre_hook(pre_hook))
+            handles.append(module.register_forward_hook(make_post_hook(names[id(weight)])))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), counter:
+            model(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    total = int(counter.get_total_flops())
+    other = total - sum(raw.values())
+
+    def per_example(value: int) -> int:
+        # Conv/matmul counts are exactly linear in the batch size, so this division is exact.
+        return value // batch if value % batch == 0 else int(round(value / batch))
+
+    result = LayerFlops(
+        layers={n: per_example(v) for n, v in raw.items()}, shapes=shapes, other=per_example(other)
+    )
+    logger.debug(
+        "measured %d dense forward FLOPs per example (%d Conv/Linear weights, %d other)",
+        result.dense, len(result.layers), result.other,
+    )
+    return result
+
+
+def _check_densities(flops: LayerFlops, layer_density: Mapping[str, float]) -> None:
+    unknown = [n for n in layer_density if n not in flops.layers]
+    if unknown:
+        raise ValueError(
+            f"layer_density names no measured Conv/Linear weight: {', '.join(unknown)} "
+            f"(known: {', '.join(flops.layers) or 'none'})"
+        )
+    bad = [
+        f"{n}={d!r}" for n, d in layer_density.items()
+        if isinstance(d, bool) or not isinstance(d, numbers.Real) or not 0.0 <= float(d) <= 1.0
+    ]
+    if bad:
+        raise ValueError(f"layer densities must be numbers in [0, 1]: {', '.join(bad)}")
+
+
+def inference_flops(layer_flops: LayerFlops, layer_density: Mapping[str, float]) -> float:
+    """Sparse forward FLOPs of one example: ``f_S = sum_l d_l * f_l + f_other``.
+
+    Args:
+        layer_flops: the measured dense FLOPs (:func:`layer_flops`).
+        layer_density: density of each sparsified weight by name; missing names count dense.
+
+    Returns:
+        FLOPs of one sparse forward pass.
+
+    Raises:
+        ValueError: a name is not a measured weight, or a density is outside [0, 1].
+    """
+    flops = layer_flops
+    _check_densities(flops, layer_density)
+    return float(sum(f * float(layer_density.get(n, 1.0)) for n, f in flops.layers.items()) + flops.other)
+
+
+def inference_flops_relative(layer_flops: LayerFlops, layer_density: Mapping[str, float]) -> float:
+    """Sparse forward FLOPs relative to dense: ``f_S / f_D`` (1.0 = dense cost).
+
+    Raises:
+        ValueError: as :func:`inference_flops`, or the model performs no counted FLOPs.
+    """
+    if layer_flops.dense <= 0:
+        raise ValueError("the model's forward pass performs no counted FLOPs; a ratio is undefined")
+    return inference_flops(layer_flops, layer_density) / layer_flops.dense
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+class TrainingFlopsLedger:
+    """Accumulates training FLOPs over the real mask trajectory (RigL's accounting).
+
+    Call :meth:`record` once per optimizer step (or once per run of steps with the same masks) with
+    the densities the step ran at. Per example, a normal step costs ``3 * f_S``; a step that needs
+    the dense gradient costs ``2 * f_S + f_D``; the dense reference costs ``3 * f_D`` per step.
+    Multiply :attr:`total` by the number of examples per step for absolute FLOPs of a run.
+
+    Args:
+        layer_flops: the model's measured dense FLOPs (:func:`layer_flops`).
+
+    Example::
+
+        ledger = TrainingFlopsLedger(layer_flops(model, torch.zeros(1, 3, 32, 32)))
+        ...
+        optimizer.step()
+        dense_grad = step_needs_dense_gradient(sparsifier, sparsifier.step_count + 1)
+        sparsifier.step()
+        ledger.record(sparsifier.layer_density(), dense_gradient=dense_grad)
+        print(ledger.relative)  # e.g. 0.42 = 42% of dense training so far
+    """
+
+    def __init__(self, layer_flops: LayerFlops) -> None:
+        self.flops = layer_flops
+        self._total = 0.0
+        self._steps = 0
+
+    def record(self, layer_density: Mapping[str, float], steps: int = 1, dense_gradient: bool = False) -> float:
+        """Add ``steps`` training steps run at ``layer_density``.
+
+        Args:
+            layer_density: density of each sparsified weight by name (missing names are dense).
+            steps: number of steps run at these masks (>= 0).
+            dense_gradient: whether these steps compute the dense weight gradient (RigL/GraNet
+                regrowth steps, every SNFS step): ``2 f_S + f_D`` instead of ``3 f_S`` per step.
+
+        Returns:
+            The FLOPs added.
+        """
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+        f_s = inference_flops(self.flops, layer_density)
+        # forward (f_S) + grad w.r.t. activations (f_S) + grad w.r.t. weights (f_S, or f_D if dense)
+        per_step = 2.0 * f_s + (self.flops.dense if dense_gradient else f_s)
+        added = steps * per_step
+        self._total += added
+        self._steps += steps
+        return added
+
+    @property
+    def total(self) -> float:
+        """Training FLOPs of one example per step, summed over the recorded steps."""
+        return self._total
+
+    @property
+    def dense_total(self) -> float:
+        """Dense training FLOPs over the same steps: ``3 * f_D * steps``."""
+        return 3.0 * self.flops.dense * self._steps
+
+    @property
+    def relative(self) -> Optional[float]:
+        """``total / dense_total`` (1.0 = dense training); ``None`` before any step is recorded."""
+        dense = self.dense_total
+        return self._total / dense if dense > 0 else None
+
+    @property
+    def steps(self) -> int:
+        """Number of recorded steps."""
+        return self._steps
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to resume the ledger."""
+        return {"format": 1, "total": self._total, "steps": self._steps, "dense_forward": self.flops.dense}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`.
+
+        Raises:
+            ValueError: the state is malformed or was measured on a model with different dense FLOPs.
+        """
+        try:
+            total, steps, dense = float(state["total"]), int(state["steps"]), state.get("dense_forward")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a TrainingFlopsLedger state: {exc}") from None
+        if dense is not None and not math.isclose(float(dense), self.flops.dense, rel_tol=1e-9):
+            raise ValueError(
+                f"ledger state was recorded for a model with {dense} dense forward FLOPs, "
+                f"this one has {self.flops.dense}"
+            )
+        self._total, self._steps = total, steps
+
+    def __repr__(self) -> str:
+        rel = self.relative
+        return f"TrainingFlopsLedger(steps={self._steps}, relative={'n/a' if rel is None else f'{rel:.4f}'})"
+
+
+def step_needs_dense_gradient(sparsifier: Sparsifier, step: int) -> bool:
+    """Whether optimizer step ``step`` of ``sparsifier``'s method computes the dense weight gradient.
+
+    Gradient regrowth (RigL, GraNet) needs it on its regrowth update steps; momentum regrowth (SNFS)
+    needs dense momentum, hence the dense gradient, on every step while regrowth is configured;
+    random regrowth (SET), pruning and static masks never do.
+
+    Args:
+        sparsifier: the sparsifier.
+        step: the 1-based optimizer step (``sparsifier.step_count + 1`` before ``sparsifier.step()``).
+    """
+    regrowth = sparsifier.regrowth
+    if regrowth is None:
+        return False
+    grow = sparsifier.config.grow
+    if grow == "momentum":
+        return True
+    if grow == "gradient":
+        return bool(regrowth.is_update_step(step))
+    return False
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def flops_table(
+    model: nn.Module,
+    example_input: ExampleInput,
+    layer_density: Mapping[str, float],
+    measured: Optional[LayerFlops] = None,
+) -> dict[str, Any]:
+    """Per-layer parameters, densities and FLOPs of a (sparse) model, plus totals.
+
+    Args:
+        model: the model.
+        example_input: one example (see :func:`layer_flops`).
+        layer_density: density of each sparsified weight by name; the weights named here are the
+            sparsified set, the others are dense.
+        measured: the model's :func:`layer_flops` if already measured (skips the forward pass).
+
+    Returns:
+        ``{"layers": [{"name", "shape", "params", "density", "sparsified", "dense_flops",
+        "flops"}, ...], "params", "sparsified_params", "active_params", "density", "other_flops",
+        "dense_inference_flops", "inference_flops", "inference_flops_relative"}``. ``params`` counts
+        every parameter of the model; ``active_params`` is ``params`` minus the pruned weights;
+        ``density`` is the density of the sparsified weights.
+    """
+    flops = measured if measured is not None else layer_flops(model, example_input)
+    _check_densities(flops, layer_density)
+    rows = []
+    sparsified = active_sparsified = pruned = 0
+    for name, dense_f in flops.layers.items():
+        shape = flops.shapes.get(name, ())
+        size = math.prod(shape)
+        density = float(layer_density.get(name, 1.0))
+        kept = int(round(size * density))
+        if name in layer_density:
+            sparsified += size
+            active_sparsified += kept
+        pruned += size - kept
+        rows.append({
+            "name": name,
+            "shape": list(shape),
+            "params": size,
+            "density": density,
+            "sparsified": name in layer_density,
+            "dense_flops": dense_f,
+            "flops": dense_f * density,
+        })
+    params = sum(p.numel() for p in model.parameters())  # model.parameters() de-duplicates tied ones
+    sparse = inference_flops(flops, layer_density)
+    return {
+        "layers": rows,
+        "params": params,
+        "sparsified_params": sparsified,
+        "active_params": params - pruned,
+        "density": active_sparsified / sparsified if sparsified else 1.0,
+        "other_flops": flops.other,
+        "dense_inference_flops": flops.dense,
+        "inference_flops": sparse,
+        "inference_flops_relative": sparse / flops.dense if flops.dense > 0 else 1.0,
+    }
+
+
+def human_readable(value: float) -> str:
+    """``8178368512 -> "8.18G"``, ``25502912 -> "25.50M"``, ``512 -> "512"`` (powers of 1000)."""
+    magnitude = abs(value)
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if magnitude >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.2f}"
+
+
+def format_flops_table(table: Mapping[str, Any]) -> str:
+    """Render :func:`flops_table`'s result as an aligned plain-text table.
+
+    Kept-dense layers are marked ``*`` after their density.
+    """
+    header = ("layer", "shape", "params", "density", "dense FLOPs", "FLOPs")
+    lines = [
+        (
+            row["name"],
+            "x".join(str(d) for d in row["shape"]),
+            human_readable(row["params"]),
+            f"{row['density']:.4f}" + ("" if row["sparsified"] else "*"),
+            human_readable(row["dense_flops"]),
+            human_readable(row["flops"]),
+        )
+        for row in table["layers"]
+    ]
+    if table.get("other_flops"):
+        lines.append(("(other ops)", "", "", "1.0000*", human_readable(table["other_flops"]),
+                      human_readable(table["other_flops"])))
+    widths = [max(len(r[i]) for r in [header] + lines) for i in range(len(header))]
+    # Names and shapes read left-aligned, numbers right-aligned.
+    align = ["<", "<", ">", ">", ">", ">"]
+
+    def fmt(row: Sequence[str]) -> str:
+        return "  ".join(f"{cell:{a}{w}}" for cell, a, w in zip(row, align, widths)).rstrip()
+
+    out = [fmt(header), fmt(["-" * w for w in widths])]
+    out += [fmt(r) for r in lines]
+    out.append(fmt(["-" * w for w in widths]))
+    out.append(
+        f"params: {human_readable(table['params'])} total, {human_readable(table['sparsified_params'])} "
+        f"sparsified at density {table['density']:.4f}, {human_readable(table['active_params'])} non-zero"
+    )
+    out.append(
+        f"inference FLOPs: {human_readable(table['inference_flops'])} sparse / "
+        f"{human_readable(table['dense_inference_flops'])} dense = {table['inference_flops_relative']:.4f}x"
+        + ("  (* = not sparsified)" if any(not r["sparsified"] for r in table["layers"]) or table.get("other_flops")
+           else "")
+    )
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def add_flops_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``granet flops`` options to ``parser``."""
+    parser.add_argument("--model", required=True, help="model name (see granet.models.list_models())")
+    parser.add_argument("--dataset", default="cifar10",
+                        help="dataset giving classes / channels / image size (default: cifar10; no data is loaded)")
+    parser.add_argument("--method", default=None,
+                        help="sparse-training method: uses its default layer-wise distribution")
+    parser.add_argument("--distribution", choices=("uniform", "er", "erk"), default=None,
+                        help="layer-wise density distribution (default: the method's, else erk)")
+    parser.add_argument("--density", type=float, default=None,
+                        help=f"overall density of the sparsified weights, in (0, 1] (default: {DEFAULT_DENSITY})")
+    parser.add_argument("--keep-dense", nargs="+", action="extend", default=[], metavar="PATTERN",
+                        help="fnmatch patterns of layers kept dense (e.g. conv1 fc)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def _resolve_method(args: argparse.Namespace) -> tuple[float, str, tuple[str, ...], Optional[str]]:
+    """Density, distribution, keep-dense patterns and an optional note for the requested setting."""
+    from .methods import method_config
+
+    keep = tuple(args.keep_dense or ())
+    density = DEFAULT_DENSITY if args.density is None else args.density
+    if args.method is None:
+        return density, args.distribution or DEFAULT_DISTRIBUTION, keep, None
+    try:
+        cfg = method_config(args.method, density=density, keep_dense=keep, total_steps=_NOMINAL_STEPS)
+    except ValueError:
+        if args.density is not None:
+            raise
+        # A method that fixes its density (``dense``) rejects the default 0.1: use its own.
+        cfg = method_config(args.method, keep_dense=keep, total_steps=_NOMINAL_STEPS)
+    note = None
+    if cfg.prune == "global" or cfg.distribution == "global":
+        distribution = args.distribution or DEFAULT_DISTRIBUTION
+        note = (
+            f"note: {args.method} prunes with one global magnitude threshold, so its final layer densities "
+            f"are only known after training; this table uses the {distribution} distribution at density "
+            f"{cfg.density:g} as an estimate (granet report shows a finished run's real densities)"
+        )
+    else:
+        distribution = args.distribution or cfg.distribution
+    return cfg.density, distribution, tuple(cfg.keep_dense), note
+
+
+def run_flops_command(args: argparse.Namespace) -> int:
+    """Run ``granet flops``: print the per-layer FLOPs table (or one JSON object with ``--json``).
+
+    Returns:
+        0 on success, 2 on bad input (a one-line message on stderr).
+    """
+    from .data import dataset_shape
+    from .models import create_model
+
+    try:
+        if args.density is not None and not (math.isfinite(args.density) and 0.0 < args.density <= 1.0):
+            raise ValueError(f"--density must be in (0, 1], got {args.density}")
+        num_classes, in_channels, image_size = dataset_shape(args.dataset)
+        density, distribution, keep, note = _resolve_method(args)
+        model = create_model(args.model, num_classes=num_classes, in_channels=in_channels, input_size=image_size)
+        sparsified = sparsifiable_parameters(model, keep_dense=keep)
+        if not sparsified:
+            raise ValueError(f"model {args.model!r} has no sparsifiable weight outside --keep-dense")
+        shapes = [tuple(p.shape) for _, p in sparsified]
+        counts = layer_counts(distribution, shapes, density)
+        layer_density = {n: c / p.numel() for (n, p), c in zip(sparsified, counts)}
+        example = torch.zeros(1, in_channels, image_size, image_size)
+        table = flops_table(model, example, layer_density)
+    except (ValueError, TypeError, KeyError) as exc:
+        message = str(exc).strip().replace("\n", " ") or type(exc).__name__
+        print(f"granet flops: error: {message}", file=sys.stderr)
+        return 2
+    meta = {
+        "model": args.model,
+        "dataset": args.dataset,
+        "input_shape": [in_channels, image_size, image_size],
+        "num_classes": num_classes,
+        "method": args.method,
+        "distribution": distribution,
+        "target_density": density,
+        "keep_dense": list(keep),
+        "estimated": note is not None,
+        "note": note,
+    }
+    if args.json:
+        print(json.dumps({**meta, **table}, indent=2))
+        return 0
+    print(
+        f"{args.model} on {args.dataset} (input {in_channels}x{image_size}x{image_size}, {num_classes} classes)"
+        f"{', method ' + args.method if args.method else ''}: {distribution} distribution at density {density:g}"
+        + (f", kept dense: {', '.join(keep)}" if keep else "")
+    )
+    if note:
+        print(note)
+    print(format_flops_table(table))
+    return 0
