@@ -16,7 +16,7 @@ from granet.cli import main
 from granet.train import TrainConfig, load_config, lr_factor, train
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
+RECIPES = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("plasticity_"))
 SUMMARY_KEYS = {"method", "model", "dataset", "seed", "target_density", "sparsity", "layer_density",
                 "best_val_accuracy", "test_accuracy", "steps", "wall_time_s", "train_flops", "inference_flops"}
 METRIC_KEYS = {"epoch", "step", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "density",

@@ -75,6 +75,8 @@ _HELP = {
     "resume": "continue the interrupted run in this directory",
     "progress": "auto (bar when interactive), bar or log",
     "max_steps": "stop after this many optimizer steps (smoke tests)",
+    "keep_checkpoints": "epochs after which a copy checkpoint_epochN.pt is kept",
+    "init_from": "continue from another run's checkpoint.pt with this config's method (a fresh sparsifier)",
 }
 
 
@@ -132,7 +134,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         if origin is list:
             kwargs.update(nargs="*", metavar="VALUE")
-            kwargs["type"] = _number if f.name == "milestones" else str
+            kwargs["type"] = {"milestones": _number, "keep_checkpoints": int}.get(f.name, str)
         elif f.name in ("prune_start", "prune_end", "regrow_start", "regrow_end"):
             kwargs["type"] = _optional(_number) if optional else _number
             kwargs["metavar"] = "STEP|FRACTION"
@@ -239,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                              ("datasets", _cmd_datasets, "list the datasets")):
         sub.add_parser(name, help=text).set_defaults(func=func)
 
-    from . import flops, report
+    from . import flops, plasticity, report
 
     p = sub.add_parser("flops", help="per-layer and total inference FLOPs of a (sparse) model",
                        description="Per-layer and total inference FLOPs of a (sparse) model, without training.")
@@ -249,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Compare run directories: a markdown table and PNG plots.")
     report.add_report_arguments(p)
     p.set_defaults(func=report.run_report_command)
+    p = sub.add_parser("plasticity", help="the pruning-plasticity study (prune a dense run at several times)",
+                       description=plasticity.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    plasticity.add_plasticity_arguments(p)
+    p.set_defaults(func=plasticity.run_plasticity_command)
     return parser
 
 

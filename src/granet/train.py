@@ -112,6 +112,8 @@ class TrainConfig:
     resume: Optional[str] = None
     progress: str = "auto"
     max_steps: Optional[int] = None
+    keep_checkpoints: list[int] = field(default_factory=list)
+    init_from: Optional[str] = None
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -445,8 +447,14 @@ class Trainer:
         self.total_steps = config.epochs * self.steps_per_epoch
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
+        start = self._read_init_from() if config.init_from else None
+        # Continuing another run: the sparsity schedule counts from the restart (its step 1 is the
+        # first step after the checkpoint) and spans the remaining steps.
+        sparse_steps = self.total_steps - (start["step"] if start else 0)
+        if sparse_steps < 1:
+            raise ConfigError(f"{config.init_from} is already at step {start['step']}: nothing left to train")
         self.sparsifier: Sparsifier = create_sparsifier(
-            config.method, self.model, self.optimizer, total_steps=self.total_steps, seed=config.seed,
+            config.method, self.model, self.optimizer, total_steps=sparse_steps, seed=config.seed,
             **config.sparsity_options(),
         )
         # FLOPs of every layer from one real forward pass; the ledger then follows the real masks.
@@ -469,6 +477,31 @@ class Trainer:
         self.best: dict[str, Any] = {"val_accuracy": None, "epoch": None}
         self.wall_time = 0.0
         self.updates: list[dict[str, Any]] = []
+        if start is not None:
+            self._continue_from(start)
+
+    def _read_init_from(self) -> dict[str, Any]:
+        """Load the checkpoint named by ``init_from`` and check that it belongs to a compatible run."""
+        path = Path(self.config.init_from)
+        if not path.is_file():
+            raise ConfigError(f"init_from: no checkpoint file at {path}")
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        theirs = state.get("config", {})
+        keys = ("model", "dataset", "epochs", "batch_size", "optimizer", "lr_schedule", "milestones", "dataset_options")
+        differing = [k for k in keys if theirs.get(k) != getattr(self.config, k)]
+        if differing:
+            raise ConfigError(f"init_from {path}: its run differs in {', '.join(differing)}; they must match to continue it")
+        return state
+
+    def _continue_from(self, state: dict[str, Any]) -> None:
+        """Take model, optimizer, LR schedule, scaler, RNG and position from another run's checkpoint."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self._restore_rng(state["rng"])
+        self.sparsifier.apply_masks()
 
     # -------------------------------------------------------------- checkpoints
 
@@ -506,9 +539,13 @@ class Trainer:
         self.epoch, self.step = state["epoch"], state["step"]
         self.best = state["best"]
         self.wall_time = state["wall_time"]
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+        self._restore_rng(state["rng"])
+
+    @staticmethod
+    def _restore_rng(rng: dict[str, Any]) -> None:
+        torch.set_rng_state(rng["torch"].cpu())
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
 
     # -------------------------------------------------------------- epochs
 
@@ -634,6 +671,10 @@ class Trainer:
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
             atomic_save(self.checkpoint_state(), self.out / "checkpoint.pt")
+            if self.epoch in self.config.keep_checkpoints:
+                import shutil
+
+                shutil.copyfile(self.out / "checkpoint.pt", self.out / f"checkpoint_epoch{self.epoch}.pt")
             val_text = "" if val is None else f" | val loss {val['loss']:.4f} acc {val['accuracy']:.4f}"
             logger.info(
                 "epoch %d/%d step %d | train loss %.4f acc %.4f%s | density %.4f | lr %.4g | %.1fs",
