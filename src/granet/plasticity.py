@@ -34,16 +34,15 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import json
 import logging
-import multiprocessing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-from .train import ConfigError, TrainConfig, train
+from .sweep import run_many, run_to_completion
+from .train import ConfigError, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ class PlasticityConfig:
             ``None`` (default) uses GraNet's own r_t at the pruning time: 0.5 cosine-decayed to
             0.005 over the schedule, so late pruning regenerates few connections.
         update_interval: steps between regenerations when ``periodic``.
-        workers: parallel trial processes (default: CPU cores, at most 4).
+        workers: parallel trial processes (default: one per CPU core, at most 4).
         out: the study directory.
     """
 
@@ -170,30 +169,6 @@ def granet_drop_fraction(epoch: int, study: PlasticityConfig) -> float:
     return 0.005 + 0.5 * (0.5 - 0.005) * (1.0 + math.cos(math.pi * epoch / epochs))
 
 
-def _run_to_completion(config: TrainConfig) -> dict[str, Any]:
-    """Train, resume, or just read the summary of a run that already finished."""
-    out = Path(config.out)
-    summary = out / "summary.json"
-    if summary.exists():
-        return json.loads(summary.read_text())
-    if (out / "checkpoint.pt").exists():
-        return train(dataclasses.replace(config, resume=str(out)))
-    if out.exists():  # started but no epoch finished: start over
-        import shutil
-
-        shutil.rmtree(out)
-    return train(config)
-
-
-def _worker(config: TrainConfig) -> dict[str, Any]:
-    """Process-pool entry: one thread per trial so that parallel trials share the cores fairly."""
-    import torch
-
-    torch.set_num_threads(1)
-    logging.basicConfig(level=logging.WARNING)
-    return _run_to_completion(config)
-
-
 def run_study(study: PlasticityConfig) -> list[dict[str, Any]]:
     """Run (or finish) the study; returns one row per trial and writes the table and plot."""
     root = Path(study.out)
@@ -202,26 +177,18 @@ def run_study(study: PlasticityConfig) -> list[dict[str, Any]]:
     dense_config = TrainConfig.from_dict(dict(study.train, method="dense", keep_checkpoints=list(study.prune_epochs),
                                               out=str(root / "dense")))
     logger.info("dense run (%d epochs) -> %s", dense_config.epochs, dense_config.out)
-    dense = _run_to_completion(dense_config)
+    dense = run_to_completion(dense_config)
     missing = [e for e in study.prune_epochs if not (root / "dense" / f"checkpoint_epoch{e}.pt").exists()]
     if missing:
         raise ConfigError(f"the dense run in {root / 'dense'} has no checkpoints for epochs {missing}; "
                           "delete it to retrain it with these prune_epochs")
     trials = trial_configs(study, root)
-    done = sum((Path(c.out) / "summary.json").exists() for _, c in trials)
-    workers = study.workers or min(4, multiprocessing.cpu_count())
-    logger.info("%d trials (%d already done), %d worker process(es)", len(trials), done, workers)
-    configs = [c for _, c in trials]
-    if workers > 1:
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(workers) as pool:
-            summaries = []
-            for i, summary in enumerate(pool.imap(_worker, configs), 1):
-                summaries.append(summary)
-                logger.info("trial %d/%d: %s test accuracy %.4f", i, len(configs), trials[i - 1][0]["name"],
-                            summary["test_accuracy"])
-    else:
-        summaries = [_run_to_completion(c) for c in configs]
+
+    def progress(i: int, config: TrainConfig, summary: dict[str, Any]) -> None:
+        logger.info("trial %d/%d: %s test accuracy %.4f", i + 1, len(trials), trials[i][0]["name"],
+                    summary["test_accuracy"])
+
+    summaries = run_many([c for _, c in trials], study.workers, on_done=progress)
     schedule = TrainConfig.from_dict(dict(study.train, method="dense"))
     decays = [m * schedule.epochs if m <= 1 else m for m in schedule.milestones] if schedule.lr_schedule == "multistep" else []
     rows = []

@@ -1,0 +1,80 @@
+"""Run many training configurations in parallel worker processes, resumably.
+
+Each configuration is an independent run directory. A run whose ``summary.json`` exists is read,
+not retrained; one with a ``checkpoint.pt`` is resumed; one that never finished an epoch is started
+again. Used by ``granet plasticity`` and ``benchmarks/compare_methods.py``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import multiprocessing
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from .train import TrainConfig, train
+
+logger = logging.getLogger(__name__)
+
+
+def run_to_completion(config: TrainConfig) -> dict[str, Any]:
+    """Train, resume, or just read the summary of a run that already finished."""
+    out = Path(config.out)
+    summary = out / "summary.json"
+    if summary.exists():
+        return json.loads(summary.read_text())
+    if (out / "checkpoint.pt").exists():
+        return train(dataclasses.replace(config, resume=str(out)))
+    if out.exists():  # started, but no epoch finished: start over
+        shutil.rmtree(out)
+    return train(config)
+
+
+def _worker(config: TrainConfig) -> dict[str, Any]:
+    """Process-pool entry: one thread per run so that parallel runs share the cores fairly."""
+    import torch
+
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING)
+    return run_to_completion(config)
+
+
+def default_workers() -> int:
+    """One worker per CPU core, at most 4."""
+    return max(1, min(4, multiprocessing.cpu_count()))
+
+
+def run_many(
+    configs: Sequence[TrainConfig],
+    workers: Optional[int] = None,
+    on_done: Optional[Callable[[int, TrainConfig, dict[str, Any]], None]] = None,
+) -> list[dict[str, Any]]:
+    """Run every config (skipping finished ones) and return their summaries in order.
+
+    Args:
+        configs: training configurations, each with its own ``out`` directory.
+        workers: parallel processes (default :func:`default_workers`); 1 runs in this process.
+        on_done: called as ``on_done(index, config, summary)`` when a run finishes.
+    """
+    outs = [c.out for c in configs]
+    if any(o is None for o in outs) or len(set(outs)) != len(outs):
+        raise ValueError("every configuration needs its own out directory")
+    done = sum((Path(c.out) / "summary.json").exists() for c in configs)
+    workers = workers or default_workers()
+    logger.info("%d runs (%d already done), %d worker process(es)", len(configs), done, workers)
+    summaries: list[dict[str, Any]] = []
+    if workers > 1 and len(configs) - done > 1:
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(workers) as pool:
+            for i, summary in enumerate(pool.imap(_worker, configs)):
+                summaries.append(summary)
+                if on_done:
+                    on_done(i, configs[i], summary)
+    else:
+        for i, config in enumerate(configs):
+            summaries.append(run_to_completion(config))
+            if on_done:
+                on_done(i, config, summaries[-1])
+    return summaries
