@@ -193,3 +193,33 @@ def test_lr_factor_schedules():
     cos = TrainConfig(lr_schedule="cosine")
     assert lr_factor(cos, 0, 10, 100) == 1.0 and lr_factor(cos, 100, 10, 100) == pytest.approx(0.0)
     assert lr_factor(cos, 50, 10, 100) == pytest.approx(0.5)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_matches_one_process_schedule(tmp_path):
+    """`torchrun --nproc_per_node=2 -m granet train` on CPU (gloo): same steps and sparsity as 1 process."""
+    common = ["train", "--model", "mlp", "--method", "rigl", "--density", "0.1", "--epochs", "2",
+              "--update-interval", "5", "--device", "cpu", "--progress", "log"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    two = tmp_path / "two"
+    import socket
+
+    with socket.socket() as sock:  # a free port on 127.0.0.1 for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port),
+           "-m", "granet", *common, "--out", str(two)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = tmp_path / "one"
+    assert main([*common, "--out", str(one)]) == 0
+    a = json.loads((one / "summary.json").read_text())
+    b = json.loads((two / "summary.json").read_text())
+    assert b["world_size"] == 2 and a["world_size"] == 1
+    assert a["steps"] == b["steps"]
+    assert a["sparsity"] == b["sparsity"]
+    ma = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [m["topology_updates"] for m in ma] == [m["topology_updates"] for m in mb]
+    assert b["test_accuracy"] > 0.5

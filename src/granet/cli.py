@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import typing
 from typing import Any, Callable, Optional, Sequence
@@ -161,6 +162,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config_path = str(_resume_config_path(overrides["resume"]))
     config = load_config(config_path, overrides)
     summary = train(config)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     print(json.dumps({k: summary[k] for k in ("method", "model", "dataset", "sparsity", "best_val_accuracy",
                                                "test_accuracy", "steps", "wall_time_s")}, indent=2))
     return 0
@@ -262,8 +265,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``granet`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Under torchrun only rank 0 logs progress; the other ranks report warnings and errors.
+    main_rank = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        level=(logging.DEBUG if getattr(args, "verbose", False) else logging.INFO) if main_rank else logging.WARNING,
         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
     )
     if not getattr(args, "func", None):
