@@ -11,6 +11,7 @@ SNFS), as a sparsifier you step after ``optimizer.step()`` in your own training 
     sparsifier.step()
 """
 from .config import SparsityConfig
+from .distributed import MaskDivergenceError, broadcast_masks, mask_checksum, verify_masks
 from .distributions import allocate_counts, layer_counts
 from .methods import create_sparsifier, describe_method, list_methods, method_config, register_method
 from .schedules import DropFractionSchedule, PruningSchedule
@@ -24,6 +25,10 @@ __all__ = [
     "UpdateReport",
     "PruningSchedule",
     "DropFractionSchedule",
+    "MaskDivergenceError",
+    "broadcast_masks",
+    "mask_checksum",
+    "verify_masks",
     "allocate_counts",
     "layer_counts",
     "create_sparsifier",

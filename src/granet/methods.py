@@ -92,6 +92,7 @@ def create_sparsifier(
     optimizer: Optional[torch.optim.Optimizer] = None,
     *,
     layer_types: tuple[type[nn.Module], ...] = DEFAULT_LAYER_TYPES,
+    distributed: Optional[bool] = None,
     **options: Any,
 ) -> Sparsifier:
     """Build a :class:`Sparsifier` for ``model`` by method name.
@@ -108,13 +109,17 @@ def create_sparsifier(
         model: the model whose Conv/Linear weights are sparsified.
         optimizer: the training optimizer (see :class:`Sparsifier`).
         layer_types: module types whose ``weight`` is sparsified.
+        distributed: keep masks identical across ``torch.distributed`` ranks (``None``: when a process
+            group with 2+ ranks is initialised); see :class:`Sparsifier`.
         **options: :class:`SparsityConfig` fields, e.g. ``density``, ``init_density``, ``total_steps``,
             ``update_interval``, ``distribution``, ``keep_dense``, ``seed``.
 
     Returns:
         The sparsifier; the model's inactive weights are already zero.
     """
-    return Sparsifier(model, optimizer, method_config(method, **options), layer_types=layer_types)
+    return Sparsifier(
+        model, optimizer, method_config(method, **options), layer_types=layer_types, distributed=distributed
+    )
 
 
 _DST = dict(update_interval=100, drop_fraction=0.3, drop_fraction_end=0.0, regrow_start=0, regrow_end=0.75)

@@ -22,7 +22,9 @@ Design choices (and why):
 * **Masks are ``torch.bool``** (1 byte per weight). The "ever active" set used for the exploration
   rate is bit-packed (1/8 byte per weight).
 * **Every random choice** comes from a generator seeded by (seed, purpose, step, layer): resumes and
-  distributed ranks reproduce it without saving or sharing RNG state.
+  distributed ranks reproduce it without saving or sharing RNG state. Under ``torch.distributed``
+  the masks are still broadcast from rank 0 at start and verified after every update
+  (:mod:`granet.distributed`), so a rank that drifted raises instead of training another network.
 
 Order inside one ``step()`` at optimizer step t:
 
@@ -46,6 +48,7 @@ import torch
 from torch import nn
 
 from . import criteria
+from . import distributed as _distributed
 from .config import SparsityConfig
 from .distributions import allocate_counts, layer_counts
 from .schedules import DropFractionSchedule, PruningSchedule
@@ -170,6 +173,10 @@ class Sparsifier:
             call count as one optimizer step and leaves optimizer state alone.
         config: the method's configuration.
         layer_types: module types whose ``weight`` is sparsified.
+        distributed: keep the masks identical across the ranks of ``torch.distributed``: broadcast
+            them from rank 0 now and after :meth:`load_state_dict`, and verify them (one small
+            all-reduce) after every topology update. ``None`` (default) turns it on when a process
+            group with more than one rank is initialised. See :mod:`granet.distributed`.
     """
 
     def __init__(
@@ -178,6 +185,7 @@ class Sparsifier:
         optimizer: Optional[torch.optim.Optimizer] = None,
         config: Optional[SparsityConfig] = None,
         layer_types: Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES,
+        distributed: Optional[bool] = None,
     ) -> None:
         self.config = config if config is not None else SparsityConfig()
         self.config.validate()
@@ -232,8 +240,15 @@ class Sparsifier:
         self.ever_active: Optional[list[torch.Tensor]] = (
             [_pack_bits(m) for m in self.masks] if cfg.track_exploration else None
         )
-        self._hook = optimizer.register_step_post_hook(self._on_optimizer_step) if optimizer is not None else None
+        self.distributed = _distributed.is_distributed() if distributed is None else bool(distributed)
+        if self.distributed and not _distributed.is_initialised():
+            raise ValueError("distributed=True needs an initialised torch.distributed process group")
         self.apply_masks()
+        if self.distributed:
+            # Masks are a function of the config, but a rank built from another config or model would
+            # silently train another network: rank 0's masks win (the broadcast checks the layout first).
+            _distributed.broadcast_masks(self)
+        self._hook = optimizer.register_step_post_hook(self._on_optimizer_step) if optimizer is not None else None
 
     # ------------------------------------------------------------------ construction helpers
 
@@ -340,6 +355,11 @@ class Sparsifier:
             self.skipped_updates += 1
             self.last_update = report
             logger.warning("step %d: non-finite gradients, topology update skipped", step)
+            if self.distributed:
+                # Under DDP the all-reduced gradients are non-finite on every rank or on none, so all
+                # ranks skip together. Verifying here too keeps the collective schedule a function of
+                # the step alone: a rank that skipped alone raises instead of deadlocking the others.
+                _distributed.verify_masks(self)
             return report
         grown: list[Optional[torch.Tensor]] = [None] * len(self.params)
         if self.pruning is not None and self.pruning.is_prune_step(step):
@@ -355,6 +375,8 @@ class Sparsifier:
                 self.ever_active[i] |= _pack_bits(m)
         report.density = self.density()
         self.last_update = report
+        if self.distributed:
+            _distributed.verify_masks(self)  # one small all-reduce; raises MaskDivergenceError
         logger.debug(
             "step %d: pruned %d, dropped %d, regrew %d, density %.5f",
             step, report.pruned, report.dropped, report.regrown, report.density,
@@ -589,6 +611,8 @@ class Sparsifier:
         self.last_update = UpdateReport(**last) if last else None
         self._pending_steps = 0
         self.apply_masks()
+        if self.distributed:
+            _distributed.broadcast_masks(self)  # every rank resumes from rank 0's masks
 
     def remove(self) -> None:
         """Detach from the optimizer (removes the step hook); masks are left as they are."""
