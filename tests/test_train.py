@@ -223,3 +223,49 @@ def test_torchrun_two_processes_matches_one_process_schedule(tmp_path):
     mb = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
     assert [m["topology_updates"] for m in ma] == [m["topology_updates"] for m in mb]
     assert b["test_accuracy"] > 0.5
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _torchrun(args, **popen):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "granet", *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **popen)
+
+
+@pytest.mark.slow
+def test_resume_under_torchrun_matches_uninterrupted_run(tmp_path):
+    args = ["train", "--model", "mlp", "--method", "set", "--density", "0.1", "--epochs", "30",
+            "--update-interval", "10", "--device", "cpu", "--progress", "log"]
+    reference = tmp_path / "reference"
+    proc = _torchrun([*args, "--out", str(reference)])
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    killed = tmp_path / "killed"
+    proc = _torchrun([*args, "--out", str(killed)])
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=60)
+    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+    proc = _torchrun(["train", "--resume", str(killed), "--progress", "log"])
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    ref = torch.load(reference / "checkpoint.pt", weights_only=False)
+    res = torch.load(killed / "checkpoint.pt", weights_only=False)
+    assert ref["step"] == res["step"]
+    assert all(torch.equal(v, res["model"][k]) for k, v in ref["model"].items())
+    assert all(torch.equal(v, res["sparsifier"]["masks"][k]) for k, v in ref["sparsifier"]["masks"].items())
+    a = json.loads((reference / "summary.json").read_text())
+    b = json.loads((killed / "summary.json").read_text())
+    assert (a["test_accuracy"], a["world_size"]) == (b["test_accuracy"], b["world_size"]) == (a["test_accuracy"], 2)

@@ -763,10 +763,25 @@ def train(config: TrainConfig) -> dict[str, Any]:
         out = Path(config.out) if config.out else default_out_dir(config)
         if (out / "checkpoint.pt").exists():
             raise ConfigError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
+    try:
+        return _train(config, out)
+    finally:
+        # Tear the process group down explicitly: left to interpreter exit, gloo can abort the
+        # process after the run has finished ("terminate called without an active exception").
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            import gc
+
+            gc.collect()  # free the DDP wrapper (held in a cycle by the LR lambda) before its group
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
+def _train(config: TrainConfig, out: Path) -> dict[str, Any]:
     trainer = Trainer(config, out)
     if config.resume is not None:
         trainer.load_checkpoint(out / "checkpoint.pt")
-        _truncate_metrics(out / "metrics.jsonl", trainer.epoch)
+        if trainer.dist.is_main:  # rank 0 owns every file of the run
+            _truncate_metrics(out / "metrics.jsonl", trainer.epoch)
         logger.info("resumed %s at epoch %d, step %d", out, trainer.epoch, trainer.step)
     elif trainer.dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
