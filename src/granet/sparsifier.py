@@ -42,7 +42,7 @@ import fnmatch
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -639,8 +639,3 @@ def _require_momentum(optimizer: Optional[torch.optim.Optimizer]) -> None:
             f"momentum regrowth (snfs) needs SGD with momentum, Adam or AdamW, not {type(optimizer).__name__}"
         )
 
-
-def total_density(sparsifiers: Iterable[Sparsifier]) -> float:
-    """Density over the union of several sparsifiers' weights."""
-    items = list(sparsifiers)
-    return sum(sum(s.counts) for s in items) / sum(s.total for s in items)

@@ -36,7 +36,6 @@ import yaml
 from torch import nn
 
 from . import __version__
-from .config import SparsityConfig
 from .data import DatasetError, build_datasets
 from .flops import TrainingFlopsLedger, inference_flops, inference_flops_relative, layer_flops, step_needs_dense_gradient
 from .methods import create_sparsifier, list_methods, method_config
@@ -135,7 +134,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def sparsity_options(self) -> dict[str, Any]:
-        """The :class:`SparsityConfig` overrides this config sets (None fields left to the method)."""
+        """The :class:`~granet.config.SparsityConfig` overrides this config sets (None fields left to the method)."""
         out: dict[str, Any] = {}
         for name in SPARSITY_FIELDS:
             value = getattr(self, name)
@@ -831,4 +830,4 @@ def evaluate_run(run_dir: str, device: str = "auto", data_dir: Optional[str] = N
             "density": active / total, "sparsity": 1 - active / total, "epoch": artifact["epoch"]}
 
 
-__all__ = ["TrainConfig", "ConfigError", "train", "evaluate_run", "load_config", "SparsityConfig"]
+__all__ = ["TrainConfig", "ConfigError", "train", "evaluate_run", "load_config"]
