@@ -269,3 +269,14 @@ def test_resume_under_torchrun_matches_uninterrupted_run(tmp_path):
     a = json.loads((reference / "summary.json").read_text())
     b = json.loads((killed / "summary.json").read_text())
     assert (a["test_accuracy"], a["world_size"]) == (b["test_accuracy"], b["world_size"]) == (a["test_accuracy"], 2)
+
+
+def test_list_and_mapping_flags_parse():
+    from granet.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--milestones", "0.5", "80", "--keep-checkpoints", "3", "7",
+                                      "--dataset-options", "image_size=64", "num_classes=5",
+                                      "--keep-dense", "conv1", "fc", "--prune-end", "0.5", "--update-interval", "100"])
+    assert args.milestones == [0.5, 80] and args.keep_checkpoints == [3, 7]
+    assert dict(args.dataset_options) == {"image_size": 64, "num_classes": 5}
+    assert args.keep_dense == ["conv1", "fc"] and args.prune_end == 0.5 and args.update_interval == 100

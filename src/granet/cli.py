@@ -1,16 +1,15 @@
-"""The ``granet`` command.
+"""The granet command.
 
-::
-
-    granet train                                  # the embedded default: GraNet on digits, ~30 s on CPU
+    granet train                                  # the embedded default: GraNet on digits, ~15 s on CPU
     granet train --config configs/cifar10_resnet50_granet_d0.1.yaml --seed 1 --out runs/r50-s1
     granet train --resume runs/r50-s1             # continue an interrupted run
     granet evaluate runs/r50-s1                   # re-test a saved model
     granet models | methods | datasets            # what is available
     granet flops --model imagenet_resnet50 --dataset imagenet --density 0.2
     granet report runs/*                          # markdown table + plots
+    granet plasticity --config configs/plasticity_digits.yaml   # the pruning-plasticity study
 
-Every configuration key is also a flag (``prune_end`` → ``--prune-end``); a key that does not
+Every configuration key is also a flag (prune_end -> --prune-end); a key that does not
 exist is an error, never silently ignored. Errors in user input are reported as one line.
 """
 from __future__ import annotations
@@ -125,7 +124,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         hint = hints[f.name]
         args = typing.get_args(hint)
         optional = type(None) in args
-        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        # Unwrap Optional[X] only; list[float] or dict[str, Any] stay what they are.
+        base = next(a for a in args if a is not type(None)) if optional else hint
         flag = "--" + f.name.replace("_", "-")
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": _HELP.get(f.name, "")}
         origin = typing.get_origin(base)
