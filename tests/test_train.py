@@ -68,7 +68,9 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, capsys):
     reference = tmp_path / "reference"
     assert main(_args(reference)) == 0
     killed = tmp_path / "killed"
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    # Bit-exactness holds for the same thread count (float reduction order), so the subprocess
+    # uses as many torch threads as this process.
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS=str(torch.get_num_threads()))
     proc = subprocess.Popen([sys.executable, "-m", "granet", *_args(killed)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = killed / "metrics.jsonl"
