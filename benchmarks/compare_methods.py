@@ -45,18 +45,20 @@ DENSE_TO_SPARSE = ("gmp", "granet")
 SPARSE_TO_SPARSE = ("static", "set", "rigl", "snfs", "granet-st")
 
 
-def configs_for(setting: str, densities: list[float], seeds: list[int], root: Path) -> list[TrainConfig]:
+def configs_for(setting: str, densities: list[float], seeds: list[int], root: Path,
+                epochs: Optional[int] = None) -> list[TrainConfig]:
     """One :class:`TrainConfig` per (method, density, seed); dense once per seed."""
+    spec = dict(SETTINGS[setting], **({"epochs": epochs} if epochs else {}))
     configs = []
     for seed in seeds:
-        configs.append(TrainConfig.from_dict(dict(RECIPE, **SETTINGS[setting], method="dense", density=1.0, seed=seed,
+        configs.append(TrainConfig.from_dict(dict(RECIPE, **spec, method="dense", density=1.0, seed=seed,
                                                   out=str(root / f"dense-d1-s{seed}"))))
         for method in list_methods():
             if method in ("dense", "gmp-layerwise"):
                 continue
             for density in densities:
                 configs.append(TrainConfig.from_dict(dict(
-                    RECIPE, **SETTINGS[setting], method=method, density=density, seed=seed,
+                    RECIPE, **spec, method=method, density=density, seed=seed,
                     out=str(root / f"{method}-d{density:g}-s{seed}"))))
     return configs
 
@@ -128,12 +130,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.05, 0.02, 0.01])
     parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: CPU cores)")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--epochs", type=int, default=None, help="override the settings' epochs (smoke tests)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     settings = list(SETTINGS) if args.setting == "all" else [args.setting]
     for setting in settings:
         root = args.out / setting
-        configs = configs_for(setting, args.densities, list(range(args.seeds)), root)
+        configs = configs_for(setting, args.densities, list(range(args.seeds)), root, args.epochs)
         start = time.perf_counter()
 
         def progress(i: int, config: TrainConfig, summary: dict[str, Any]) -> None:
@@ -147,7 +150,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         write_report(runs, root / "report", plots=False)
         plot_accuracy_vs_sparsity(runs, root / "accuracy_vs_sparsity.png")
         spec = SETTINGS[setting]
-        text = (f"# {setting}: {spec['model']} on digits, {spec['epochs']} epochs, {args.seeds} seeds\n\n"
+        epochs = args.epochs or spec["epochs"]
+        text = (f"# {setting}: {spec['model']} on digits, {epochs} epochs, {args.seeds} seeds\n\n"
                 + results_table(table) + "\n" + claims(table, args.densities))
         (root / "results.md").write_text(text)
         print(text)
