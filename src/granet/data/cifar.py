@@ -27,7 +27,7 @@ import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -244,59 +244,36 @@ def _build(
     )
 
 
-@register_dataset("cifar10")
-def build_cifar10(
-    data_dir: Path,
-    *,
-    val_fraction: float,
-    seed: int,
-    download: bool,
-    augment: bool,
-    mirror: MirrorSpec = None,
-) -> DatasetSplits:
-    """Build the CIFAR-10 splits (50000 train incl. validation, 10000 test, 3 x 32 x 32, 10 classes).
+def _register(name: str, title: str, folder: str, classes: int) -> Callable[..., DatasetSplits]:
+    """Define and register the builder of one CIFAR dataset; CIFAR-10 and -100 differ only in their files."""
+
+    def builder(
+        data_dir: Path,
+        *,
+        val_fraction: float,
+        seed: int,
+        download: bool,
+        augment: bool,
+        mirror: MirrorSpec = None,
+    ) -> DatasetSplits:
+        return _build(_SPECS[name], data_dir, val_fraction, seed, download, augment, mirror)
+
+    builder.__name__ = builder.__qualname__ = f"build_{name}"
+    builder.__doc__ = f"""Build the {title} splits (50000 train incl. validation, 10000 test, 3 x 32 x 32, {classes} classes).
 
     Args:
-        data_dir: Root directory (batches in ``<data_dir>/cifar-10-batches-py``).
-        val_fraction: Fraction of the official training images held out for validation.
-        seed: Seed of the train/validation split.
-        download: Fetch the official archive if the batches are missing.
-        augment: Random crop (padding 4) and horizontal flip for training samples.
-        mirror: Base URL(s) replacing the official download location.
-
-    Returns:
-        The splits.
-
-    Raises:
-        DatasetError: If the files are missing, corrupt or cannot be downloaded.
-    """
-    return _build(_SPECS["cifar10"], data_dir, val_fraction, seed, download, augment, mirror)
-
-
-@register_dataset("cifar100")
-def build_cifar100(
-    data_dir: Path,
-    *,
-    val_fraction: float,
-    seed: int,
-    download: bool,
-    augment: bool,
-    mirror: MirrorSpec = None,
-) -> DatasetSplits:
-    """Build the CIFAR-100 splits (50000 train incl. validation, 10000 test, 3 x 32 x 32, 100 classes).
-
-    Args:
-        data_dir: Root directory (files in ``<data_dir>/cifar-100-python``).
+        data_dir: Root directory (files in ``<data_dir>/{folder}``).
         val_fraction: Fraction of the official training images held out for validation.
         seed: Seed of the train/validation split.
         download: Fetch the official archive if the files are missing.
         augment: Random crop (padding 4) and horizontal flip for training samples.
         mirror: Base URL(s) replacing the official download location.
 
-    Returns:
-        The splits (fine labels, 100 classes).
-
     Raises:
         DatasetError: If the files are missing, corrupt or cannot be downloaded.
     """
-    return _build(_SPECS["cifar100"], data_dir, val_fraction, seed, download, augment, mirror)
+    return register_dataset(name)(builder)
+
+
+build_cifar10 = _register("cifar10", "CIFAR-10", "cifar-10-batches-py", 10)
+build_cifar100 = _register("cifar100", "CIFAR-100", "cifar-100-python", 100)

@@ -30,7 +30,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -199,59 +199,36 @@ def _build(
     )
 
 
-@register_dataset("mnist")
-def build_mnist(
-    data_dir: Path,
-    *,
-    val_fraction: float,
-    seed: int,
-    download: bool,
-    augment: bool,
-    mirror: MirrorSpec = None,
-) -> DatasetSplits:
-    """Build the MNIST splits (60000 train incl. validation, 10000 test, 1 x 28 x 28).
+def _register(name: str, title: str) -> Callable[..., DatasetSplits]:
+    """Define and register the builder of one IDX dataset; MNIST and Fashion-MNIST differ only in their files."""
+
+    def builder(
+        data_dir: Path,
+        *,
+        val_fraction: float,
+        seed: int,
+        download: bool,
+        augment: bool,
+        mirror: MirrorSpec = None,
+    ) -> DatasetSplits:
+        return _build(_SPECS[name], data_dir, val_fraction, seed, download, mirror)
+
+    builder.__name__ = builder.__qualname__ = f"build_{name}"
+    builder.__doc__ = f"""Build the {title} splits (60000 train incl. validation, 10000 test, 1 x 28 x 28).
 
     Args:
-        data_dir: Root directory (files in ``<data_dir>/mnist``).
+        data_dir: Root directory (files in ``<data_dir>/{name}``).
         val_fraction: Fraction of the official training images held out for validation.
         seed: Seed of the train/validation split.
         download: Fetch the official files if they are missing.
-        augment: Unused (no augmentation for MNIST).
+        augment: Unused (no augmentation for {title}).
         mirror: Base URL(s) replacing the official download locations.
-
-    Returns:
-        The splits.
 
     Raises:
         DatasetError: If the files are missing, corrupt or cannot be downloaded.
     """
-    return _build(_SPECS["mnist"], data_dir, val_fraction, seed, download, mirror)
+    return register_dataset(name)(builder)
 
 
-@register_dataset("fashion_mnist")
-def build_fashion_mnist(
-    data_dir: Path,
-    *,
-    val_fraction: float,
-    seed: int,
-    download: bool,
-    augment: bool,
-    mirror: MirrorSpec = None,
-) -> DatasetSplits:
-    """Build the Fashion-MNIST splits (60000 train incl. validation, 10000 test, 1 x 28 x 28).
-
-    Args:
-        data_dir: Root directory (files in ``<data_dir>/fashion_mnist``).
-        val_fraction: Fraction of the official training images held out for validation.
-        seed: Seed of the train/validation split.
-        download: Fetch the official files if they are missing.
-        augment: Unused (no augmentation for Fashion-MNIST).
-        mirror: Base URL(s) replacing the official download locations.
-
-    Returns:
-        The splits.
-
-    Raises:
-        DatasetError: If the files are missing, corrupt or cannot be downloaded.
-    """
-    return _build(_SPECS["fashion_mnist"], data_dir, val_fraction, seed, download, mirror)
+build_mnist = _register("mnist", "MNIST")
+build_fashion_mnist = _register("fashion_mnist", "Fashion-MNIST")
