@@ -1,6 +1,6 @@
 """Scores that decide which weights are pruned and which are regrown, and exact top-k selection.
 
-A prune criterion scores *active* weights (high = keep); a grow criterion scores *inactive* weights
+The prune criterion (:func:`active_magnitudes`) scores *active* weights (high = keep); a grow criterion scores *inactive* weights
 (high = regrow). Selection is always exact: :func:`select_top` returns a mask with exactly ``k``
 entries set, breaking ties at the threshold with a seeded generator, so counts never depend on
 sampling and every rank of a distributed job picks the same set.
@@ -20,7 +20,6 @@ from typing import Optional
 
 import torch
 
-PRUNE_CRITERIA = ("magnitude",)
 GROW_CRITERIA = ("gradient", "momentum", "random")
 
 # Optimizer state keys holding a first-moment estimate, in order of preference.
@@ -123,9 +122,13 @@ def _select_top_bracketed(flat: torch.Tensor, k: int, generator: Optional[torch.
     return above
 
 
-def magnitude_scores(param: torch.Tensor) -> torch.Tensor:
-    """Prune score: ``|w|``."""
-    return param.detach().abs()
+def active_magnitudes(param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Prune score: ``|w|`` of the active weights; inactive entries score -1.
+
+    -1 is below every magnitude, so selecting the top k (k <= active count) keeps only active
+    weights, and ties between inactive zeros and active zeros (just-regrown weights) cannot occur.
+    """
+    return torch.where(mask, param.detach().abs(), -1.0)
 
 
 def gradient_scores(param: torch.Tensor, name: str) -> torch.Tensor:

@@ -264,19 +264,24 @@ class Sparsifier:
             )
             keep = criteria.select_top(scores, round(density * self.total))
             return [m.view(p.shape).to(p.device) for m, p in zip(keep.split(self.sizes), self.params)]
-        counts = layer_counts(cfg.distribution, [tuple(p.shape) for p in self.params], density, cfg.erk_power_scale)
+        counts = self._distribution_counts(density)
         masks = []
         for i, (p, k) in enumerate(zip(self.params, counts)):
             scores = torch.rand(p.shape, generator=criteria.seeded_generator(cfg.seed, "init", i))
             masks.append(criteria.select_top(scores, k).to(p.device))
         return masks
 
+    def _distribution_counts(self, density: float) -> list[int]:
+        """Exact per-layer non-zero counts of the configured distribution at ``density``."""
+        cfg = self.config
+        return layer_counts(cfg.distribution, [tuple(p.shape) for p in self.params], density, cfg.erk_power_scale)
+
     def _final_layer_counts(self) -> list[int]:
         """Per-layer counts at the final density (the layer-wise pruning targets)."""
         cfg = self.config
         if cfg.prune != "layerwise":
             return []
-        counts = layer_counts(cfg.distribution, [tuple(p.shape) for p in self.params], cfg.density, cfg.erk_power_scale)
+        counts = self._distribution_counts(cfg.density)
         # A layer never grows under pruning: cap at its initial count and hand the excess to others.
         return allocate_counts(sum(counts), [float(c) for c in counts], self.init_counts)
 
@@ -406,9 +411,8 @@ class Sparsifier:
             if sum(self.counts) <= target:
                 return
             device = self.params[0].device
-            # Inactive entries score -1, below every |w| >= 0, so only active weights are kept.
             scores = torch.cat(
-                [torch.where(m, p.abs(), -1.0).reshape(-1).to(device) for p, m in zip(self.params, self.masks)]
+                [criteria.active_magnitudes(p, m).reshape(-1).to(device) for p, m in zip(self.params, self.masks)]
             )
             keep = criteria.select_top(scores, target, criteria.seeded_generator(self.config.seed, "prune", step))
             new_masks = [k.view(p.shape).to(p.device) for k, p in zip(keep.split(self.sizes), self.params)]
@@ -420,7 +424,7 @@ class Sparsifier:
                     new_masks.append(m)
                     continue
                 gen = criteria.seeded_generator(self.config.seed, "prune", step, i)
-                new_masks.append(criteria.select_top(torch.where(m, p.abs(), -1.0), target, gen))
+                new_masks.append(criteria.select_top(criteria.active_magnitudes(p, m), target, gen))
         for i, new in enumerate(new_masks):
             count = int(torch.count_nonzero(new))
             report.layers[self.names[i]]["pruned"] = self.counts[i] - count
@@ -446,7 +450,7 @@ class Sparsifier:
                 drops.append(0)
                 continue
             gen = criteria.seeded_generator(cfg.seed, "drop", step, i)
-            kept_masks.append(criteria.select_top(torch.where(m, p.abs(), -1.0), active - n_drop, gen))
+            kept_masks.append(criteria.select_top(criteria.active_magnitudes(p, m), active - n_drop, gen))
             drops.append(n_drop)
         grows = self._grow_counts(drops, kept_masks)
         grown_masks: list[Optional[torch.Tensor]] = [None] * len(self.params)
