@@ -339,6 +339,12 @@ def lr_factor(config: TrainConfig, step: int, steps_per_epoch: int, total_steps:
     return config.gamma ** passed
 
 
+def build_model(config: TrainConfig, info: Any) -> nn.Module:
+    """The config's model, shaped for the dataset (classes, channels, image size)."""
+    return create_model(config.model, num_classes=info.num_classes, in_channels=info.in_channels,
+                        input_size=info.image_size)
+
+
 def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
     if amp in ("fp16", "bf16"):
         return torch.autocast(device_type=device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
@@ -430,8 +436,7 @@ class Trainer:
         except (DatasetError, TypeError) as exc:
             raise ConfigError(str(exc)) from None
         info = self.data.info
-        self.model = create_model(config.model, num_classes=info.num_classes, in_channels=info.in_channels,
-                                  input_size=info.image_size).to(self.device)
+        self.model = build_model(config, info).to(self.device)
         self.amp = _amp_mode(config, self.device)
         if self.amp != "off" and self.device.type != "cuda":
             logger.warning("AMP (%s) requested on %s: mixed precision is only used on CUDA; running fp32", self.amp, self.device)
@@ -493,7 +498,8 @@ class Trainer:
         return state
 
     def _continue_from(self, state: dict[str, Any]) -> None:
-        """Take model, optimizer, LR schedule, scaler, RNG and position from another run's checkpoint."""
+        """Take model, optimizer, LR schedule, scaler, RNG and position from a checkpoint: this run's
+        (resume) or another run's (``init_from``). The current sparsifier's masks are re-applied."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -528,17 +534,12 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         """Restore a :meth:`checkpoint_state` written by an earlier (interrupted) run."""
         state = torch.load(path, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        self._continue_from(state)
         self.sparsifier.load_state_dict(state["sparsifier"])
         self.ledger.load_state_dict(state["flops"])
         self._layer_density = self.sparsifier.layer_density()
-        self.epoch, self.step = state["epoch"], state["step"]
         self.best = state["best"]
         self.wall_time = state["wall_time"]
-        self._restore_rng(state["rng"])
 
     @staticmethod
     def _restore_rng(rng: dict[str, Any]) -> None:
@@ -701,8 +702,7 @@ class Trainer:
         if self.dist.world_size > 1:
             torch.distributed.barrier()
         artifact = torch.load(self.out / "model.pt", map_location=self.device, weights_only=False)
-        selected = create_model(self.config.model, num_classes=self.data.info.num_classes,
-                                in_channels=self.data.info.in_channels, input_size=self.data.info.image_size).to(self.device)
+        selected = build_model(self.config, self.data.info).to(self.device)
         selected.load_state_dict(artifact["model"])
         test = evaluate(selected, self.data.test, self.config, self.device, self.dist)
         layer_density = artifact["layer_density"]
@@ -814,9 +814,7 @@ def evaluate_run(run_dir: str, device: str = "auto", data_dir: Optional[str] = N
                               download=False, augment=False, **config.dataset_options)
     except DatasetError as exc:
         raise ConfigError(str(exc)) from None
-    info = data.info
-    model = create_model(config.model, num_classes=info.num_classes, in_channels=info.in_channels,
-                         input_size=info.image_size).to(dev)
+    model = build_model(config, data.info).to(dev)
     model.load_state_dict(artifact["model"])
     masks = artifact["masks"]
     params = dict(model.named_parameters())
