@@ -41,6 +41,8 @@ from typing import Any, Optional
 
 import yaml
 
+from .methods import method_config
+from .schedules import DropFractionSchedule
 from .sweep import run_many, run_to_completion
 from .train import ConfigError, TrainConfig
 
@@ -162,11 +164,18 @@ def trial_configs(study: PlasticityConfig, root: Path) -> list[tuple[dict[str, A
 
 
 def granet_drop_fraction(epoch: int, study: PlasticityConfig) -> float:
-    """GraNet's r_t at the end of ``epoch``: 0.5 cosine-decayed to 0.005 over the schedule."""
-    import math
+    """GraNet's r_t at the end of ``epoch``, from the ``granet`` preset's own regrowth schedule.
 
+    The schedule is resolved with the run's epochs as its steps, so r_t follows the preset's cosine
+    decay (0.5 to 0.005 over the whole run) at epoch resolution.
+    """
     epochs = int(study.train.get("epochs", DEFAULT_TRAIN["epochs"]))
-    return 0.005 + 0.5 * (0.5 - 0.005) * (1.0 + math.cos(math.pi * epoch / epochs))
+    granet = method_config("granet", total_steps=epochs)
+    steps = granet.resolve_steps()
+    schedule = DropFractionSchedule(initial=granet.drop_fraction, final=granet.drop_fraction_end,
+                                    start=steps["regrow_start"], end=steps["regrow_end"], interval=1,
+                                    decay=granet.drop_decay)
+    return schedule.fraction(epoch)
 
 
 def run_study(study: PlasticityConfig) -> list[dict[str, Any]]:
