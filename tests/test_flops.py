@@ -5,6 +5,8 @@ import argparse
 import json
 
 import pytest
+
+from granet.cli import flops as cli_flops
 import torch
 from torch import nn
 
@@ -12,14 +14,12 @@ import granet
 from granet.flops import (
     LayerFlops,
     TrainingFlopsLedger,
-    add_flops_arguments,
     flops_table,
     format_flops_table,
     human_readable,
     inference_flops,
     inference_flops_relative,
     layer_flops,
-    run_flops_command,
     step_needs_dense_gradient,
 )
 from granet.models import create_model
@@ -301,8 +301,8 @@ def test_dataset_shape_without_loading_data() -> None:
 
 def _run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="granet flops")
-    add_flops_arguments(parser)
-    return run_flops_command(parser.parse_args(argv))
+    cli_flops.add_arguments(parser)
+    return cli_flops.run(parser.parse_args(argv))
 
 
 def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:

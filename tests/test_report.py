@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
+
+from granet.cli import report as cli_report
 import yaml
 
 from granet.report import (
-    add_report_arguments,
     load_run,
     load_runs,
     markdown_table,
-    run_report_command,
     write_report,
 )
 
@@ -171,8 +171,8 @@ def test_write_report_and_figures(runs: list[Path], tmp_path: Path) -> None:
 
 def _cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="granet report")
-    add_report_arguments(parser)
-    return run_report_command(parser.parse_args(argv))
+    cli_report.add_arguments(parser)
+    return cli_report.run(parser.parse_args(argv))
 
 
 def test_cli(runs: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

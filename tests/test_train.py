@@ -41,7 +41,7 @@ def test_default_job_reaches_target(tmp_path, monkeypatch, capsys):
     # dense-to-sparse training costs less than dense training; the sparse model far less to run
     assert 0.1 < summary["train_flops"] < 1.0
     assert 0.0 < summary["inference_flops"] < 0.2
-    weights = sum(torch.load(run / "model.pt", weights_only=False)["masks"][n].numel() for n in summary["layer_density"])
+    weights = sum(torch.load(run / "model.pt", weights_only=True)["masks"][n].numel() for n in summary["layer_density"])
     assert summary["sparsity"] == pytest.approx(1 - round(0.05 * weights) / weights, abs=1e-12)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == list(range(1, 31))
@@ -84,9 +84,9 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, capsys):
     assert not (killed / "summary.json").exists()
     code, out, err = run_cli(["train", "--resume", str(killed), "--progress", "log"], capsys)
     assert code == 0, err
-    ref = torch.load(reference / "checkpoint.pt", weights_only=False)
-    res = torch.load(killed / "checkpoint.pt", weights_only=False)
-    assert ref["step"] == res["step"]
+    ref = torch.load(reference / "checkpoint.pt", weights_only=True)
+    res = torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert ref["progress"]["step"] == res["progress"]["step"]
     for k, v in ref["model"].items():
         assert torch.equal(v, res["model"][k]), k
     for k, v in ref["sparsifier"]["masks"].items():
@@ -126,7 +126,7 @@ def test_resume_with_incompatible_config_is_refused(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(_args(run, epochs=1)) == 0
     code, out, err = run_cli(["train", "--resume", str(run), "--lr", "0.5"], capsys)
-    assert code == 2 and "cannot resume: the config differs" in err and "lr: run has 0.1, now 0.5" in err
+    assert code == 2 and "cannot resume: the config differs" in err and "lr: the checkpoint has 0.1, now 0.5" in err
     code, out, err = run_cli(_args(run, epochs=1), capsys)
     assert code == 2 and "already holds a run" in err
 
@@ -263,9 +263,9 @@ def test_resume_under_torchrun_matches_uninterrupted_run(tmp_path):
     assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
     proc = _torchrun(["train", "--resume", str(killed), "--progress", "log"])
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
-    ref = torch.load(reference / "checkpoint.pt", weights_only=False)
-    res = torch.load(killed / "checkpoint.pt", weights_only=False)
-    assert ref["step"] == res["step"]
+    ref = torch.load(reference / "checkpoint.pt", weights_only=True)
+    res = torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert ref["progress"]["step"] == res["progress"]["step"]
     assert all(torch.equal(v, res["model"][k]) for k, v in ref["model"].items())
     assert all(torch.equal(v, res["sparsifier"]["masks"][k]) for k, v in ref["sparsifier"]["masks"].items())
     a = json.loads((reference / "summary.json").read_text())

@@ -201,4 +201,44 @@ def _check_choice(name: str, value: object, valid: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
 
 
-__all__ = ["SparsityConfig", "PRUNE_SCOPES", "REDISTRIBUTIONS", "STEP_FIELDS"]
+
+
+
+def step_spec(value: Any) -> Any:
+    """Normalise a step-valued setting as it comes from YAML or the command line.
+
+    The one parser of step values: ``"1000"``/``1000``/``1000.0`` are optimizer steps (``int``),
+    ``"0.5"``/``0.5`` a fraction of the run (``float``); ``None`` and anything else pass through
+    unchanged (validation names them). A float with an integral value above 1 is a step count that
+    YAML or a calculation produced as a float.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                return value
+    if isinstance(value, float) and value.is_integer() and value > 1:
+        return int(value)
+    return value
+
+
+def field_help() -> dict[str, str]:
+    """One line of help per field, taken from the ``Attributes:`` section of the class docstring."""
+    doc = SparsityConfig.__doc__ or ""
+    lines = doc.split("Attributes:", 1)[-1].splitlines()
+    out: dict[str, str] = {}
+    current = None
+    for line in lines:
+        stripped = line.strip()
+        head, sep, text = stripped.partition(": ")
+        if sep and head in SparsityConfig.field_names() and line.startswith(" " * 8) and not line.startswith(" " * 12):
+            current = head
+            out[current] = text
+        elif current and stripped:
+            out[current] += " " + stripped
+    return out
+__all__ = ["SparsityConfig", "PRUNE_SCOPES", "REDISTRIBUTIONS", "STEP_FIELDS", "step_spec", "field_help"]

@@ -710,8 +710,24 @@ def _lenet5(num_classes: int, in_channels: int, input_size: int) -> nn.Module:
     return LeNet5(num_classes, in_channels, input_size)
 
 
+# CIFAR-family models keep the full resolution through a 3x3 stem (no stride-2 stem, no max-pool):
+# on ImageNet-sized inputs they silently become another, ~50x more expensive network. Refuse that.
+CIFAR_MAX_INPUT_SIZE = 64
+
+
+def _require_cifar_size(model: str, input_size: int) -> None:
+    if input_size > CIFAR_MAX_INPUT_SIZE:
+        hint = " (use 'imagenet_resnet50' for ImageNet's ResNet-50)" if model == "resnet50" else ""
+        raise ValueError(
+            f"{model!r} is the CIFAR form of the network (3x3 stem, no down-sampling stem), built for 32x32 "
+            f"inputs; input_size={input_size} > {CIFAR_MAX_INPUT_SIZE} would build a different, far larger "
+            f"network{hint}"
+        )
+
+
 def _make_cifar_resnet_builder(depth: int) -> ModelBuilder:
     def build(num_classes: int, in_channels: int, input_size: int) -> nn.Module:
+        _require_cifar_size(f"resnet{depth}", input_size)
         return CifarResNet(depth, num_classes, in_channels)
 
     return build
@@ -729,12 +745,14 @@ del _depth
 @register_model("resnet18")
 def _resnet18(num_classes: int, in_channels: int, input_size: int) -> nn.Module:
     """ResNet-18 for CIFAR (kuangliu layout: 3x3 stem, no max-pool, basic blocks [2,2,2,2])."""
+    _require_cifar_size("resnet18", input_size)
     return ResNet(BasicBlock, (2, 2, 2, 2), num_classes, in_channels)
 
 
 @register_model("resnet50")
 def _resnet50(num_classes: int, in_channels: int, input_size: int) -> nn.Module:
     """ResNet-50 for CIFAR (kuangliu layout: 3x3 stem, no max-pool, bottlenecks [3,4,6,3])."""
+    _require_cifar_size("resnet50", input_size)
     return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, in_channels)
 
 
@@ -742,6 +760,7 @@ def _resnet50(num_classes: int, in_channels: int, input_size: int) -> nn.Module:
 def _vgg19(num_classes: int, in_channels: int, input_size: int) -> nn.Module:
     """VGG-19 with BatchNorm for CIFAR (global average pool + one Linear classifier)."""
     _require_min_size("vgg19", input_size, 32)  # five 2x2 max-pools
+    _require_cifar_size("vgg19", input_size)
     return VGG(VGG19_CFG, num_classes, in_channels)
 
 

@@ -21,7 +21,6 @@ Usage::
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -46,8 +45,6 @@ __all__ = [
     "plot_training_curves",
     "plot_layer_density",
     "write_report",
-    "add_report_arguments",
-    "run_report_command",
 ]
 
 #: Files every run directory must contain.
@@ -565,31 +562,3 @@ def write_report(runs: Sequence[Run], out_dir: PathLike, plots: bool = True) -> 
     report.write_text("\n".join(lines))
     logger.info("wrote %s and %d figure(s)", report, len(figures))
     return [report] + [f for _, f in figures]
-
-
-def add_report_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``granet report`` arguments to ``parser``."""
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by granet train")
-    parser.add_argument("--out", default="report",
-                        help="output directory for report.md and the PNGs (default: ./report)")
-    parser.add_argument("--no-plots", action="store_true", help="write report.md without figures")
-
-
-def run_report_command(args: argparse.Namespace) -> int:
-    """Run ``granet report``: write ``report.md`` and PNGs into ``--out``, print the tables.
-
-    Returns:
-        0 on success, 2 on bad input (a one-line message on stderr).
-    """
-    try:
-        runs = load_runs(args.runs)
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} exists and is not a directory")
-        write_report(runs, out, plots=not getattr(args, "no_plots", False))
-    except (ValueError, OSError) as exc:
-        message = str(exc).strip().replace("\n", " ") or type(exc).__name__
-        print(f"granet report: error: {message}", file=sys.stderr)
-        return 2
-    print(markdown_table(runs))
-    return 0

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..errors import GranetError
 from .transforms import Compose, Normalize
 
 __all__ = [
@@ -33,7 +34,7 @@ __all__ = [
 DATA_DIR_ENV_VAR = "GRANET_DATA_DIR"
 
 
-class DatasetError(Exception):
+class DatasetError(GranetError):
     """A dataset is missing, incomplete, corrupt or could not be downloaded.
 
     The message is a single line that names the expected files, the directory where they belong and,

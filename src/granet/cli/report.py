@@ -1,0 +1,45 @@
+"""``granet report``: compare run directories in a markdown table and PNG plots."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..report import load_runs, markdown_table, write_report
+
+HELP = "compare runs: markdown table and plots"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``granet report``."""
+    p = sub.add_parser("report", help=HELP, description="Compare run directories: a markdown table and PNG plots.")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``granet report`` arguments to ``parser``."""
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by granet train")
+    parser.add_argument("--out", default="report",
+                        help="output directory for report.md and the PNGs (default: ./report)")
+    parser.add_argument("--no-plots", action="store_true", help="write report.md without figures")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``granet report``: write ``report.md`` and PNGs into ``--out``, print the tables.
+
+    Returns:
+        0 on success, 2 on bad input (a one-line message on stderr).
+    """
+    try:
+        runs = load_runs(args.runs)
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} exists and is not a directory")
+        write_report(runs, out, plots=not getattr(args, "no_plots", False))
+    except (ValueError, OSError) as exc:
+        message = str(exc).strip().replace("\n", " ") or type(exc).__name__
+        print(f"granet report: error: {message}", file=sys.stderr)
+        return 2
+    print(markdown_table(runs))
+    return 0

@@ -1,0 +1,213 @@
+"""``granet train``, ``granet evaluate`` and the listings (``models``, ``methods``, ``datasets``).
+
+Every :class:`~granet.train.TrainConfig` key is a flag (``prune_end`` → ``--prune-end``), generated
+from the dataclass: sparsity keys take their help text from :class:`~granet.config.SparsityConfig`'s
+docstring, so a field added there is documented here without further code.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import typing
+from typing import Any, Callable
+
+from ..config import STEP_FIELDS, field_help, step_spec
+
+_HELP = {
+    "method": "sparse-training method (see `granet methods`)",
+    "model": "model name (see `granet models`)",
+    "dataset": "dataset name (see `granet datasets`)",
+    "data_dir": "where datasets live (default $GRANET_DATA_DIR or ./data)",
+    "download": "download the dataset (checksum-verified) if it is missing",
+    "val_fraction": "fraction of the training split held out for validation / model selection",
+    "augment": "training-set augmentation (crop/flip for CIFAR and ImageNet)",
+    "dataset_options": "dataset-specific options as KEY=VALUE (e.g. image_size=64 for synthetic)",
+    "density": "final density of the sparsified weights (1 - sparsity), in (0, 1]; default 0.05 for sparse methods",
+    "epochs": "training epochs",
+    "batch_size": "GLOBAL batch size (split over torchrun processes and accumulation steps)",
+    "optimizer": "sgd, adam or adamw",
+    "lr": "base learning rate",
+    "momentum": "SGD momentum",
+    "nesterov": "Nesterov momentum for SGD",
+    "weight_decay": "weight decay",
+    "lr_schedule": "cosine, multistep or constant (after warm-up)",
+    "milestones": "multistep milestones: fractions of training (<= 1) or epochs (> 1); default 0.5 0.75",
+    "gamma": "multistep decay factor (> 0)",
+    "warmup_epochs": "linear learning-rate warm-up, in epochs",
+    "label_smoothing": "label smoothing of the cross-entropy loss",
+    "accumulation_steps": "micro-batches per optimizer step (gradient accumulation)",
+    "seed": "seed of model init, data order and every sparsity choice",
+    "device": "auto, cpu, cuda or cuda:N",
+    "amp": "mixed precision: auto (fp16 on CUDA), off, fp16 or bf16",
+    "channels_last": "channels-last memory format: auto (on for CUDA), on, off",
+    "workers": "DataLoader worker processes",
+    "out": "run directory (default runs/<dataset>-<model>-<method>-d<density>-s<seed>); must not hold another run",
+    "resume": "continue the interrupted run in this directory (with its checkpoint's config)",
+    "overwrite": "replace the run files in --out if it already holds a run",
+    "progress": "auto (bar when interactive), bar or log",
+    "max_steps": "stop after this many optimizer steps (smoke tests)",
+    "keep_checkpoints": "epochs after which a copy checkpoint_epochN.pt is kept",
+    "init_from": "continue from another run's checkpoint.pt with this config's method (a fresh sparsifier)",
+    "dist_timeout": "seconds a torchrun process waits for the others before failing (a dead or frozen rank)",
+}
+_PRESET = " (default: the method's preset)"
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def inner(text: str) -> Any:
+        return None if text.lower() in ("none", "null") else parse(text)
+
+    inner.__name__ = getattr(parse, "__name__", "value")
+    return inner
+
+
+def _step(text: str) -> Any:
+    value = step_spec(text)
+    if isinstance(value, str):
+        raise argparse.ArgumentTypeError(f"expected a step (int) or a fraction of training (float), got {text!r}")
+    return value
+
+
+def _number(text: str) -> float:
+    return float(text)
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    """``image_size=64`` -> ("image_size", 64) (values parsed as YAML scalars)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`TrainConfig` field, defaulting to 'not given' so YAML values survive."""
+    from ..train import TrainConfig
+    from ..train.config import SPARSITY_KEYS
+
+    hints = typing.get_type_hints(TrainConfig)
+    sparsity_help = field_help()
+    for f in dataclasses.fields(TrainConfig):
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        base = next(a for a in args if a is not type(None)) if optional and len(args) == 2 else hint
+        flag = "--" + f.name.replace("_", "-")
+        text = _HELP.get(f.name) or sparsity_help.get(f.name, "")
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
+        origin = typing.get_origin(base)
+        if origin is dict:
+            kwargs.update(nargs="*", metavar="KEY=VALUE", type=_key_value)
+        elif origin is list:
+            kwargs.update(nargs="*", metavar="VALUE")
+            kwargs["type"] = {"milestones": _number, "keep_checkpoints": int}.get(f.name, str)
+        elif f.name in STEP_FIELDS:
+            kwargs.update(type=_optional(_step), metavar="STEP|FRACTION")
+        elif base is bool:
+            kwargs.update(type=_optional(_parse_bool) if optional else _parse_bool, metavar="BOOL")
+        elif base in (int, float, str):
+            kwargs.update(type=_optional(base) if optional else base, metavar=base.__name__.upper())
+        if f.name in SPARSITY_KEYS:
+            kwargs["help"] += _PRESET
+        elif kwargs["help"] and f.default is not None and f.default is not dataclasses.MISSING:
+            kwargs["help"] += f" (default: {f.default})"
+        parser.add_argument(flag, **kwargs)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ..train import config_for_resume, load_config, train
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func", "verbose")}
+    if "dataset_options" in overrides:
+        overrides["dataset_options"] = dict(overrides["dataset_options"])
+    resume = overrides.pop("resume", None)
+    if resume:
+        if args.config is not None:
+            from ..errors import ConfigError
+
+            raise ConfigError("--resume takes the run's own config; --config cannot be combined with it")
+        config = config_for_resume(resume, overrides)
+    else:
+        config = load_config(args.config, overrides)
+    summary = train(config)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    print(json.dumps({k: summary[k] for k in ("method", "model", "dataset", "sparsity", "best_val_accuracy",
+                                               "test_accuracy", "steps", "wall_time_s")}, indent=2))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..train import evaluate_run
+
+    results = [evaluate_run(run, device=args.device, data_dir=args.data_dir) for run in args.runs]
+    for r in results:
+        print(f"{r['run']}: test accuracy {r['test_accuracy']:.4f}, test loss {r['test_loss']:.4f}, "
+              f"sparsity {r['sparsity']:.4f} (epoch {r['epoch']})")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from ..models import describe_model, list_models
+
+    for name in list_models():
+        print(f"{name:20s} {describe_model(name)}")
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from ..methods import describe_method, list_methods
+
+    for name in list_methods():
+        print(f"{name:15s} {describe_method(name)}")
+    return 0
+
+
+def _cmd_datasets(args: argparse.Namespace) -> int:
+    from ..data import list_datasets
+
+    for name in list_datasets():
+        print(name)
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register ``train``, ``evaluate``, ``models``, ``methods`` and ``datasets``."""
+    p = sub.add_parser(
+        "train", help="train a sparse model (no arguments: GraNet on digits)",
+        description="Train a sparse model. Defaults are the embedded digits recipe (GraNet, 95% sparsity, "
+                    "ΔT 20 steps); --config FILE.yaml overrides them and flags override the file. Sparsity "
+                    "options left unset take the method's preset (see `granet methods`).")
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config keys (see configs/)")
+    add_config_arguments(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="re-evaluate saved runs on their test split")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--json", action="store_true", help="also print the results as JSON")
+    p.set_defaults(func=_cmd_evaluate)
+
+    for name, func, text in (("models", _cmd_models, "list the models"),
+                             ("methods", _cmd_methods, "list the sparse-training methods"),
+                             ("datasets", _cmd_datasets, "list the datasets")):
+        sub.add_parser(name, help=text).set_defaults(func=func)
+
+
+__all__ = ["add_parsers", "add_config_arguments"]

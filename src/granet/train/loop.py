@@ -1,0 +1,365 @@
+"""The training loop: a :class:`Trainer` builds a run from its config and trains it epoch by epoch.
+
+One optimizer step reads top-down in :meth:`Trainer.optimizer_step`: forward and backward over the
+accumulation micro-batches, ``optimizer.step()``, FLOPs ledger, ``sparsifier.step()`` (re-zero pruned
+weights, update the topology every ΔT), LR schedule. At the end of each epoch: validation, then the
+checkpoint, the selected model and the metrics line, in that order (see :mod:`granet.rundir`).
+
+Honest evaluation: the validation split (held out from the official training split) selects the
+model; only epochs at which the sparsity schedule has reached its final density are eligible, so a
+denser intermediate network can never be picked. The test split is evaluated once, on the selected
+model.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..data import DatasetError, build_datasets
+from ..errors import ConfigError
+from ..flops import TrainingFlopsLedger, layer_flops, step_needs_dense_gradient
+from ..methods import create_sparsifier, method_config
+from ..models import create_model
+from ..rundir import (CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, EpochRecord, append_metrics, atomic_write,
+                      write_metrics)
+from ..sparsifier import Sparsifier
+from . import runtime
+from .checkpoint import Progress, load_file, make_checkpoint, restore_checkpoint, restore_training_state, save_file
+
+logger = logging.getLogger(__name__)
+
+
+def build_model(config: Any, info: Any) -> nn.Module:
+    """The config's model, shaped for the dataset (classes, channels, image size)."""
+    try:
+        return create_model(config.model, num_classes=info.num_classes, in_channels=info.in_channels,
+                            input_size=info.image_size)
+    except ValueError as exc:
+        raise ConfigError(f"model {config.model!r} on dataset {config.dataset!r}: {exc}") from None
+
+
+def load_data(config: Any, download: bool, augment: bool) -> Any:
+    """The config's dataset splits; a missing or corrupt dataset or a bad option is a one-line error."""
+    try:
+        return build_datasets(config.dataset, config.data_dir, val_fraction=config.val_fraction, seed=config.seed,
+                              download=download, augment=augment, **config.dataset_options)
+    except DatasetError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"dataset {config.dataset!r} with options {config.dataset_options}: {exc}") from None
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Any, config: Any, device: torch.device, dist: runtime.Dist,
+             channels_last: bool = False) -> dict[str, float]:
+    """Loss and accuracy over ``dataset`` (sharded over ranks and all-reduced)."""
+    was_training = model.training
+    model.eval()
+    indices = list(range(dist.rank, len(dataset), dist.world_size))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices), batch_size=max(1, config.batch_size // dist.world_size) * 2,
+        shuffle=False, num_workers=config.workers, pin_memory=device.type == "cuda",
+    )
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    amp = runtime.amp_mode(config, device)
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with runtime.autocast(device, amp):
+            out = model(x)
+        totals[0] += nn.functional.cross_entropy(out.float(), y, reduction="sum")
+        totals[1] += (out.argmax(1) == y).sum()
+        totals[2] += y.numel()
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(totals)
+    model.train(was_training)
+    count = max(1.0, float(totals[2]))
+    return {"loss": float(totals[0]) / count, "accuracy": float(totals[1]) / count}
+
+
+class Trainer:
+    """Builds everything for a config and runs (or resumes) it. See :func:`granet.train.train`."""
+
+    def __init__(self, config: Any, out_dir: Path, guard: Optional[runtime.SignalGuard] = None) -> None:
+        self.config = config
+        self.out = out_dir
+        self.guard = guard or runtime.SignalGuard()
+        self.device = runtime.resolve_device(config.device)
+        self.dist = runtime.setup_distributed(self.device, config.dist_timeout)
+        if config.batch_size % (self.dist.world_size * config.accumulation_steps):
+            raise ConfigError(
+                f"batch_size {config.batch_size} (global) must be divisible by world size "
+                f"{self.dist.world_size} x accumulation_steps {config.accumulation_steps}"
+            )
+        self.micro_batch = config.batch_size // (self.dist.world_size * config.accumulation_steps)
+        runtime.seed_everything(config.seed)
+        self.data = load_data(config, download=config.download and self.dist.is_main, augment=config.augment)
+        self.model = build_model(config, self.data.info).to(self.device)
+        self.amp = runtime.amp_mode(config, self.device)
+        self.channels_last = config.channels_last == "on" or (config.channels_last == "auto" and self.device.type == "cuda")
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = runtime.build_optimizer(config, self.model)
+        self.steps_per_epoch = len(self.data.train) // config.batch_size
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"batch_size {config.batch_size} is larger than the training set ({len(self.data.train)})")
+        self.total_steps = config.epochs * self.steps_per_epoch
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        start = self._read_init_from() if config.init_from else None
+        # From here on the config holds the values the sparsifier uses (written to config.yaml and
+        # every checkpoint), so a resume is checked against what actually ran.
+        self.sparsifier = self._build_sparsifier(start)
+        config = self.config
+        # FLOPs of every layer from one real forward pass; the ledger then follows the real masks.
+        info = self.data.info
+        example = torch.zeros(1, info.in_channels, info.image_size, info.image_size, device=self.device)
+        self.layer_flops = layer_flops(self.model, example)
+        self.ledger = TrainingFlopsLedger(self.layer_flops)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: runtime.lr_factor(config, s, self.steps_per_epoch, self.total_steps)
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
+        self.ddp_model = self._wrap_ddp()
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.progress = Progress()
+        self.updates: list[dict[str, Any]] = []
+        self.checkpoint_epoch: Optional[int] = None  # epoch of the last checkpoint on disk
+        if start is not None:
+            restore_training_state(self, start, Path(config.init_from))
+            self.progress = Progress(epoch=start["progress"]["epoch"], step=start["progress"]["step"])
+            self.sparsifier.apply_masks()  # the new method's masks on the other run's weights
+
+    def _build_sparsifier(self, start: Optional[dict[str, Any]]) -> Sparsifier:
+        # Continuing another run: the sparsity schedule counts from the restart (its step 1 is the
+        # first step after the checkpoint) and spans the remaining steps.
+        sparse_steps = self.total_steps - (start["progress"]["step"] if start else 0)
+        if sparse_steps < 1:
+            raise ConfigError(f"{self.config.init_from} is already at step {start['progress']['step']}: "
+                              f"nothing left to train")
+        try:
+            # Resolve the method's preset first and build the sparsifier from the resolved values, so a
+            # resumed run (whose config holds them) builds exactly the same sparsifier.
+            resolved = method_config(self.config.method, total_steps=sparse_steps, seed=self.config.seed,
+                                     **self.config.sparsity_options())
+            self.config = self.config.with_resolved_sparsity(resolved)
+            return create_sparsifier(self.config.method, self.model, self.optimizer, total_steps=sparse_steps,
+                                     seed=self.config.seed, **self.config.sparsity_options())
+        except ValueError as exc:
+            raise ConfigError(f"{exc} (this run has {sparse_steps} optimizer steps)") from None
+
+    def _wrap_ddp(self) -> nn.Module:
+        if self.dist.world_size == 1:
+            return self.model
+        ddp = nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+        )
+        # DDP regroups its gradient buckets after the first backward pass, and an all-reduce over
+        # 3+ ranks sums each element in an order that depends on its position in the bucket. One
+        # backward pass here (eval mode: no BatchNorm statistics change, no dropout draws) makes every
+        # training step — the first one of a resumed run too — use the regrouped buckets.
+        was_training = self.model.training
+        self.model.eval()
+        info = self.data.info
+        x = torch.zeros(1, info.in_channels, info.image_size, info.image_size, device=self.device)
+        ddp(x).float().sum().backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.train(was_training)
+        return ddp
+
+    def _read_init_from(self) -> dict[str, Any]:
+        """Load the checkpoint named by ``init_from`` and check that it belongs to a compatible run."""
+        from .checkpoint import read_checkpoint
+
+        path = Path(self.config.init_from)
+        state = read_checkpoint(path, map_location=self.device)
+        theirs = state.get("config", {})
+        keys = ("model", "dataset", "epochs", "batch_size", "optimizer", "lr_schedule", "milestones", "dataset_options")
+        differing = [k for k in keys if theirs.get(k) != getattr(self.config, k)]
+        if differing:
+            raise ConfigError(f"init_from {path}: its run differs in {', '.join(differing)}; they must match to continue it")
+        return state
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """Continue from this run's checkpoint; rewrites files that a crash may have left behind."""
+        restore_checkpoint(self, state, self.out / CHECKPOINT_FILE)
+        self.checkpoint_epoch = self.progress.epoch
+        if self.dist.is_main:  # rank 0 owns every file of the run
+            write_metrics(self.out / METRICS_FILE, self.progress.history)
+            if self.progress.best_epoch == self.progress.epoch:  # a crash may have come before model.pt
+                with self.guard.protect():
+                    save_file(self.model_artifact(), self.out / MODEL_FILE)
+
+    # -------------------------------------------------------------- steps and epochs
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch = self.progress.epoch
+        order = runtime.epoch_order(len(self.data.train), self.config.seed, epoch, self.dist)
+        usable = self.steps_per_epoch * self.config.accumulation_steps * self.micro_batch
+        order = order[:usable]  # drop the ragged tail: every optimizer step sees a full global batch
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(self.data.train, order), batch_size=self.micro_batch, shuffle=False,
+            num_workers=self.config.workers, pin_memory=self.device.type == "cuda", drop_last=True,
+            generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch),
+            persistent_workers=False,
+        )
+        yield from loader
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        no_sync = contextlib.nullcontext() if sync or self.dist.world_size == 1 else self.ddp_model.no_sync()
+        with no_sync:
+            with runtime.autocast(self.device, self.amp):
+                out = self.ddp_model(x)
+                loss = self.criterion(out, y)
+            self.scaler.scale(loss / self.config.accumulation_steps).backward()
+        return loss.detach(), (out.argmax(1) == y).sum()
+
+    def optimizer_step(self) -> None:
+        """Optimizer, FLOPs ledger, sparsifier and LR schedule after the step's backward passes."""
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        # This step's forward/backward ran on the masks from before its update (RigL accounting).
+        dense_gradient = step_needs_dense_gradient(self.sparsifier, self.sparsifier.step_count + 1)
+        self.ledger.record(self._layer_density, dense_gradient=dense_gradient)
+        report = self.sparsifier.step()
+        if report is not None:
+            self._layer_density = self.sparsifier.layer_density()
+            self.updates.append({"pruned": report.pruned, "regrown": report.regrown})
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.progress.step += 1
+
+    def train_epoch(self, bar: Any) -> dict[str, float]:
+        """One pass over this rank's share of the training set."""
+        self.ddp_model.train()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
+        accum = self.config.accumulation_steps
+        for micro, (x, y) in enumerate(self._batches()):
+            if self.progress.step >= self.total_steps:
+                break
+            last_micro = (micro + 1) % accum == 0
+            loss, correct = self._forward_backward(x, y, sync=last_micro)
+            sums[0] += loss.float() * y.numel()
+            sums[1] += correct
+            sums[2] += y.numel()
+            if not last_micro:
+                continue
+            self.optimizer_step()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss):.3f}", density=f"{self.sparsifier.density():.4f}")
+        if self.dist.world_size > 1:
+            torch.distributed.all_reduce(sums)
+        count = max(1.0, float(sums[2]))
+        return {"loss": float(sums[0]) / count, "accuracy": float(sums[1]) / count}
+
+    def at_final_density(self) -> bool:
+        """Whether the sparsity schedule has reached its final density (model selection is allowed)."""
+        s = self.sparsifier
+        return s.pruning is None or s.step_count >= s.pruning.end
+
+    def run(self) -> None:
+        """Train to the end, from wherever the checkpoint left off."""
+        cfg = self.config
+        self._layer_density = self.sparsifier.layer_density()
+        bar = None
+        if runtime.progress_enabled(cfg.progress, self.dist):
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.progress.step, unit="step", dynamic_ncols=True, leave=False)
+        logger.info(
+            "%s | %s on %s | density %.4g | %d epochs x %d steps = %d steps | global batch %d | %s, %d process(es)",
+            cfg.method, cfg.model, cfg.dataset, self.sparsifier.config.density, cfg.epochs,
+            self.steps_per_epoch, self.total_steps, cfg.batch_size, self.device, self.dist.world_size,
+        )
+        try:
+            while self.progress.step < self.total_steps:
+                start = time.perf_counter()
+                self.updates = []
+                train = self.train_epoch(bar)
+                self.progress.epoch += 1
+                val = None
+                if self.data.val is not None and len(self.data.val) > 0:
+                    val = evaluate(self.model, self.data.val, cfg, self.device, self.dist, self.channels_last)
+                self.progress.wall_time += time.perf_counter() - start
+                self.end_epoch(train, val)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def epoch_record(self, train: dict[str, float], val: Optional[dict[str, float]]) -> EpochRecord:
+        """The metrics line of the epoch that just ended."""
+        stats = self.sparsifier.stats()
+        return EpochRecord(
+            epoch=self.progress.epoch, step=self.progress.step, lr=self.optimizer.param_groups[0]["lr"],
+            train_loss=train["loss"], train_accuracy=train["accuracy"],
+            val_loss=None if val is None else val["loss"], val_accuracy=None if val is None else val["accuracy"],
+            density=stats["density"], sparsity=stats["sparsity"], exploration_rate=stats["exploration_rate"],
+            train_flops=self.ledger.relative, topology_updates=len(self.updates),
+            pruned=sum(u["pruned"] for u in self.updates), regrown=sum(u["regrown"] for u in self.updates),
+            time_s=self.progress.wall_time,
+        )
+
+    def end_epoch(self, train: dict[str, float], val: Optional[dict[str, float]]) -> None:
+        """Select, then write checkpoint → model.pt → metrics line (each atomic; see granet.rundir)."""
+        p = self.progress
+        record = self.epoch_record(train, val)
+        p.history.append(record)
+        selected = self.at_final_density() and (
+            val is None or p.best_val_accuracy is None or val["accuracy"] > p.best_val_accuracy)
+        if selected:  # without a validation split the last eligible epoch is selected
+            p.best_val_accuracy, p.best_epoch = (None if val is None else val["accuracy"]), p.epoch
+        if self.dist.is_main:
+            with self.guard.protect():
+                save_file(make_checkpoint(self), self.out / CHECKPOINT_FILE)
+                self.checkpoint_epoch = p.epoch
+                if selected:
+                    save_file(self.model_artifact(), self.out / MODEL_FILE)
+                append_metrics(self.out / METRICS_FILE, record)
+                if p.epoch in self.config.keep_checkpoints:
+                    with open(self.out / CHECKPOINT_FILE, "rb") as src:
+                        atomic_write(self.out / f"checkpoint_epoch{p.epoch}.pt", lambda fh: shutil.copyfileobj(src, fh))
+            val_text = "" if val is None else f" | val loss {val['loss']:.4f} acc {val['accuracy']:.4f}"
+            logger.info("epoch %d/%d step %d | train loss %.4f acc %.4f%s | density %.4f | lr %.4g | %.1fs",
+                        p.epoch, self.config.epochs, p.step, train["loss"], train["accuracy"], val_text,
+                        record.density, record.lr, p.wall_time)
+
+    def model_artifact(self) -> dict[str, Any]:
+        """``model.pt``: the selected model with its masks and config."""
+        return {
+            "config": self.config.to_dict(),
+            "epoch": self.progress.epoch,
+            "step": self.progress.step,
+            "model": self.model.state_dict(),
+            "masks": self.sparsifier.state_dict()["masks"],
+            "layer_density": self.sparsifier.layer_density(),
+        }
+
+    def test_selected(self) -> tuple[dict[str, Any], dict[str, float]]:
+        """Evaluate the selected model (``model.pt``) once on the test split."""
+        if self.progress.best_epoch is None:  # the run ended before the final density was reached
+            logger.warning("training ended before the final density was reached; testing the last model")
+            self.progress.best_epoch = self.progress.epoch
+            if self.dist.is_main:
+                with self.guard.protect():
+                    save_file(self.model_artifact(), self.out / MODEL_FILE)
+        if self.dist.world_size > 1:
+            torch.distributed.barrier()
+        artifact = load_file(self.out / MODEL_FILE, "model file", map_location=self.device)
+        selected = build_model(self.config, self.data.info).to(self.device)
+        selected.load_state_dict(artifact["model"])
+        return artifact, evaluate(selected, self.data.test, self.config, self.device, self.dist)
+
+
+__all__ = ["Trainer", "evaluate", "build_model", "load_data"]

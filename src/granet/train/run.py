@@ -1,0 +1,184 @@
+"""Running a training run end to end: ``train(config)`` and ``evaluate_run(run_dir)``.
+
+:func:`train` owns the run directory (see :mod:`granet.rundir`): it refuses to reuse a directory
+that holds another run, writes the resolved ``config.yaml``, keeps ``status.json`` current, turns
+SIGINT/SIGTERM into a clean stop that leaves the last checkpoint loadable, and writes
+``summary.json`` after testing the selected model once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+
+from ..errors import CheckpointError, ConfigError, Interrupted
+from ..flops import inference_flops, inference_flops_relative
+from ..rundir import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE, RunSummary,
+                      atomic_write_text, prepare_run_dir, write_status)
+from .checkpoint import load_file, read_checkpoint
+from .config import TrainConfig, check_resume_compatible, read_yaml_mapping, resume_config
+from .loop import Trainer, build_model, evaluate, load_data
+from .runtime import Dist, SignalGuard, resolve_device
+
+logger = logging.getLogger(__name__)
+
+
+def default_out_dir(config: Any) -> Path:
+    """``runs/<dataset>-<model>-<method>-d<density>-s<seed>``."""
+    return Path("runs") / f"{config.dataset}-{config.model}-{config.method}-d{config.effective_density:g}-s{config.seed}"
+
+
+def config_for_resume(run_dir: str, overrides: dict[str, Any]) -> Any:
+    """The config to continue ``run_dir`` with: the checkpoint's, plus overrides that do not change results.
+
+    A run interrupted before its first checkpoint is started again with its ``config.yaml``.
+
+    Raises:
+        ConfigError: no run there, ``config.yaml`` was edited after the run started, or an override
+            would change the result.
+        CheckpointError: the checkpoint is unreadable or refused.
+    """
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise ConfigError(f"cannot resume from {root}: no such directory")
+    overrides = dict(overrides, resume=str(root))
+    on_disk = read_yaml_mapping(str(root / CONFIG_FILE)) if (root / CONFIG_FILE).is_file() else None
+    if (root / CHECKPOINT_FILE).is_file():
+        saved = read_checkpoint(root / CHECKPOINT_FILE)["config"]
+        if on_disk is not None:
+            try:
+                check_resume_compatible(saved, TrainConfig.from_dict(on_disk), "the checkpoint")
+            except ConfigError as exc:
+                raise ConfigError(f"{root / CONFIG_FILE} was changed after the run started; resuming uses the "
+                                  f"config stored in the checkpoint, so restore the file or start a new run "
+                                  f"({str(exc).split('(', 1)[-1]}") from None
+        return resume_config(saved, overrides, "the checkpoint")
+    if on_disk is None:
+        raise ConfigError(f"cannot resume from {root}: it holds neither {CHECKPOINT_FILE} nor {CONFIG_FILE}")
+    logger.info("%s has no checkpoint yet: starting the run again from the beginning", root)
+    return resume_config(on_disk, overrides, CONFIG_FILE)
+
+
+def train(config: Any) -> dict[str, Any]:
+    """Run (or, with ``config.resume``, continue) a training run and return its summary."""
+    resuming = config.resume is not None
+    out = Path(config.resume) if resuming else Path(config.out) if config.out else default_out_dir(config)
+    state = read_checkpoint(out / CHECKPOINT_FILE) if resuming and (out / CHECKPOINT_FILE).is_file() else None
+    if state is not None:
+        check_resume_compatible(state["config"], config, "the checkpoint")
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if main_rank and state is None:
+        prepare_run_dir(out, overwrite=config.overwrite or resuming)
+    guard = SignalGuard()
+    trainer: Optional[Trainer] = None
+    with guard.installed():
+        try:
+            trainer = Trainer(config, out, guard)
+            if state is not None:
+                trainer.resume(state)
+                logger.info("resumed %s at epoch %d, step %d", out, trainer.progress.epoch, trainer.progress.step)
+            elif trainer.dist.is_main:
+                (out / METRICS_FILE).write_text("")
+                resolved = dict(trainer.config.to_dict(), out=str(out), resume=None, overwrite=False)
+                atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(resolved, sort_keys=False))
+            if trainer.dist.is_main:
+                write_status(out, "running", epoch=trainer.progress.epoch, pid=os.getpid())
+            trainer.run()
+            return _finish(trainer)
+        except Interrupted as exc:
+            exc.run_dir = str(out)
+            exc.checkpoint_epoch = None if trainer is None else trainer.checkpoint_epoch
+            if main_rank and out.is_dir():
+                write_status(out, "interrupted", signal=exc.signal_name, checkpoint_epoch=exc.checkpoint_epoch,
+                             message=exc.message())
+            raise
+        finally:
+            _teardown_process_group()
+
+
+def _teardown_process_group() -> None:
+    # Tear the process group down explicitly: left to interpreter exit, gloo can abort the process
+    # after the run has finished ("terminate called without an active exception").
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()  # free the DDP wrapper (held in a cycle by the LR lambda) before its group
+        try:
+            torch.distributed.barrier()
+        finally:
+            torch.distributed.destroy_process_group()
+
+
+def _finish(trainer: Trainer) -> dict[str, Any]:
+    """Test the selected model once; write summary.json and the final status."""
+    artifact, test = trainer.test_selected()
+    s, p = trainer.sparsifier, trainer.progress
+    layer_density = artifact["layer_density"]
+    sizes = dict(zip(s.names, s.sizes))
+    active = sum(layer_density[n] * sizes[n] for n in sizes)
+    cfg = trainer.config
+    summary = RunSummary(
+        method=cfg.method, model=cfg.model, dataset=cfg.dataset, seed=cfg.seed, target_density=s.config.density,
+        density=active / s.total, sparsity=1.0 - active / s.total, layer_density=layer_density,
+        selected_epoch=artifact["epoch"], best_val_accuracy=p.best_val_accuracy, test_accuracy=test["accuracy"],
+        test_loss=test["loss"], epochs=p.epoch, steps=p.step, wall_time_s=p.wall_time,
+        exploration_rate=s.exploration_rate(), train_flops=trainer.ledger.relative,
+        inference_flops=inference_flops_relative(trainer.layer_flops, layer_density),
+        train_flops_total=trainer.ledger.total, inference_flops_total=inference_flops(trainer.layer_flops, layer_density),
+        dense_inference_flops=trainer.layer_flops.dense, device=str(trainer.device), world_size=trainer.dist.world_size,
+    ).to_dict()
+    if trainer.dist.is_main:
+        atomic_write_text(trainer.out / SUMMARY_FILE, _json(summary))
+        write_status(trainer.out, "finished", epoch=p.epoch)
+        logger.info(
+            "done: test accuracy %.4f at sparsity %.4f (selected epoch %s, best val %s) in %.1fs -> %s",
+            summary["test_accuracy"], summary["sparsity"], summary["selected_epoch"],
+            "n/a" if summary["best_val_accuracy"] is None else f"{summary['best_val_accuracy']:.4f}",
+            p.wall_time, trainer.out,
+        )
+    return summary
+
+
+def _json(values: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(values, indent=2) + "\n"
+
+
+def evaluate_run(run_dir: str, device: str = "auto", data_dir: Optional[str] = None) -> dict[str, Any]:
+    """Re-evaluate a saved run's selected model on its test split; returns accuracy and sparsity."""
+    path = Path(run_dir) / MODEL_FILE
+    if not path.exists():
+        raise ConfigError(f"{run_dir} has no {MODEL_FILE} (is it a granet run directory?)")
+    artifact = load_file(path, "model file")
+    missing = [k for k in ("config", "model", "masks", "epoch") if k not in artifact]
+    if missing or not isinstance(artifact.get("config"), dict) or not isinstance(artifact.get("masks"), dict):
+        raise CheckpointError(f"{path} is not a granet model file (missing or malformed {', '.join(missing) or 'entries'})")
+    config = TrainConfig.from_dict(artifact["config"])
+    if data_dir is not None:
+        config = dataclasses.replace(config, data_dir=data_dir)
+    dev = resolve_device(device)
+    data = load_data(config, download=False, augment=False)
+    model = build_model(config, data.info).to(dev)
+    from .checkpoint import load_model_state
+
+    load_model_state(model, artifact["model"], path)
+    masks = artifact["masks"]
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        if name not in params or not isinstance(mask, torch.Tensor) or mask.shape != params[name].shape:
+            raise CheckpointError(f"{path}: the saved mask of {name} does not fit the model")
+        if bool(params[name].detach()[~mask.to(device=dev, dtype=torch.bool)].any()):
+            raise CheckpointError(f"{path}: weights outside the saved mask of {name} are non-zero")
+    result = evaluate(model, data.test, config, dev, Dist())
+    total = sum(m.numel() for m in masks.values())
+    active = sum(int(m.sum()) for m in masks.values())
+    return {"run": str(run_dir), "test_accuracy": result["accuracy"], "test_loss": result["loss"],
+            "density": active / total, "sparsity": 1 - active / total, "epoch": artifact["epoch"]}
+
+
+__all__ = ["train", "evaluate_run", "config_for_resume", "default_out_dir"]
