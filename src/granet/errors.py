@@ -26,6 +26,10 @@ class RunDirError(GranetError):
     """A run directory that cannot be created, written or reused."""
 
 
+class PeerFailure(GranetError):
+    """Another process of a ``torchrun`` job died or stopped responding (a collective timed out)."""
+
+
 class Interrupted(KeyboardInterrupt):
     """Training was stopped by SIGINT (Ctrl-C) or SIGTERM.
 
@@ -58,4 +62,4 @@ class Interrupted(KeyboardInterrupt):
                 f"continue with `granet train --resume {where}`")
 
 
-__all__ = ["GranetError", "ConfigError", "CheckpointError", "RunDirError", "Interrupted"]
+__all__ = ["GranetError", "ConfigError", "CheckpointError", "RunDirError", "PeerFailure", "Interrupted"]

@@ -58,19 +58,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    import torch.distributed
-
     try:
         return int(args.func(args) or 0)
     except GranetError as exc:
         print(f"granet: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except torch.distributed.DistError as exc:
-        rank = os.environ.get("RANK", "?")
-        print(f"granet: error: rank {rank}: a collective operation failed or timed out, so another process "
-              f"died or stopped responding (dist_timeout bounds the wait; the last epoch checkpoint is "
-              f"resumable with --resume): {_one_line(exc)[:300]}", file=sys.stderr)
-        return 3
     except KeyboardInterrupt as exc:
         from ..errors import Interrupted
 

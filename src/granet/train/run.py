@@ -7,17 +7,19 @@ SIGINT/SIGTERM into a clean stop that leaves the last checkpoint loadable, and w
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import yaml
 
-from ..errors import CheckpointError, ConfigError, Interrupted
+from ..errors import CheckpointError, ConfigError, Interrupted, PeerFailure
 from ..flops import inference_flops, inference_flops_relative
 from ..rundir import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE, RunSummary,
                       atomic_write_text, prepare_run_dir, write_status)
@@ -91,6 +93,15 @@ def train(config: Any) -> dict[str, Any]:
                 write_status(out, "running", epoch=trainer.progress.epoch, pid=os.getpid())
             trainer.run()
             return _finish(trainer)
+        except RuntimeError as exc:
+            if trainer is None or trainer.dist.world_size == 1 or not _is_peer_failure(exc):
+                raise
+            where = (f"epoch {trainer.checkpoint_epoch} is checkpointed in {out}: continue with "
+                     f"`granet train --resume {out}`") if trainer.checkpoint_epoch else "no epoch was checkpointed yet"
+            raise PeerFailure(
+                f"rank {trainer.dist.rank}: another process of the job died or stopped responding (a collective "
+                f"operation failed or waited longer than dist_timeout={config.dist_timeout:g} s); {where}"
+            ) from None
         except Interrupted as exc:
             exc.run_dir = str(out)
             exc.checkpoint_epoch = None if trainer is None else trainer.checkpoint_epoch
@@ -99,18 +110,33 @@ def train(config: Any) -> dict[str, Any]:
                              message=exc.message())
             raise
         finally:
-            _teardown_process_group()
+            _teardown_process_group(clean=sys.exc_info()[0] is None)
 
 
-def _teardown_process_group() -> None:
+_PEER_FAILURE_SIGNS = ("timed out", "timeout", "connection closed", "connection reset", "pair closure",
+                       "broken pipe", "peer")
+
+
+def _is_peer_failure(exc: RuntimeError) -> bool:
+    """Whether a collective failed because another rank is gone (gloo/NCCL raise plain RuntimeErrors)."""
+    if isinstance(exc, torch.distributed.DistError):
+        return True
+    text = str(exc).lower()
+    return any(sign in text for sign in _PEER_FAILURE_SIGNS)
+
+
+def _teardown_process_group(clean: bool) -> None:
     # Tear the process group down explicitly: left to interpreter exit, gloo can abort the process
-    # after the run has finished ("terminate called without an active exception").
+    # after the run has finished ("terminate called without an active exception"). After a failure
+    # no barrier: the other ranks may be gone.
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         gc.collect()  # free the DDP wrapper (held in a cycle by the LR lambda) before its group
         try:
-            torch.distributed.barrier()
+            if clean:
+                torch.distributed.barrier()
         finally:
-            torch.distributed.destroy_process_group()
+            with contextlib.suppress(RuntimeError):
+                torch.distributed.destroy_process_group()
 
 
 def _finish(trainer: Trainer) -> dict[str, Any]:
