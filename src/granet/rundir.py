@@ -137,6 +137,17 @@ def _reason(exc: BaseException) -> str:
     return f"{detail} (is the disk full?)" if "write" in detail.lower() else detail
 
 
+def _probe_write(fh: IO[bytes]) -> Optional[OSError]:
+    """The operating system's reason why writing to ``fh`` fails (full disk, quota, file-size limit)."""
+    try:
+        fh.write(b"\0")
+        fh.flush()
+        os.fsync(fh.fileno())
+    except OSError as exc:
+        return exc
+    return None
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write ``path`` through ``write(file)``: temporary file, fsync, rename, fsync of the directory.
 
@@ -148,7 +159,10 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as fh:
-            write(fh)
+            try:
+                write(fh)
+            except RuntimeError as exc:  # torch.save reports a failed write without its cause
+                raise _probe_write(fh) or exc
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

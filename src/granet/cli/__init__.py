@@ -18,6 +18,7 @@ import argparse
 import logging
 import os
 import sys
+import typing
 from typing import Optional, Sequence
 
 from .. import __version__
@@ -26,15 +27,21 @@ from ..errors import GranetError
 logger = logging.getLogger("granet")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> "typing.NoReturn":  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``granet`` argument parser with all sub-commands (one module per sub-command)."""
     from . import flops, plasticity, report, train
 
-    parser = argparse.ArgumentParser(prog="granet", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="granet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"granet {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     train.add_parsers(sub)
     for module in (flops, report, plasticity):
         module.add_parser(sub)

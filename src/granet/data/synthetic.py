@@ -71,8 +71,13 @@ def build_synthetic(
     Raises:
         ValueError: If a size is not positive or ``noise`` is negative.
     """
-    if min(num_classes, image_size, in_channels, num_train, num_test) <= 0 or noise < 0:
-        raise ValueError("synthetic dataset sizes must be positive and noise non-negative")
+    sizes = dict(num_classes=num_classes, image_size=image_size, in_channels=in_channels, num_train=num_train,
+                 num_test=num_test)
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"synthetic dataset option {name} must be a positive integer, got {value!r}")
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
+        raise ValueError(f"synthetic dataset option noise must be a number >= 0, got {noise!r}")
     # Salt the seed: with a plain `manual_seed(data_seed)` the prototypes would be the very random
     # numbers `torch.manual_seed(0); nn.Linear(...)` draws for its weights, so an untrained model
     # would already "know" the classes.

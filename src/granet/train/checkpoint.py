@@ -69,6 +69,8 @@ def load_file(path: Path, what: str = "checkpoint", map_location: Any = "cpu") -
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no {what} file at {path}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is refused unread
+        raise CheckpointError(f"{path} is not a readable {what} (not a torch save file: truncated, corrupt or foreign)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
