@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any, Optional
 
 from granet.methods import list_methods
 from granet.report import load_runs, write_report
+from granet.stats import figure, mean_std
 from granet.sweep import run_many
 from granet.train import TrainConfig
 
@@ -63,10 +63,6 @@ def configs_for(setting: str, densities: list[float], seeds: list[int], root: Pa
     return configs
 
 
-def _stats(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def aggregate(summaries: list[dict[str, Any]]) -> dict[tuple[str, float], dict[str, Any]]:
     """Mean and std over seeds of every (method, target density)."""
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
@@ -76,11 +72,11 @@ def aggregate(summaries: list[dict[str, Any]]) -> dict[tuple[str, float], dict[s
     for key, runs in sorted(groups.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
         table[key] = {
             "seeds": len(runs),
-            "accuracy": _stats([100 * r["test_accuracy"] for r in runs]),
-            "sparsity": _stats([100 * r["sparsity"] for r in runs]),
-            "train_flops": _stats([r["train_flops"] for r in runs]),
-            "inference_flops": _stats([r["inference_flops"] for r in runs]),
-            "wall_time": _stats([r["wall_time_s"] for r in runs]),
+            "accuracy": mean_std([100 * r["test_accuracy"] for r in runs]),
+            "sparsity": mean_std([100 * r["sparsity"] for r in runs]),
+            "train_flops": mean_std([r["train_flops"] for r in runs]),
+            "inference_flops": mean_std([r["inference_flops"] for r in runs]),
+            "wall_time": mean_std([r["wall_time_s"] for r in runs]),
         }
     return table
 
@@ -125,11 +121,7 @@ def claims(table: dict[tuple[str, float], dict[str, Any]], densities: list[float
 
 def plot(table: dict[tuple[str, float], dict[str, Any]], path: Path, title: str) -> None:
     """Accuracy (mean ± std) vs density on an inverted log axis; dense as a reference band."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7.5, 4.8))
-    FigureCanvasAgg(fig)
+    fig = figure(7.5, 4.8, constrained=False)
     ax = fig.add_subplot(1, 1, 1)
     dense = table.get(("dense", 1.0))
     if dense:

@@ -1,6 +1,5 @@
 """Bad input, as a new user or a hostile environment would give it: one line naming the problem,
 exit status 2, no traceback, nothing executed from a loaded file, no file of an earlier run lost."""
-import json
 import os
 import pickle
 import resource
@@ -11,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from granet.cli import main
 
@@ -66,8 +64,8 @@ FLAG_CASES = [
     (["--update-interval", "0"], "update_interval must be a positive integer, got 0"),
     (["--drop-fraction", "1.5"], "drop_fraction must be in [0, 1), got 1.5"),
     (["--gamma", "-1", "--lr-schedule", "multistep"], "gamma must be in (0, inf), got -1.0"),
-    (["--warmup-epochs", "-3"], "warmup_epochs must be in [0, epochs=1), got -3.0"),
-    (["--lr-schedule", "multistep", "--milestones", "-5", "2"], "milestone -5.0 must be a fraction of training"),
+    (["--warmup-epochs", "-3"], "warmup_epochs must be >= 0, got -3.0"),
+    (["--lr-schedule", "multistep", "--milestones", "-5", "2"], "milestone -5.0 must be > 0 (a fraction of training if <= 1, else an epoch)"),
     (["--lr-schedule", "multistep", "--milestones", "0.75", "0.5"], "milestones must be strictly increasing"),
     (["--milestones", "0.5"], "milestones [0.5] only apply to lr_schedule multistep, not 'cosine'"),
     (["--method", "dense", "--density", "0.5"], "method 'dense' trains at density 1; density=0.5 would be ignored"),

@@ -13,6 +13,7 @@ import torch
 
 from granet.cli import main
 
+from helpers import torchrun
 from test_resume import ROOT, _args, assert_same_run
 
 
@@ -70,35 +71,19 @@ def test_ctrl_c_before_the_first_checkpoint_says_so(tmp_path):
     assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _torchrun(nproc, args, **popen):
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "granet", *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, **popen)
-
-
 @pytest.mark.slow
 def test_four_process_resume_is_bit_identical(tmp_path):
     """Over 3+ ranks a gradient's sum depends on its place in DDP's buckets; resume must keep it."""
     args = ["train", "--model", "mlp", "--method", "granet", "--density", "0.1", "--epochs", "3",
             "--update-interval", "10", "--device", "cpu", "--progress", "log"]
     ref = tmp_path / "reference"
-    proc = _torchrun(4, [*args, "--out", str(ref), "--keep-checkpoints", "1"])
+    proc = torchrun(4, [*args, "--out", str(ref), "--keep-checkpoints", "1"])
     assert proc.wait(timeout=400) == 0, proc.stderr.read()[-3000:]
     res = tmp_path / "resumed"
     res.mkdir()
     (res / "config.yaml").write_bytes((ref / "config.yaml").read_bytes())
     (res / "checkpoint.pt").write_bytes((ref / "checkpoint_epoch1.pt").read_bytes())
-    proc = _torchrun(4, ["train", "--resume", str(res), "--progress", "log"])
+    proc = torchrun(4, ["train", "--resume", str(res), "--progress", "log"])
     assert proc.wait(timeout=400) == 0, proc.stderr.read()[-3000:]
     assert_same_run(ref, res)
     assert json.loads((res / "summary.json").read_text())["world_size"] == 4
@@ -125,7 +110,7 @@ def test_frozen_rank_fails_the_job_within_the_timeout(tmp_path):
     run = tmp_path / "run"
     args = ["train", "--model", "mlp", "--method", "rigl", "--epochs", "30", "--update-interval", "5",
             "--device", "cpu", "--progress", "log", "--out", str(run), "--dist-timeout", "5"]
-    proc = _torchrun(2, args)
+    proc = torchrun(2, args)
     frozen = None
     try:
         assert _wait_for(lambda: _lines(run / "metrics.jsonl") >= 1, proc)

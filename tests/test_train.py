@@ -13,6 +13,8 @@ import torch
 import yaml
 
 from granet.cli import main
+
+from helpers import torchrun
 from granet.train import TrainConfig, load_config, lr_factor, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,18 +204,10 @@ def test_torchrun_two_processes_matches_one_process_schedule(tmp_path):
     """`torchrun --nproc_per_node=2 -m granet train` on CPU (gloo): same steps and sparsity as 1 process."""
     common = ["train", "--model", "mlp", "--method", "rigl", "--density", "0.1", "--epochs", "2",
               "--update-interval", "5", "--device", "cpu", "--progress", "log"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
     two = tmp_path / "two"
-    import socket
-
-    with socket.socket() as sock:  # a free port on 127.0.0.1 for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port),
-           "-m", "granet", *common, "--out", str(two)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = torchrun(2, [*common, "--out", str(two)])
+    proc.wait(timeout=300)
+    assert proc.returncode == 0, proc.stderr.read()[-3000:]
     one = tmp_path / "one"
     assert main([*common, "--out", str(one)]) == 0
     a = json.loads((one / "summary.json").read_text())
@@ -227,31 +221,15 @@ def test_torchrun_two_processes_matches_one_process_schedule(tmp_path):
     assert b["test_accuracy"] > 0.5
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _torchrun(args, **popen):
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "granet", *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, **popen)
-
-
 @pytest.mark.slow
 def test_resume_under_torchrun_matches_uninterrupted_run(tmp_path):
     args = ["train", "--model", "mlp", "--method", "set", "--density", "0.1", "--epochs", "30",
             "--update-interval", "10", "--device", "cpu", "--progress", "log"]
     reference = tmp_path / "reference"
-    proc = _torchrun([*args, "--out", str(reference)])
+    proc = torchrun(2, [*args, "--out", str(reference)])
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
     killed = tmp_path / "killed"
-    proc = _torchrun([*args, "--out", str(killed)])
+    proc = torchrun(2, [*args, "--out", str(killed)])
     metrics = killed / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -261,7 +239,7 @@ def test_resume_under_torchrun_matches_uninterrupted_run(tmp_path):
         time.sleep(0.01)
     proc.wait(timeout=60)
     assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
-    proc = _torchrun(["train", "--resume", str(killed), "--progress", "log"])
+    proc = torchrun(2, ["train", "--resume", str(killed), "--progress", "log"])
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
     ref = torch.load(reference / "checkpoint.pt", weights_only=True)
     res = torch.load(killed / "checkpoint.pt", weights_only=True)

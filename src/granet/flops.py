@@ -47,11 +47,9 @@ Command line: ``granet flops --model M [--dataset D] [--method NAME] [--distribu
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import numbers
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -59,7 +57,6 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .distributions import layer_counts
 from .sparsifier import DEFAULT_LAYER_TYPES, Sparsifier, sparsifiable_parameters
 
 logger = logging.getLogger(__name__)

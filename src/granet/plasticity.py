@@ -42,6 +42,7 @@ import yaml
 
 from .methods import method_config
 from .schedules import DropFractionSchedule
+from .stats import figure
 from .sweep import run_many, run_to_completion
 from .errors import ConfigError
 from .train import TrainConfig
@@ -247,11 +248,7 @@ def markdown_table(rows: list[dict[str, Any]], dense_accuracy: float, decays: li
 
 def plot(rows: list[dict[str, Any]], path: Path, decays: list[float]) -> None:
     """Plasticity vs pruning epoch: one colour per rate, solid with regeneration, dashed without."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7.5, 4.5))
-    FigureCanvasAgg(fig)
+    fig = figure(7.5, 4.5, constrained=False)
     ax = fig.add_subplot(1, 1, 1)
     rates = sorted({r["rate"] for r in rows})
     colours = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]

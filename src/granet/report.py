@@ -24,13 +24,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import statistics
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import yaml
+
+from .stats import MISSING, figure, format_mean_std, mean_std
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,6 @@ CURVES_PNG = "training_curves.png"
 LAYERS_PNG = "layer_density.png"
 #: At most this many runs get a per-layer density panel (one per method/density group first).
 MAX_LAYER_PANELS = 6
-_MISSING = "—"
 
 PathLike = Union[str, Path]
 
@@ -289,18 +288,7 @@ def _accuracy_scale(runs: Sequence[Run]) -> float:
 
 
 def _fmt(value: Optional[float], digits: int) -> str:
-    return _MISSING if value is None else f"{value:.{digits}f}"
-
-
-def _mean_std(values: Sequence[Optional[float]], digits: int) -> str:
-    """``mean ± sample std`` of the non-null values; just the value for one; a dash for none."""
-    present = [v for v in values if v is not None]
-    if not present:
-        return _MISSING
-    mean = statistics.fmean(present)
-    if len(present) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(present):.{digits}f}"
+    return MISSING if value is None else f"{value:.{digits}f}"
 
 
 def _md_row(cells: Sequence[str]) -> str:
@@ -333,7 +321,7 @@ def markdown_table(runs: Sequence[Run]) -> str:
     for members in groups.values():
         for r in members:
             rows.append([
-                r.name, r.method, r.model, r.dataset, _MISSING if r.seed is None else str(r.seed),
+                r.name, r.method, r.model, r.dataset, MISSING if r.seed is None else str(r.seed),
                 _fmt(100.0 * r.sparsity, 2),
                 _fmt(None if r.test_accuracy is None else scale * r.test_accuracy, 2),
                 _fmt(None if r.best_val_accuracy is None else scale * r.best_val_accuracy, 2),
@@ -343,13 +331,13 @@ def markdown_table(runs: Sequence[Run]) -> str:
                     "best val acc (%)", "train FLOPs (× dense)", "inference FLOPs (× dense)"]
     group_rows = []
     for (method, model, dataset, density), members in groups.items():
-        seeds = ", ".join(_MISSING if r.seed is None else str(r.seed) for r in members)
+        seeds = ", ".join(MISSING if r.seed is None else str(r.seed) for r in members)
         group_rows.append([
             method, model, dataset, _fmt(100.0 * (1.0 - density), 2), seeds,
-            _mean_std([None if r.test_accuracy is None else scale * r.test_accuracy for r in members], 2),
-            _mean_std([None if r.best_val_accuracy is None else scale * r.best_val_accuracy for r in members], 2),
-            _mean_std([r.train_flops for r in members], 3),
-            _mean_std([r.inference_flops for r in members], 3),
+            format_mean_std([None if r.test_accuracy is None else scale * r.test_accuracy for r in members], 2),
+            format_mean_std([None if r.best_val_accuracy is None else scale * r.best_val_accuracy for r in members], 2),
+            format_mean_std([r.train_flops for r in members], 3),
+            format_mean_std([r.inference_flops for r in members], 3),
         ])
     return "\n".join([
         "### Runs", "", _md_table(per_run_header, rows, right_from=4), "",
@@ -358,17 +346,6 @@ def markdown_table(runs: Sequence[Run]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- plots
-
-
-def _figure(width: float, height: float) -> Any:
-    """A matplotlib Figure drawn by the Agg renderer: no pyplot, no display, no global backend change."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    # Constrained layout keeps titles, the suptitle and outside legends from overlapping.
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def _method_colors(runs: Sequence[Run]) -> dict[str, Any]:
@@ -393,7 +370,7 @@ def plot_accuracy_vs_sparsity(runs: Sequence[Run], path: PathLike) -> Path:
     panels = sorted({(r.model, r.dataset) for r in runs}, key=lambda p: (p[1], p[0]))
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    fig = _figure(5.5 * ncols, 4.2 * nrows)
+    fig = figure(5.5 * ncols, 4.2 * nrows)
     groups = group_runs(runs)
     for index, (model, dataset) in enumerate(panels):
         ax = fig.add_subplot(nrows, ncols, index + 1)
@@ -407,8 +384,9 @@ def plot_accuracy_vs_sparsity(runs: Sequence[Run], path: PathLike) -> Path:
                 if not accs:
                     continue
                 xs.append(100.0 * (1.0 - density))
-                ys.append(statistics.fmean(accs))
-                errs.append(statistics.stdev(accs) if len(accs) > 1 else 0.0)
+                mean, std = mean_std(accs)
+                ys.append(mean)
+                errs.append(std)
             if xs:
                 order = sorted(range(len(xs)), key=xs.__getitem__)
                 ax.errorbar([xs[i] for i in order], [ys[i] for i in order], yerr=[errs[i] for i in order],
@@ -431,7 +409,7 @@ def plot_training_curves(runs: Sequence[Run], path: PathLike) -> Path:
     Returns:
         The written PNG's path.
     """
-    fig = _figure(14, 4.8)
+    fig = figure(14, 4.8)
     colors = _method_colors(runs)
     axes = [fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)]
     styles = ["-", "--", ":", "-."]
@@ -492,7 +470,7 @@ def plot_layer_density(runs: Sequence[Run], path: PathLike, max_runs: int = MAX_
         return None
     n_layers = max(len(r.layer_density) for r in chosen)
     width = min(24.0, max(8.0, 0.22 * n_layers + 2))
-    fig = _figure(width, 3.6 * len(chosen) + 0.6)
+    fig = figure(width, 3.6 * len(chosen) + 0.6)
     colors = _method_colors(runs)
     for index, run in enumerate(chosen):
         ax = fig.add_subplot(len(chosen), 1, index + 1)
@@ -556,8 +534,8 @@ def write_report(runs: Sequence[Run], out_dir: PathLike, plots: bool = True) -> 
         "percent; FLOPs are relative to the dense model (RigL's accounting). Mean ± sample std over seeds.",
         "", markdown_table(runs), "",
     ]
-    for title, figure in figures:
-        lines += [f"## {title}", "", f"![{title}]({figure.name})", ""]
+    for title, png in figures:
+        lines += [f"## {title}", "", f"![{title}]({png.name})", ""]
     report = out / "report.md"
     report.write_text("\n".join(lines))
     logger.info("wrote %s and %d figure(s)", report, len(figures))

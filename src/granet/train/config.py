@@ -265,17 +265,16 @@ def _check_ranges(config: Any) -> None:
 
 
 def _check_schedule(config: Any) -> None:
-    if not 0 <= config.warmup_epochs < config.epochs:
-        raise ConfigError(f"warmup_epochs must be in [0, epochs={config.epochs}), got {config.warmup_epochs}")
+    if config.warmup_epochs < 0:
+        raise ConfigError(f"warmup_epochs must be >= 0, got {config.warmup_epochs}")
     if config.milestones is None:
         return
     if config.lr_schedule != "multistep":
         raise ConfigError(f"milestones {config.milestones} only apply to lr_schedule multistep, "
                           f"not {config.lr_schedule!r}")
     for m in config.milestones:
-        if not 0 < m <= max(1, config.epochs):
-            raise ConfigError(f"milestone {m} must be a fraction of training in (0, 1] or an epoch in "
-                              f"(1, epochs={config.epochs}]")
+        if not m > 0:
+            raise ConfigError(f"milestone {m} must be > 0 (a fraction of training if <= 1, else an epoch)")
     if list(config.milestones) != sorted(set(config.milestones)):
         raise ConfigError(f"milestones must be strictly increasing, got {config.milestones}")
 
