@@ -1,0 +1,162 @@
+"""Inference benchmark: dense vs CSR-sparse latency of Linear layers on the CPU.
+
+    python benchmarks/bench_inference.py            # ~1-3 minutes on 2 CPU cores
+    python benchmarks/bench_inference.py --quick    # fewer repeats and densities, for a smoke test
+
+For each layer shape (in -> out: the GPT-2 MLP's 768 -> 3072 and 3072 -> 768, and 4096 -> 4096), each
+batch size (1, 64) and each density, a random unstructured mask of exactly ``round(density * numel)``
+weights is drawn and the dense ``nn.Linear`` is timed against ``granet.inference.SparseLinear``
+(``torch.sparse.mm`` on a CSR weight). The whole GPT-2 MLP block (768 -> 3072, GELU, 3072 -> 768)
+converted by ``granet.to_sparse_inference`` is timed the same way. Timings are medians of
+interleaved repeats (dense, sparse, dense, ...) taken in one run, so machine load hits both sides
+alike; the printed number is the ratio dense / sparse (> 1: sparse is faster). A first section
+compares the candidate kernels at density 0.05 (why CSR). ``OMP_WAIT_POLICY=PASSIVE`` is set before
+torch loads: with spinning OpenMP threads on a shared machine, small sparse calls take milliseconds.
+
+Goal (issue: sparse models out): >= 3x at 95% sparsity (density 0.05) for the large shapes, batch 1.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402  (the environment variable must be set before torch loads OpenMP)
+import statistics  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from typing import Callable, Sequence  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from granet.inference import SparseLinear, to_sparse_inference  # noqa: E402
+
+SHAPES = ((768, 3072), (3072, 768), (4096, 4096))  # (in_features, out_features)
+BATCHES = (1, 64)
+
+
+def _interleaved(fns: Sequence[Callable[[], object]], repeats: int, budget_s: float) -> list[float]:
+    """Median milliseconds of each function, run in turn ``repeats`` times (fewer past ``budget_s``)."""
+    for fn in fns:
+        fn()  # warm-up
+    times: list[list[float]] = [[] for _ in fns]
+    start = time.perf_counter()
+    for r in range(repeats):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        if r >= 4 and time.perf_counter() - start > budget_s:
+            break
+    return [statistics.median(ts) * 1e3 for ts in times]
+
+
+def _sparse_linear(fan_in: int, fan_out: int, density: float, gen: torch.Generator) -> nn.Linear:
+    """A Linear layer with exactly round(density * numel) non-zero weights at random positions."""
+    layer = nn.Linear(fan_in, fan_out)
+    numel = fan_in * fan_out
+    keep = torch.randperm(numel, generator=gen)[: round(density * numel)]
+    mask = torch.zeros(numel, dtype=torch.bool)
+    mask[keep] = True
+    with torch.no_grad():
+        layer.weight.mul_(mask.view(fan_out, fan_in))
+    return layer
+
+
+def kernels(repeats: int) -> None:
+    """Candidate CPU kernels for y = x W^T at density 0.05 (all in ms; lower is better)."""
+    print("## kernels at density 0.05 (median ms)\n")
+    print("| shape in->out | batch | dense F.linear | CSR sparse.mm(W, x^T) | F.linear(x, W_csr) | x @ (W^T as CSR) | BSR 4x4 |")
+    print("|---|---|---|---|---|---|---|")
+    gen = torch.Generator().manual_seed(0)
+    for fan_in, fan_out in ((768, 3072), (4096, 4096)):
+        w = _sparse_linear(fan_in, fan_out, 0.05, gen).weight.detach()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            csr, csr_t, bsr = w.to_sparse_csr(), w.t().to_sparse_csr(), w.to_sparse_bsr((4, 4))
+        for batch in BATCHES:
+            x = torch.randn(batch, fan_in)
+            ms = _interleaved([lambda: nn.functional.linear(x, w), lambda: torch.sparse.mm(csr, x.t()),
+                               lambda: nn.functional.linear(x, csr), lambda: torch.mm(x, csr_t),
+                               lambda: torch.sparse.mm(bsr, x.t())], max(3, repeats // 3), budget_s=6.0)
+            print(f"| {fan_in}->{fan_out} | {batch} | " + " | ".join(f"{m:.3f}" for m in ms) + " |")
+    print()
+
+
+def layers(densities: Sequence[float], repeats: int) -> dict[tuple[str, int], dict[float, float]]:
+    """Dense vs SparseLinear per shape, batch and density; returns the speed-ups."""
+    print("## Linear layers: dense vs CSR (median ms, ratio dense / sparse)\n")
+    print("| shape in->out | batch | density | dense ms | sparse ms | speed-up | max abs diff |")
+    print("|---|---|---|---|---|---|---|")
+    gen = torch.Generator().manual_seed(0)
+    speedups: dict[tuple[str, int], dict[float, float]] = {}
+    for fan_in, fan_out in SHAPES:
+        for density in densities:
+            dense = _sparse_linear(fan_in, fan_out, density, gen)
+            sparse = SparseLinear.from_dense(dense)
+            for batch in BATCHES:
+                x = torch.randn(batch, fan_in, generator=gen)
+                d_ms, s_ms = _interleaved([lambda: dense(x), lambda: sparse(x)], repeats, budget_s=4.0)
+                diff = float((dense(x) - sparse(x)).abs().max())
+                key = (f"{fan_in}->{fan_out}", batch)
+                speedups.setdefault(key, {})[density] = d_ms / s_ms
+                print(f"| {key[0]} | {batch} | {density:g} | {d_ms:.3f} | {s_ms:.3f} | {d_ms / s_ms:.2f}x | {diff:.1e} |")
+    print()
+    return speedups
+
+
+def mlp_block(densities: Sequence[float], repeats: int) -> dict[tuple[str, int], dict[float, float]]:
+    """The GPT-2 MLP block (768 -> 3072 -> GELU -> 768) dense vs to_sparse_inference(calibrate=False)."""
+    print("## GPT-2 MLP block 768->3072->768 (median ms, ratio dense / sparse)\n")
+    print("| batch | density | dense ms | sparse ms | speed-up |")
+    print("|---|---|---|---|---|")
+    gen = torch.Generator().manual_seed(1)
+    speedups: dict[tuple[str, int], dict[float, float]] = {}
+    for density in densities:
+        block = nn.Sequential(_sparse_linear(768, 3072, density, gen), nn.GELU(), _sparse_linear(3072, 768, density, gen))
+        sparse = to_sparse_inference(block, max_density=1.0, calibrate=False)
+        for batch in BATCHES:
+            x = torch.randn(batch, 768, generator=gen)
+            d_ms, s_ms = _interleaved([lambda: block(x), lambda: sparse(x)], repeats, budget_s=4.0)
+            speedups.setdefault(("mlp-block", batch), {})[density] = d_ms / s_ms
+            print(f"| {batch} | {density:g} | {d_ms:.3f} | {s_ms:.3f} | {d_ms / s_ms:.2f}x |")
+    print()
+    return speedups
+
+
+def crossover(speedups: dict[tuple[str, int], dict[float, float]]) -> None:
+    """Per shape and batch: the largest measured density at and below which sparse is faster."""
+    print("## where sparse wins\n")
+    for (shape, batch), by_density in speedups.items():
+        wins = None
+        for density in sorted(by_density):  # ascending: sparse must win at every lower density too
+            if by_density[density] < 1.0:
+                break
+            wins = density
+        text = f"density <= {wins:g}" if wins is not None else "at none of the measured densities"
+        print(f"* {shape}, batch {batch}: sparse faster {text} (speed-up at 0.05: "
+              f"{by_density.get(0.05, float('nan')):.2f}x)")
+
+
+def main() -> None:
+    """Run the benchmark and print markdown tables."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and densities")
+    parser.add_argument("--repeats", type=int, default=15, help="interleaved repeats per measurement")
+    args = parser.parse_args()
+    densities = (0.1, 0.05) if args.quick else (0.5, 0.3, 0.2, 0.1, 0.05, 0.02)
+    repeats = 5 if args.quick else args.repeats
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, MKL {torch.backends.mkl.is_available()}\n")
+    started = time.perf_counter()
+    with torch.inference_mode():
+        kernels(repeats)
+        speedups = layers(densities, repeats)
+        speedups.update(mlp_block(densities, repeats))
+    crossover(speedups)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
