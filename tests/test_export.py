@@ -143,8 +143,12 @@ def test_load_into_model_gives_identical_outputs(tmp_path):
     load_sparse(tmp_path / "m.safetensors", model=fresh)
     x = torch.randn(4, 1, 8, 8)
     assert torch.equal(fresh(x), model(x))
-    with pytest.raises(ValueError, match="does not fit the model"):
+    with pytest.raises(ValueError, match=r"does not fit the model: missing \['bias', 'weight'\]"):
         load_sparse(tmp_path / "m.safetensors", model=nn.Linear(3, 3))
+    wider = create_model("mlp", num_classes=11, in_channels=1, input_size=8)
+    with pytest.raises(ValueError, match="does not fit the model: Error.* size mismatch") as exc:
+        load_sparse(tmp_path / "m.safetensors", model=wider)
+    assert "\n" not in str(exc.value)
 
 
 @pytest.mark.parametrize("change, error, message", [

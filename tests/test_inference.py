@@ -127,6 +127,10 @@ def test_plan_for_another_model_is_refused():
     plan = plan_sparse_inference(_Net(), max_density=0.2, calibrate=False)
     with pytest.raises(ValueError, match="plan entry 'pw' names no Linear / 1x1 Conv2d layer of the model"):
         to_sparse_inference(nn.Sequential(nn.Linear(2, 2)), plan=plan)
+    with pytest.raises(ValueError, match="pass a plan or planning options, not both .got plan and max_density."):
+        to_sparse_inference(_Net(), plan=plan, max_density=0.5)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_densty'"):
+        to_sparse_inference(_Net(), max_densty=0.5)
 
 
 def test_two_four_pattern_hand_worked():

@@ -310,7 +310,7 @@ def _read(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], dict[str, to
             prefix = f"{key}{_SEP}"
             pieces = {n[len(prefix):]: handle.get_tensor(n) for n in names if n.startswith(prefix)}
             state[key], masks[key] = _decode(pieces, sparse[key], meta["layout"])
-    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+    except Exception as exc:  # any decoding failure (incl. safetensors' own error type) means a corrupt file
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"{path} is a corrupt granet sparse export ({detail})") from None
     return state, masks, meta
@@ -332,7 +332,11 @@ def load_sparse(path: Union[str, Path], model: Optional[nn.Module] = None) -> di
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
             raise ValueError(f"{path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        model.load_state_dict(state)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:  # shape mismatches: torch lists them over several lines
+            detail = " ".join(str(exc).split())
+            raise ValueError(f"{path} does not fit the model: {detail}") from None
     return state
 
 

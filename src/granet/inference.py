@@ -32,7 +32,7 @@ import logging
 import statistics
 import time
 import warnings
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -249,20 +249,22 @@ def plan_sparse_inference(model: nn.Module, max_density: float = 0.3, min_speedu
     return plan
 
 
-def to_sparse_inference(model: nn.Module, max_density: float = 0.3, min_speedup: float = 1.1,
-                        calibrate: bool = True, example_input: Optional[torch.Tensor] = None,
-                        batch_size: int = 1, repeats: int = 7, inplace: bool = False,
-                        plan: Optional[list[LayerDecision]] = None) -> nn.Module:
+def to_sparse_inference(model: nn.Module, plan: Optional[list[LayerDecision]] = None, inplace: bool = False,
+                        **options: Any) -> nn.Module:
     """A copy of ``model`` (or ``model`` itself with ``inplace=True``) whose sparse layers run CSR kernels.
 
-    The arguments are those of :func:`plan_sparse_inference` (or pass a ``plan`` made by it). The
+    ``options`` are those of :func:`plan_sparse_inference` (``max_density``, ``min_speedup``,
+    ``calibrate``, ``example_input``, ``batch_size``, ``repeats``); or pass a ``plan`` it made. The
     decisions are logged at INFO level. Put the result in ``eval()`` mode and call it under
     ``torch.inference_mode()``: the sparse modules hold their weights as buffers, without gradients.
+
+    Raises:
+        ValueError: bad options, both ``plan`` and options, or a plan naming a layer the model lacks.
     """
+    if plan is not None and options:
+        raise ValueError(f"pass a plan or planning options, not both (got plan and {', '.join(sorted(options))})")
     if plan is None:
-        plan = plan_sparse_inference(model, max_density=max_density, min_speedup=min_speedup,
-                                     calibrate=calibrate, example_input=example_input,
-                                     batch_size=batch_size, repeats=repeats)
+        plan = plan_sparse_inference(model, **options)
     target = model if inplace else copy.deepcopy(model)
     modules = dict(target.named_modules())
     for d in plan:
