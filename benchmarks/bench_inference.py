@@ -7,7 +7,7 @@
 For each layer shape (in -> out: the GPT-2 MLP's 768 -> 3072 and 3072 -> 768, and 4096 -> 4096), each
 batch size (1, 64) and each density, a random unstructured mask of exactly ``round(density * numel)``
 weights is drawn and the dense ``nn.Linear`` is timed against ``granet.inference.SparseLinear``
-(``torch.sparse.mm`` on a CSR weight). The whole GPT-2 MLP block (768 -> 3072, GELU, 3072 -> 768)
+(``torch.sparse.mm`` on a CSR weight; ``torch.mv`` for one row). The whole GPT-2 MLP block (768 -> 3072, GELU, 3072 -> 768)
 converted by ``granet.to_sparse_inference`` is timed the same way. Timings are medians of
 interleaved repeats (dense, sparse, dense, ...) taken in one run, so machine load hits both sides
 alike; the printed speed-up is the ratio dense / sparse of the medians (> 1: sparse is faster),
@@ -72,22 +72,28 @@ def _sparse_linear(fan_in: int, fan_out: int, density: float, gen: torch.Generat
 
 
 def kernels(repeats: int) -> None:
-    """Candidate CPU kernels for y = x W^T at density 0.05 (all in ms; lower is better)."""
+    """Candidate CPU kernels for y = x W^T at density 0.05 (median ms; lower is better)."""
     print("## kernels at density 0.05 (median ms)\n")
-    print("| shape in->out | batch | dense F.linear | CSR sparse.mm(W, x^T) | F.linear(x, W_csr) | x @ (W^T as CSR) | BSR 4x4 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| shape in->out | batch | dense F.linear | CSR int64 sparse.mm(W, x^T) | CSR int32 sparse.mm(W, x^T) "
+          "| CSR int32 mv(W, x) | F.linear(x, W_csr) | x @ (W^T as CSR) | BSR 4x4 sparse.mm |")
+    print("|---|---|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
     for fan_in, fan_out in ((768, 3072), (4096, 4096)):
         w = _sparse_linear(fan_in, fan_out, 0.05, gen).weight.detach()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
             csr, csr_t, bsr = w.to_sparse_csr(), w.t().to_sparse_csr(), w.to_sparse_bsr((4, 4))
+        csr32 = SparseLinear(w).weight  # int32 indices, as to_sparse_inference stores them
         for batch in BATCHES:
             x = torch.randn(batch, fan_in)
-            ms = _medians([lambda: nn.functional.linear(x, w), lambda: torch.sparse.mm(csr, x.t()),
-                               lambda: nn.functional.linear(x, csr), lambda: torch.mm(x, csr_t),
-                               lambda: torch.sparse.mm(bsr, x.t())], max(3, repeats // 3), budget_s=6.0)
-            print(f"| {fan_in}->{fan_out} | {batch} | " + " | ".join(f"{m:.3f}" for m in ms) + " |")
+            fns = [lambda: nn.functional.linear(x, w), lambda: torch.sparse.mm(csr, x.t()),
+                   lambda: torch.sparse.mm(csr32, x.t()), lambda: torch.mv(csr32, x[0]),
+                   lambda: nn.functional.linear(x, csr), lambda: torch.mm(x, csr_t), lambda: torch.sparse.mm(bsr, x.t())]
+            if batch != 1:
+                fns[3] = None  # matrix-vector only for one row
+            ms = _medians([f for f in fns if f is not None], max(3, repeats // 3), budget_s=6.0)
+            cells = [f"{ms.pop(0):.3f}" if f is not None else "-" for f in fns]
+            print(f"| {fan_in}->{fan_out} | {batch} | " + " | ".join(cells) + " |")
     print()
 
 

@@ -24,13 +24,14 @@ def _sparsify(layer: nn.Module, density: float, seed: int) -> nn.Module:
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("lead", [(5,), (1,), (2, 3)])
-def test_sparse_linear_equals_dense(dtype, atol, bias, lead):
+@pytest.mark.parametrize("lead", [(5,), (1,), (2, 3), (1, 1)])  # one row takes the matrix-vector path
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_sparse_linear_equals_dense(dtype, atol, bias, lead, mode):
     torch.manual_seed(0)
     dense = _sparsify(nn.Linear(48, 40, bias=bias).to(dtype), 0.1, seed=1)
     sparse = SparseLinear.from_dense(dense)
     x = torch.randn(*lead, 48, dtype=dtype)
-    with torch.no_grad():
+    with mode():
         y, ys = dense(x), sparse(x)
     assert ys.shape == y.shape == (*lead, 40) and ys.dtype == dtype
     torch.testing.assert_close(ys, y, atol=atol, rtol=0)

@@ -2,7 +2,8 @@
 
 :func:`to_sparse_inference` swaps sparse ``nn.Linear`` layers (and 1x1 ``nn.Conv2d`` layers, which
 are a Linear over channels) for modules that store the weight as a ``torch.sparse_csr`` tensor and
-compute ``W @ x^T`` with ``torch.sparse.mm`` (MKL's sparse BLAS on x86 builds). CSR is the kernel:
+compute ``W @ x^T`` with ``torch.sparse.mm`` (MKL's sparse BLAS on x86 builds; ``torch.mv`` for a
+single input row, about 3x faster there than ``sparse.mm``). CSR is the kernel:
 on unstructured masks BSR is slower (a 4x4-block BSR of a 5%-dense random mask stores ~56% of the
 blocks, and MKL refuses non-square blocks), and ``dense @ sparse`` and ``F.linear`` with a CSR
 weight take slow generic paths; see ``benchmarks/bench_inference.py``.
@@ -78,6 +79,12 @@ class SparseLinear(nn.Module):
         """Apply the layer to ``x`` of shape ``(..., in_features)``."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] == 1:
+            # One row: sparse matrix-vector product, ~3x faster than sparse.mm with a one-column
+            # right-hand side (measured at 4096x4096 and 768x3072, density 0.05).
+            v = x2[0]
+            y = torch.mv(self.weight, v) if self.bias is None else torch.addmv(self.bias, self.weight, v)
+            return y.reshape(*lead, self.out_features)
         # CSR (out, in) @ dense (in, M): MKL's sparse-times-dense; the transpose is a free view.
         y = torch.sparse.mm(self.weight, x2.t()).t()
         if self.bias is not None:
