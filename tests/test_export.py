@@ -87,6 +87,14 @@ def test_round_trip_is_bit_identical(dtype, layout, tmp_path):
     assert info.total_weights == 120 + 162 and info.sparse_tensors == 2 and info.file_bytes == path.stat().st_size
 
 
+def test_tied_and_non_contiguous_dense_tensors_round_trip(tmp_path):
+    state, masks = _masked_state(torch.float32)
+    table = torch.randn(4, 6)
+    state.update({"emb.weight": table, "head.weight": table, "t": torch.randn(6, 4).t(), "row": table[1]})
+    export_sparse(state, masks, tmp_path / "m.safetensors")
+    _assert_bit_identical(load_sparse(tmp_path / "m.safetensors"), state)
+
+
 def test_drop_zero_signs_restores_plus_zero_and_saves_exactly_the_sign_planes(tmp_path):
     state, masks = _masked_state(torch.float32)
     exact = export_sparse(state, masks, tmp_path / "a.safetensors")

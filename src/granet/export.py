@@ -215,7 +215,8 @@ def export_sparse(state_dict_or_model: Union[nn.Module, Mapping[str, torch.Tenso
         # safetensors refuses tensors that share memory (tied weights, views): copy those.
         ptr = tensor.untyped_storage().data_ptr()
         partial = tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size()
-        tensors[key] = tensor.clone() if (ptr in storages or partial or not tensor.is_contiguous()) else tensor
+        copy = ptr in storages or partial or not tensor.is_contiguous()
+        tensors[key] = tensor.clone(memory_format=torch.contiguous_format) if copy else tensor
         if tensor.numel():
             storages.add(ptr)
     header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "layout": layout,
