@@ -8,7 +8,8 @@ For each layer shape (in -> out: the GPT-2 MLP's 768 -> 3072 and 3072 -> 768, an
 batch size (1, 64) and each density, a random unstructured mask of exactly ``round(density * numel)``
 weights is drawn and the dense ``nn.Linear`` is timed against ``granet.inference.SparseLinear``
 (``torch.sparse.mm`` on a CSR weight; ``torch.mv`` for one row). The whole GPT-2 MLP block (768 -> 3072, GELU, 3072 -> 768)
-converted by ``granet.to_sparse_inference`` is timed the same way. Timings are medians of
+converted by ``granet.to_sparse_inference`` is timed the same way, and so are three ResNet-50
+1x1 convolutions at batch 1 (``SparseConv1x1``). Timings are medians of
 interleaved repeats (dense, sparse, dense, ...) taken in one run, so machine load hits both sides
 alike; the printed speed-up is the ratio dense / sparse of the medians (> 1: sparse is faster),
 with the ratio of the minima beside it (the uncontended case: on a shared machine preemption adds
@@ -33,7 +34,7 @@ from typing import Callable, Sequence  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from granet.inference import SparseLinear, to_sparse_inference  # noqa: E402
+from granet.inference import SparseConv1x1, SparseLinear, to_sparse_inference  # noqa: E402
 
 SHAPES = ((768, 3072), (3072, 768), (4096, 4096))  # (in_features, out_features)
 BATCHES = (1, 64)
@@ -148,6 +149,25 @@ def mlp_block(densities: Sequence[float], repeats: int) -> dict[tuple[str, int],
     return speedups
 
 
+def conv1x1(densities: Sequence[float], repeats: int) -> None:
+    """ResNet-50 bottleneck 1x1 convolutions (batch 1) dense vs SparseConv1x1."""
+    print("## 1x1 convolutions, ResNet-50 bottleneck shapes, batch 1 (ms; speed-up = dense / sparse)\n")
+    print(f"| conv in->out @ HxW | density | {_HEADER} | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    gen = torch.Generator().manual_seed(2)
+    for c_in, c_out, size in ((256, 64, 56), (1024, 256, 14), (512, 2048, 7)):
+        for density in densities:
+            conv = nn.Conv2d(c_in, c_out, 1, bias=False)
+            with torch.no_grad():
+                conv.weight.copy_(_sparse_linear(c_in, c_out, density, gen).weight.view_as(conv.weight))
+            sparse = SparseConv1x1(conv)
+            x = torch.randn(1, c_in, size, size, generator=gen)
+            cells, _ = _row(*_interleaved([lambda: conv(x), lambda: sparse(x)], repeats, budget_s=3.0))
+            diff = float((conv(x) - sparse(x)).abs().max())
+            print(f"| {c_in}->{c_out} @ {size}x{size} | {density:g} | {cells} | {diff:.1e} |")
+    print()
+
+
 def crossover(speedups: dict[tuple[str, int], dict[float, float]]) -> None:
     """Per shape and batch: the largest measured density at and below which sparse is faster."""
     print("## where sparse wins\n")
@@ -180,6 +200,7 @@ def main() -> None:
         kernels(repeats)
         speedups = layers(densities, repeats)
         speedups.update(mlp_block(densities, repeats))
+        conv1x1(densities[-3:], repeats)
     crossover(speedups)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
