@@ -108,43 +108,55 @@ def _row(dense_ms: list[float], sparse_ms: list[float]) -> tuple[str, float]:
 _HEADER = "dense ms | sparse ms | speed-up (medians) | speed-up (minima) | repeats"
 
 
-def layers(densities: Sequence[float], repeats: int) -> dict[tuple[str, int], dict[float, float]]:
-    """Dense vs SparseLinear per shape, batch and density; returns the median speed-ups."""
+def layers(densities: Sequence[float], repeats: int) -> dict[tuple[str, str], dict[float, float]]:
+    """Dense vs SparseLinear per shape, batch and density; returns the median speed-ups.
+
+    At batch 1 SparseLinear is also timed with ``vector_threads=1`` (its matrix-vector product on one
+    thread), the variant ``to_sparse_inference``'s calibration tries beside torch's thread setting.
+    """
     print("## Linear layers: dense vs CSR (ms; speed-up = dense / sparse)\n")
-    print(f"| shape in->out | batch | density | {_HEADER} | max abs diff |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| shape in->out | batch | sparse variant | density | {_HEADER} | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
-    speedups: dict[tuple[str, int], dict[float, float]] = {}
+    speedups: dict[tuple[str, str], dict[float, float]] = {}
     for fan_in, fan_out in SHAPES:
         for density in densities:
             dense = _sparse_linear(fan_in, fan_out, density, gen)
-            sparse = SparseLinear.from_dense(dense)
+            variants = {"default": SparseLinear.from_dense(dense), "mv 1 thread": SparseLinear.from_dense(dense, 1)}
             for batch in BATCHES:
                 x = torch.randn(batch, fan_in, generator=gen)
-                cells, ratio = _row(*_interleaved([lambda: dense(x), lambda: sparse(x)], repeats, budget_s=3.0))
-                diff = float((dense(x) - sparse(x)).abs().max())
-                key = (f"{fan_in}->{fan_out}", batch)
-                speedups.setdefault(key, {})[density] = ratio
-                print(f"| {key[0]} | {batch} | {density:g} | {cells} | {diff:.1e} |")
+                names = list(variants) if batch == 1 else ["default"]
+                times = _interleaved([lambda: dense(x)] + [lambda m=variants[n]: m(x) for n in names],
+                                     repeats, budget_s=3.0)
+                for name, sparse_ms in zip(names, times[1:]):
+                    cells, ratio = _row(times[0], sparse_ms)
+                    diff = float((dense(x) - variants[name](x)).abs().max())
+                    key = (f"{fan_in}->{fan_out}", f"batch {batch}, {name}")
+                    speedups.setdefault(key, {})[density] = ratio
+                    print(f"| {key[0]} | {batch} | {name} | {density:g} | {cells} | {diff:.1e} |")
     print()
     return speedups
 
 
-def mlp_block(densities: Sequence[float], repeats: int) -> dict[tuple[str, int], dict[float, float]]:
+def mlp_block(densities: Sequence[float], repeats: int) -> dict[tuple[str, str], dict[float, float]]:
     """The GPT-2 MLP block (768 -> 3072 -> GELU -> 768) dense vs to_sparse_inference(calibrate=False)."""
     print("## GPT-2 MLP block 768->3072->GELU->768 (ms; speed-up = dense / sparse)\n")
-    print(f"| batch | density | {_HEADER} |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| batch | sparse variant | density | {_HEADER} |")
+    print("|---|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(1)
-    speedups: dict[tuple[str, int], dict[float, float]] = {}
+    speedups: dict[tuple[str, str], dict[float, float]] = {}
     for density in densities:
         block = nn.Sequential(_sparse_linear(768, 3072, density, gen), nn.GELU(), _sparse_linear(3072, 768, density, gen))
-        sparse = to_sparse_inference(block, max_density=1.0, calibrate=False)
+        variants = {"default": to_sparse_inference(block, max_density=1.0, calibrate=False, vector_threads=None),
+                    "mv 1 thread": to_sparse_inference(block, max_density=1.0, calibrate=False, vector_threads=1)}
         for batch in BATCHES:
             x = torch.randn(batch, 768, generator=gen)
-            cells, ratio = _row(*_interleaved([lambda: block(x), lambda: sparse(x)], repeats, budget_s=3.0))
-            speedups.setdefault(("mlp-block", batch), {})[density] = ratio
-            print(f"| {batch} | {density:g} | {cells} |")
+            names = list(variants) if batch == 1 else ["default"]
+            times = _interleaved([lambda: block(x)] + [lambda m=variants[n]: m(x) for n in names], repeats, budget_s=3.0)
+            for name, sparse_ms in zip(names, times[1:]):
+                cells, ratio = _row(times[0], sparse_ms)
+                speedups.setdefault(("mlp-block", f"batch {batch}, {name}"), {})[density] = ratio
+                print(f"| {batch} | {name} | {density:g} | {cells} |")
     print()
     return speedups
 
@@ -168,9 +180,9 @@ def conv1x1(densities: Sequence[float], repeats: int) -> None:
     print()
 
 
-def crossover(speedups: dict[tuple[str, int], dict[float, float]]) -> None:
-    """Per shape and batch: the largest measured density at and below which sparse is faster."""
-    print("## where sparse wins\n")
+def crossover(speedups: dict[tuple[str, str], dict[float, float]]) -> None:
+    """Per shape, batch and variant: the largest measured density at and below which sparse is faster."""
+    print("## where sparse wins (ratio of medians)\n")
     for (shape, batch), by_density in speedups.items():
         wins = None
         for density in sorted(by_density):  # ascending: sparse must win at every lower density too
@@ -178,7 +190,7 @@ def crossover(speedups: dict[tuple[str, int], dict[float, float]]) -> None:
                 break
             wins = density
         text = f"density <= {wins:g}" if wins is not None else "at none of the measured densities"
-        print(f"* {shape}, batch {batch}: sparse faster {text} (speed-up at 0.05: "
+        print(f"* {shape}, {batch}: sparse faster {text} (speed-up at 0.05: "
               f"{by_density.get(0.05, float('nan')):.2f}x)")
 
 

@@ -176,3 +176,49 @@ def test_exported_model_runs_sparse_with_the_same_outputs(tmp_path):
     x = torch.randn(4, 8, 4, 4)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), net(x), atol=1e-5, rtol=0)
+
+
+class _ThreadRecordingLinear(SparseLinear):
+    """SparseLinear that records torch's thread count inside its matrix-vector product."""
+
+    def _mv(self, v):
+        self.seen.append(torch.get_num_threads())
+        return super()._mv(v)
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_vector_threads_apply_only_inside_the_one_row_product(two_threads):
+    dense = _sparsify(nn.Linear(32, 16), 0.1, seed=0)
+    layer = _ThreadRecordingLinear(dense.weight, dense.bias, vector_threads=1)
+    layer.seen = []
+    x = torch.randn(1, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), dense(x), atol=1e-5, rtol=0)
+        layer(torch.randn(3, 32))  # several rows: sparse.mm, no thread change
+    assert layer.seen == [1] and torch.get_num_threads() == 2
+    with pytest.raises(ValueError, match="vector_threads must be None or >= 1, got 0"):
+        SparseLinear(dense.weight, vector_threads=0)
+
+
+def test_vector_threads_in_the_plan(two_threads):
+    net = _Net()
+    fixed = plan_sparse_inference(net, max_density=0.3, calibrate=False, vector_threads=1)
+    assert [(d.kind, d.vector_threads) for d in fixed] == [("conv1x1", None), ("linear", 1), ("linear", 1),
+                                                            ("linear", 1)]
+    sparse = to_sparse_inference(net, plan=fixed)
+    assert sparse.head[1].vector_threads == 1 and sparse.head[3].vector_threads == 1
+    # "auto" tries one thread only where a Linear layer sees one row and torch runs more than one.
+    batch4 = plan_sparse_inference(net, max_density=0.3, min_speedup=0.0, batch_size=4, repeats=3)
+    assert [d.vector_threads for d in batch4] == [None, None, None, None]
+    torch.set_num_threads(1)
+    single = plan_sparse_inference(net, max_density=0.3, min_speedup=0.0, batch_size=1, repeats=3)
+    assert [d.vector_threads for d in single] == [None, None, None, None]
+    with pytest.raises(ValueError, match="vector_threads must be 'auto', None or an int >= 1, got 'all'"):
+        plan_sparse_inference(net, vector_threads="all")

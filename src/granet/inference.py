@@ -16,7 +16,9 @@ Which layers become sparse (:func:`plan_sparse_inference`), in order:
 3. with ``calibrate=True`` (default), dense and sparse forward passes of the layer are timed on its
    real input (captured from one forward pass of ``example_input``) or, without one, on random input
    of ``batch_size`` rows (1x1 convs: ``batch_size x C x 7 x 7``); medians of ``repeats`` interleaved
-   runs. The layer becomes sparse only if dense time / sparse time >= ``min_speedup``.
+   runs. The layer becomes sparse only if dense time / sparse time >= ``min_speedup``. A Linear
+   layer that sees one row is timed with torch's thread setting and with one thread for its
+   matrix-vector product (``vector_threads="auto"``, see :class:`SparseLinear`); the faster is kept.
 
 The kernels sum in a different order than dense BLAS, so outputs match the dense model within
 float rounding (not bit for bit). The modules are for inference: no gradients flow to the weights.
@@ -33,7 +35,7 @@ import logging
 import statistics
 import time
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -60,20 +62,34 @@ def _to_csr(weight: torch.Tensor) -> torch.Tensor:
 
 
 class SparseLinear(nn.Module):
-    """``y = x W^T + b`` with ``W`` stored as CSR; computed as ``(W @ x^T)^T`` by ``torch.sparse.mm``."""
+    """``y = x W^T + b`` with ``W`` stored as CSR; computed as ``(W @ x^T)^T`` by ``torch.sparse.mm``.
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
+    ``vector_threads``: intra-op threads for the one-row (matrix-vector) product; ``None`` leaves
+    torch's setting alone. The product reads only ~8 bytes per active weight, gains nothing from a
+    second thread on a 2-core machine, and with two threads every call waits for the slower one: on
+    a loaded machine the median call was 5-8x slower than on one thread (measured). Setting it calls
+    ``torch.set_num_threads`` around the product (process-wide; restored afterwards).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 vector_threads: Optional[int] = None) -> None:
         super().__init__()
         if weight.dim() != 2:
             raise ValueError(f"SparseLinear needs a 2-D weight, got shape {tuple(weight.shape)}")
+        if vector_threads is not None and vector_threads < 1:
+            raise ValueError(f"vector_threads must be None or >= 1, got {vector_threads}")
         self.out_features, self.in_features = weight.shape
+        self.vector_threads = vector_threads
         self.register_buffer("weight", _to_csr(weight))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     @classmethod
-    def from_dense(cls, layer: nn.Linear) -> "SparseLinear":
+    def from_dense(cls, layer: nn.Linear, vector_threads: Optional[int] = None) -> "SparseLinear":
         """The sparse equivalent of ``layer`` (weights copied)."""
-        return cls(layer.weight, layer.bias)
+        return cls(layer.weight, layer.bias, vector_threads=vector_threads)
+
+    def _mv(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.mv(self.weight, v) if self.bias is None else torch.addmv(self.bias, self.weight, v)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the layer to ``x`` of shape ``(..., in_features)``."""
@@ -82,9 +98,14 @@ class SparseLinear(nn.Module):
         if x2.shape[0] == 1:
             # One row: sparse matrix-vector product, ~3x faster than sparse.mm with a one-column
             # right-hand side (measured at 4096x4096 and 768x3072, density 0.05).
-            v = x2[0]
-            y = torch.mv(self.weight, v) if self.bias is None else torch.addmv(self.bias, self.weight, v)
-            return y.reshape(*lead, self.out_features)
+            threads = torch.get_num_threads()
+            if self.vector_threads is None or self.vector_threads == threads:
+                return self._mv(x2[0]).reshape(*lead, self.out_features)
+            torch.set_num_threads(self.vector_threads)
+            try:
+                return self._mv(x2[0]).reshape(*lead, self.out_features)
+            finally:
+                torch.set_num_threads(threads)
         # CSR (out, in) @ dense (in, M): MKL's sparse-times-dense; the transpose is a free view.
         y = torch.sparse.mm(self.weight, x2.t()).t()
         if self.bias is not None:
@@ -94,7 +115,8 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         nnz = self.weight._nnz()
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"density={nnz / max(1, self.in_features * self.out_features):.4f}")
+                f"density={nnz / max(1, self.in_features * self.out_features):.4f}, "
+                f"vector_threads={self.vector_threads}")
 
 
 class SparseConv1x1(nn.Module):
@@ -146,6 +168,7 @@ class LayerDecision:
     reason: str
     dense_ms: Optional[float] = None
     sparse_ms: Optional[float] = None
+    vector_threads: Optional[int] = None  # SparseLinear's one-row thread count (None: torch's setting)
 
     @property
     def speedup(self) -> Optional[float]:
@@ -155,19 +178,17 @@ class LayerDecision:
         return self.dense_ms / self.sparse_ms
 
 
-def _time_pair(dense: Callable[[], object], sparse: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """Median milliseconds of ``dense`` and ``sparse``, interleaved so load changes hit both alike."""
-    dense(), sparse()  # warm-up: first calls allocate and pick kernels
-    td, ts = [], []
+def _medians_ms(fns: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Median milliseconds of each function, run in turn so that load changes hit all alike."""
+    for fn in fns:
+        fn()  # warm-up: first calls allocate and pick kernels
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        dense()
-        t1 = time.perf_counter()
-        sparse()
-        t2 = time.perf_counter()
-        td.append(t1 - t0)
-        ts.append(t2 - t1)
-    return statistics.median(td) * 1e3, statistics.median(ts) * 1e3
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) * 1e3 for ts in times]
 
 
 def _candidates(model: nn.Module) -> dict[str, nn.Module]:
@@ -189,8 +210,10 @@ def _capture_inputs(model: nn.Module, names: list[str], example_input: torch.Ten
     return captured
 
 
-def _sparse_module(layer: nn.Module) -> nn.Module:
-    return SparseLinear.from_dense(layer) if isinstance(layer, nn.Linear) else SparseConv1x1(layer)
+def _sparse_module(layer: nn.Module, vector_threads: Optional[int] = None) -> nn.Module:
+    if isinstance(layer, nn.Linear):
+        return SparseLinear.from_dense(layer, vector_threads=vector_threads)
+    return SparseConv1x1(layer)
 
 
 def _calibration_input(layer: nn.Module, batch_size: int) -> torch.Tensor:
@@ -217,10 +240,26 @@ def _decide(name: str, layer: nn.Module, max_density: float) -> LayerDecision:
     return d
 
 
+def _calibrate(layer: nn.Module, x: torch.Tensor, vector_threads: Union[int, str, None],
+               repeats: int) -> tuple[float, float, Optional[int]]:
+    """(dense ms, best sparse ms, its vector_threads) of ``layer`` on input ``x``."""
+    linear = isinstance(layer, nn.Linear)
+    one_row = linear and x.numel() == layer.in_features
+    if vector_threads != "auto":
+        options = [vector_threads if linear else None]
+    else:  # try torch's setting and one thread for the one-row product (see SparseLinear)
+        options = [None, 1] if one_row and torch.get_num_threads() > 1 else [None]
+    modules = [_sparse_module(layer, t) for t in options]
+    ms = _medians_ms([lambda: layer(x)] + [lambda m=m: m(x) for m in modules], repeats)
+    best = min(range(len(options)), key=lambda i: ms[1 + i])
+    return ms[0], ms[1 + best], options[best]
+
+
 @torch.no_grad()
 def plan_sparse_inference(model: nn.Module, max_density: float = 0.3, min_speedup: float = 1.1,
                           calibrate: bool = True, example_input: Optional[torch.Tensor] = None,
-                          batch_size: int = 1, repeats: int = 7) -> list[LayerDecision]:
+                          batch_size: int = 1, repeats: int = 7,
+                          vector_threads: Union[int, str, None] = "auto") -> list[LayerDecision]:
     """Decide, layer by layer, which Linear / 1x1-conv layers run faster sparse (rule: module docstring).
 
     Args:
@@ -231,7 +270,12 @@ def plan_sparse_inference(model: nn.Module, max_density: float = 0.3, min_speedu
         example_input: one model input; calibration then times each layer on the input it really sees.
         batch_size: rows of the random calibration input when ``example_input`` is not given.
         repeats: interleaved timing repeats per layer (medians are compared).
+        vector_threads: threads for one-row products of SparseLinear (see there): an int, ``None``
+            (torch's setting) or ``"auto"``: calibration tries torch's setting and 1 and keeps the
+            faster (without calibration, ``"auto"`` means ``None``).
     """
+    if not (vector_threads in (None, "auto") or (isinstance(vector_threads, int) and vector_threads >= 1)):
+        raise ValueError(f"vector_threads must be 'auto', None or an int >= 1, got {vector_threads!r}")
     if not 0 < max_density <= 1:
         raise ValueError(f"max_density must be in (0, 1], got {max_density}")
     if min_speedup < 0 or batch_size < 1 or repeats < 1:
@@ -240,6 +284,9 @@ def plan_sparse_inference(model: nn.Module, max_density: float = 0.3, min_speedu
     layers = _candidates(model)
     plan = [_decide(name, layer, max_density) for name, layer in layers.items()]
     if not calibrate:
+        for d in plan:
+            if d.kind == "linear" and vector_threads != "auto":
+                d.vector_threads = vector_threads
         return plan
     todo = [d for d in plan if d.sparse]
     inputs = _capture_inputs(model, [d.name for d in todo], example_input) if example_input is not None else {}
@@ -248,8 +295,7 @@ def plan_sparse_inference(model: nn.Module, max_density: float = 0.3, min_speedu
         x = inputs.get(d.name)
         if x is None:  # no example input, or the layer did not run in the example forward pass
             x = _calibration_input(layer, batch_size)
-        sparse = _sparse_module(layer)
-        d.dense_ms, d.sparse_ms = _time_pair(lambda: layer(x), lambda: sparse(x), repeats)
+        d.dense_ms, d.sparse_ms, d.vector_threads = _calibrate(layer, x, vector_threads, repeats)
         d.sparse = d.speedup is not None and d.speedup >= min_speedup
         d.reason = (f"measured speed-up {d.speedup:.2f}x {'>=' if d.sparse else '<'} min_speedup {min_speedup}"
                     if d.speedup is not None else "sparse time not measurable")
@@ -261,9 +307,10 @@ def to_sparse_inference(model: nn.Module, plan: Optional[list[LayerDecision]] = 
     """A copy of ``model`` (or ``model`` itself with ``inplace=True``) whose sparse layers run CSR kernels.
 
     ``options`` are those of :func:`plan_sparse_inference` (``max_density``, ``min_speedup``,
-    ``calibrate``, ``example_input``, ``batch_size``, ``repeats``); or pass a ``plan`` it made. The
-    decisions are logged at INFO level. Put the result in ``eval()`` mode and call it under
-    ``torch.inference_mode()``: the sparse modules hold their weights as buffers, without gradients.
+    ``calibrate``, ``example_input``, ``batch_size``, ``repeats``, ``vector_threads``); or pass a
+    ``plan`` it made. The decisions are logged at INFO level. Put the result in ``eval()`` mode and
+    call it under ``torch.inference_mode()``: the sparse modules hold their weights as buffers,
+    without gradients.
 
     Raises:
         ValueError: bad options, both ``plan`` and options, or a plan naming a layer the model lacks.
@@ -280,7 +327,7 @@ def to_sparse_inference(model: nn.Module, plan: Optional[list[LayerDecision]] = 
             continue
         if d.name not in modules or not (isinstance(modules[d.name], nn.Linear) or _is_conv1x1(modules[d.name])):
             raise ValueError(f"plan entry {d.name!r} names no Linear / 1x1 Conv2d layer of the model")
-        _replace(target, d.name, _sparse_module(modules[d.name]))
+        _replace(target, d.name, _sparse_module(modules[d.name], d.vector_threads))
     return target
 
 
