@@ -178,8 +178,14 @@ class LayerDecision:
         return self.dense_ms / self.sparse_ms
 
 
-def _medians_ms(fns: list[Callable[[], object]], repeats: int) -> list[float]:
-    """Median milliseconds of each function, run in turn so that load changes hit all alike."""
+def _times_after_dense(dense: Callable[[], object], variants: list[Callable[[], object]],
+                       repeats: int) -> tuple[float, list[float]]:
+    """Median milliseconds of ``dense`` and of each variant, run in turn (dense, variant 1, dense,
+    variant 2, ...) so that load changes hit all alike and every variant starts after a dense call
+    (no variant finds the sparse weight left in cache by another)."""
+    fns: list[Callable[[], object]] = []
+    for v in variants:
+        fns += [dense, v]
     for fn in fns:
         fn()  # warm-up: first calls allocate and pick kernels
     times: list[list[float]] = [[] for _ in fns]
@@ -187,8 +193,9 @@ def _medians_ms(fns: list[Callable[[], object]], repeats: int) -> list[float]:
         for fn, ts in zip(fns, times):
             t0 = time.perf_counter()
             fn()
-            ts.append(time.perf_counter() - t0)
-    return [statistics.median(ts) * 1e3 for ts in times]
+            ts.append((time.perf_counter() - t0) * 1e3)
+    dense_ms = statistics.median([t for ts in times[0::2] for t in ts])
+    return dense_ms, [statistics.median(ts) for ts in times[1::2]]
 
 
 def _candidates(model: nn.Module) -> dict[str, nn.Module]:
@@ -250,9 +257,9 @@ def _calibrate(layer: nn.Module, x: torch.Tensor, vector_threads: Union[int, str
     else:  # try torch's setting and one thread for the one-row product (see SparseLinear)
         options = [None, 1] if one_row and torch.get_num_threads() > 1 else [None]
     modules = [_sparse_module(layer, t) for t in options]
-    ms = _medians_ms([lambda: layer(x)] + [lambda m=m: m(x) for m in modules], repeats)
-    best = min(range(len(options)), key=lambda i: ms[1 + i])
-    return ms[0], ms[1 + best], options[best]
+    dense_ms, sparse_ms = _times_after_dense(lambda: layer(x), [lambda m=m: m(x) for m in modules], repeats)
+    best = min(range(len(options)), key=lambda i: sparse_ms[i])
+    return dense_ms, sparse_ms[best], options[best]
 
 
 @torch.no_grad()
