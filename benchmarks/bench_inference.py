@@ -4,17 +4,20 @@
     python benchmarks/bench_inference.py --quick    # fewer repeats and densities, for a smoke test
     python benchmarks/bench_inference.py --threads 1
 
-For each layer shape (in -> out: the GPT-2 MLP's 768 -> 3072 and 3072 -> 768, and 4096 -> 4096), each
-batch size (1, 64) and each density, a random unstructured mask of exactly ``round(density * numel)``
-weights is drawn and the dense ``nn.Linear`` is timed against ``granet.inference.SparseLinear``
-(``torch.sparse.mm`` on a CSR weight; ``torch.mv`` for one row). The whole GPT-2 MLP block (768 -> 3072, GELU, 3072 -> 768)
-converted by ``granet.to_sparse_inference`` is timed the same way, and so are three ResNet-50
-1x1 convolutions at batch 1 (``SparseConv1x1``). Timings are medians of
-interleaved repeats (dense, sparse, dense, ...) taken in one run, so machine load hits both sides
-alike; the printed speed-up is the ratio dense / sparse of the medians (> 1: sparse is faster),
-with the ratio of the minima beside it (the uncontended case: on a shared machine preemption adds
-milliseconds to some calls). A first section compares the candidate kernels at density 0.05 (why
-CSR). ``OMP_WAIT_POLICY=PASSIVE`` is set before
+For each layer shape (in -> out: the GPT-2 MLP's 768 -> 3072 and 3072 -> 768, and 4096 -> 4096),
+each batch size (1, 64) and each density, a random unstructured mask of exactly
+``round(density * numel)`` weights is drawn and the dense ``nn.Linear`` is timed against
+``granet.inference.SparseLinear`` (``torch.sparse.mm`` on a CSR weight; ``torch.mv`` for one row,
+at batch 1 also with ``vector_threads=1``). The whole GPT-2 MLP block (768 -> 3072, GELU,
+3072 -> 768) converted by ``granet.to_sparse_inference`` is timed the same way, and so are three
+ResNet-50 1x1 convolutions at batch 1 (``SparseConv1x1``).
+
+Timings are medians of interleaved repeats (dense, sparse, dense, ...) taken in one run, so machine
+load hits both sides alike; every sparse variant runs right after a dense call (which evicts the
+caches), so none finds its weight left in cache by another. The printed speed-up is the ratio
+dense / sparse of the medians (> 1: sparse is faster), with the ratio of the minima beside it (the
+uncontended case: on a shared machine preemption adds milliseconds to some calls). A first section
+compares the candidate kernels at density 0.05 (why CSR). ``OMP_WAIT_POLICY=PASSIVE`` is set before
 torch loads: with spinning OpenMP threads on a shared machine, small sparse calls take milliseconds.
 
 Goal (issue: sparse models out): >= 3x at 95% sparsity (density 0.05) for the large shapes, batch 1.
