@@ -222,3 +222,5 @@ def test_vector_threads_in_the_plan(two_threads):
     assert [d.vector_threads for d in single] == [None, None, None, None]
     with pytest.raises(ValueError, match="vector_threads must be 'auto', None or an int >= 1, got 'all'"):
         plan_sparse_inference(net, vector_threads="all")
+    with pytest.raises(ValueError, match="vector_threads must be 'auto', None or an int >= 1, got True"):
+        plan_sparse_inference(net, vector_threads=True)

@@ -281,7 +281,8 @@ def plan_sparse_inference(model: nn.Module, max_density: float = 0.3, min_speedu
             (torch's setting) or ``"auto"``: calibration tries torch's setting and 1 and keeps the
             faster (without calibration, ``"auto"`` means ``None``).
     """
-    if not (vector_threads in (None, "auto") or (isinstance(vector_threads, int) and vector_threads >= 1)):
+    is_count = isinstance(vector_threads, int) and not isinstance(vector_threads, bool) and vector_threads >= 1
+    if not (is_count or vector_threads is None or vector_threads == "auto"):
         raise ValueError(f"vector_threads must be 'auto', None or an int >= 1, got {vector_threads!r}")
     if not 0 < max_density <= 1:
         raise ValueError(f"max_density must be in (0, 1], got {max_density}")
