@@ -13,6 +13,8 @@ SNFS), as a sparsifier you step after ``optimizer.step()`` in your own training 
 from .config import SparsityConfig
 from .distributed import MaskDivergenceError, broadcast_masks, mask_checksum, verify_masks
 from .distributions import allocate_counts, layer_counts
+from .export import ExportInfo, export_run, export_sparse, load_masks, load_sparse
+from .inference import plan_sparse_inference, to_semi_structured, to_sparse_inference
 from .methods import create_sparsifier, describe_method, list_methods, method_config, register_method
 from .schedules import DropFractionSchedule, PruningSchedule
 from .sparsifier import Sparsifier, UpdateReport, sparsifiable_parameters
@@ -37,4 +39,12 @@ __all__ = [
     "method_config",
     "register_method",
     "sparsifiable_parameters",
+    "ExportInfo",
+    "export_run",
+    "export_sparse",
+    "load_masks",
+    "load_sparse",
+    "plan_sparse_inference",
+    "to_semi_structured",
+    "to_sparse_inference",
 ]
