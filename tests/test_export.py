@@ -16,7 +16,7 @@ pytest.importorskip("safetensors")
 import safetensors.torch as st  # noqa: E402
 
 import granet  # noqa: E402
-from granet import cli_export  # noqa: E402
+from granet.cli import export as cli_export  # noqa: E402
 from granet.export import LAYOUTS, export_run, export_sparse, load_masks, load_sparse, pack_bits, read_metadata, unpack_bits  # noqa: E402,E501
 from granet.models import create_model  # noqa: E402
 

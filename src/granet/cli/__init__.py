@@ -7,6 +7,7 @@
     granet models | methods | datasets            # what is available
     granet flops --model imagenet_resnet50 --dataset imagenet --density 0.2
     granet report runs/*                          # markdown table + plots
+    granet export runs/r50-s1                     # compressed sparse checkpoint (safetensors)
     granet plasticity --config configs/plasticity_digits.yaml   # the pruning-plasticity study
 
 Every configuration key is also a flag (prune_end -> --prune-end); a key that does not
@@ -36,14 +37,14 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``granet`` argument parser with all sub-commands (one module per sub-command)."""
-    from . import flops, plasticity, report, train
+    from . import export, flops, plasticity, report, train
 
     parser = _Parser(prog="granet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"granet {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     train.add_parsers(sub)
-    for module in (flops, report, plasticity):
+    for module in (flops, report, plasticity, export):
         module.add_parser(sub)
     return parser
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .export import LAYOUTS, export_run
+from ..export import LAYOUTS, export_run
 
 
 def add_parser(subparsers: Any) -> None:
