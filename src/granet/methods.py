@@ -15,7 +15,14 @@ method            initial mask   gradual prune   regrowth            grow score 
 ``snfs``          ERK random     —               until 75%, moved    momentum      100, 0.5
 ``granet``        dense (s_i=0)  global cubic    t0 → end            gradient      1000, 0.5
 ``granet-st``     ERK 50%        global cubic    t0 → end            gradient      1000, 0.5
+``snip``          scored, global —               —                   —             —
+``grasp``         scored, global —               —                   —             —
+``synflow``       scored, global —               —                   —             —
 ================  =============  ==============  ==================  ============  ===========
+
+``snip``, ``grasp`` and ``synflow`` prune once at initialisation: the sparsifier starts dense (the
+weights are left intact for scoring) and :func:`granet.prune_at_init` installs the scored global mask
+before the first step; it never changes afterwards (see :mod:`granet.saliency`).
 
 GraNet's defaults follow the paper's CIFAR recipe: t0 = 0, tf = half of training, ΔT = 1000,
 r_t cosine-decayed from 0.5 to 0.005 over training. RigL/SET/SNFS follow RigL's defaults. Every field
@@ -144,3 +151,14 @@ register_method("granet", "GraNet: dense-to-sparse gradual global pruning + zero
 register_method("granet-st", "GraNet-ST: sparse-to-sparse (ERK 50% start) gradual pruning + regrowth",
                 init_density=0.5, distribution="erk", **_GRANET)
 
+# Pruning at initialisation: start dense so the scores see the untouched initial weights;
+# granet.prune_at_init installs the scored mask at step 0. The locked one-step "schedule" only makes
+# the target density d from step 1 on; with the mask already at d it never prunes anything. If
+# prune_at_init is skipped, step 1 falls back to global magnitude pruning (the density is still met).
+_AT_INIT = dict(init_density=1.0, prune="global", prune_start=0, prune_end=1, drop_fraction=0.0)
+register_method("snip", "SNIP: prune once at init by connection sensitivity |g*w|, global; mask fixed",
+                distribution="global", locked=_AT_INIT)
+register_method("grasp", "GraSP: prune once at init keeping gradient flow, score -w*(Hg), global; mask fixed",
+                distribution="global", locked=_AT_INIT)
+register_method("synflow", "SynFlow: data-free iterative pruning at init by synaptic flow, global; mask fixed",
+                distribution="global", locked=_AT_INIT)
