@@ -646,12 +646,14 @@ class Sparsifier:
         if self.ever_active is not None:
             packed = [_pack_bits(m) for m in self.masks]
             self.ever_active = packed if self.step_count == 0 else [e | b for e, b in zip(self.ever_active, packed)]
+        if self.distributed:
+            # Before zeroing anything: a rank whose own masks differ must not lose weights that
+            # rank 0's masks keep.
+            _distributed.broadcast_masks(self)
         for p, m in zip(self.params, self.masks):
             p.mul_(m)
             for buf in self._state_tensors(p):
                 buf.mul_(m)
-        if self.distributed:
-            _distributed.broadcast_masks(self)
 
     def remove(self) -> None:
         """Detach from the optimizer (removes the step hook); masks are left as they are."""
