@@ -234,14 +234,12 @@ def test_prune_at_init_mask_stays_fixed_during_training(method: str) -> None:
 
 def test_prune_at_init_bad_input() -> None:
     model = tiny_cnn(0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    s = granet.create_sparsifier("grasp", model, opt, density=0.1)
+    s = granet.create_sparsifier("grasp", model, None, density=0.1)
     with pytest.raises(ValueError, match="pass batches"):
         granet.prune_at_init(s, model)
     with pytest.raises(ValueError, match="batch 0 must be an"):
         granet.prune_at_init(s, model, [torch.zeros(2, 3, 6, 6)])
-    train_step(model, opt, 1)
-    s.step()
+    s.step()  # without an optimizer every call is a step
     with pytest.raises(ValueError, match="at step 1"):
         granet.prune_at_init(s, model, [batch(0)])
     static = granet.create_sparsifier("static", tiny_cnn(0), None, density=0.1)
@@ -274,3 +272,22 @@ def test_set_masks_installs_exactly_and_checks_its_input() -> None:
         s.set_masks({s.names[0]: masks[s.names[0]]})
     with pytest.raises(ValueError, match="torch.bool"):
         s.set_masks({n: m.float() for n, m in masks.items()})
+
+
+def test_training_a_scored_method_without_scoring_raises_and_a_resume_does_not() -> None:
+    model = tiny_cnn(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    granet.create_sparsifier("snip", model, opt, density=0.1)
+    with pytest.raises(RuntimeError, match="call granet.prune_at_init"):
+        train_step(model, opt, 1)
+    # A resumed run restores the scored mask with load_state_dict instead of scoring again.
+    scored_model = tiny_cnn(0)
+    scored = granet.create_sparsifier("snip", scored_model, None, density=0.1)
+    granet.prune_at_init(scored, scored_model, [batch(0)])
+    model = tiny_cnn(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    s = granet.create_sparsifier("snip", model, opt, density=0.1)
+    s.load_state_dict(scored.state_dict())
+    train_step(model, opt, 1)
+    s.step()
+    assert all(torch.equal(a, b) for a, b in zip(s.masks, scored.masks))

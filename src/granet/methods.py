@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .config import SparsityConfig
+from .saliency import needs_init_scoring, require_scoring_before_training
 from .sparsifier import DEFAULT_LAYER_TYPES, Sparsifier
 
 _REGISTRY: dict[str, dict[str, Any]] = {}
@@ -124,9 +125,12 @@ def create_sparsifier(
     Returns:
         The sparsifier; the model's inactive weights are already zero.
     """
-    return Sparsifier(
+    sparsifier = Sparsifier(
         model, optimizer, method_config(method, **options), layer_types=layer_types, distributed=distributed
     )
+    if optimizer is not None and needs_init_scoring(method):
+        require_scoring_before_training(sparsifier, optimizer)
+    return sparsifier
 
 
 _DST = dict(update_interval=100, drop_fraction=0.3, drop_fraction_end=0.0, regrow_start=0, regrow_end=0.75)
@@ -153,8 +157,9 @@ register_method("granet-st", "GraNet-ST: sparse-to-sparse (ERK 50% start) gradua
 
 # Pruning at initialisation: start dense so the scores see the untouched initial weights;
 # granet.prune_at_init installs the scored mask at step 0. The locked one-step "schedule" only makes
-# the target density d from step 1 on; with the mask already at d it never prunes anything. If
-# prune_at_init is skipped, step 1 falls back to global magnitude pruning (the density is still met).
+# the target density d from step 1 on; with the mask already at d it never prunes anything. With an
+# optimizer, a first optimizer step without the scored mask raises (create_sparsifier installs the
+# check); without one, step 1 would fall back to global magnitude pruning.
 _AT_INIT = dict(init_density=1.0, prune="global", prune_start=0, prune_end=1, drop_fraction=0.0)
 register_method("snip", "SNIP: prune once at init by connection sensitivity |g*w|, global; mask fixed",
                 distribution="global", locked=_AT_INIT)

@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "SCORING_METHODS",
     "needs_init_scoring",
+    "require_scoring_before_training",
     "snip_scores",
     "grasp_scores",
     "synflow_scores",
@@ -70,6 +71,24 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 def needs_init_scoring(method: str) -> bool:
     """Whether the registered method ``method`` needs :func:`prune_at_init` before training."""
     return method in SCORING_METHODS
+
+
+def require_scoring_before_training(sparsifier: Sparsifier, optimizer: torch.optim.Optimizer) -> None:
+    """Make the first ``optimizer.step()`` raise unless the scored mask is installed by then.
+
+    A ``snip``/``grasp``/``synflow`` sparsifier starts dense; training it without
+    :func:`prune_at_init` (or a ``load_state_dict`` of a scored run) would silently be another method.
+    The check runs once, as an optimizer step pre-hook, and then removes itself.
+    """
+    method = sparsifier.config.method
+
+    def check(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if sum(sparsifier.counts) != round(sparsifier.config.density * sparsifier.total):
+            raise RuntimeError(f"method {method!r} prunes at initialisation: call granet.prune_at_init(sparsifier, "
+                               "model, batches) before the first optimizer step")
+        handle.remove()
+
+    handle = optimizer.register_step_pre_hook(check)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
