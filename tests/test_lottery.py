@@ -182,3 +182,25 @@ def test_bad_input_is_named() -> None:
     with pytest.raises(ValueError, match="not a granet LotteryTicket state"):
         other.load_state_dict({"masks": {}})
     assert isinstance(granet.LotteryTicket, type)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lottery_round_on_cuda() -> None:
+    model = tiny_cnn(0).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    ticket = LotteryTicket(model, opt, rounds=1, prune_fraction=0.5, rewind_step=0)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    while ticket.iteration < 4:
+        x, y = batch(ticket.iteration)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x.cuda()), y.cuda()).backward()
+        opt.step()
+        ticket.step()
+    ticket.next_round()
+    s = ticket.sparsifier
+    assert sum(s.counts) == round(0.5 * s.total)
+    for name, p, m in zip(s.names, s.params, s.masks):
+        assert m.device == p.device and torch.equal(p[m], init[name][m]) and torch.count_nonzero(p[~m]) == 0
+    restored = LotteryTicket(model, opt, rounds=1, prune_fraction=0.5, rewind_step=0)
+    restored.load_state_dict(roundtrip(ticket.state_dict()))
+    assert all(torch.equal(a, b) for a, b in zip(restored.sparsifier.masks, s.masks))

@@ -291,3 +291,30 @@ def test_training_a_scored_method_without_scoring_raises_and_a_resume_does_not()
     train_step(model, opt, 1)
     s.step()
     assert all(torch.equal(a, b) for a, b in zip(s.masks, scored.masks))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", saliency.SCORING_METHODS)
+def test_scoring_on_cuda_keeps_model_and_rngs(method: str) -> None:
+    model = tiny_cnn(0).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    s = granet.create_sparsifier(method, model, opt, density=0.1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    cpu_rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state()
+    x, y = batch(0)
+    masks = saliency.snip(model, s, (x.cuda(), y.cuda()), CE, 0.1) if method == "snip" else (
+        saliency.grasp(model, s, (x.cuda(), y.cuda()), CE, 0.1) if method == "grasp"
+        else saliency.synflow(model, s, (3, 6, 6), 0.1, rounds=10))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), cpu_rng) and torch.equal(torch.cuda.get_rng_state(), cuda_rng)
+    assert all(m.device == p.device for m, p in zip(masks.values(), s.params))
+    assert sum(int(m.sum()) for m in masks.values()) == round(0.1 * s.total)
+    s.set_masks(masks)
+    for t in range(1, 6):
+        x, y = batch(t)
+        opt.zero_grad()
+        CE(model(x.cuda()), y.cuda()).backward()
+        opt.step()
+        s.step()
+    assert all(torch.equal(a, masks[n]) for n, a in zip(s.names, s.masks))
+    assert all(torch.count_nonzero(p[~m]) == 0 for p, m in zip(s.params, s.masks))
