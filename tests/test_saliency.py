@@ -318,3 +318,11 @@ def test_scoring_on_cuda_keeps_model_and_rngs(method: str) -> None:
         s.step()
     assert all(torch.equal(a, masks[n]) for n, a in zip(s.names, s.masks))
     assert all(torch.count_nonzero(p[~m]) == 0 for p, m in zip(s.params, s.masks))
+
+
+def test_non_finite_scores_are_an_error_not_a_mask() -> None:
+    model = hand_mlp()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="SNIP scores are not finite"):
+        saliency.snip(model, NAMES, (X, Y), mse, density=0.5)

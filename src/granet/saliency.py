@@ -164,8 +164,8 @@ def _keep_top(
     flat = torch.cat([s.detach().reshape(-1).to(device) for s in scores])
     if not bool(torch.isfinite(flat).all()):
         raise ValueError(f"{what} scores are not finite (NaN/inf); the model's outputs over- or underflow")
-    chosen = criteria.select_top(flat, keep, generator)
-    return {n: c.view(s.shape).to(s.device) for n, c, s in zip(names, chosen.split([s.numel() for s in scores]), scores)}
+    chosen = criteria.select_top(flat, keep, generator).split([s.numel() for s in scores])
+    return {n: c.view(s.shape).to(s.device) for n, c, s in zip(names, chosen, scores)}
 
 
 # ---------------------------------------------------------------------------------------------- scores
