@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import granet
+from granet.saliency import needs_init_scoring
 from helpers import batch, tiny_cnn, tiny_mlp, train_step
 
 METHODS = granet.list_methods()
@@ -23,7 +24,10 @@ def make(method, model_fn=tiny_cnn, density=0.2, optimizer="sgd", seed=0, **opti
     if method != "dense":
         defaults["density"] = density
     defaults.update(options)
-    return model, opt, granet.create_sparsifier(method, model, opt, **defaults)
+    sparsifier = granet.create_sparsifier(method, model, opt, **defaults)
+    if needs_init_scoring(method):
+        granet.prune_at_init(sparsifier, model, [batch(0)])
+    return model, opt, sparsifier
 
 
 def state_tensors(opt, p):

@@ -2,7 +2,8 @@
 
 GraNet (gradual magnitude pruning + zero-cost neuroregeneration, Liu et al., NeurIPS 2021), its
 sparse-to-sparse form GraNet-ST, and the methods it is compared with (dense, static, GMP, SET, RigL,
-SNFS), as a sparsifier you step after ``optimizer.step()`` in your own training loop::
+SNFS; SNIP, GraSP and SynFlow via :func:`prune_at_init`; lottery tickets via :class:`LotteryTicket`),
+as a sparsifier you step after ``optimizer.step()`` in your own training loop::
 
     import granet
     sparsifier = granet.create_sparsifier("granet", model, optimizer, density=0.1, total_steps=T)
@@ -15,7 +16,9 @@ from .distributed import MaskDivergenceError, broadcast_masks, mask_checksum, ve
 from .distributions import allocate_counts, layer_counts
 from .export import ExportInfo, export_run, export_sparse, load_masks, load_sparse
 from .inference import plan_sparse_inference, to_semi_structured, to_sparse_inference
+from .lottery import LotteryTicket
 from .methods import create_sparsifier, describe_method, list_methods, method_config, register_method
+from .saliency import prune_at_init
 from .schedules import DropFractionSchedule, PruningSchedule
 from .sparsifier import Sparsifier, UpdateReport, sparsifiable_parameters
 
@@ -47,4 +50,6 @@ __all__ = [
     "plan_sparse_inference",
     "to_semi_structured",
     "to_sparse_inference",
+    "prune_at_init",
+    "LotteryTicket",
 ]

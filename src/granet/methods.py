@@ -15,7 +15,14 @@ method            initial mask   gradual prune   regrowth            grow score 
 ``snfs``          ERK random     —               until 75%, moved    momentum      100, 0.5
 ``granet``        dense (s_i=0)  global cubic    t0 → end            gradient      1000, 0.5
 ``granet-st``     ERK 50%        global cubic    t0 → end            gradient      1000, 0.5
+``snip``          scored, global —               —                   —             —
+``grasp``         scored, global —               —                   —             —
+``synflow``       scored, global —               —                   —             —
 ================  =============  ==============  ==================  ============  ===========
+
+``snip``, ``grasp`` and ``synflow`` prune once at initialisation: the sparsifier starts dense (the
+weights are left intact for scoring) and :func:`granet.prune_at_init` installs the scored global mask
+before the first step; it never changes afterwards (see :mod:`granet.saliency`).
 
 GraNet's defaults follow the paper's CIFAR recipe: t0 = 0, tf = half of training, ΔT = 1000,
 r_t cosine-decayed from 0.5 to 0.005 over training. RigL/SET/SNFS follow RigL's defaults. Every field
@@ -29,6 +36,7 @@ import torch
 from torch import nn
 
 from .config import SparsityConfig
+from .saliency import needs_init_scoring, require_scoring_before_training
 from .sparsifier import DEFAULT_LAYER_TYPES, Sparsifier
 
 _REGISTRY: dict[str, dict[str, Any]] = {}
@@ -117,9 +125,12 @@ def create_sparsifier(
     Returns:
         The sparsifier; the model's inactive weights are already zero.
     """
-    return Sparsifier(
+    sparsifier = Sparsifier(
         model, optimizer, method_config(method, **options), layer_types=layer_types, distributed=distributed
     )
+    if optimizer is not None and needs_init_scoring(method):
+        require_scoring_before_training(sparsifier, optimizer)
+    return sparsifier
 
 
 _DST = dict(update_interval=100, drop_fraction=0.3, drop_fraction_end=0.0, regrow_start=0, regrow_end=0.75)
@@ -144,3 +155,15 @@ register_method("granet", "GraNet: dense-to-sparse gradual global pruning + zero
 register_method("granet-st", "GraNet-ST: sparse-to-sparse (ERK 50% start) gradual pruning + regrowth",
                 init_density=0.5, distribution="erk", **_GRANET)
 
+# Pruning at initialisation: start dense so the scores see the untouched initial weights;
+# granet.prune_at_init installs the scored mask at step 0. The locked one-step "schedule" only makes
+# the target density d from step 1 on; with the mask already at d it never prunes anything. With an
+# optimizer, a first optimizer step without the scored mask raises (create_sparsifier installs the
+# check); without one, step 1 would fall back to global magnitude pruning.
+_AT_INIT = dict(init_density=1.0, prune="global", prune_start=0, prune_end=1, drop_fraction=0.0)
+register_method("snip", "SNIP: prune once at init by connection sensitivity |g*w|, global; mask fixed",
+                distribution="global", locked=_AT_INIT)
+register_method("grasp", "GraSP: prune once at init keeping gradient flow, score -w*(Hg), global; mask fixed",
+                distribution="global", locked=_AT_INIT)
+register_method("synflow", "SynFlow: data-free iterative pruning at init by synaptic flow, global; mask fixed",
+                distribution="global", locked=_AT_INIT)

@@ -42,7 +42,7 @@ import fnmatch
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -617,6 +617,43 @@ class Sparsifier:
         self.apply_masks()
         if self.distributed:
             _distributed.broadcast_masks(self)  # every rank resumes from rank 0's masks
+
+    @torch.no_grad()
+    def set_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Install ``masks`` exactly (e.g. scored at initialisation or by a lottery-ticket round).
+
+        Weights outside the new masks, and their optimizer state, become zero. Before the first
+        optimizer step the "ever active" record restarts from the new masks (the previous ones never
+        trained); later it accumulates them. Under ``torch.distributed`` rank 0's masks are kept.
+
+        Args:
+            masks: one boolean tensor per sparsified parameter name, shaped like the parameter.
+
+        Raises:
+            ValueError: names missing or unknown, a shape differs, or a mask is not boolean.
+        """
+        missing = [n for n in self.names if n not in masks]
+        unknown = [n for n in masks if n not in self.names]
+        if missing or unknown:
+            raise ValueError(f"set_masks needs exactly the sparsified names; missing {missing}, unknown {unknown}")
+        for name, p in zip(self.names, self.params):
+            m = masks[name]
+            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or tuple(m.shape) != tuple(p.shape):
+                got = f"{m.dtype} {tuple(m.shape)}" if isinstance(m, torch.Tensor) else type(m).__name__
+                raise ValueError(f"mask for {name} must be a torch.bool tensor of shape {tuple(p.shape)}, got {got}")
+        self.masks = [masks[n].to(p.device).clone() for n, p in zip(self.names, self.params)]
+        self.counts = [int(torch.count_nonzero(m)) for m in self.masks]
+        if self.ever_active is not None:
+            packed = [_pack_bits(m) for m in self.masks]
+            self.ever_active = packed if self.step_count == 0 else [e | b for e, b in zip(self.ever_active, packed)]
+        if self.distributed:
+            # Before zeroing anything: a rank whose own masks differ must not lose weights that
+            # rank 0's masks keep.
+            _distributed.broadcast_masks(self)
+        for p, m in zip(self.params, self.masks):
+            p.mul_(m)
+            for buf in self._state_tensors(p):
+                buf.mul_(m)
 
     def remove(self) -> None:
         """Detach from the optimizer (removes the step hook); masks are left as they are."""
