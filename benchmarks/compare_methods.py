@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from granet.methods import list_methods
-from granet.saliency import needs_init_scoring
 from granet.report import load_runs, write_report
 from granet.stats import figure, mean_std
 from granet.sweep import run_many
@@ -55,8 +54,7 @@ def configs_for(setting: str, densities: list[float], seeds: list[int], root: Pa
         configs.append(TrainConfig.from_dict(dict(RECIPE, **spec, method="dense", density=1.0, seed=seed,
                                                   out=str(root / f"dense-d1-s{seed}"))))
         for method in list_methods():
-            # Scored-at-init methods need the trainer to call granet.prune_at_init (not wired yet).
-            if method in ("dense", "gmp-layerwise") or needs_init_scoring(method):
+            if method in ("dense", "gmp-layerwise"):
                 continue
             for density in densities:
                 configs.append(TrainConfig.from_dict(dict(

@@ -50,6 +50,7 @@ _HELP = {
     "max_steps": "stop after this many optimizer steps (smoke tests)",
     "keep_checkpoints": "epochs after which a copy checkpoint_epochN.pt is kept",
     "init_from": "continue from another run's checkpoint.pt with this config's method (a fresh sparsifier)",
+    "score_batches": "training batches scored at initialisation by snip / grasp (synflow needs none)",
     "dist_timeout": "seconds a torchrun process waits for the others before failing (a dead or frozen rank)",
 }
 _PRESET = " (default: the method's preset)"

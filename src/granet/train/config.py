@@ -97,6 +97,7 @@ class _Tail:
     max_steps: Optional[int] = None
     keep_checkpoints: list[int] = field(default_factory=list)
     init_from: Optional[str] = None
+    score_batches: int = 1
     dist_timeout: float = 600.0
 
 
@@ -241,7 +242,7 @@ def _check_names(config: Any) -> None:
 
 
 def _check_ranges(config: Any) -> None:
-    for name in ("epochs", "batch_size", "accumulation_steps"):
+    for name in ("epochs", "batch_size", "accumulation_steps", "score_batches"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be a positive integer, got {getattr(config, name)!r}")
     if config.max_steps is not None and config.max_steps < 1:

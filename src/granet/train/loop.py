@@ -191,6 +191,24 @@ class Trainer:
             raise ConfigError(f"init_from {path}: its run differs in {', '.join(differing)}; they must match to continue it")
         return state
 
+    def score_at_init(self) -> None:
+        """SNIP / GraSP / SynFlow: score the initial weights on the run's first training batches and
+        fix the mask (a fresh start only; a resumed run restores the scored mask)."""
+        from ..saliency import needs_init_scoring, prune_at_init
+
+        if not needs_init_scoring(self.config.method):
+            return
+        batches = []
+        for x, y in self._batches():
+            batches.append((x.to(self.device), y.to(self.device)))
+            if len(batches) == self.config.score_batches:
+                break
+        prune_at_init(self.sparsifier, self.model, batches, loss_fn=self.criterion)
+        self._layer_density = self.sparsifier.layer_density()
+        scored = "data-free" if self.config.method == "synflow" else f"{len(batches)} training batch(es)"
+        logger.info("%s: scored at initialisation (%s); mask fixed at density %.4f",
+                    self.config.method, scored, self.sparsifier.density())
+
     def resume(self, state: dict[str, Any]) -> None:
         """Continue from this run's checkpoint; rewrites files that a crash may have left behind."""
         restore_checkpoint(self, state, self.out / CHECKPOINT_FILE)

@@ -85,7 +85,9 @@ def train(config: Any) -> dict[str, Any]:
             if state is not None:
                 trainer.resume(state)
                 logger.info("resumed %s at epoch %d, step %d", out, trainer.progress.epoch, trainer.progress.step)
-            elif trainer.dist.is_main:
+            elif not config.init_from:
+                trainer.score_at_init()
+            if state is None and trainer.dist.is_main:
                 (out / METRICS_FILE).write_text("")
                 resolved = dict(trainer.config.to_dict(), out=str(out), resume=None, overwrite=False)
                 atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(resolved, sort_keys=False))
