@@ -34,9 +34,12 @@ def test_study_outputs_and_definition(tmp_path, capsys):
     # default milestones 50% and 75% of 4 epochs: epoch 1 is before both decays, epoch 3 after both
     assert {(r["prune_epoch"], r["after_lr_decay"]) for r in rows} == {("1", "0"), ("3", "2")}
     assert (out / "plasticity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = (out / "plasticity.md").read_text()
-    assert "| 1 |" in table and "p=0.9 regen" in table
-    assert "plasticity.csv" in capsys.readouterr().out
+    table = [line for line in (out / "plasticity.md").read_text().splitlines() if line.startswith("| ")]
+    value = {(r["prune_epoch"], r["regeneration"]): 100 * float(r["plasticity"]) for r in rows}
+    for epoch in ("1", "3"):
+        cells = next(line for line in table if line.startswith(f"| {epoch} |")).strip("| ").split(" | ")
+        assert cells == [epoch, f"{value[(epoch, 'False')]:.2f}", f"{value[(epoch, 'True')]:.2f}"]
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"wrote {out / 'plasticity.csv'}")
 
 
 def test_resume_redoes_only_missing_trials_and_runs_in_parallel(tmp_path):

@@ -150,13 +150,13 @@ def test_help_lists_required_flags(capsys):
 
 
 def test_listings(capsys):
-    assert main(["models"]) == 0
-    assert "imagenet_resnet50" in capsys.readouterr().out
-    assert main(["methods"]) == 0
-    out = capsys.readouterr().out
-    assert all(m in out for m in ("granet-st", "rigl", "snfs", "set", "gmp", "static", "dense"))
-    assert main(["datasets"]) == 0
-    assert "cifar100" in capsys.readouterr().out
+    from granet.data import list_datasets
+    from granet.methods import list_methods
+    from granet.models import list_models
+
+    for command, names in (("models", list_models()), ("methods", list_methods()), ("datasets", list_datasets())):
+        assert main([command]) == 0
+        assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == names, command
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
@@ -218,7 +218,8 @@ def test_torchrun_two_processes_matches_one_process_schedule(tmp_path):
     ma = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
     mb = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
     assert [m["topology_updates"] for m in ma] == [m["topology_updates"] for m in mb]
-    assert b["test_accuracy"] > 0.5
+    # same global batch on 1 and 2 processes: only float reduction order differs (359 test images)
+    assert abs(a["test_accuracy"] - b["test_accuracy"]) <= 0.02
 
 
 @pytest.mark.slow
@@ -260,3 +261,25 @@ def test_list_and_mapping_flags_parse():
     assert args.milestones == [0.5, 80] and args.keep_checkpoints == [3, 7]
     assert dict(args.dataset_options) == {"image_size": 64, "num_classes": 5}
     assert args.keep_dense == ["conv1", "fc"] and args.prune_end == 0.5 and args.update_interval == 100
+
+
+@pytest.mark.parametrize("method", ["dense", "static", "gmp", "gmp-layerwise", "set", "rigl", "snfs", "granet",
+                                    "granet-st", "snip", "grasp", "synflow"])
+def test_method_presets_win_over_command_defaults(method, tmp_path):
+    """`granet train --method M` runs M's own ΔT, t0, tf and r_0; config.yaml records them resolved."""
+    from granet.methods import method_config
+    from granet.train.config import SPARSITY_KEYS
+
+    run = tmp_path / "run"
+    assert main(["train", "--model", "mlp", "--method", method, "--max-steps", "4", "--out", str(run),
+                 "--progress", "log"]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    density = 1.0 if method == "dense" else 0.05
+    preset = method_config(method, total_steps=4, **({} if method == "dense" else {"density": density}))
+    expected = dict(preset.to_dict(), **preset.resolve_steps(), init_density=preset.effective_init_density)
+    if method == "granet":  # the embedded digits recipe's own ΔT (no --config, dataset digits)
+        expected["update_interval"] = 20
+    assert {k: saved[k] for k in SPARSITY_KEYS} == {k: expected[k] for k in SPARSITY_KEYS}
+    assert saved["density"] == density
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["sparsifier"]["config"]["update_interval"] == expected["update_interval"]
