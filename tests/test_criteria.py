@@ -46,7 +46,7 @@ def test_global_magnitude_prune_hand_worked():
     s = granet.create_sparsifier("gmp", layer, density=0.5, prune_start=0, prune_end=1, update_interval=1)
     report = s.step()
     assert report.pruned == 4
-    assert s.masks[0].tolist() == [[False, True, True, False], [True, False, True, False]]
+    assert s.mask_of("weight").tolist() == [[False, True, True, False], [True, False, True, False]]
     expected = torch.tensor([[0.0, -0.9, 0.3, 0.0], [-0.5, 0.0, 0.8, 0.0]])
     assert torch.equal(layer.weight.detach(), expected)
 
@@ -59,7 +59,7 @@ def test_gradient_regrowth_hand_worked():
     layer.weight.grad = torch.tensor([[0.2, -0.1, 5.0, -0.8]])
     report = s.step()
     assert (report.dropped, report.regrown, report.pruned) == (1, 1, 0)
-    assert s.masks[0].tolist() == [[False, False, True, True]]
+    assert s.mask_of("weight").tolist() == [[False, False, True, True]]
     assert layer.weight.tolist() == [[0.0, 0.0, 3.0, 0.0]]
 
 
@@ -69,7 +69,7 @@ def test_dropped_weight_can_be_regrown_and_restarts_at_zero():
     layer.weight.grad = torch.tensor([[9.0, 0.1, 0.0, 0.2]])  # the dropped weight has the largest gradient
     report = s.step()
     assert (report.dropped, report.regrown) == (1, 1)
-    assert s.masks[0].tolist() == [[True, False, True, False]]
+    assert s.mask_of("weight").tolist() == [[True, False, True, False]]
     assert layer.weight.tolist() == [[0.0, 0.0, 3.0, 0.0]]
 
 
@@ -83,7 +83,7 @@ def test_momentum_regrowth_hand_worked_and_state_zeroed():
     report = s.step()
     # drop int(0.34 * 3) = 1: |w|=1 at index 4. Candidates {1, 3, 4, 5}: |m| 0.27, 0.63, 0.18, 0.54 -> 3.
     assert (report.dropped, report.regrown) == (1, 1)
-    assert s.masks[0].tolist() == [[True, False, True, True, False, False]]
+    assert s.mask_of("weight").tolist() == [[True, False, True, True, False, False]]
     buf = opt.state[layer.weight]["momentum_buffer"]
     assert buf[0, 3] == 0.0  # regrown weight starts with zero momentum
     assert buf[0, 5] != 0.0  # SNFS keeps the momentum of inactive weights (its grow signal)
@@ -97,7 +97,7 @@ def test_random_regrowth_seeded_per_step_and_layer():
         masks = []
         for _ in range(3):
             s.step()
-            masks.append(s.masks[0].clone())
+            masks.append(s.mask_of("weight").clone())
         return masks
 
     a, b, c = run(0), run(0), run(1)

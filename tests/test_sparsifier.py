@@ -41,11 +41,11 @@ def test_invariants_over_training(method, density, model_fn):
     constant = s.pruning is None
     updates = 0
     for t in range(1, STEPS + 1):
-        old = [m.clone() for m in s.masks]
+        old = [m.clone() for m in s.masks.values()]
         train_step(model, opt, t)
         report = s.step()
         assert s.step_count == t
-        for i, (p, m) in enumerate(zip(s.params, s.masks)):
+        for i, (p, m) in enumerate(zip(s.params, s.masks.values())):
             assert m.dtype == torch.bool
             assert int(m.sum()) == s.counts[i]
             assert torch.count_nonzero(p[~m]) == 0, "inactive weights must be exactly zero"
@@ -55,7 +55,7 @@ def test_invariants_over_training(method, density, model_fn):
         if constant:
             assert sum(s.counts) == final_count
         if report is None:
-            assert all(torch.equal(a, b) for a, b in zip(old, s.masks))
+            assert all(torch.equal(a, b) for a, b in zip(old, s.masks.values()))
             continue
         updates += 1
         assert not report.skipped
@@ -65,7 +65,7 @@ def test_invariants_over_training(method, density, model_fn):
             for name, layer in report.layers.items():
                 assert layer["regrown"] == layer["dropped"], name
         assert report.regrown == report.dropped  # zero-cost: density unchanged by regrowth
-        for p, m, o in zip(s.params, s.masks, old):
+        for p, m, o in zip(s.params, s.masks.values(), old):
             grown = m & ~o
             assert torch.count_nonzero(p[grown]) == 0, "regrown weights start at zero"
             for buf in state_tensors(opt, p):
@@ -120,7 +120,7 @@ def test_pruned_weights_stay_zero_for_every_optimizer(make_opt):
     for t in range(1, 30):
         train_step(model, opt, t)
         s.step()
-        for p, m in zip(s.params, s.masks):
+        for p, m in zip(s.params, s.masks.values()):
             assert torch.count_nonzero(p[~m]) == 0
             for buf in state_tensors(opt, p):
                 assert torch.count_nonzero(buf[~m]) == 0
@@ -141,7 +141,7 @@ def test_resume_is_bit_exact(method):
         train_step(model, opt, t)
         s.step()
     ref_weights = [p.detach().clone() for p in model.parameters()]
-    ref_masks = [m.clone() for m in s.masks]
+    ref_masks = [m.clone() for m in s.masks.values()]
 
     model, opt, s = make(method)
     for t in range(1, 23):
@@ -156,7 +156,7 @@ def test_resume_is_bit_exact(method):
     for t in range(23, STEPS + 1):
         train_step(model2, opt2, t)
         s2.step()
-    assert all(torch.equal(a, b) for a, b in zip(ref_masks, s2.masks))
+    assert all(torch.equal(a, b) for a, b in zip(ref_masks, s2.masks.values()))
     assert all(torch.equal(a, b.detach()) for a, b in zip(ref_weights, model2.parameters()))
     model3, opt3, s3 = make(method)
     for t in range(1, STEPS + 1):
@@ -171,7 +171,7 @@ def test_state_dict_round_trip_and_mismatch_errors():
     assert all(m.dtype == torch.bool for m in state["masks"].values())
     _, _, other = make("rigl", seed=5)
     other.load_state_dict(state)
-    assert all(torch.equal(a, b) for a, b in zip(s.masks, other.masks))
+    assert all(torch.equal(a, b) for a, b in zip(s.masks.values(), other.masks.values()))
 
     wider = nn.Sequential(nn.Flatten(), nn.Linear(108, 41), nn.ReLU(), nn.Linear(41, 24), nn.ReLU(), nn.Linear(24, 5))
     _, _, mlp = make("rigl", tiny_mlp)
@@ -189,11 +189,11 @@ def test_grad_scaler_skipped_step_does_not_count():
     opt.zero_grad()
     scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
     s.params[0].grad[0].fill_(float("inf"))
-    before = [m.clone() for m in s.masks]
+    before = [m.clone() for m in s.masks.values()]
     scaler.step(opt)  # inf found: optimizer.step() is skipped
     scaler.update()
     assert s.step() is None and s.step_count == 0
-    assert all(torch.equal(a, b) for a, b in zip(before, s.masks))
+    assert all(torch.equal(a, b) for a, b in zip(before, s.masks.values()))
     for t in (1, 2):
         x, y = batch(t)
         opt.zero_grad()
@@ -210,10 +210,10 @@ def test_non_finite_gradients_skip_the_update():
     x, y = batch(0)
     nn.functional.cross_entropy(model(x), y).backward()
     s.params[1].grad[0, 0, 0, 0] = float("nan")
-    before = [m.clone() for m in s.masks]
+    before = [m.clone() for m in s.masks.values()]
     report = s.step()
     assert report.skipped and s.skipped_updates == 1 and s.step_count == 1
-    assert all(torch.equal(a, b) for a, b in zip(before, s.masks))
+    assert all(torch.equal(a, b) for a, b in zip(before, s.masks.values()))
     assert s.stats()["last_update"]["skipped"] is True
 
 
@@ -305,5 +305,5 @@ def test_no_sparsifiable_weights_and_momentum_requirement():
 
 def test_masks_use_one_byte_per_weight():
     _, _, s = make("rigl")
-    assert sum(m.element_size() * m.numel() for m in s.masks) == s.total
+    assert sum(m.element_size() * m.numel() for m in s.masks.values()) == s.total
     assert sum(e.numel() for e in s.ever_active) == sum(math.ceil(n / 8) for n in s.sizes)

@@ -141,8 +141,10 @@ class SparsityConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
         if self.erk_power_scale < 0:
             raise ValueError(f"erk_power_scale must be >= 0, got {self.erk_power_scale}")
-        if self.total_steps is not None and (isinstance(self.total_steps, bool) or self.total_steps < 1):
-            raise ValueError(f"total_steps must be a positive integer, got {self.total_steps!r}")
+        if self.total_steps is not None and (
+            isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1
+        ):
+            raise ValueError(f"total_steps must be a positive integer (optimizer steps), got {self.total_steps!r}")
         if self.prune == "layerwise" and self.distribution == "global":
             raise ValueError("layer-wise pruning needs a per-layer distribution (uniform, er or erk), not 'global'")
 
@@ -172,10 +174,23 @@ class SparsityConfig:
             if value is None and name == "regrow_start":
                 value = resolved.get("prune_start", 0) if self.prune is not None else 0
             resolved[name] = self._to_step(name, value)
+        if self.total_steps is not None:
+            beyond = [n for n, v in resolved.items() if v > self.total_steps]
+            if beyond:
+                name = beyond[0]
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} resolves to step {resolved[name]}, beyond total_steps="
+                    f"{self.total_steps}: the run would end before it; give a step <= total_steps or a fraction"
+                )
         if self.prune is not None and resolved["prune_start"] >= resolved["prune_end"]:
             raise ValueError(
                 f"prune_start (t0={resolved['prune_start']}) must be before prune_end "
                 f"(tf={resolved['prune_end']})"
+            )
+        if "regrow_start" in resolved and resolved["regrow_start"] > resolved["regrow_end"]:
+            raise ValueError(
+                f"regrow_start (step {resolved['regrow_start']}) must not be after regrow_end "
+                f"(step {resolved['regrow_end']})"
             )
         return resolved
 
