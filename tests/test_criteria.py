@@ -28,14 +28,14 @@ def test_select_top_random_tie_breaking_is_seeded_and_exact():
 
 
 def _one_layer(weights, mask, method, optimizer=False, **options):
+    """One bias-free Linear holding exactly ``weights`` under exactly ``mask`` (installed after the
+    sparsifier's own random initial mask, which would otherwise zero some of the given weights)."""
     layer = nn.Linear(len(weights), 1, bias=False)
-    with torch.no_grad():
-        layer.weight.copy_(torch.tensor([weights]))
     opt = torch.optim.SGD(layer.parameters(), lr=0.0, momentum=0.9) if optimizer else None
     s = granet.create_sparsifier(method, layer, opt, **options)
-    state = s.state_dict()
-    state["masks"]["weight"] = torch.tensor([mask])
-    s.load_state_dict(state)
+    s.set_masks({"weight": torch.tensor([mask])})
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([weights]))
     return layer, opt, s
 
 

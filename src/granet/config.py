@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
-from .criteria import GROW_CRITERIA
-from .distributions import DISTRIBUTIONS
+from .criteria import list_grow_criteria
+from .distributions import get_distribution, list_distributions
+from .schedules import list_drop_decays
 
 StepSpec = Union[int, float]
 
 PRUNE_SCOPES = ("global", "layerwise")
 REDISTRIBUTIONS = ("none", "momentum")
-DROP_DECAYS = ("cosine", "constant")
 STEP_FIELDS = ("prune_start", "prune_end", "regrow_start", "regrow_end")
 
 
@@ -33,7 +33,8 @@ class SparsityConfig:
         init_density: density at the start; ``None`` means ``density`` for constant-density methods.
             Must equal ``density`` unless ``prune`` is set.
         distribution: layer-wise split of the initial (and, for layer-wise pruning, final) density:
-            ``uniform``, ``er``, ``erk`` or ``global``.
+            a registered :class:`~granet.distributions.Distribution` (``uniform``, ``er``, ``erk``,
+            ``global``, ...).
         erk_power_scale: exponent on the ER/ERK raw densities.
         keep_dense: name patterns (``fnmatch``, matched against module and parameter names) of
             layers that stay dense; each must match at least one layer.
@@ -44,11 +45,13 @@ class SparsityConfig:
         drop_fraction: r_0, fraction of each layer's active weights dropped and regrown per update;
             0 disables regrowth.
         drop_fraction_end: value r_t decays to at ``regrow_end`` (cosine decay).
-        drop_decay: ``cosine`` or ``constant``.
+        drop_decay: a registered decay of r_t (``cosine``, ``constant``, ...; see
+            :func:`~granet.schedules.register_drop_decay`).
         regrow_start: first step of drop-and-regrow updates; ``None`` means ``prune_start`` for pruning
             methods and 0 otherwise.
         regrow_end: updates happen strictly before this step.
-        grow: grow criterion, ``gradient``, ``momentum`` or ``random``.
+        grow: a registered :class:`~granet.criteria.GrowCriterion` (``gradient``, ``momentum``,
+            ``random``, ...).
         redistribute: ``none`` keeps every layer's count; ``momentum`` (SNFS) moves regrowth between
             layers in proportion to their mean momentum magnitude.
         mask_optimizer_state: zero the optimizer state of inactive weights after every step. SNFS turns
@@ -103,6 +106,15 @@ class SparsityConfig:
         out["keep_dense"] = list(self.keep_dense)
         return out
 
+    def differences(self, saved: Mapping[str, Any]) -> list[str]:
+        """``"field=saved in the state, current here"`` for every field ``saved`` holds with another value.
+
+        Fields that ``saved`` lacks are not compared, so a state written before a field existed
+        stays loadable.
+        """
+        current = self.to_dict()
+        return [f"{k}={saved[k]!r} in the state, {v!r} here" for k, v in current.items() if k in saved and saved[k] != v]
+
     @property
     def effective_init_density(self) -> float:
         """The initial density after applying the ``None`` default."""
@@ -127,12 +139,12 @@ class SparsityConfig:
                 f"final density {self.density} is above the initial density {init}: "
                 f"{self.method!r} prunes, so density must be <= init_density"
             )
-        _check_choice("distribution", self.distribution, DISTRIBUTIONS)
+        _check_choice("distribution", self.distribution, list_distributions())
         if self.prune is not None:
             _check_choice("prune", self.prune, PRUNE_SCOPES)
-        _check_choice("grow", self.grow, GROW_CRITERIA)
+        _check_choice("grow", self.grow, list_grow_criteria())
         _check_choice("redistribute", self.redistribute, REDISTRIBUTIONS)
-        _check_choice("drop_decay", self.drop_decay, DROP_DECAYS)
+        _check_choice("drop_decay", self.drop_decay, list_drop_decays())
         if isinstance(self.update_interval, bool) or not isinstance(self.update_interval, int) or self.update_interval < 1:
             raise ValueError(f"update_interval must be a positive integer, got {self.update_interval!r}")
         for name in ("drop_fraction", "drop_fraction_end"):
@@ -145,8 +157,11 @@ class SparsityConfig:
             isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1
         ):
             raise ValueError(f"total_steps must be a positive integer (optimizer steps), got {self.total_steps!r}")
-        if self.prune == "layerwise" and self.distribution == "global":
-            raise ValueError("layer-wise pruning needs a per-layer distribution (uniform, er or erk), not 'global'")
+        if self.prune == "layerwise" and not get_distribution(self.distribution).per_layer:
+            per_layer = [n for n in list_distributions() if get_distribution(n).per_layer]
+            raise ValueError(
+                f"layer-wise pruning needs a per-layer distribution ({', '.join(per_layer)}), not {self.distribution!r}"
+            )
 
     def uses_field(self, name: str) -> bool:
         """Whether a step field matters for this configuration."""

@@ -39,19 +39,50 @@ _LOCKED: dict[str, dict[str, Any]] = {}
 def register_method(name: str, description: str, locked: Optional[dict[str, Any]] = None, **preset: Any) -> None:
     """Register a method as a preset of :class:`SparsityConfig` fields.
 
+    A method is a composition of registered pieces chosen by name (a distribution, a grow
+    criterion, a drop-fraction decay) plus schedule values, so presets stay plain, serialisable
+    dictionaries. Adding a method is one file: register any new piece, then the preset.
+
+    Example::
+
+        # my_method.py: RigL that regrows by |gradient| x |weight of the same input unit|, say
+        import granet
+        from granet.criteria import GrowCriterion, gradient_scores, register_grow_criterion
+
+        def scaled_gradient(param, name, optimizer, generator):
+            return gradient_scores(param, name) * param.detach().abs().mean(dim=0, keepdim=True)
+
+        register_grow_criterion(GrowCriterion("scaled-gradient", scaled_gradient, dense_gradient="update_steps"))
+        granet.register_method(
+            "my-rigl", "RigL with a scaled gradient grow score",
+            **dict(granet.method_preset("rigl"), grow="scaled-gradient"),
+        )
+        sparsifier = granet.create_sparsifier("my-rigl", model, optimizer, density=0.1, total_steps=T)
+
     Args:
         name: the method name users pass to :func:`create_sparsifier`.
         description: one line for listings.
         locked: fields that define the method and cannot be overridden (``dense`` locks
             ``density=1``); overriding one with another value is an error.
-        **preset: field values; unknown fields raise ``ValueError``.
+        **preset: field values; unknown fields raise ``ValueError``. ``method`` is set to ``name``.
     """
     SparsityConfig().replace(**preset, **(locked or {}))  # validates the field names
     if name in _REGISTRY:
         raise ValueError(f"method {name!r} is already registered")
+    preset.pop("method", None)  # a preset copied from another method names that method
     _REGISTRY[name] = dict(preset, **(locked or {}), method=name)
     _LOCKED[name] = dict(locked or {}, method=name)
     _DESCRIPTIONS[name] = description
+
+
+def method_preset(name: str) -> dict[str, Any]:
+    """A copy of method ``name``'s preset: the :class:`SparsityConfig` fields it sets, as registered.
+
+    Step fields keep their registered form (a float is a fraction of ``total_steps``), so the
+    preset can seed another method or a recipe without knowing the run length.
+    """
+    _check_method(name)
+    return dict(_REGISTRY[name])
 
 
 def list_methods() -> list[str]:

@@ -40,53 +40,25 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import math
-from dataclasses import asdict, dataclass, field
-from types import MappingProxyType
+from dataclasses import asdict
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
-from . import criteria
 from . import distributed as _distributed
+from . import topology
+from .criteria import get_grow_criterion, require_momentum, seeded_generator
 from .config import SparsityConfig
 from .distributions import allocate_counts, layer_counts
+from .masking import MaskedParameters, pack_bits
 from .schedules import DropFractionSchedule, PruningSchedule
+from .topology import UpdateReport
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-_BIT_VALUES = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
-
-
-@dataclass
-class UpdateReport:
-    """What one topology update did.
-
-    Attributes:
-        step: optimizer step of the update.
-        pruned: weights removed by gradual pruning (density goes down by this much).
-        dropped: weights removed by the drop phase of drop-and-regrow.
-        regrown: weights activated by regrowth (equal to ``dropped``: zero-cost).
-        density: overall density of the sparsified weights after the update.
-        target_density: the schedule's target density at this step.
-        drop_fraction: r_t used by the drop phase (0 when there was none).
-        skipped: True when the update was skipped because gradients were not finite.
-        layers: per-layer ``{name: {"pruned": n, "dropped": n, "regrown": n}}``.
-    """
-
-    step: int
-    pruned: int = 0
-    dropped: int = 0
-    regrown: int = 0
-    density: float = 1.0
-    target_density: float = 1.0
-    drop_fraction: float = 0.0
-    skipped: bool = False
-    layers: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def _clean_name(name: str) -> str:
@@ -146,22 +118,7 @@ def sparsifiable_parameters(
     return found
 
 
-def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Pack a boolean tensor into uint8 bytes (8 entries per byte, little-endian bit order)."""
-    flat = mask.reshape(-1)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    bits = flat.view(-1, 8).to(torch.uint8) * _BIT_VALUES.to(flat.device)
-    return bits.sum(dim=1, dtype=torch.uint8)
-
-
-def _popcount(packed: torch.Tensor) -> int:
-    """Number of set bits in a uint8 tensor."""
-    return int(_POPCOUNT.to(packed.device)[packed.long()].sum())
-
-
-class Sparsifier:
+class Sparsifier(MaskedParameters):
     """Keeps a model's Conv/Linear weights sparse and evolves their masks during training.
 
     Prefer :func:`granet.create_sparsifier` to build one from a method name.
@@ -195,18 +152,14 @@ class Sparsifier:
         self._config = config if config is not None else SparsityConfig()
         self._config.validate()
         self._steps = self._config.resolve_steps()
-        self._optimizer = optimizer
         targets = sparsifiable_parameters(model, self._config.keep_dense, layer_types)
         if not targets:
             raise ValueError(
                 "the model has no sparsifiable weights (no nn.Linear / nn.Conv* weight outside keep_dense)"
             )
-        self._names = [n for n, _ in targets]
-        self._params = [p for _, p in targets]
-        self._sizes = [p.numel() for p in self._params]
-        self._total = sum(self._sizes)
-
+        super().__init__([n for n, _ in targets], [p for _, p in targets], optimizer, self._config.mask_optimizer_state)
         cfg = self._config
+        self._grow = get_grow_criterion(cfg.grow)
         self._pruning: Optional[PruningSchedule] = None
         if cfg.prune is not None:
             self._pruning = PruningSchedule(
@@ -226,8 +179,8 @@ class Sparsifier:
                 interval=cfg.update_interval,
                 decay=cfg.drop_decay,
             )
-        if cfg.grow == "momentum" and self._regrowth is not None:
-            _require_momentum(optimizer)
+        if self._grow.needs_momentum and self._regrowth is not None:
+            require_momentum(optimizer)
         if cfg.total_steps is not None and cfg.update_interval > cfg.total_steps and (self._pruning or self._regrowth):
             logger.warning(
                 "update_interval=%d exceeds total_steps=%d: the topology will never be updated",
@@ -242,9 +195,7 @@ class Sparsifier:
         self._counts = [int(torch.count_nonzero(m)) for m in self._masks]
         self._init_counts = list(self._counts)
         self._final_counts = self._final_layer_counts()
-        self._ever_active: Optional[list[torch.Tensor]] = (
-            [_pack_bits(m) for m in self._masks] if cfg.track_exploration else None
-        )
+        self._ever_active = [pack_bits(m) for m in self._masks] if cfg.track_exploration else None
         self._is_distributed = _distributed.is_distributed() if distributed is None else bool(distributed)
         if self._is_distributed and not _distributed.is_initialised():
             raise ValueError("distributed=True needs an initialised torch.distributed process group")
@@ -263,52 +214,6 @@ class Sparsifier:
         return self._config.replace()
 
     @property
-    def optimizer(self) -> Optional[torch.optim.Optimizer]:
-        """The optimizer whose steps are counted (``None``: every ``step()`` call counts)."""
-        return self._optimizer
-
-    @property
-    def names(self) -> list[str]:
-        """Names of the sparsified parameters, in model order (a copy)."""
-        return list(self._names)
-
-    @property
-    def params(self) -> tuple[nn.Parameter, ...]:
-        """The sparsified parameters, in the order of :attr:`names`."""
-        return tuple(self._params)
-
-    @property
-    def sizes(self) -> list[int]:
-        """Number of entries of each sparsified parameter (a copy)."""
-        return list(self._sizes)
-
-    @property
-    def total(self) -> int:
-        """Number of sparsified weights."""
-        return self._total
-
-    @property
-    def masks(self) -> Mapping[str, torch.Tensor]:
-        """Read-only ``{name: torch.bool mask}`` of the current topology.
-
-        The tensors are the live masks (no copy): read them, never change them in place; use
-        :meth:`set_masks` to install other masks.
-        """
-        return MappingProxyType(dict(zip(self._names, self._masks)))
-
-    def mask_of(self, name: str) -> torch.Tensor:
-        """The live ``torch.bool`` mask of parameter ``name`` (read it, do not change it in place)."""
-        try:
-            return self._masks[self._names.index(name)]
-        except ValueError:
-            raise KeyError(f"{name!r} is not sparsified; sparsified: {', '.join(self._names)}") from None
-
-    @property
-    def counts(self) -> list[int]:
-        """Active weights per sparsified parameter (a copy)."""
-        return list(self._counts)
-
-    @property
     def init_counts(self) -> list[int]:
         """Per-layer active counts at construction (the start of layer-wise pruning), a copy."""
         return list(self._init_counts)
@@ -317,11 +222,6 @@ class Sparsifier:
     def final_counts(self) -> list[int]:
         """Per-layer targets of layer-wise pruning (empty for other methods), a copy."""
         return list(self._final_counts)
-
-    @property
-    def ever_active(self) -> Optional[tuple[torch.Tensor, ...]]:
-        """Bit-packed "ever active" masks per layer (``uint8``), or ``None`` if not tracked."""
-        return None if self._ever_active is None else tuple(self._ever_active)
 
     @property
     def pruning(self) -> Optional[PruningSchedule]:
@@ -371,52 +271,33 @@ class Sparsifier:
     def needs_dense_gradient(self, step: int) -> bool:
         """Whether optimizer step ``step`` (1-based) of this method computes the dense weight gradient.
 
-        Gradient regrowth (RigL, GraNet) needs it on its regrowth update steps; momentum regrowth
-        (SNFS) needs dense momentum, hence the dense gradient, on every step while regrowth is
+        The grow criterion says (:attr:`~granet.criteria.GrowCriterion.dense_gradient`): gradient
+        regrowth (RigL, GraNet) needs it on its regrowth update steps; momentum regrowth (SNFS)
+        needs dense momentum, hence the dense gradient, on every step while regrowth is
         configured; random regrowth (SET), pruning and static masks never do. The training-FLOPs
         ledger asks this before ``sparsifier.step()``, i.e. for ``step_count + 1``.
         """
-        if self._regrowth is None:
+        if self._regrowth is None or self._grow.dense_gradient == "never":
             return False
-        grow = self._config.grow
-        if grow == "momentum":
+        if self._grow.dense_gradient == "every_step":
             return True
-        if grow == "gradient":
-            return bool(self._regrowth.is_update_step(step))
-        return False
+        return bool(self._regrowth.is_update_step(step))
 
     # ------------------------------------------------------------------ construction helpers
 
     def _initial_masks(self) -> list[torch.Tensor]:
         """Random masks at the initial density, with exact per-layer counts from the distribution."""
         cfg = self._config
-        density = cfg.effective_init_density
-        if density >= 1.0:
-            return [torch.ones_like(p, dtype=torch.bool) for p in self._params]
-        if cfg.distribution == "global":
-            scores = torch.cat(
-                [torch.rand(n, generator=criteria.seeded_generator(cfg.seed, "init", i)) for i, n in enumerate(self._sizes)]
-            )
-            keep = criteria.select_top(scores, round(density * self._total))
-            return [m.view(p.shape).to(p.device) for m, p in zip(keep.split(self._sizes), self._params)]
-        counts = self._distribution_counts(density)
-        masks = []
-        for i, (p, k) in enumerate(zip(self._params, counts)):
-            scores = torch.rand(p.shape, generator=criteria.seeded_generator(cfg.seed, "init", i))
-            masks.append(criteria.select_top(scores, k).to(p.device))
-        return masks
-
-    def _distribution_counts(self, density: float) -> list[int]:
-        """Exact per-layer non-zero counts of the configured distribution at ``density``."""
-        cfg = self._config
-        return layer_counts(cfg.distribution, [tuple(p.shape) for p in self._params], density, cfg.erk_power_scale)
+        return topology.random_masks(
+            self._params, cfg.distribution, cfg.effective_init_density, cfg.seed, cfg.erk_power_scale
+        )
 
     def _final_layer_counts(self) -> list[int]:
         """Per-layer counts at the final density (the layer-wise pruning targets)."""
         cfg = self._config
         if cfg.prune != "layerwise":
             return []
-        counts = self._distribution_counts(cfg.density)
+        counts = layer_counts(cfg.distribution, [tuple(p.shape) for p in self._params], cfg.density, cfg.erk_power_scale)
         # A layer never grows under pruning: cap at its initial count and hand the excess to others.
         return allocate_counts(sum(counts), [float(c) for c in counts], self._init_counts)
 
@@ -446,40 +327,6 @@ class Sparsifier:
             return None
         return self._update(self._step_count)  # installs the new masks in the same pass
 
-    @torch.no_grad()
-    def apply_masks(self) -> None:
-        """Zero every inactive weight (and its optimizer state, unless disabled) in place."""
-        self._follow_param_devices()
-        params, masks, states, state_masks = [], [], [], []
-        for i, (p, m) in enumerate(zip(self._params, self._masks)):
-            if self._counts[i] == self._sizes[i]:
-                continue  # fully dense layer: nothing to zero
-            params.append(p)
-            masks.append(m)
-            if self._config.mask_optimizer_state:
-                for buf in self._state_tensors(p):
-                    states.append(buf)
-                    state_masks.append(m)
-        if params:
-            torch._foreach_mul_(params + states, masks + state_masks)
-
-    def _follow_param_devices(self) -> None:
-        """Move masks (and exploration bits) to their parameters' devices if the model was moved."""
-        for i, (p, m) in enumerate(zip(self._params, self._masks)):
-            if m.device != p.device:
-                self._masks[i] = m.to(p.device)
-                if self._ever_active is not None:
-                    self._ever_active[i] = self._ever_active[i].to(p.device)
-
-    def _state_tensors(self, param: torch.Tensor) -> list[torch.Tensor]:
-        """Optimizer state tensors shaped like ``param`` (momentum, Adam moments, ...)."""
-        if self._optimizer is None:
-            return []
-        state = self._optimizer.state.get(param)
-        if not state:
-            return []
-        return [v for v in state.values() if isinstance(v, torch.Tensor) and v.shape == param.shape and v.is_floating_point()]
-
     # ------------------------------------------------------------------ topology updates
 
     @torch.no_grad()
@@ -487,7 +334,7 @@ class Sparsifier:
         """Prune and/or drop-and-regrow at ``step``, then zero weights and optimizer state in one pass."""
         report = UpdateReport(step=step, target_density=self.target_density(step))
         report.layers = {n: {"pruned": 0, "dropped": 0, "regrown": 0} for n in self._names}
-        if not self._gradients_finite():
+        if not topology.gradients_finite(self._params):
             self.apply_masks()
             report.skipped = True
             report.density = self.density()
@@ -500,18 +347,18 @@ class Sparsifier:
                 # the step alone: a rank that skipped alone raises instead of deadlocking the others.
                 self.verify_masks()
             return report
-        grown: list[Optional[torch.Tensor]] = [None] * len(self._params)
+        reset: list[Optional[torch.Tensor]] = [None] * len(self._params)
         if self._pruning is not None and self._pruning.is_prune_step(step):
             self._prune(step, report)
         if self._regrowth is not None and self._regrowth.is_update_step(step):
-            grown = self._drop_and_grow(step, report)
-        self._install(grown)
+            reset = self._drop_and_grow(step, report)
+        self._install(reset)
         report.pruned = sum(v["pruned"] for v in report.layers.values())
         report.dropped = sum(v["dropped"] for v in report.layers.values())
         report.regrown = sum(v["regrown"] for v in report.layers.values())
         if self._ever_active is not None:
             for i, m in enumerate(self._masks):
-                self._ever_active[i] |= _pack_bits(m)
+                self._ever_active[i] |= pack_bits(m)
         report.density = self.density()
         self._last_update = report
         if self._is_distributed:
@@ -522,34 +369,15 @@ class Sparsifier:
         )
         return report
 
-    def _gradients_finite(self) -> bool:
-        """Whether every available gradient of the sparsified weights is finite.
-
-        A sum is non-finite whenever any term is (NaN propagates, inf + finite = inf, inf - inf =
-        NaN), so finite sums prove finite gradients at the cost of one cheap reduction per tensor;
-        only a non-finite sum (or a float overflow of the sum) pays for the exact elementwise check.
-        """
-        grads = [p.grad for p in self._params if p.grad is not None]
-        if not grads:
-            return True
-        sums = torch.stack([g.sum(dtype=torch.float32).to(grads[0].device) for g in grads])
-        if bool(torch.isfinite(sums).all()):
-            return True
-        return all(bool(torch.isfinite(g).all()) for g in grads)
-
     def _prune(self, step: int, report: UpdateReport) -> None:
         """Gradual magnitude pruning to the cubic schedule's target at ``step``."""
         assert self._pruning is not None
+        seed = self._config.seed
         if self._config.prune == "global":
             target = round(self._pruning.density(step) * self._total)
             if sum(self._counts) <= target:
                 return
-            device = self._params[0].device
-            scores = torch.cat(
-                [criteria.active_magnitudes(p, m).reshape(-1).to(device) for p, m in zip(self._params, self._masks)]
-            )
-            keep = criteria.select_top(scores, target, criteria.seeded_generator(self._config.seed, "prune", step))
-            new_masks = [k.view(p.shape).to(p.device) for k, p in zip(keep.split(self._sizes), self._params)]
+            new_masks = topology.prune_global(self._params, self._masks, target, seeded_generator(seed, "prune", step))
         else:
             new_masks = []
             for i, (p, m) in enumerate(zip(self._params, self._masks)):
@@ -557,8 +385,7 @@ class Sparsifier:
                 if self._counts[i] <= target:
                     new_masks.append(m)
                     continue
-                gen = criteria.seeded_generator(self._config.seed, "prune", step, i)
-                new_masks.append(criteria.select_top(criteria.active_magnitudes(p, m), target, gen))
+                new_masks.append(topology.keep_largest(p, m, target, seeded_generator(seed, "prune", step, i)))
         for i, new in enumerate(new_masks):
             count = int(torch.count_nonzero(new))
             report.layers[self._names[i]]["pruned"] = self._counts[i] - count
@@ -568,76 +395,41 @@ class Sparsifier:
         """Zero-cost neuroregeneration: per layer, drop r_t of the active weights and regrow as many.
 
         Returns:
-            Per layer, the mask of regrown positions (``None`` where the layer was left alone).
+            Per layer, the regrown positions, which start afresh (``None`` where the layer was left
+            alone).
         """
         assert self._regrowth is not None
-        cfg = self._config
+        seed = self._config.seed
         fraction = self._regrowth.fraction(step)
         report.drop_fraction = fraction
         kept_masks: list[Optional[torch.Tensor]] = []
         drops: list[int] = []
         for i, (p, m) in enumerate(zip(self._params, self._masks)):
             active = self._counts[i]
-            n_drop = int(fraction * active)
+            n_drop = int(fraction * active)  # floor, as in RigL
             if active == self._sizes[i] or n_drop == 0:
                 kept_masks.append(None)  # dense layers and tiny ones are left alone
                 drops.append(0)
                 continue
-            gen = criteria.seeded_generator(cfg.seed, "drop", step, i)
-            kept_masks.append(criteria.select_top(criteria.active_magnitudes(p, m), active - n_drop, gen))
+            kept_masks.append(topology.keep_largest(p, m, active - n_drop, seeded_generator(seed, "drop", step, i)))
             drops.append(n_drop)
-        grows = self._grow_counts(drops, kept_masks)
-        grown_masks: list[Optional[torch.Tensor]] = [None] * len(self._params)
+        if self._config.redistribute == "none":
+            grows = list(drops)
+        else:
+            grows = topology.momentum_shares(self._params, self._optimizer, kept_masks, drops)
+        reset: list[Optional[torch.Tensor]] = [None] * len(self._params)
         for i, (p, kept) in enumerate(zip(self._params, kept_masks)):
             if kept is None:
                 continue
-            gen = criteria.seeded_generator(cfg.seed, "grow", step, i)
-            scores = criteria.grow_scores(cfg.grow, p, self._names[i], self._optimizer, gen)
-            # Candidates are all positions inactive after the drop (just-dropped ones included,
-            # as in RigL); everything else scores -1 and is never picked.
-            grown = criteria.select_top(torch.where(kept, -1.0, scores.to(p.dtype)), grows[i], gen)
+            gen = seeded_generator(seed, "grow", step, i)
+            scores = self._grow.score(p, self._names[i], self._optimizer, gen)
+            grown = topology.grow_layer(scores.to(p.dtype), kept, grows[i], gen)
             layer = report.layers[self._names[i]]
             layer["dropped"], layer["regrown"] = drops[i], grows[i]
+            reset[i] = grown
             self._masks[i] = kept | grown
             self._counts[i] += grows[i] - drops[i]
-            grown_masks[i] = grown
-        return grown_masks
-
-    def _grow_counts(self, drops: list[int], kept_masks: list[Optional[torch.Tensor]]) -> list[int]:
-        """How many weights each layer regrows: its own drop count, or SNFS's momentum share."""
-        if self._config.redistribute == "none":
-            return list(drops)
-        layers = [i for i, k in enumerate(kept_masks) if k is not None]
-        weights, capacities = [], []
-        for i in layers:
-            kept = kept_masks[i]
-            buf = criteria.momentum_buffer(self._params[i], self._optimizer)
-            mean = float(buf.abs()[kept].mean()) if buf is not None and bool(kept.any()) else 0.0
-            weights.append(mean if math.isfinite(mean) else 0.0)
-            capacities.append(self._sizes[i] - (self._counts[i] - drops[i]))
-        shares = allocate_counts(sum(drops), weights, capacities)
-        out = [0] * len(drops)
-        for i, share in zip(layers, shares):
-            out[i] = share
-        return out
-
-    def _install(self, grown: list[Optional[torch.Tensor]]) -> None:
-        """Make weights and optimizer state agree with the current masks, in one pass per layer.
-
-        Weights outside the mask, and regrown weights (including a dropped-then-regrown one), become
-        zero. Optimizer state is zeroed at the same places; with ``mask_optimizer_state=False`` only
-        regrown positions are reset, so inactive weights keep accumulating momentum (SNFS).
-        """
-        for i, (param, mask) in enumerate(zip(self._params, self._masks)):
-            if grown[i] is None and self._counts[i] == self._sizes[i]:
-                continue
-            keep = mask if grown[i] is None else mask & ~grown[i]
-            param.mul_(keep)
-            for buf in self._state_tensors(param):
-                if self._config.mask_optimizer_state:
-                    buf.mul_(keep)
-                elif grown[i] is not None:
-                    buf.masked_fill_(grown[i], 0.0)
+        return reset
 
     # ------------------------------------------------------------------ statistics
 
@@ -647,20 +439,6 @@ class Sparsifier:
         if self._pruning is None:
             return self._config.density
         return self._pruning.density(step)
-
-    def density(self) -> float:
-        """Fraction of the sparsified weights that are active."""
-        return sum(self._counts) / self._total
-
-    def layer_density(self) -> dict[str, float]:
-        """Density of every sparsified tensor, by parameter name."""
-        return {n: c / s for n, c, s in zip(self._names, self._counts, self._sizes)}
-
-    def exploration_rate(self) -> Optional[float]:
-        """Fraction of the sparsified weights that have ever been active (ITOP's R_s), if tracked."""
-        if self._ever_active is None:
-            return None
-        return sum(_popcount(e) for e in self._ever_active) / self._total
 
     def stats(self) -> dict[str, Any]:
         """A JSON-friendly snapshot for logging."""
@@ -737,7 +515,7 @@ class Sparsifier:
         if state.get("ever_active") is not None and self._config.track_exploration:
             self._ever_active = [state["ever_active"][n].to(p.device).clone() for n, p in zip(self._names, self._params)]
         elif self._config.track_exploration:
-            self._ever_active = [_pack_bits(m) for m in self._masks]
+            self._ever_active = [pack_bits(m) for m in self._masks]
         self._init_counts = list(state.get("init_counts", self._init_counts))
         self._final_counts = list(state.get("final_counts", self._final_counts))
         self._step_count = step
@@ -755,43 +533,14 @@ class Sparsifier:
             if strict:
                 raise ValueError("sparsifier state has no 'config' entry; pass strict=False to load it anyway")
             return
-        current = self._config.to_dict()
-        # Fields the state predates are not compared: an older state stays loadable.
-        differing = [f"{k}={saved[k]!r} in the state, {v!r} here" for k, v in current.items() if k in saved and saved[k] != v]
-        if not differing:
-            return
-        if strict:
+        differing = self._config.differences(saved)
+        if differing and strict:
             raise ValueError(
                 f"sparsifier state was made with another config ({'; '.join(differing)}); "
                 "pass strict=False to load it anyway"
             )
-        logger.warning("loading sparsifier state saved with a different config (%s)", "; ".join(differing))
-
-    def _checked_masks(self, masks: Mapping[str, Any], source: str) -> list[torch.Tensor]:
-        """``masks`` in parameter order, after checking names, shapes and dtype (all problems named)."""
-        expected = dict(zip(self._names, (tuple(p.shape) for p in self._params)))
-        problems = []
-        missing = [n for n in self._names if n not in masks]
-        unexpected = [str(n) for n in masks if n not in expected]
-        if missing:
-            problems.append(f"missing in {source}: {', '.join(missing)}")
-        if unexpected:
-            problems.append(f"not sparsified in this model: {', '.join(unexpected)}")
-        present = [n for n in self._names if n in masks]
-        not_tensors = [n for n in present if not isinstance(masks[n], torch.Tensor)]
-        if not_tensors:
-            problems.append(f"not tensors: {', '.join(not_tensors)}")
-        tensors = [n for n in present if n not in not_tensors]
-        shapes = [f"{n} ({source} {tuple(masks[n].shape)}, model {expected[n]})"
-                  for n in tensors if tuple(masks[n].shape) != expected[n]]
-        if shapes:
-            problems.append(f"shape mismatch: {', '.join(shapes)}")
-        dtypes = [f"{n} ({masks[n].dtype})" for n in tensors if masks[n].dtype != torch.bool]
-        if dtypes:
-            problems.append(f"not torch.bool: {', '.join(dtypes)}")
-        if problems:
-            raise ValueError(f"{source} do(es) not match the model's sparsified parameters: " + "; ".join(problems))
-        return [masks[n] for n in self._names]
+        if differing:
+            logger.warning("loading sparsifier state saved with a different config (%s)", "; ".join(differing))
 
     @torch.no_grad()
     def set_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
@@ -811,15 +560,7 @@ class Sparsifier:
         """
         if not isinstance(masks, Mapping):
             raise TypeError(f"masks must be a mapping {{name: bool tensor}}, got {type(masks).__name__}")
-        checked = self._checked_masks(masks, "the given masks")
-        self._masks = [m.to(p.device).clone() for m, p in zip(checked, self._params)]
-        self._counts = [int(torch.count_nonzero(m)) for m in self._masks]
-        for i, (param, mask) in enumerate(zip(self._params, self._masks)):
-            if self._ever_active is not None:
-                self._ever_active[i] |= _pack_bits(mask)
-            param.mul_(mask)
-            for buf in self._state_tensors(param):
-                buf.mul_(mask)
+        self._install_exactly(self._checked_masks(masks, "the mapping given to set_masks"))
         if self._is_distributed:
             self.verify_masks()
 
@@ -867,17 +608,3 @@ def _short_repr(value: object, limit: int = 60) -> str:
     """``repr(value)`` cut to ``limit`` characters, for error messages."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _require_momentum(optimizer: Optional[torch.optim.Optimizer]) -> None:
-    """Momentum regrowth needs an optimizer that keeps a first-moment buffer."""
-    if optimizer is None:
-        raise ValueError("momentum regrowth (snfs) needs the optimizer: pass it to the sparsifier")
-    if isinstance(optimizer, torch.optim.SGD):
-        if all(g.get("momentum", 0) == 0 for g in optimizer.param_groups):
-            raise ValueError("momentum regrowth (snfs) needs SGD with momentum > 0")
-    elif not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        raise ValueError(
-            f"momentum regrowth (snfs) needs SGD with momentum, Adam or AdamW, not {type(optimizer).__name__}"
-        )
-
