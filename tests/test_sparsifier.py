@@ -307,3 +307,27 @@ def test_masks_use_one_byte_per_weight():
     _, _, s = make("rigl")
     assert sum(m.element_size() * m.numel() for m in s.masks.values()) == s.total
     assert sum(e.numel() for e in s.ever_active) == sum(math.ceil(n / 8) for n in s.sizes)
+
+
+@pytest.mark.parametrize("method", ["granet", "granet-st"])
+def test_granet_drop_fraction_decays_over_the_whole_run_when_t0_is_late(method):
+    # t0 at a fifth of the run: r_t still follows the cosine over [0, T] from step 0.
+    T = 100
+
+    def closed_form(t):
+        return 0.005 + 0.5 * (0.5 - 0.005) * (1.0 + math.cos(math.pi * (t / T)))
+
+    model = tiny_mlp()
+    s = granet.create_sparsifier(method, model, None, density=0.1, total_steps=T, prune_start=0.2,
+                                 update_interval=10)
+    assert (s.regrowth.start, s.regrowth.end, s.pruning.start, s.pruning.end) == (0, T, 20, 50)
+    assert s.regrowth.fraction(50) == closed_form(50) == 0.005 + 0.5 * 0.495 * (1.0 + math.cos(math.pi / 2))
+    fractions = {}
+    for t in range(1, T + 1):
+        x, y = batch(t)
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        report = s.step()
+        if report is not None:
+            fractions[report.step] = report.drop_fraction
+    assert fractions == {t: closed_form(t) for t in range(10, T, 10)}

@@ -20,6 +20,7 @@ StepSpec = Union[int, float]
 
 PRUNE_SCOPES = ("global", "layerwise")
 REDISTRIBUTIONS = ("none", "momentum")
+REINIT_REGROWN = ("new", "all")
 STEP_FIELDS = ("prune_start", "prune_end", "regrow_start", "regrow_end")
 
 
@@ -54,6 +55,10 @@ class SparsityConfig:
             ``random``, ...).
         redistribute: ``none`` keeps every layer's count; ``momentum`` (SNFS) moves regrowth between
             layers in proportion to their mean momentum magnitude.
+        reinit_regrown: which regrown weights start afresh (value 0, optimizer state 0): ``new``
+            (default) resets only weights that were inactive before the update, so a weight dropped
+            and regrown in the same update keeps its value and optimizer state, as in GraNet's code
+            and RigL (``reinit_when_same=False``); ``all`` resets every regrown weight.
         mask_optimizer_state: zero the optimizer state of inactive weights after every step. SNFS turns
             it off because it regrows by the momentum that inactive weights accumulate.
         total_steps: number of optimizer steps of the whole run; needed when a step field is a fraction.
@@ -78,6 +83,7 @@ class SparsityConfig:
     regrow_end: StepSpec = 1.0
     grow: str = "gradient"
     redistribute: str = "none"
+    reinit_regrown: str = "new"
     mask_optimizer_state: bool = True
     total_steps: Optional[int] = None
     seed: int = 0
@@ -144,6 +150,7 @@ class SparsityConfig:
             _check_choice("prune", self.prune, PRUNE_SCOPES)
         _check_choice("grow", self.grow, list_grow_criteria())
         _check_choice("redistribute", self.redistribute, REDISTRIBUTIONS)
+        _check_choice("reinit_regrown", self.reinit_regrown, REINIT_REGROWN)
         _check_choice("drop_decay", self.drop_decay, list_drop_decays())
         if isinstance(self.update_interval, bool) or not isinstance(self.update_interval, int) or self.update_interval < 1:
             raise ValueError(f"update_interval must be a positive integer, got {self.update_interval!r}")
@@ -231,4 +238,4 @@ def _check_choice(name: str, value: object, valid: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
 
 
-__all__ = ["SparsityConfig", "PRUNE_SCOPES", "REDISTRIBUTIONS", "STEP_FIELDS"]
+__all__ = ["SparsityConfig", "PRUNE_SCOPES", "REDISTRIBUTIONS", "REINIT_REGROWN", "STEP_FIELDS"]

@@ -3,23 +3,31 @@
 Every method is the same engine with different pieces: a distribution for the initial mask, an
 optional gradual pruning schedule, and an optional drop-and-regrow rule with a grow criterion.
 
-================  =============  ==============  ==================  ============  ===========
-method            initial mask   gradual prune   regrowth            grow score    ΔT, r_0
-================  =============  ==============  ==================  ============  ===========
-``dense``         dense          —               —                   —             —
-``static``        ERK random     —               —                   —             —
-``gmp``           dense          global cubic    —                   —             1000
-``gmp-layerwise`` dense          per-layer cubic —                   —             1000
-``set``           ERK random     —               until 75%           random        100, 0.3
-``rigl``          ERK random     —               until 75%           gradient      100, 0.3
-``snfs``          ERK random     —               until 75%, moved    momentum      100, 0.5
-``granet``        dense (s_i=0)  global cubic    t0 → end            gradient      1000, 0.5
-``granet-st``     ERK 50%        global cubic    t0 → end            gradient      1000, 0.5
-================  =============  ==============  ==================  ============  ===========
+================  =============  ===============  =====================  ==========  ==========  =========
+method            initial mask   gradual prune    regrowth (r_t decay)   grow score  ΔT, r_0     regrown
+================  =============  ===============  =====================  ==========  ==========  =========
+``dense``         dense          —                —                      —           —           —
+``static``        ERK random     —                —                      —           —           —
+``gmp``           dense          global cubic     —                      —           1000        —
+``gmp-layerwise`` dense          per-layer cubic  —                      —           1000        —
+``set``           ERK random     —                [0, 75%) cosine → 0    random      100, 0.3    new
+``rigl``          ERK random     —                [0, 75%) cosine → 0    gradient    100, 0.3    new
+``snfs``          ERK random     —                [0, 75%), moved        momentum    100, 0.5    new
+``granet``        dense (s_i=0)  global cubic     [0, end) cosine→0.005  gradient    1000, 0.5   new
+``granet-st``     ERK 50%        global cubic     [0, end) cosine→0.005  gradient    1000, 0.5   new
+================  =============  ===============  =====================  ==========  ==========  =========
 
-GraNet's defaults follow the paper's CIFAR recipe: t0 = 0, tf = half of training, ΔT = 1000,
-r_t cosine-decayed from 0.5 to 0.005 over training. RigL/SET/SNFS follow RigL's defaults. Every field
-can be overridden: ``create_sparsifier("granet", ..., update_interval=100, prune_end=0.75)``.
+"regrown = new" (``reinit_regrown="new"``): only weights that were inactive before the update start
+at zero with zeroed optimizer state; a weight dropped and regrown in the same update keeps its value
+and state, as in GraNet's code and RigL (``reinit_when_same=False``). ``reinit_regrown="all"``
+resets every regrown weight (the behaviour before the option existed). "moved": SNFS redistributes regrowth between
+layers by mean momentum.
+
+GraNet's defaults follow the paper's CIFAR recipe: t0 = 0, tf = half of training, ΔT = 1000, r_t
+cosine-decayed from 0.5 to 0.005 over the whole run [0, T] (also when t0 > 0: ``regrow_start=0``).
+RigL/SET/SNFS follow RigL's defaults. Every field can be overridden:
+``create_sparsifier("granet", ..., update_interval=100, prune_end=0.75)``. Intended differences from
+the authors' code are listed in ``docs/differences.md``.
 """
 from __future__ import annotations
 
@@ -154,8 +162,9 @@ def create_sparsifier(
 
 
 _DST = dict(update_interval=100, drop_fraction=0.3, drop_fraction_end=0.0, regrow_start=0, regrow_end=0.75)
+# regrow_start=0: GraNet's r_t decays over the whole run from step 0, whatever t0 is.
 _GRANET = dict(
-    prune="global", prune_start=0, prune_end=0.5, update_interval=1000,
+    prune="global", prune_start=0, prune_end=0.5, update_interval=1000, regrow_start=0,
     drop_fraction=0.5, drop_fraction_end=0.005, regrow_end=1.0, grow="gradient",
 )
 

@@ -32,9 +32,11 @@ Order inside one ``step()`` at optimizer step t:
 2. if t is a pruning step (multiple of ΔT in (t0, tf], or tf): magnitude-prune to the cubic target
    ``d(t)``, globally (one threshold over all sparsified tensors) or per layer;
 3. if t is a regrowth step: in each sparse layer drop ``floor(r_t * active)`` smallest-magnitude
-   active weights and regrow as many inactive ones with the highest grow score. Regrown weights
-   start at zero with zeroed optimizer state (``mask_optimizer_state=False`` keeps the momentum of
-   inactive weights, which SNFS uses as its grow signal, but regrown positions are still zeroed).
+   active weights and regrow as many inactive ones (just-dropped ones included) with the highest
+   grow score. Newly active weights start at zero with zeroed optimizer state; a weight dropped
+   and regrown in the same update keeps its value and state, as in GraNet and RigL
+   (``reinit_regrown="all"`` resets it too). ``mask_optimizer_state=False`` keeps the momentum of
+   inactive weights, which SNFS uses as its grow signal; newly regrown positions are still zeroed.
 """
 from __future__ import annotations
 
@@ -395,8 +397,9 @@ class Sparsifier(MaskedParameters):
         """Zero-cost neuroregeneration: per layer, drop r_t of the active weights and regrow as many.
 
         Returns:
-            Per layer, the regrown positions, which start afresh (``None`` where the layer was left
-            alone).
+            Per layer, the regrown positions that start afresh (``None`` where the layer was left
+            alone): all regrown ones with ``reinit_regrown="all"``; with ``"new"`` only those that
+            were inactive before the drop, so a weight dropped and regrown at once is untouched.
         """
         assert self._regrowth is not None
         seed = self._config.seed
@@ -426,7 +429,8 @@ class Sparsifier(MaskedParameters):
             grown = topology.grow_layer(scores.to(p.dtype), kept, grows[i], gen)
             layer = report.layers[self._names[i]]
             layer["dropped"], layer["regrown"] = drops[i], grows[i]
-            reset[i] = grown
+            before = self._masks[i]  # after pruning, before the drop
+            reset[i] = grown & ~before if self._config.reinit_regrown == "new" else grown
             self._masks[i] = kept | grown
             self._counts[i] += grows[i] - drops[i]
         return reset
