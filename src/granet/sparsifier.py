@@ -21,6 +21,11 @@ Design choices (and why):
   advances the schedule. Calling ``sparsifier.step()`` more often than the optimizer is harmless.
 * **Masks are ``torch.bool``** (1 byte per weight). The "ever active" set used for the exploration
   rate is bit-packed (1/8 byte per weight).
+* **The sparsifier owns its state.** Masks, counts and schedules are private; callers read them
+  through read-only views (``masks`` is a mapping of the live masks, ``counts`` a copy) and ask
+  named questions (:meth:`Sparsifier.is_update_step`, :meth:`Sparsifier.needs_dense_gradient`,
+  :attr:`Sparsifier.reached_final_density`). Only ``step()``, ``load_state_dict()`` and
+  ``set_masks()`` change the topology, so counts, exploration bits and zeroed weights always agree.
 * **Every random choice** comes from a generator seeded by (seed, purpose, step, layer): resumes and
   distributed ranks reproduce it without saving or sharing RNG state. Under ``torch.distributed``
   the masks are still broadcast from rank 0 at start and verified after every update
@@ -162,25 +167,7 @@ class Sparsifier(MaskedParameters):
         super().__init__([n for n, _ in targets], [p for _, p in targets], optimizer, self._config.mask_optimizer_state)
         cfg = self._config
         self._grow = get_grow_criterion(cfg.grow)
-        self._pruning: Optional[PruningSchedule] = None
-        if cfg.prune is not None:
-            self._pruning = PruningSchedule(
-                init_density=cfg.effective_init_density,
-                final_density=cfg.density,
-                start=self._steps["prune_start"],
-                end=self._steps["prune_end"],
-                interval=cfg.update_interval,
-            )
-        self._regrowth: Optional[DropFractionSchedule] = None
-        if cfg.drop_fraction > 0:
-            self._regrowth = DropFractionSchedule(
-                initial=cfg.drop_fraction,
-                final=cfg.drop_fraction_end,
-                start=self._steps["regrow_start"],
-                end=self._steps["regrow_end"],
-                interval=cfg.update_interval,
-                decay=cfg.drop_decay,
-            )
+        self._pruning, self._regrowth = self._build_schedules()
         if self._grow.needs_momentum and self._regrowth is not None:
             require_momentum(optimizer)
         if cfg.total_steps is not None and cfg.update_interval > cfg.total_steps and (self._pruning or self._regrowth):
@@ -286,6 +273,19 @@ class Sparsifier(MaskedParameters):
         return bool(self._regrowth.is_update_step(step))
 
     # ------------------------------------------------------------------ construction helpers
+
+    def _build_schedules(self) -> tuple[Optional[PruningSchedule], Optional[DropFractionSchedule]]:
+        """The pruning and drop-fraction schedules of the config, resolved to optimizer steps."""
+        cfg, steps = self._config, self._steps
+        pruning = None if cfg.prune is None else PruningSchedule(
+            init_density=cfg.effective_init_density, final_density=cfg.density,
+            start=steps["prune_start"], end=steps["prune_end"], interval=cfg.update_interval,
+        )
+        regrowth = None if cfg.drop_fraction <= 0 else DropFractionSchedule(
+            initial=cfg.drop_fraction, final=cfg.drop_fraction_end, start=steps["regrow_start"],
+            end=steps["regrow_end"], interval=cfg.update_interval, decay=cfg.drop_decay,
+        )
+        return pruning, regrowth
 
     def _initial_masks(self) -> list[torch.Tensor]:
         """Random masks at the initial density, with exact per-layer counts from the distribution."""
