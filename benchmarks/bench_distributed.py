@@ -87,9 +87,9 @@ def _measure(name: str, channels: int, size: int, batch: int, repeats: int) -> d
         "sparsified_weights": sparsifier.total,
         "batch_per_rank": batch,
         "step_s": _timed(train_step, repeats),
-        "checksum_s": _timed(lambda: gd.mask_checksum(sparsifier), repeats),
-        "verify_s": _timed(lambda: gd.verify_masks(sparsifier), repeats),
-        "broadcast_s": _timed(lambda: gd.broadcast_masks(sparsifier), repeats),
+        "checksum_s": _timed(lambda: gd.mask_checksum(sparsifier.names, list(sparsifier.masks.values())), repeats),
+        "verify_s": _timed(lambda: sparsifier.verify_masks(), repeats),
+        "broadcast_s": _timed(lambda: sparsifier.broadcast_masks(), repeats),
         "update_s": statistics.median(updates),
     }
 

@@ -118,7 +118,7 @@ def update_cost(repeats: int) -> dict:
         "ratio_with_pruning": statistics.median(prune_times) / dense,
         "ratio_regrow_only": statistics.median(regrow_times) / dense,
         "target": 0.5,
-        "mask_bytes_per_weight": sum(m.numel() * m.element_size() for m in sparsifier.masks) / sparsifier.total,
+        "mask_bytes_per_weight": sum(m.numel() * m.element_size() for m in sparsifier.masks.values()) / sparsifier.total,
         "exploration_bits_bytes_per_weight": sum(e.numel() for e in sparsifier.ever_active) / sparsifier.total,
         "mask_memory_target": 1.0,
     }

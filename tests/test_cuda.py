@@ -51,7 +51,7 @@ def test_sparsifier_on_cuda_keeps_inactive_weights_and_state_zero():
         scaler.step(opt)
         scaler.update()
         s.step()
-        for p, m in zip(s.params, s.masks):
+        for p, m in zip(s.params, s.masks.values()):
             assert m.device == p.device
             assert torch.count_nonzero(p[~m]) == 0
             assert torch.count_nonzero(opt.state[p]["momentum_buffer"][~m]) == 0

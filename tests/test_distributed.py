@@ -88,10 +88,10 @@ def train(method: str, rank: int, world: int, steps: int, dtype: torch.dtype, gl
         opt.step()
         report = s.step()
         if report is not None:
-            updates.append({"step": report.step, "skipped": report.skipped, "masks": [m.clone() for m in s.masks]})
+            updates.append({"step": report.step, "skipped": report.skipped, "masks": [m.clone() for m in s.masks.values()]})
     return {
         "updates": updates,
-        "masks": [m.clone() for m in s.masks],
+        "masks": [m.clone() for m in s.masks.values()],
         "weights": [p.detach().clone() for p in model.parameters()],
         "exploration": s.exploration_rate(),
     }
@@ -180,10 +180,10 @@ def scenario_init(rank: int) -> dict:
         out[method] = {
             "distributed": s.distributed,
             "drawn": drawn,
-            "masks": [m.clone() for m in s.masks],
+            "masks": [m.clone() for m in s.masks.values()],
             "counts": list(s.counts),
             "ever_active": [e.clone() for e in s.ever_active],
-            "zero_outside": all(int(torch.count_nonzero(p[~m])) == 0 for p, m in zip(s.params, s.masks)),
+            "zero_outside": all(int(torch.count_nonzero(p[~m])) == 0 for p, m in zip(s.params, s.masks.values())),
             "weights": [p.detach().clone() for p in s.params],
         }
     return out
@@ -207,29 +207,29 @@ def scenario_diverge(rank: int) -> dict:
     model = conv_net(seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     s = granet.create_sparsifier("rigl", model, opt, density=0.2, total_steps=20, update_interval=1)
-    reference = [m.clone() for m in s.masks]
+    reference = [m.clone() for m in s.masks.values()]
 
     # 1. One flipped entry on rank 1 only.
     if rank == 1:
-        s.masks[2].view(-1)[7] ^= True
+        s.mask_of(s.names[2]).view(-1)[7] ^= True  # corrupt the live mask on purpose
     try:
-        gd.verify_masks(s)
+        s.verify_masks()
         out["flip"] = None
     except gd.MaskDivergenceError as err:
         out["flip"] = str(err)
     # Rank 0's masks win; afterwards verification passes again.
-    gd.broadcast_masks(s)
-    gd.verify_masks(s)
-    out["healed"] = [m.clone() for m in s.masks]
+    s.broadcast_masks()
+    s.verify_masks()
+    out["healed"] = [m.clone() for m in s.masks.values()]
     out["healed_equal_reference"] = equal_lists(out["healed"], reference)
 
     # 2. A broadcast from rank 1 of masks only rank 1 changed (counts change too).
     if rank == 1:
-        s.masks[0].view(-1)[: s.sizes[0] // 2] = True
-    gd.broadcast_masks(s, src=1)
-    out["from_rank1"] = [m.clone() for m in s.masks]
+        s.mask_of(s.names[0]).view(-1)[: s.sizes[0] // 2] = True
+    s.broadcast_masks(src=1)
+    out["from_rank1"] = [m.clone() for m in s.masks.values()]
     out["counts_from_rank1"] = list(s.counts)
-    out["zero_outside"] = all(int(torch.count_nonzero(p[~m])) == 0 for p, m in zip(s.params, s.masks))
+    out["zero_outside"] = all(int(torch.count_nonzero(p[~m])) == 0 for p, m in zip(s.params, s.masks.values()))
 
     # 3. Non-finite gradients on rank 1 only (no DDP to all-reduce them): rank 1 skips the update,
     # rank 0 makes it, both verify, both raise (rather than rank 0 waiting forever).
@@ -260,7 +260,7 @@ def scenario_diverge(rank: int) -> dict:
     if rank == 1:
         state["masks"] = {n: m.reshape(-1).roll(3).view_as(m) for n, m in state["masks"].items()}
     s2.load_state_dict(state)
-    out["resumed"] = [m.clone() for m in s2.masks]
+    out["resumed"] = [m.clone() for m in s2.masks.values()]
     # 6. Checkpoints of different steps: refused, naming the steps.
     state["step"] = 3 + rank
     try:
@@ -310,7 +310,7 @@ def test_masks_broadcast_at_construction(tmp_path: Path) -> None:
         assert not equal_lists(r0["weights"], r1["weights"]), "weights are not synchronised (no DDP here)"
         # Rank 0 kept what it drew: the method's own seeded masks.
         local = granet.create_sparsifier(method, conv_net(seed=0), None, distributed=False, **options(method, 20))
-        assert equal_lists(r0["masks"], local.masks)
+        assert equal_lists(r0["masks"], list(local.masks.values()))
 
 
 def test_masks_identical_after_updates_for_every_method(trained: list[dict]) -> None:
@@ -400,44 +400,51 @@ def test_single_process_makes_no_collectives(monkeypatch: pytest.MonkeyPatch) ->
         opt.step()
         s.step()
     s.load_state_dict(s.state_dict())
-    gd.verify_masks(s)  # no process group: a no-op, not an error
-    gd.broadcast_masks(s)
+    s.verify_masks()  # no process group: a no-op, not an error
+    s.broadcast_masks()
+    gd.verify_masks(s.names, list(s.masks.values()))
+    gd.broadcast_masks(s.names, list(s.masks.values()))
     with pytest.raises(ValueError, match="needs an initialised torch.distributed process group"):
         small_rigl(conv_net(seed=0), distributed=True)
 
 
 def test_mask_checksum_sees_every_change() -> None:
     s = small_rigl(conv_net(seed=0))
-    base = gd.mask_checksum(s)
+    masks = [m.clone() for m in s.masks.values()]
+
+    def checksum(step: int = 0, skipped: int = 0) -> torch.Tensor:
+        return gd.mask_checksum(s.names, masks, step, skipped)
+
+    base = checksum()
     assert base.dtype == torch.int64 and base.shape == (len(s.names) + 1, 2)
     assert base[:-1, 1].tolist() == s.counts and base[-1].tolist() == [0, 0]
     twin = small_rigl(conv_net(seed=5))
-    assert torch.equal(gd.mask_checksum(twin), base), "a function of the masks alone"
+    assert torch.equal(gd.mask_checksum(twin.names, list(twin.masks.values())), base), "a function of the masks alone"
     for layer in range(len(s.names)):
         for index in (0, 1, s.sizes[layer] - 1):
-            s.masks[layer].view(-1)[index] ^= True
-            changed = gd.mask_checksum(s)
-            s.masks[layer].view(-1)[index] ^= True
+            masks[layer].view(-1)[index] ^= True
+            changed = checksum()
+            masks[layer].view(-1)[index] ^= True
             assert not torch.equal(changed[layer], base[layer]), (layer, index)
             others = [i for i in range(len(s.names) + 1) if i != layer]
             assert torch.equal(changed[others], base[others]), "only the changed layer's row moves"
         # Same count, other positions: the mask shifted by one place.
-        mask = s.masks[layer].view(-1)
+        mask = masks[layer].view(-1)
         saved = mask.clone()
         mask.copy_(saved.roll(1))
-        assert gd.mask_checksum(s)[layer, 1] == base[layer, 1] and gd.mask_checksum(s)[layer, 0] != base[layer, 0]
+        assert checksum()[layer, 1] == base[layer, 1] and checksum()[layer, 0] != base[layer, 0]
         mask.copy_(saved)
     # Two sets with equal counts and equal index sums, which an index-weighted linear sum cannot tell apart.
-    flat = s.masks[0].view(-1)
+    flat = masks[0].view(-1)
     saved = flat.clone()
     flat[:8] = torch.tensor([0, 1, 0, 0, 1, 0, 0, 0], dtype=torch.bool)  # active {1, 4}
-    before = gd.mask_checksum(s)[0, 0]
+    before = checksum()[0, 0]
     flat[:8] = torch.tensor([0, 0, 1, 1, 0, 0, 0, 0], dtype=torch.bool)  # active {2, 3}: same sum, count
-    assert gd.mask_checksum(s)[0, 0] != before
+    assert checksum()[0, 0] != before
     flat.copy_(saved)
-    assert torch.equal(gd.mask_checksum(s), base)
-    s.skipped_updates = 1
-    assert gd.mask_checksum(s)[-1].tolist() == [0, 1]
+    assert torch.equal(checksum(), base)
+    assert checksum(skipped=1)[-1].tolist() == [0, 1]
+    assert checksum(step=7)[-1].tolist() == [7, 0]
 
 
 def test_world_of_one_is_not_distributed(tmp_path: Path) -> None:
@@ -447,9 +454,9 @@ def test_world_of_one_is_not_distributed(tmp_path: Path) -> None:
         assert small_rigl(conv_net(seed=0)).distributed is False
         # Forced on, every collective works with a single rank.
         s = small_rigl(conv_net(seed=0), distributed=True)
-        before = [m.clone() for m in s.masks]
+        before = [m.clone() for m in s.masks.values()]
         s.load_state_dict(s.state_dict())
-        gd.verify_masks(s)
-        assert equal_lists(before, s.masks)
+        s.verify_masks()
+        assert equal_lists(before, list(s.masks.values()))
     finally:
         dist.destroy_process_group()

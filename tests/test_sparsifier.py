@@ -45,11 +45,11 @@ def test_invariants_over_training(method, density, model_fn):
     constant = s.pruning is None
     updates = 0
     for t in range(1, STEPS + 1):
-        old = [m.clone() for m in s.masks]
+        old = [m.clone() for m in s.masks.values()]
         train_step(model, opt, t)
         report = s.step()
         assert s.step_count == t
-        for i, (p, m) in enumerate(zip(s.params, s.masks)):
+        for i, (p, m) in enumerate(zip(s.params, s.masks.values())):
             assert m.dtype == torch.bool
             assert int(m.sum()) == s.counts[i]
             assert torch.count_nonzero(p[~m]) == 0, "inactive weights must be exactly zero"
@@ -59,7 +59,7 @@ def test_invariants_over_training(method, density, model_fn):
         if constant:
             assert sum(s.counts) == final_count
         if report is None:
-            assert all(torch.equal(a, b) for a, b in zip(old, s.masks))
+            assert all(torch.equal(a, b) for a, b in zip(old, s.masks.values()))
             continue
         updates += 1
         assert not report.skipped
@@ -69,13 +69,14 @@ def test_invariants_over_training(method, density, model_fn):
             for name, layer in report.layers.items():
                 assert layer["regrown"] == layer["dropped"], name
         assert report.regrown == report.dropped  # zero-cost: density unchanged by regrowth
-        for p, m, o in zip(s.params, s.masks, old):
+        for p, m, o in zip(s.params, s.masks.values(), old):
             grown = m & ~o
             assert torch.count_nonzero(p[grown]) == 0, "regrown weights start at zero"
             for buf in state_tensors(opt, p):
                 assert torch.count_nonzero(buf[grown]) == 0, "regrown weights start with zero optimizer state"
         if s.pruning is not None and t == tf:
             assert sum(s.counts) == final_count, "final density must be hit exactly at tf"
+    assert updates == sum(s.is_update_step(t) for t in range(1, STEPS + 1))
     if s.pruning is not None or s.regrowth is not None:
         assert updates > 0
     assert sum(s.counts) == final_count
@@ -90,9 +91,8 @@ def test_initial_masks_exact(method, distribution):
     _, _, s = make(method, tiny_cnn, 0.1, distribution=distribution)
     assert sum(s.counts) == round(0.1 * s.total)
     assert all(0 <= c <= n for c, n in zip(s.counts, s.sizes))
-    if distribution == "uniform":
-        for c, n in zip(s.counts, s.sizes):
-            assert abs(c - 0.1 * n) <= 1
+    if distribution != "global":
+        assert s.counts == granet.layer_counts(distribution, [tuple(p.shape) for p in s.params], 0.1)
 
 
 def test_granet_st_starts_at_half_erk_and_gmp_starts_dense():
@@ -124,7 +124,7 @@ def test_pruned_weights_stay_zero_for_every_optimizer(make_opt):
     for t in range(1, 30):
         train_step(model, opt, t)
         s.step()
-        for p, m in zip(s.params, s.masks):
+        for p, m in zip(s.params, s.masks.values()):
             assert torch.count_nonzero(p[~m]) == 0
             for buf in state_tensors(opt, p):
                 assert torch.count_nonzero(buf[~m]) == 0
@@ -145,7 +145,7 @@ def test_resume_is_bit_exact(method):
         train_step(model, opt, t)
         s.step()
     ref_weights = [p.detach().clone() for p in model.parameters()]
-    ref_masks = [m.clone() for m in s.masks]
+    ref_masks = [m.clone() for m in s.masks.values()]
 
     model, opt, s = make(method)
     for t in range(1, 23):
@@ -160,7 +160,7 @@ def test_resume_is_bit_exact(method):
     for t in range(23, STEPS + 1):
         train_step(model2, opt2, t)
         s2.step()
-    assert all(torch.equal(a, b) for a, b in zip(ref_masks, s2.masks))
+    assert all(torch.equal(a, b) for a, b in zip(ref_masks, s2.masks.values()))
     assert all(torch.equal(a, b.detach()) for a, b in zip(ref_weights, model2.parameters()))
     model3, opt3, s3 = make(method)
     for t in range(1, STEPS + 1):
@@ -175,7 +175,7 @@ def test_state_dict_round_trip_and_mismatch_errors():
     assert all(m.dtype == torch.bool for m in state["masks"].values())
     _, _, other = make("rigl", seed=5)
     other.load_state_dict(state)
-    assert all(torch.equal(a, b) for a, b in zip(s.masks, other.masks))
+    assert all(torch.equal(a, b) for a, b in zip(s.masks.values(), other.masks.values()))
 
     wider = nn.Sequential(nn.Flatten(), nn.Linear(108, 41), nn.ReLU(), nn.Linear(41, 24), nn.ReLU(), nn.Linear(24, 5))
     _, _, mlp = make("rigl", tiny_mlp)
@@ -193,11 +193,11 @@ def test_grad_scaler_skipped_step_does_not_count():
     opt.zero_grad()
     scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
     s.params[0].grad[0].fill_(float("inf"))
-    before = [m.clone() for m in s.masks]
+    before = [m.clone() for m in s.masks.values()]
     scaler.step(opt)  # inf found: optimizer.step() is skipped
     scaler.update()
     assert s.step() is None and s.step_count == 0
-    assert all(torch.equal(a, b) for a, b in zip(before, s.masks))
+    assert all(torch.equal(a, b) for a, b in zip(before, s.masks.values()))
     for t in (1, 2):
         x, y = batch(t)
         opt.zero_grad()
@@ -205,7 +205,10 @@ def test_grad_scaler_skipped_step_does_not_count():
         scaler.step(opt)
         scaler.update()
         report = s.step()
-    assert s.step_count == 2 and report is not None and report.regrown > 0
+    assert s.step_count == 2 and report is not None
+    # Zero-cost regrowth at step 2 drops floor(r_2 * active) in every sparse layer, and regrows as many.
+    expected = sum(int(report.drop_fraction * c) for c, n in zip(s.counts, s.sizes) if c < n)
+    assert report.drop_fraction == s.regrowth.fraction(2) and report.dropped == report.regrown == expected > 0
 
 
 def test_non_finite_gradients_skip_the_update():
@@ -214,10 +217,10 @@ def test_non_finite_gradients_skip_the_update():
     x, y = batch(0)
     nn.functional.cross_entropy(model(x), y).backward()
     s.params[1].grad[0, 0, 0, 0] = float("nan")
-    before = [m.clone() for m in s.masks]
+    before = [m.clone() for m in s.masks.values()]
     report = s.step()
     assert report.skipped and s.skipped_updates == 1 and s.step_count == 1
-    assert all(torch.equal(a, b) for a, b in zip(before, s.masks))
+    assert all(torch.equal(a, b) for a, b in zip(before, s.masks.values()))
     assert s.stats()["last_update"]["skipped"] is True
 
 
@@ -257,14 +260,27 @@ def test_keep_dense_and_wrapped_names():
 
 def test_stats_and_reports():
     model, opt, s = make("granet", density=0.1, prune_end=30, update_interval=10)
-    reports = []
+    reports, counts_after = [], []
     for t in range(1, STEPS + 1):
         train_step(model, opt, t)
         r = s.step()
         if r is not None:
             reports.append(r)
-    assert [r.step for r in reports] == [10, 20, 30, 40, 50, 60][: len(reports)]
-    assert reports[0].pruned > 0 and reports[0].regrown == reports[0].dropped > 0
+            counts_after.append(s.counts)
+    # Pruning at 10, 20, 30 (tf); regrowth at multiples of ΔT in [0, T): none at the last step.
+    assert [r.step for r in reports] == [10, 20, 30, 40, 50]
+    assert reports[0].target_density == 0.1 + (1.0 - 0.1) * (1.0 - 10 / 30) ** 3  # cubic from dense at t0 = 0
+    active = s.total
+    for r in reports:  # regrowth is zero-cost, so only pruning moves the count
+        assert r.pruned == active - round(r.target_density * s.total)
+        active -= r.pruned
+    assert [r.pruned for r in reports][3:] == [0, 0] and active == round(0.1 * s.total)
+    for r, counts in zip(reports, counts_after):
+        assert r.drop_fraction == 0.005 + 0.5 * 0.495 * (1.0 + math.cos(math.pi * (r.step / STEPS)))
+        for name, c, n in zip(s.names, counts, s.sizes):
+            # floor(r_t * active) per sparse layer; dense layers are left alone.
+            assert r.layers[name]["dropped"] == r.layers[name]["regrown"] == (int(r.drop_fraction * c) if c < n else 0)
+        assert r.dropped == sum(v["dropped"] for v in r.layers.values()) > 0
     stats = s.stats()
     assert stats["step"] == STEPS and stats["active_weights"] == round(0.1 * s.total)
     assert stats["density"] + stats["sparsity"] == 1.0
@@ -309,5 +325,29 @@ def test_no_sparsifiable_weights_and_momentum_requirement():
 
 def test_masks_use_one_byte_per_weight():
     _, _, s = make("rigl")
-    assert sum(m.element_size() * m.numel() for m in s.masks) == s.total
+    assert sum(m.element_size() * m.numel() for m in s.masks.values()) == s.total
     assert sum(e.numel() for e in s.ever_active) == sum(math.ceil(n / 8) for n in s.sizes)
+
+
+@pytest.mark.parametrize("method", ["granet", "granet-st"])
+def test_granet_drop_fraction_decays_over_the_whole_run_when_t0_is_late(method):
+    # t0 at a fifth of the run: r_t still follows the cosine over [0, T] from step 0.
+    T = 100
+
+    def closed_form(t):
+        return 0.005 + 0.5 * (0.5 - 0.005) * (1.0 + math.cos(math.pi * (t / T)))
+
+    model = tiny_mlp()
+    s = granet.create_sparsifier(method, model, None, density=0.1, total_steps=T, prune_start=0.2,
+                                 update_interval=10)
+    assert (s.regrowth.start, s.regrowth.end, s.pruning.start, s.pruning.end) == (0, T, 20, 50)
+    assert s.regrowth.fraction(50) == closed_form(50) == 0.005 + 0.5 * 0.495 * (1.0 + math.cos(math.pi / 2))
+    fractions = {}
+    for t in range(1, T + 1):
+        x, y = batch(t)
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        report = s.step()
+        if report is not None:
+            fractions[report.step] = report.drop_fraction
+    assert fractions == {t: closed_form(t) for t in range(10, T, 10)}

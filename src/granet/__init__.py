@@ -12,15 +12,19 @@ as a sparsifier you step after ``optimizer.step()`` in your own training loop::
     sparsifier.step()
 """
 from .config import SparsityConfig
+from .criteria import GrowCriterion, list_grow_criteria, register_grow_criterion
 from .distributed import MaskDivergenceError, broadcast_masks, mask_checksum, verify_masks
-from .distributions import allocate_counts, layer_counts
+from .distributions import Distribution, allocate_counts, layer_counts, list_distributions, register_distribution
 from .export import ExportInfo, export_run, export_sparse, load_masks, load_sparse
 from .inference import plan_sparse_inference, to_semi_structured, to_sparse_inference
 from .lottery import LotteryTicket
-from .methods import create_sparsifier, describe_method, list_methods, method_config, register_method
+from .methods import (
+    create_sparsifier, describe_method, list_methods, method_config, method_preset, register_method,
+)
 from .saliency import prune_at_init
-from .schedules import DropFractionSchedule, PruningSchedule
-from .sparsifier import Sparsifier, UpdateReport, sparsifiable_parameters
+from .schedules import DropFractionSchedule, PruningSchedule, list_drop_decays, register_drop_decay
+from .sparsifier import Sparsifier, sparsifiable_parameters
+from .topology import UpdateReport
 
 __version__ = "0.1.0"
 
@@ -35,6 +39,15 @@ __all__ = [
     "mask_checksum",
     "verify_masks",
     "allocate_counts",
+    "Distribution",
+    "GrowCriterion",
+    "list_distributions",
+    "list_drop_decays",
+    "list_grow_criteria",
+    "method_preset",
+    "register_distribution",
+    "register_drop_decay",
+    "register_grow_criterion",
     "layer_counts",
     "create_sparsifier",
     "describe_method",

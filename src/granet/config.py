@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
-from .criteria import GROW_CRITERIA
-from .distributions import DISTRIBUTIONS
+from .criteria import list_grow_criteria
+from .distributions import get_distribution, list_distributions
+from .schedules import list_drop_decays
 
 StepSpec = Union[int, float]
 
 PRUNE_SCOPES = ("global", "layerwise")
 REDISTRIBUTIONS = ("none", "momentum")
-DROP_DECAYS = ("cosine", "constant")
+REINIT_REGROWN = ("new", "all")
 STEP_FIELDS = ("prune_start", "prune_end", "regrow_start", "regrow_end")
 
 
@@ -33,7 +34,8 @@ class SparsityConfig:
         init_density: density at the start; ``None`` means ``density`` for constant-density methods.
             Must equal ``density`` unless ``prune`` is set.
         distribution: layer-wise split of the initial (and, for layer-wise pruning, final) density:
-            ``uniform``, ``er``, ``erk`` or ``global``.
+            a registered :class:`~granet.distributions.Distribution` (``uniform``, ``er``, ``erk``,
+            ``global``, ...).
         erk_power_scale: exponent on the ER/ERK raw densities.
         keep_dense: name patterns (``fnmatch``, matched against module and parameter names) of
             layers that stay dense; each must match at least one layer.
@@ -44,13 +46,19 @@ class SparsityConfig:
         drop_fraction: r_0, fraction of each layer's active weights dropped and regrown per update;
             0 disables regrowth.
         drop_fraction_end: value r_t decays to at ``regrow_end`` (cosine decay).
-        drop_decay: ``cosine`` or ``constant``.
+        drop_decay: a registered decay of r_t (``cosine``, ``constant``, ...; see
+            :func:`~granet.schedules.register_drop_decay`).
         regrow_start: first step of drop-and-regrow updates; ``None`` means ``prune_start`` for pruning
             methods and 0 otherwise.
         regrow_end: updates happen strictly before this step.
-        grow: grow criterion, ``gradient``, ``momentum`` or ``random``.
+        grow: a registered :class:`~granet.criteria.GrowCriterion` (``gradient``, ``momentum``,
+            ``random``, ...).
         redistribute: ``none`` keeps every layer's count; ``momentum`` (SNFS) moves regrowth between
             layers in proportion to their mean momentum magnitude.
+        reinit_regrown: which regrown weights start afresh (value 0, optimizer state 0): ``new``
+            (default) resets only weights that were inactive before the update, so a weight dropped
+            and regrown in the same update keeps its value and optimizer state, as in GraNet's code
+            and RigL (``reinit_when_same=False``); ``all`` resets every regrown weight.
         mask_optimizer_state: zero the optimizer state of inactive weights after every step. SNFS turns
             it off because it regrows by the momentum that inactive weights accumulate.
         total_steps: number of optimizer steps of the whole run; needed when a step field is a fraction.
@@ -75,6 +83,7 @@ class SparsityConfig:
     regrow_end: StepSpec = 1.0
     grow: str = "gradient"
     redistribute: str = "none"
+    reinit_regrown: str = "new"
     mask_optimizer_state: bool = True
     total_steps: Optional[int] = None
     seed: int = 0
@@ -103,6 +112,15 @@ class SparsityConfig:
         out["keep_dense"] = list(self.keep_dense)
         return out
 
+    def differences(self, saved: Mapping[str, Any]) -> list[str]:
+        """``"field=saved in the state, current here"`` for every field ``saved`` holds with another value.
+
+        Fields that ``saved`` lacks are not compared, so a state written before a field existed
+        stays loadable.
+        """
+        current = self.to_dict()
+        return [f"{k}={saved[k]!r} in the state, {v!r} here" for k, v in current.items() if k in saved and saved[k] != v]
+
     @property
     def effective_init_density(self) -> float:
         """The initial density after applying the ``None`` default."""
@@ -127,12 +145,13 @@ class SparsityConfig:
                 f"final density {self.density} is above the initial density {init}: "
                 f"{self.method!r} prunes, so density must be <= init_density"
             )
-        _check_choice("distribution", self.distribution, DISTRIBUTIONS)
+        _check_choice("distribution", self.distribution, list_distributions())
         if self.prune is not None:
             _check_choice("prune", self.prune, PRUNE_SCOPES)
-        _check_choice("grow", self.grow, GROW_CRITERIA)
+        _check_choice("grow", self.grow, list_grow_criteria())
         _check_choice("redistribute", self.redistribute, REDISTRIBUTIONS)
-        _check_choice("drop_decay", self.drop_decay, DROP_DECAYS)
+        _check_choice("reinit_regrown", self.reinit_regrown, REINIT_REGROWN)
+        _check_choice("drop_decay", self.drop_decay, list_drop_decays())
         if isinstance(self.update_interval, bool) or not isinstance(self.update_interval, int) or self.update_interval < 1:
             raise ValueError(f"update_interval must be a positive integer, got {self.update_interval!r}")
         for name in ("drop_fraction", "drop_fraction_end"):
@@ -141,10 +160,15 @@ class SparsityConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
         if self.erk_power_scale < 0:
             raise ValueError(f"erk_power_scale must be >= 0, got {self.erk_power_scale}")
-        if self.total_steps is not None and (isinstance(self.total_steps, bool) or self.total_steps < 1):
-            raise ValueError(f"total_steps must be a positive integer, got {self.total_steps!r}")
-        if self.prune == "layerwise" and self.distribution == "global":
-            raise ValueError("layer-wise pruning needs a per-layer distribution (uniform, er or erk), not 'global'")
+        if self.total_steps is not None and (
+            isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1
+        ):
+            raise ValueError(f"total_steps must be a positive integer (optimizer steps), got {self.total_steps!r}")
+        if self.prune == "layerwise" and not get_distribution(self.distribution).per_layer:
+            per_layer = [n for n in list_distributions() if get_distribution(n).per_layer]
+            raise ValueError(
+                f"layer-wise pruning needs a per-layer distribution ({', '.join(per_layer)}), not {self.distribution!r}"
+            )
 
     def uses_field(self, name: str) -> bool:
         """Whether a step field matters for this configuration."""
@@ -172,10 +196,23 @@ class SparsityConfig:
             if value is None and name == "regrow_start":
                 value = resolved.get("prune_start", 0) if self.prune is not None else 0
             resolved[name] = self._to_step(name, value)
+        if self.total_steps is not None:
+            beyond = [n for n, v in resolved.items() if v > self.total_steps]
+            if beyond:
+                name = beyond[0]
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} resolves to step {resolved[name]}, beyond total_steps="
+                    f"{self.total_steps}: the run would end before it; give a step <= total_steps or a fraction"
+                )
         if self.prune is not None and resolved["prune_start"] >= resolved["prune_end"]:
             raise ValueError(
                 f"prune_start (t0={resolved['prune_start']}) must be before prune_end "
                 f"(tf={resolved['prune_end']})"
+            )
+        if "regrow_start" in resolved and resolved["regrow_start"] > resolved["regrow_end"]:
+            raise ValueError(
+                f"regrow_start (step {resolved['regrow_start']}) must not be after regrow_end "
+                f"(step {resolved['regrow_end']})"
             )
         return resolved
 
@@ -241,4 +278,7 @@ def field_help() -> dict[str, str]:
         elif current and stripped:
             out[current] += " " + stripped
     return out
-__all__ = ["SparsityConfig", "PRUNE_SCOPES", "REDISTRIBUTIONS", "STEP_FIELDS", "step_spec", "field_help"]
+
+
+__all__ = ["SparsityConfig", "PRUNE_SCOPES", "REDISTRIBUTIONS", "REINIT_REGROWN", "STEP_FIELDS", "step_spec",
+           "field_help"]

@@ -5,7 +5,10 @@ The prune criterion (:func:`active_magnitudes`) scores *active* weights (high = 
 entries set, breaking ties at the threshold with a seeded generator, so counts never depend on
 sampling and every rank of a distributed job picks the same set.
 
-Grow criteria:
+Grow criteria are registered :class:`GrowCriterion` objects, chosen by name in
+:class:`~granet.config.SparsityConfig` (``grow="gradient"``) so presets stay serialisable. A grow
+criterion knows its score function and when it needs the dense gradient (for the FLOPs ledger).
+Built in:
 
 * ``gradient`` (RigL, GraNet): ``|dL/dw|`` of the dense gradient. Inactive weights are plain zeros in
   the parameter (not hidden behind a ``weight * mask`` product), so their gradient is available.
@@ -16,11 +19,10 @@ Grow criteria:
 from __future__ import annotations
 
 import hashlib
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
-
-GROW_CRITERIA = ("gradient", "momentum", "random")
 
 # Optimizer state keys holding a first-moment estimate, in order of preference.
 MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
@@ -131,7 +133,7 @@ def active_magnitudes(param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, param.detach().abs(), -1.0)
 
 
-def gradient_scores(param: torch.Tensor, name: str) -> torch.Tensor:
+def gradient_scores(param: torch.Tensor, name: str, *_: object) -> torch.Tensor:
     """Grow score: ``|dL/dw|`` of the dense gradient currently in ``param.grad``."""
     if param.grad is None:
         raise RuntimeError(
@@ -141,7 +143,9 @@ def gradient_scores(param: torch.Tensor, name: str) -> torch.Tensor:
     return param.grad.detach().abs()
 
 
-def momentum_scores(param: torch.Tensor, name: str, optimizer: Optional[torch.optim.Optimizer]) -> torch.Tensor:
+def momentum_scores(
+    param: torch.Tensor, name: str, optimizer: Optional[torch.optim.Optimizer], *_: object
+) -> torch.Tensor:
     """Grow score: ``|m|`` of the optimizer's momentum / first-moment buffer for ``param``."""
     buf = momentum_buffer(param, optimizer)
     if buf is None:
@@ -152,9 +156,66 @@ def momentum_scores(param: torch.Tensor, name: str, optimizer: Optional[torch.op
     return buf.detach().abs()
 
 
-def random_scores(param: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def random_scores(param: torch.Tensor, name: str, optimizer: object, generator: torch.Generator) -> torch.Tensor:
     """Grow score: uniform noise drawn on the CPU (device-independent), moved to ``param``'s device."""
     return torch.rand(param.shape, generator=generator).to(param.device)
+
+
+ScoreFunction = Callable[[torch.Tensor, str, Optional[torch.optim.Optimizer], torch.Generator], torch.Tensor]
+DENSE_GRADIENT_NEEDS = ("never", "update_steps", "every_step")
+
+
+@dataclass(frozen=True)
+class GrowCriterion:
+    """A named grow score for drop-and-regrow.
+
+    Attributes:
+        name: the name used in :class:`~granet.config.SparsityConfig` (``grow=...``).
+        score: ``score(param, name, optimizer, generator)`` returns a tensor shaped like ``param``;
+            higher regrows first. Only positions inactive after the drop are candidates. Use
+            ``generator`` (seeded by seed, step and layer) for any randomness, never the global RNG.
+        dense_gradient: when the score needs the dense weight gradient: ``"never"``,
+            ``"update_steps"`` (read at topology updates only) or ``"every_step"`` (accumulated
+            from every step, like momentum). The training-FLOPs ledger counts that cost.
+        needs_momentum: the optimizer must keep a first-moment buffer (checked at construction).
+    """
+
+    name: str
+    score: ScoreFunction
+    dense_gradient: str = "update_steps"
+    needs_momentum: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dense_gradient not in DENSE_GRADIENT_NEEDS:
+            raise ValueError(
+                f"dense_gradient must be one of {', '.join(DENSE_GRADIENT_NEEDS)}, got {self.dense_gradient!r}"
+            )
+
+
+_GROW_CRITERIA: dict[str, GrowCriterion] = {}
+
+
+def register_grow_criterion(criterion: GrowCriterion) -> GrowCriterion:
+    """Make ``criterion`` selectable by name (``grow=criterion.name``); names are unique."""
+    if not isinstance(criterion, GrowCriterion):
+        raise TypeError(f"register a GrowCriterion, not {type(criterion).__name__}")
+    if criterion.name in _GROW_CRITERIA:
+        raise ValueError(f"grow criterion {criterion.name!r} is already registered")
+    _GROW_CRITERIA[criterion.name] = criterion
+    return criterion
+
+
+def list_grow_criteria() -> tuple[str, ...]:
+    """Names of the registered grow criteria, in registration order."""
+    return tuple(_GROW_CRITERIA)
+
+
+def get_grow_criterion(name: str) -> GrowCriterion:
+    """The registered grow criterion ``name``; ``ValueError`` naming the valid ones otherwise."""
+    try:
+        return _GROW_CRITERIA[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown grow criterion {name!r}; valid: {', '.join(_GROW_CRITERIA)}") from None
 
 
 def grow_scores(
@@ -165,13 +226,7 @@ def grow_scores(
     generator: torch.Generator,
 ) -> torch.Tensor:
     """Scores of the named grow criterion for every position of ``param`` (higher = regrow first)."""
-    if criterion == "gradient":
-        return gradient_scores(param, name)
-    if criterion == "momentum":
-        return momentum_scores(param, name, optimizer)
-    if criterion == "random":
-        return random_scores(param, generator)
-    raise ValueError(f"unknown grow criterion {criterion!r}; valid: {', '.join(GROW_CRITERIA)}")
+    return get_grow_criterion(criterion).score(param, name, optimizer, generator)
 
 
 def momentum_buffer(param: torch.Tensor, optimizer: Optional[torch.optim.Optimizer]) -> Optional[torch.Tensor]:
@@ -184,3 +239,21 @@ def momentum_buffer(param: torch.Tensor, optimizer: Optional[torch.optim.Optimiz
         if isinstance(buf, torch.Tensor) and buf.shape == param.shape:
             return buf
     return None
+
+
+def require_momentum(optimizer: Optional[torch.optim.Optimizer]) -> None:
+    """Momentum regrowth needs an optimizer that keeps a first-moment buffer."""
+    if optimizer is None:
+        raise ValueError("momentum regrowth (snfs) needs the optimizer: pass it to the sparsifier")
+    if isinstance(optimizer, torch.optim.SGD):
+        if all(g.get("momentum", 0) == 0 for g in optimizer.param_groups):
+            raise ValueError("momentum regrowth (snfs) needs SGD with momentum > 0")
+    elif not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        raise ValueError(
+            f"momentum regrowth (snfs) needs SGD with momentum, Adam or AdamW, not {type(optimizer).__name__}"
+        )
+
+
+register_grow_criterion(GrowCriterion("gradient", gradient_scores, dense_gradient="update_steps"))
+register_grow_criterion(GrowCriterion("momentum", momentum_scores, dense_gradient="every_step", needs_momentum=True))
+register_grow_criterion(GrowCriterion("random", random_scores, dense_gradient="never"))

@@ -1,4 +1,9 @@
-"""Keeping a :class:`~granet.sparsifier.Sparsifier`'s masks identical on every rank of a distributed job.
+"""Keeping sparsity masks identical on every rank of a distributed job.
+
+The helpers here work on plain lists (layer names, boolean masks, step counters), not on the
+sparsifier: :class:`~granet.sparsifier.Sparsifier` calls them from its own
+:meth:`~granet.sparsifier.Sparsifier.broadcast_masks` and
+:meth:`~granet.sparsifier.Sparsifier.verify_masks`, so this module imports nothing from it.
 
 Why masks *should* already agree: every random choice comes from
 :func:`~granet.criteria.seeded_generator` (seed, purpose, step, layer), never the rank; selection is
@@ -11,8 +16,9 @@ Why that is not enough: a rank that built its masks from a different checkpoint,
 or a model wrapped differently would silently train a different sparse network, and the all-reduce
 would average gradients of mismatched topologies. So the sparsifier, when distributed:
 
-* :func:`broadcast_masks` from rank 0 when it is built and after ``load_state_dict`` (one check of
-  layout/config/step, then one broadcast of all masks and exploration bits in a single buffer);
+* :func:`broadcast_masks` from rank 0 when it is built and after ``load_state_dict`` / ``set_masks``
+  (one check of layout/config/step, then one broadcast of all masks and exploration bits in a
+  single buffer);
 * :func:`verify_masks` after every topology update: one all-reduce of a few int64 per layer (a
   checksum of each mask and its count); :class:`MaskDivergenceError` names the step, the layers and
   the ranks when they differ.
@@ -39,13 +45,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-
-if TYPE_CHECKING:  # the sparsifier imports this module: no runtime import back
-    from .sparsifier import Sparsifier
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +85,8 @@ def is_initialised() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _comm_device(sparsifier: "Sparsifier", group: Optional[Any]) -> torch.device:
-    """Device for collective buffers: the parameters' device, or the CPU for gloo."""
-    device = sparsifier.params[0].device
+def _comm_device(device: torch.device, group: Optional[Any]) -> torch.device:
+    """Device for collective buffers: the masks' device, or the CPU for gloo."""
     if device.type == "cpu":
         return device
     # gloo's collectives are written for CPU tensors; nccl (or a "cpu:gloo,cuda:nccl" mix) wants
@@ -124,7 +126,9 @@ def _hash_positions(flat_index: torch.Tensor, salt: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def mask_checksum(sparsifier: "Sparsifier") -> torch.Tensor:
+def mask_checksum(
+    names: Sequence[str], masks: Sequence[torch.Tensor], step: int = 0, skipped_updates: int = 0
+) -> torch.Tensor:
     """An order-sensitive checksum of every mask, computed where the masks live.
 
     For layer ``i`` with mask ``m``: ``sum(h_i(j) for j in flatnonzero(m))`` where ``h_i`` is a
@@ -133,23 +137,33 @@ def mask_checksum(sparsifier: "Sparsifier") -> torch.Tensor:
     missed essentially never. Exact for layers below 2^31 entries (larger ones wrap the index).
 
     Args:
-        sparsifier: the sparsifier.
+        names: layer names, one per mask (they salt the hash, so equal masks of two layers differ).
+        masks: boolean masks, all on one device.
+        step: the sparsifier's step counter.
+        skipped_updates: the number of topology updates skipped for non-finite gradients.
 
     Returns:
-        ``int64`` tensor of shape ``(num_layers + 1, 2)`` on the first parameter's device: row ``i``
-        is ``[hash, active count]`` of layer ``i``; the last row is ``[step_count, skipped_updates]``
-        so that ranks whose schedules or skip decisions drifted apart are caught too.
+        ``int64`` tensor of shape ``(len(masks) + 1, 2)`` on the first mask's device: row ``i`` is
+        ``[hash, active count]`` of layer ``i``; the last row is ``[step, skipped_updates]`` so
+        that ranks whose schedules or skip decisions drifted apart are caught too.
     """
-    device = sparsifier.params[0].device
+    _check_lists(names, masks)
+    device = masks[0].device
     hashes, counts = [], []
-    for i, (name, param, mask) in enumerate(zip(sparsifier.names, sparsifier.params, sparsifier.masks)):
+    for i, (name, mask) in enumerate(zip(names, masks)):
         positions = mask.reshape(-1).nonzero().squeeze(1)  # int64, on the mask's device
         counts.append(positions.numel())
-        hashes.append(_hash_positions(positions, _layer_salt(i, name, tuple(param.shape))).sum().to(device))
-    hashes.append(torch.tensor(sparsifier.step_count, dtype=torch.int64, device=device))
-    counts.append(sparsifier.skipped_updates)
+        hashes.append(_hash_positions(positions, _layer_salt(i, name, tuple(mask.shape))).sum().to(device))
+    hashes.append(torch.tensor(int(step), dtype=torch.int64, device=device))
+    counts.append(int(skipped_updates))
     # The counts are host integers already (nonzero sized its output): one host-to-device copy.
     return torch.stack([torch.stack(hashes), torch.tensor(counts, dtype=torch.int64).to(device)], dim=1)
+
+
+def _check_lists(names: Sequence[str], masks: Sequence[torch.Tensor]) -> None:
+    """Names and masks must pair up one to one, and there must be at least one."""
+    if len(names) != len(masks) or not masks:
+        raise ValueError(f"need one name per mask and at least one mask, got {len(names)} names, {len(masks)} masks")
 
 
 def _agree(values: torch.Tensor, group: Optional[Any]) -> bool:
@@ -186,7 +200,13 @@ def _differing_ranks(rows: torch.Tensor, group: Optional[Any]) -> list[int]:
     return [_global_rank(group, r) for r in range(rows.shape[0]) if not torch.equal(rows[r], reference)]
 
 
-def verify_masks(sparsifier: "Sparsifier", group: Optional[Any] = None) -> None:
+def verify_masks(
+    names: Sequence[str],
+    masks: Sequence[torch.Tensor],
+    step: int = 0,
+    skipped_updates: int = 0,
+    group: Optional[Any] = None,
+) -> None:
     """Check that every rank holds the same masks; raise naming the layers and ranks if not.
 
     Cost: :func:`mask_checksum` plus one all-reduce of ``2 * (num_layers + 1) * 2`` int64. Only when
@@ -195,7 +215,10 @@ def verify_masks(sparsifier: "Sparsifier", group: Optional[Any] = None) -> None:
     A no-op without an initialised process group.
 
     Args:
-        sparsifier: the sparsifier to check.
+        names: layer names, one per mask.
+        masks: the boolean masks to compare.
+        step: the step counter, compared too.
+        skipped_updates: the number of skipped updates, compared too.
         group: the process group (default: the world).
 
     Raises:
@@ -204,13 +227,13 @@ def verify_masks(sparsifier: "Sparsifier", group: Optional[Any] = None) -> None:
     """
     if not is_initialised():
         return
-    local = mask_checksum(sparsifier).to(_comm_device(sparsifier, group))
+    local = mask_checksum(names, masks, step, skipped_updates).to(_comm_device(masks[0].device, group))
     if _agree(local.reshape(-1), group):
         return
     table = _gather(local, group)  # (world, layers + 1, 2)
     reference = _global_rank(group, 0)
     problems = []
-    for i, name in enumerate(sparsifier.names):
+    for i, name in enumerate(names):
         ranks = _differing_ranks(table[:, i], group)
         if ranks:
             problems.append(
@@ -224,7 +247,7 @@ def verify_masks(sparsifier: "Sparsifier", group: Optional[Any] = None) -> None:
             f"skipped updates, i.e. non-finite gradients on some ranks only ({_per_rank(table[:, -1, 1], group)})"
         )
     message = (
-        f"sparsifier masks diverged across ranks at step {sparsifier.step_count}: "
+        f"sparsifier masks diverged across ranks at step {step}: "
         + "; ".join(problems)
         + ". Every rank must see the same gradients (wrap the model in DistributedDataParallel), use "
         "the same sparsity config and call sparsifier.step() after the same optimizer steps."
@@ -232,68 +255,83 @@ def verify_masks(sparsifier: "Sparsifier", group: Optional[Any] = None) -> None:
     raise MaskDivergenceError(message)
 
 
-_SIGNATURE_FIELDS = (
-    "sparsified layers (names or shapes)", "sparsity config", "step counter", "track_exploration",
-    "per-layer pruning targets (init/final counts)",
-)
+def _layout_signature(
+    names: Sequence[str], masks: Sequence[torch.Tensor], step: int, agree: Mapping[str, Any]
+) -> tuple[list[str], torch.Tensor]:
+    """Labels and one int64 each for what must agree before masks are broadcast.
+
+    Always the layer layout (names and shapes) and the step counter, then one stable hash of the
+    JSON form of every entry of ``agree`` (config, pruning targets, ...).
+    """
+    labels = ["sparsified layers (names or shapes)", "step counter", *agree]
+    layout = json.dumps([(n, list(m.shape)) for n, m in zip(names, masks)])
+    values = [_stable_hash(layout), int(step)]
+    values += [_stable_hash(json.dumps(v, sort_keys=True, default=str)) for v in agree.values()]
+    return labels, torch.tensor(values, dtype=torch.int64)
 
 
-def _layout_signature(sparsifier: "Sparsifier") -> torch.Tensor:
-    """One int64 per entry of ``_SIGNATURE_FIELDS``: what must agree before masks are broadcast."""
-    layout = json.dumps([(n, list(p.shape)) for n, p in zip(sparsifier.names, sparsifier.params)])
-    config = json.dumps(sparsifier.config.to_dict(), sort_keys=True, default=str)
-    targets = json.dumps([list(sparsifier.init_counts), list(sparsifier.final_counts)])
-    return torch.tensor(
-        [_stable_hash(layout), _stable_hash(config), sparsifier.step_count, int(sparsifier.ever_active is not None),
-         _stable_hash(targets)],
-        dtype=torch.int64,
-    )
-
-
-def _check_same_layout(sparsifier: "Sparsifier", group: Optional[Any], device: torch.device) -> None:
-    """Raise on every rank if the ranks' layers, config or step differ.
+def _check_same_layout(
+    names: Sequence[str], masks: Sequence[torch.Tensor], step: int, agree: Mapping[str, Any],
+    group: Optional[Any], device: torch.device,
+) -> None:
+    """Raise on every rank if the ranks' layers, step or ``agree`` values differ.
 
     A broadcast between ranks whose buffers differ in size fails obscurely or hangs, and a config
     that differs (say ``seed``) would make later updates diverge: catch both here, once.
     """
-    signature = _layout_signature(sparsifier).to(device)
+    labels, signature = _layout_signature(names, masks, step, agree)
+    signature = signature.to(device)
     if _agree(signature, group):
         return
     table = _gather(signature, group)
     problems = [f"{label} ({_ranks_differ(ranks)} from rank {_global_rank(group, 0)})"
-                for k, label in enumerate(_SIGNATURE_FIELDS) if (ranks := _differing_ranks(table[:, k], group))]
+                for k, label in enumerate(labels) if (ranks := _differing_ranks(table[:, k], group))]
     message = (
         "cannot synchronise sparsifier masks: the ranks differ in " + "; ".join(problems)
-        + f" (steps {_per_rank(table[:, 2], group)}). Build the sparsifier from the same model and "
+        + f" (steps {_per_rank(table[:, 1], group)}). Build the sparsifier from the same model and "
         "options on every rank, and load the same checkpoint everywhere."
     )
     raise MaskDivergenceError(message)
 
 
 @torch.no_grad()
-def broadcast_masks(sparsifier: "Sparsifier", src: int = 0, group: Optional[Any] = None) -> None:
-    """Make every rank's masks (and exploration bits) a copy of rank ``src``'s, then re-apply them.
+def broadcast_masks(
+    names: Sequence[str],
+    masks: Sequence[torch.Tensor],
+    extra: Sequence[torch.Tensor] = (),
+    *,
+    step: int = 0,
+    agree: Optional[Mapping[str, Any]] = None,
+    src: int = 0,
+    group: Optional[Any] = None,
+) -> None:
+    """Overwrite every rank's ``masks`` (and ``extra`` tensors) in place with rank ``src``'s.
 
-    Masks (as ``uint8``) and the packed ever-active bits travel in one flat buffer, so the cost is one
-    broadcast of about 1.125 bytes per sparsified weight, after one small all-reduce that checks the
-    ranks agree on layers, config and step. Counts are recomputed from the received masks, and
-    weights (and optimizer state, unless disabled) outside the masks are zeroed. Every rank of
-    ``group`` must call it. A no-op without an initialised process group.
+    Masks (as ``uint8``) and the extra tensors (e.g. packed exploration bits) travel in one flat
+    buffer, so the cost is one broadcast of their bytes, after one small all-reduce that checks the
+    ranks agree on layers, ``step`` and every value of ``agree``. The caller re-derives whatever
+    depends on the masks (counts, zeroed weights). Every rank of ``group`` must call it. A no-op
+    without an initialised process group.
 
     Args:
-        sparsifier: the sparsifier to synchronise.
-        src: global rank whose masks are kept.
+        names: layer names, one per mask.
+        masks: boolean masks, overwritten in place (they keep their storage and device).
+        extra: further tensors to overwrite in place (any dtype of one byte per element or more).
+        step: the step counter, which must agree across ranks.
+        agree: ``{label: JSON-able value}`` that must agree across ranks (labels name it in errors).
+        src: global rank whose tensors are kept.
         group: the process group (default: the world).
 
     Raises:
-        MaskDivergenceError: on every rank, when the ranks' sparsified layers, config or step differ
+        MaskDivergenceError: on every rank, when the ranks' layers, step or ``agree`` values differ
             (nothing is broadcast then).
     """
     if not is_initialised():
         return
-    device = _comm_device(sparsifier, group)
-    _check_same_layout(sparsifier, group, device)
-    tensors = list(sparsifier.masks) + list(sparsifier.ever_active or [])
+    _check_lists(names, masks)
+    device = _comm_device(masks[0].device, group)
+    _check_same_layout(names, masks, step, agree or {}, group, device)
+    tensors = list(masks) + list(extra)
     # bool and uint8 have the same size: view(torch.uint8) reinterprets without copying.
     flat = [t.reshape(-1).view(torch.uint8) if t.dtype == torch.bool else t.reshape(-1) for t in tensors]
     buffer = torch.cat([f.to(device) for f in flat])
@@ -304,6 +342,4 @@ def broadcast_masks(sparsifier: "Sparsifier", src: int = 0, group: Optional[Any]
             chunk = buffer[offset:offset + t.numel()]
             offset += t.numel()
             t.copy_((chunk.view(torch.bool) if t.dtype == torch.bool else chunk).view(t.shape))
-    sparsifier.counts = [int(torch.count_nonzero(m)) for m in sparsifier.masks]
-    sparsifier.apply_masks()
     logger.debug("sparsifier masks broadcast from rank %d (%d bytes)", src, buffer.numel())

@@ -12,6 +12,9 @@ budget in expectation).
 * ``global``: no per-layer quota; the mask is chosen by one score over all layers jointly
   (see :mod:`granet.sparsifier`), so this module only validates the name for it.
 
+Distributions are registered :class:`Distribution` objects chosen by name
+(``SparsityConfig(distribution="erk")``); :func:`register_distribution` adds one.
+
 For ER/ERK a layer whose proportional share would exceed its size is made dense and the scale is
 solved again for the remaining layers (RigL's dense-capacity handling); :func:`allocate_counts`
 does that, and is reused for SNFS's momentum redistribution of regrowth.
@@ -19,9 +22,57 @@ does that, and is reused for SNFS's momentum redistribution of regrowth.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
-DISTRIBUTIONS = ("uniform", "er", "erk", "global")
+RawDensity = Callable[[Sequence[int], float], float]
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """A named rule splitting a density budget between layers.
+
+    Attributes:
+        name: the name used in :class:`~granet.config.SparsityConfig` (``distribution=...``).
+        raw_density: ``raw_density(shape, power_scale)``, the unnormalised density of a layer with
+            weight ``shape``; layer counts are proportional to ``raw_density * size`` (capped at
+            the layer size). ``None`` means no per-layer quota: the mask is chosen by one score
+            over all layers jointly (``global``).
+    """
+
+    name: str
+    raw_density: Optional[RawDensity]
+
+    @property
+    def per_layer(self) -> bool:
+        """Whether the distribution gives per-layer counts (every built-in one but ``global``)."""
+        return self.raw_density is not None
+
+
+_DISTRIBUTIONS: dict[str, Distribution] = {}
+
+
+def register_distribution(distribution: Distribution) -> Distribution:
+    """Make ``distribution`` selectable by name; names are unique."""
+    if not isinstance(distribution, Distribution):
+        raise TypeError(f"register a Distribution, not {type(distribution).__name__}")
+    if distribution.name in _DISTRIBUTIONS:
+        raise ValueError(f"distribution {distribution.name!r} is already registered")
+    _DISTRIBUTIONS[distribution.name] = distribution
+    return distribution
+
+
+def list_distributions() -> tuple[str, ...]:
+    """Names of the registered distributions, in registration order."""
+    return tuple(_DISTRIBUTIONS)
+
+
+def get_distribution(name: str) -> Distribution:
+    """The registered distribution ``name``; ``ValueError`` naming the valid ones otherwise."""
+    try:
+        return _DISTRIBUTIONS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown distribution {name!r}; valid: {', '.join(_DISTRIBUTIONS)}") from None
 
 
 def allocate_counts(total: int, weights: Sequence[float], capacities: Sequence[int]) -> list[int]:
@@ -99,17 +150,20 @@ def allocate_counts(total: int, weights: Sequence[float], capacities: Sequence[i
     return counts
 
 
-def _raw_density(kind: str, shape: Sequence[int], power_scale: float) -> float:
-    """Unnormalised layer density of the ER / ERK rules for a weight of ``shape``."""
-    if kind == "uniform":
-        return 1.0
-    if kind == "er":
-        dims = shape[:2] if len(shape) >= 2 else shape
-    elif kind == "erk":
-        dims = shape
-    else:
-        raise ValueError(f"no per-layer rule for distribution {kind!r}")
+def _uniform(shape: Sequence[int], power_scale: float) -> float:
+    """Every layer at the same density."""
+    return 1.0
+
+
+def _er(shape: Sequence[int], power_scale: float) -> float:
+    """Erdős–Rényi: ``(c_out + c_in) / (c_out * c_in)`` from the first two dimensions."""
+    dims = shape[:2] if len(shape) >= 2 else shape
     return (sum(dims) / math.prod(dims)) ** power_scale
+
+
+def _erk(shape: Sequence[int], power_scale: float) -> float:
+    """Erdős–Rényi-Kernel: ``sum(shape) / prod(shape)``, kernel dimensions included."""
+    return (sum(shape) / math.prod(shape)) ** power_scale
 
 
 def layer_counts(
@@ -118,7 +172,7 @@ def layer_counts(
     """Exact non-zero counts per layer for a distribution at overall ``density``.
 
     Args:
-        kind: ``"uniform"``, ``"er"`` or ``"erk"``.
+        kind: a registered per-layer distribution (``"uniform"``, ``"er"``, ``"erk"``, ...).
         shapes: weight shapes of the sparsified layers.
         density: fraction of the sparsified weights kept, in (0, 1].
         power_scale: exponent applied to the ER/ERK raw densities (RigL's ``erk_power_scale``);
@@ -127,12 +181,20 @@ def layer_counts(
     Returns:
         Counts ``c_l <= prod(shape_l)`` with ``sum(c_l) == round(density * total)``.
     """
-    if kind not in ("uniform", "er", "erk"):
-        raise ValueError(f"unknown distribution {kind!r}; valid: uniform, er, erk (and global)")
+    rule = get_distribution(kind)
+    if rule.raw_density is None:
+        per_layer = [n for n, d in _DISTRIBUTIONS.items() if d.per_layer]
+        raise ValueError(f"distribution {kind!r} has no per-layer counts; per-layer ones: {', '.join(per_layer)}")
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     sizes = [math.prod(s) for s in shapes]
     total = round(density * sum(sizes))
     # Layer l's density is eps * raw_l, so its share of the count is eps * raw_l * size_l.
-    weights = [_raw_density(kind, s, power_scale) * n for s, n in zip(shapes, sizes)]
+    weights = [rule.raw_density(s, power_scale) * n for s, n in zip(shapes, sizes)]
     return allocate_counts(total, weights, sizes)
+
+
+register_distribution(Distribution("uniform", _uniform))
+register_distribution(Distribution("er", _er))
+register_distribution(Distribution("erk", _erk))
+register_distribution(Distribution("global", None))

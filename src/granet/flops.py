@@ -362,21 +362,15 @@ def step_needs_dense_gradient(sparsifier: Sparsifier, step: int) -> bool:
 
     Gradient regrowth (RigL, GraNet) needs it on its regrowth update steps; momentum regrowth (SNFS)
     needs dense momentum, hence the dense gradient, on every step while regrowth is configured;
-    random regrowth (SET), pruning and static masks never do.
+    random regrowth (SET), pruning and static masks never do. The sparsifier decides
+    (:meth:`~granet.sparsifier.Sparsifier.needs_dense_gradient`); this is kept for callers of the
+    function.
 
     Args:
         sparsifier: the sparsifier.
         step: the 1-based optimizer step (``sparsifier.step_count + 1`` before ``sparsifier.step()``).
     """
-    regrowth = sparsifier.regrowth
-    if regrowth is None:
-        return False
-    grow = sparsifier.config.grow
-    if grow == "momentum":
-        return True
-    if grow == "gradient":
-        return bool(regrowth.is_update_step(step))
-    return False
+    return sparsifier.needs_dense_gradient(step)
 
 
 # ---------------------------------------------------------------------------------------------- tables

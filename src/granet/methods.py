@@ -3,7 +3,6 @@
 Every method is the same engine with different pieces: a distribution for the initial mask, an
 optional gradual pruning schedule, and an optional drop-and-regrow rule with a grow criterion.
 
-================  =============  ==============  ==================  ============  ===========
 method            initial mask   gradual prune   regrowth            grow score    ΔT, r_0
 ================  =============  ==============  ==================  ============  ===========
 ``dense``         dense          —               —                   —             —
@@ -27,6 +26,39 @@ before the first step; it never changes afterwards (see :mod:`granet.saliency`).
 GraNet's defaults follow the paper's CIFAR recipe: t0 = 0, tf = half of training, ΔT = 1000,
 r_t cosine-decayed from 0.5 to 0.005 over training. RigL/SET/SNFS follow RigL's defaults. Every field
 can be overridden: ``create_sparsifier("granet", ..., update_interval=100, prune_end=0.75)``.
+=======
+``snip``          scored, global —                —                      —           —           —
+``grasp``         scored, global —                —                      —           —           —
+``synflow``       scored, global —                —                      —           —           —
+================  =============  ===============  =====================  ==========  ==========  =========
+method            initial mask   gradual prune    regrowth (r_t decay)   grow score  ΔT, r_0     regrown
+================  =============  ===============  =====================  ==========  ==========  =========
+``dense``         dense          —                —                      —           —           —
+``static``        ERK random     —                —                      —           —           —
+``gmp``           dense          global cubic     —                      —           1000        —
+``gmp-layerwise`` dense          per-layer cubic  —                      —           1000        —
+``set``           ERK random     —                [0, 75%) cosine → 0    random      100, 0.3    new
+``rigl``          ERK random     —                [0, 75%) cosine → 0    gradient    100, 0.3    new
+``snfs``          ERK random     —                [0, 75%), moved        momentum    100, 0.5    new
+``granet``        dense (s_i=0)  global cubic     [0, end) cosine→0.005  gradient    1000, 0.5   new
+``granet-st``     ERK 50%        global cubic     [0, end) cosine→0.005  gradient    1000, 0.5   new
+================  =============  ===============  =====================  ==========  ==========  =========
+
+"regrown = new" (``reinit_regrown="new"``): only weights that were inactive before the update start
+at zero with zeroed optimizer state; a weight dropped and regrown in the same update keeps its value
+and state, as in GraNet's code and RigL (``reinit_when_same=False``). ``reinit_regrown="all"``
+resets every regrown weight (the behaviour before the option existed). "moved": SNFS redistributes regrowth between
+layers by mean momentum.
+
+GraNet's defaults follow the paper's CIFAR recipe: t0 = 0, tf = half of training, ΔT = 1000, r_t
+cosine-decayed from 0.5 to 0.005 over the whole run [0, T] (also when t0 > 0: ``regrow_start=0``).
+RigL/SET/SNFS follow RigL's defaults. Every field can be overridden:
+``create_sparsifier("granet", ..., update_interval=100, prune_end=0.75)``. Intended differences from
+the authors' code are listed in ``docs/differences.md``.
+
+``snip``, ``grasp`` and ``synflow`` prune once at initialisation: the sparsifier starts dense (the
+weights are left intact for scoring) and :func:`granet.prune_at_init` installs the scored global mask
+before the first step; it never changes afterwards (see :mod:`granet.saliency`).
 """
 from __future__ import annotations
 
@@ -47,19 +79,50 @@ _LOCKED: dict[str, dict[str, Any]] = {}
 def register_method(name: str, description: str, locked: Optional[dict[str, Any]] = None, **preset: Any) -> None:
     """Register a method as a preset of :class:`SparsityConfig` fields.
 
+    A method is a composition of registered pieces chosen by name (a distribution, a grow
+    criterion, a drop-fraction decay) plus schedule values, so presets stay plain, serialisable
+    dictionaries. Adding a method is one file: register any new piece, then the preset.
+
+    Example::
+
+        # my_method.py: RigL that regrows by |gradient| x |weight of the same input unit|, say
+        import granet
+        from granet.criteria import GrowCriterion, gradient_scores, register_grow_criterion
+
+        def scaled_gradient(param, name, optimizer, generator):
+            return gradient_scores(param, name) * param.detach().abs().mean(dim=0, keepdim=True)
+
+        register_grow_criterion(GrowCriterion("scaled-gradient", scaled_gradient, dense_gradient="update_steps"))
+        granet.register_method(
+            "my-rigl", "RigL with a scaled gradient grow score",
+            **dict(granet.method_preset("rigl"), grow="scaled-gradient"),
+        )
+        sparsifier = granet.create_sparsifier("my-rigl", model, optimizer, density=0.1, total_steps=T)
+
     Args:
         name: the method name users pass to :func:`create_sparsifier`.
         description: one line for listings.
         locked: fields that define the method and cannot be overridden (``dense`` locks
             ``density=1``); overriding one with another value is an error.
-        **preset: field values; unknown fields raise ``ValueError``.
+        **preset: field values; unknown fields raise ``ValueError``. ``method`` is set to ``name``.
     """
     SparsityConfig().replace(**preset, **(locked or {}))  # validates the field names
     if name in _REGISTRY:
         raise ValueError(f"method {name!r} is already registered")
+    preset.pop("method", None)  # a preset copied from another method names that method
     _REGISTRY[name] = dict(preset, **(locked or {}), method=name)
     _LOCKED[name] = dict(locked or {}, method=name)
     _DESCRIPTIONS[name] = description
+
+
+def method_preset(name: str) -> dict[str, Any]:
+    """A copy of method ``name``'s preset: the :class:`SparsityConfig` fields it sets, as registered.
+
+    Step fields keep their registered form (a float is a fraction of ``total_steps``), so the
+    preset can seed another method or a recipe without knowing the run length.
+    """
+    _check_method(name)
+    return dict(_REGISTRY[name])
 
 
 def list_methods() -> list[str]:
@@ -134,8 +197,9 @@ def create_sparsifier(
 
 
 _DST = dict(update_interval=100, drop_fraction=0.3, drop_fraction_end=0.0, regrow_start=0, regrow_end=0.75)
+# regrow_start=0: GraNet's r_t decays over the whole run from step 0, whatever t0 is.
 _GRANET = dict(
-    prune="global", prune_start=0, prune_end=0.5, update_interval=1000,
+    prune="global", prune_start=0, prune_end=0.5, update_interval=1000, regrow_start=0,
     drop_fraction=0.5, drop_fraction_end=0.005, regrow_end=1.0, grow="gradient",
 )
 

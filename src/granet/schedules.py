@@ -11,12 +11,49 @@ topology at the same optimizer steps on 1 or N processes and at any batch size.
   and pruning happens at every multiple of ``interval`` in (t0, tf] plus at tf itself, so the final
   density is reached exactly at tf (the reference code skips that last step).
 * :class:`DropFractionSchedule` — the fraction r(t) of active weights dropped (and regrown) per
-  update, constant or cosine-decayed from ``initial`` to ``final`` over [start, end].
+  update, decayed from ``initial`` to ``final`` over [start, end] by a registered decay
+  (``cosine``, ``constant``; :func:`register_drop_decay` adds one, chosen by name in the config).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
+
+DropDecay = Callable[[float, float, float], float]
+_DROP_DECAYS: dict[str, DropDecay] = {}
+
+
+def register_drop_decay(name: str, decay: DropDecay) -> None:
+    """Register ``decay(progress, initial, final) -> r`` under ``name`` (``drop_decay=name``).
+
+    ``progress`` runs from 0 at ``regrow_start`` to 1 at ``regrow_end`` (clamped); the function must
+    return a fraction in [0, 1].
+    """
+    if not callable(decay):
+        raise TypeError(f"a drop decay must be callable, got {type(decay).__name__}")
+    if name in _DROP_DECAYS:
+        raise ValueError(f"drop decay {name!r} is already registered")
+    _DROP_DECAYS[name] = decay
+
+
+def list_drop_decays() -> tuple[str, ...]:
+    """Names of the registered drop-fraction decays, in registration order."""
+    return tuple(_DROP_DECAYS)
+
+
+def _cosine(progress: float, initial: float, final: float) -> float:
+    """RigL / GraNet: ``final + (initial - final) * (1 + cos(pi * progress)) / 2``."""
+    return final + 0.5 * (initial - final) * (1.0 + math.cos(math.pi * progress))
+
+
+def _constant(progress: float, initial: float, final: float) -> float:
+    """The same fraction at every update."""
+    return initial
+
+
+register_drop_decay("cosine", _cosine)
+register_drop_decay("constant", _constant)
 
 
 @dataclass(frozen=True)
@@ -76,7 +113,7 @@ class DropFractionSchedule:
         start: first step at which updates happen.
         end: updates happen at steps strictly before ``end``.
         interval: ΔT, steps between updates.
-        decay: ``"cosine"`` or ``"constant"``.
+        decay: name of a registered decay (``"cosine"``, ``"constant"``, ...).
     """
 
     initial: float
@@ -87,8 +124,8 @@ class DropFractionSchedule:
     decay: str = "cosine"
 
     def __post_init__(self) -> None:
-        if self.decay not in ("cosine", "constant"):
-            raise ValueError(f"drop-fraction decay must be 'cosine' or 'constant', got {self.decay!r}")
+        if self.decay not in _DROP_DECAYS:
+            raise ValueError(f"unknown drop-fraction decay {self.decay!r}; valid: {', '.join(_DROP_DECAYS)}")
         for value in (self.initial, self.final):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"drop fractions must be in [0, 1], got {value}")
@@ -96,11 +133,11 @@ class DropFractionSchedule:
             raise ValueError(f"update interval must be >= 1, got {self.interval}")
 
     def fraction(self, step: int) -> float:
-        """r(t): cosine from ``initial`` at ``start`` to ``final`` at ``end``, or constant."""
-        if self.decay == "constant" or self.end <= self.start:
+        """r(t): the decay from ``initial`` at ``start`` to ``final`` at ``end`` (``initial`` if end <= start)."""
+        if self.end <= self.start:
             return self.initial
         progress = min(1.0, max(0.0, (step - self.start) / (self.end - self.start)))
-        return self.final + 0.5 * (self.initial - self.final) * (1.0 + math.cos(math.pi * progress))
+        return _DROP_DECAYS[self.decay](progress, self.initial, self.final)
 
     def is_update_step(self, step: int) -> bool:
         """Whether a drop-and-regrow update happens at ``step``."""

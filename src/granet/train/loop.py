@@ -24,7 +24,7 @@ from torch import nn
 
 from ..data import DatasetError, build_datasets
 from ..errors import ConfigError
-from ..flops import TrainingFlopsLedger, layer_flops, step_needs_dense_gradient
+from ..flops import TrainingFlopsLedger, layer_flops
 from ..methods import create_sparsifier, method_config
 from ..models import create_model
 from ..rundir import (CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, EpochRecord, append_metrics, atomic_write,
@@ -251,7 +251,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         # This step's forward/backward ran on the masks from before its update (RigL accounting).
-        dense_gradient = step_needs_dense_gradient(self.sparsifier, self.sparsifier.step_count + 1)
+        dense_gradient = self.sparsifier.needs_dense_gradient(self.sparsifier.step_count + 1)
         self.ledger.record(self._layer_density, dense_gradient=dense_gradient)
         report = self.sparsifier.step()
         if report is not None:
@@ -287,8 +287,7 @@ class Trainer:
 
     def at_final_density(self) -> bool:
         """Whether the sparsity schedule has reached its final density (model selection is allowed)."""
-        s = self.sparsifier
-        return s.pruning is None or s.step_count >= s.pruning.end
+        return self.sparsifier.reached_final_density
 
     def run(self) -> None:
         """Train to the end, from wherever the checkpoint left off."""

@@ -1,0 +1,234 @@
+"""Boolean masks over named parameters: the state a sparsifier owns, its read-only views, and
+the in-place zeroing of weights and optimizer state.
+
+:class:`MaskedParameters` is the base of :class:`~granet.sparsifier.Sparsifier`. It keeps the
+masks private and hands out read-only views (a mapping of live masks, copies of counts), so only
+the sparsifier's own methods change the topology: :meth:`~granet.sparsifier.Sparsifier.step`,
+``load_state_dict`` and ``set_masks``. Keeping every change in one place is what lets the counts,
+the exploration bits and the zeroed weights always agree with the masks.
+
+Masks are ``torch.bool`` (1 byte per weight); the "ever active" set used for the exploration rate
+is bit-packed (1/8 byte per weight).
+"""
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+_BIT_VALUES = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a boolean tensor into uint8 bytes (8 entries per byte, little-endian bit order)."""
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    bits = flat.view(-1, 8).to(torch.uint8) * _BIT_VALUES.to(flat.device)
+    return bits.sum(dim=1, dtype=torch.uint8)
+
+
+def popcount(packed: torch.Tensor) -> int:
+    """Number of set bits in a uint8 tensor."""
+    return int(_POPCOUNT.to(packed.device)[packed.long()].sum())
+
+
+class MaskedParameters:
+    """Masks over named parameters, with read-only views, statistics and in-place zeroing.
+
+    Args:
+        names: parameter names (unique).
+        params: the parameters, in the order of ``names``.
+        optimizer: the optimizer whose state tensors shaped like a parameter are masked too.
+        mask_optimizer_state: zero the optimizer state of inactive weights at every
+            :meth:`apply_masks` (SNFS turns it off: it regrows by the momentum of inactive weights).
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        params: Sequence[nn.Parameter],
+        optimizer: Optional[torch.optim.Optimizer],
+        mask_optimizer_state: bool,
+    ) -> None:
+        self._names = list(names)
+        self._params = list(params)
+        self._sizes = [p.numel() for p in self._params]
+        self._total = sum(self._sizes)
+        self._optimizer = optimizer
+        self._mask_optimizer_state = mask_optimizer_state
+        self._masks: list[torch.Tensor] = [torch.ones_like(p, dtype=torch.bool) for p in self._params]
+        self._counts: list[int] = list(self._sizes)
+        self._ever_active: Optional[list[torch.Tensor]] = None
+
+    # ------------------------------------------------------------------ read-only views
+
+    @property
+    def optimizer(self) -> Optional[torch.optim.Optimizer]:
+        """The optimizer whose state is masked (``None``: none)."""
+        return self._optimizer
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the sparsified parameters, in model order (a copy)."""
+        return list(self._names)
+
+    @property
+    def params(self) -> tuple[nn.Parameter, ...]:
+        """The sparsified parameters, in the order of :attr:`names`."""
+        return tuple(self._params)
+
+    @property
+    def sizes(self) -> list[int]:
+        """Number of entries of each sparsified parameter (a copy)."""
+        return list(self._sizes)
+
+    @property
+    def total(self) -> int:
+        """Number of sparsified weights."""
+        return self._total
+
+    @property
+    def masks(self) -> Mapping[str, torch.Tensor]:
+        """Read-only ``{name: torch.bool mask}`` of the current topology.
+
+        The tensors are the live masks (no copy): read them, never change them in place; install
+        other masks with ``set_masks``.
+        """
+        return MappingProxyType(dict(zip(self._names, self._masks)))
+
+    def mask_of(self, name: str) -> torch.Tensor:
+        """The live ``torch.bool`` mask of parameter ``name`` (read it, do not change it in place)."""
+        try:
+            return self._masks[self._names.index(name)]
+        except ValueError:
+            raise KeyError(f"{name!r} is not sparsified; sparsified: {', '.join(self._names)}") from None
+
+    @property
+    def counts(self) -> list[int]:
+        """Active weights per sparsified parameter (a copy)."""
+        return list(self._counts)
+
+    @property
+    def ever_active(self) -> Optional[tuple[torch.Tensor, ...]]:
+        """Bit-packed "ever active" masks per layer (``uint8``), or ``None`` if not tracked."""
+        return None if self._ever_active is None else tuple(self._ever_active)
+
+    # ------------------------------------------------------------------ statistics
+
+    def density(self) -> float:
+        """Fraction of the sparsified weights that are active."""
+        return sum(self._counts) / self._total
+
+    def layer_density(self) -> dict[str, float]:
+        """Density of every sparsified tensor, by parameter name."""
+        return {n: c / s for n, c, s in zip(self._names, self._counts, self._sizes)}
+
+    def exploration_rate(self) -> Optional[float]:
+        """Fraction of the sparsified weights that have ever been active (ITOP's R_s), if tracked."""
+        if self._ever_active is None:
+            return None
+        return sum(popcount(e) for e in self._ever_active) / self._total
+
+    # ------------------------------------------------------------------ zeroing in place
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero every inactive weight (and its optimizer state, unless disabled) in place."""
+        self._follow_param_devices()
+        params, masks, states, state_masks = [], [], [], []
+        for i, (p, m) in enumerate(zip(self._params, self._masks)):
+            if self._counts[i] == self._sizes[i]:
+                continue  # fully dense layer: nothing to zero
+            params.append(p)
+            masks.append(m)
+            if self._mask_optimizer_state:
+                for buf in self._state_tensors(p):
+                    states.append(buf)
+                    state_masks.append(m)
+        if params:
+            torch._foreach_mul_(params + states, masks + state_masks)
+
+    def _follow_param_devices(self) -> None:
+        """Move masks (and exploration bits) to their parameters' devices if the model was moved."""
+        for i, (p, m) in enumerate(zip(self._params, self._masks)):
+            if m.device != p.device:
+                self._masks[i] = m.to(p.device)
+                if self._ever_active is not None:
+                    self._ever_active[i] = self._ever_active[i].to(p.device)
+
+    def _state_tensors(self, param: torch.Tensor) -> list[torch.Tensor]:
+        """Optimizer state tensors shaped like ``param`` (momentum, Adam moments, ...)."""
+        if self._optimizer is None:
+            return []
+        state = self._optimizer.state.get(param)
+        if not state:
+            return []
+        return [v for v in state.values() if isinstance(v, torch.Tensor) and v.shape == param.shape and v.is_floating_point()]
+
+    @torch.no_grad()
+    def _install(self, reset: Sequence[Optional[torch.Tensor]]) -> None:
+        """Make weights and optimizer state agree with the current masks, in one pass per layer.
+
+        Weights outside the mask, and the ``reset`` positions of each layer (regrown weights that
+        start afresh), become zero. Optimizer state is zeroed at the same places; with
+        ``mask_optimizer_state=False`` only ``reset`` positions are, so inactive weights keep
+        accumulating momentum (SNFS).
+        """
+        for i, (param, mask) in enumerate(zip(self._params, self._masks)):
+            if reset[i] is None and self._counts[i] == self._sizes[i]:
+                continue
+            keep = mask if reset[i] is None else mask & ~reset[i]
+            param.mul_(keep)
+            for buf in self._state_tensors(param):
+                if self._mask_optimizer_state:
+                    buf.mul_(keep)
+                elif reset[i] is not None:
+                    buf.masked_fill_(reset[i], 0.0)
+
+    @torch.no_grad()
+    def _install_exactly(self, masks: Sequence[torch.Tensor]) -> None:
+        """Adopt ``masks`` (copies): zero weights and optimizer state outside them, mark them explored."""
+        self._masks = [m.to(p.device).clone() for m, p in zip(masks, self._params)]
+        self._counts = [int(torch.count_nonzero(m)) for m in self._masks]
+        for i, (param, mask) in enumerate(zip(self._params, self._masks)):
+            if self._ever_active is not None:
+                self._ever_active[i] |= pack_bits(mask)
+            param.mul_(mask)
+            for buf in self._state_tensors(param):
+                buf.mul_(mask)
+
+    def _checked_masks(self, masks: Mapping[str, Any], source: str) -> list[torch.Tensor]:
+        """``masks`` in parameter order, after checking names, shapes and dtype (all problems named).
+
+        Raises:
+            ValueError: one line naming every missing, unexpected, non-tensor, misshapen or
+                non-boolean entry.
+        """
+        expected = dict(zip(self._names, (tuple(p.shape) for p in self._params)))
+        problems = []
+        missing = [n for n in self._names if n not in masks]
+        unexpected = [str(n) for n in masks if n not in expected]
+        if missing:
+            problems.append(f"missing in {source}: {', '.join(missing)}")
+        if unexpected:
+            problems.append(f"not sparsified in this model: {', '.join(unexpected)}")
+        present = [n for n in self._names if n in masks]
+        not_tensors = [n for n in present if not isinstance(masks[n], torch.Tensor)]
+        if not_tensors:
+            problems.append(f"not tensors: {', '.join(not_tensors)}")
+        tensors = [n for n in present if n not in not_tensors]
+        shapes = [f"{n} (given {tuple(masks[n].shape)}, model {expected[n]})"
+                  for n in tensors if tuple(masks[n].shape) != expected[n]]
+        if shapes:
+            problems.append(f"shape mismatch: {', '.join(shapes)}")
+        dtypes = [f"{n} ({masks[n].dtype})" for n in tensors if masks[n].dtype != torch.bool]
+        if dtypes:
+            problems.append(f"not torch.bool: {', '.join(dtypes)}")
+        if problems:
+            raise ValueError(f"{source} does not match the model's sparsified parameters: " + "; ".join(problems))
+        return [masks[n] for n in self._names]

@@ -1,0 +1,134 @@
+"""The steps of one topology update, as functions of tensors: pruning, dropping, regrowing.
+
+:class:`~granet.sparsifier.Sparsifier` calls these in order at an update step and installs the
+result. Every selection goes through :func:`~granet.criteria.select_top` (exact counts, seeded
+tie-breaking), so each function returns masks with exactly the requested number of active entries.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from .criteria import active_magnitudes, momentum_buffer, seeded_generator, select_top
+from .distributions import allocate_counts, get_distribution, layer_counts
+
+
+@dataclass
+class UpdateReport:
+    """What one topology update did.
+
+    Attributes:
+        step: optimizer step of the update.
+        pruned: weights removed by gradual pruning (density goes down by this much).
+        dropped: weights removed by the drop phase of drop-and-regrow.
+        regrown: weights activated by regrowth (equal to ``dropped``: zero-cost).
+        density: overall density of the sparsified weights after the update.
+        target_density: the schedule's target density at this step.
+        drop_fraction: r_t used by the drop phase (0 when there was none).
+        skipped: True when the update was skipped because gradients were not finite.
+        layers: per-layer ``{name: {"pruned": n, "dropped": n, "regrown": n}}``.
+    """
+
+    step: int
+    pruned: int = 0
+    dropped: int = 0
+    regrown: int = 0
+    density: float = 1.0
+    target_density: float = 1.0
+    drop_fraction: float = 0.0
+    skipped: bool = False
+    layers: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def random_masks(
+    params: Sequence[torch.Tensor], distribution: str, density: float, seed: int, power_scale: float = 1.0
+) -> list[torch.Tensor]:
+    """Random masks at ``density`` with exact counts: per layer from ``distribution``, or one draw
+    over all layers for a distribution without per-layer quotas (``global``).
+
+    Layer ``i``'s scores come from the generator seeded by (seed, "init", i), so the masks are a
+    function of the arguments alone (the same on every rank and after a restart).
+    """
+    if density >= 1.0:
+        return [torch.ones_like(p, dtype=torch.bool) for p in params]
+    sizes = [p.numel() for p in params]
+    if not get_distribution(distribution).per_layer:
+        scores = torch.cat([torch.rand(n, generator=seeded_generator(seed, "init", i)) for i, n in enumerate(sizes)])
+        keep = select_top(scores, round(density * sum(sizes)))
+        return [m.view(p.shape).to(p.device) for m, p in zip(keep.split(sizes), params)]
+    counts = layer_counts(distribution, [tuple(p.shape) for p in params], density, power_scale)
+    masks = []
+    for i, (p, k) in enumerate(zip(params, counts)):
+        scores = torch.rand(p.shape, generator=seeded_generator(seed, "init", i))
+        masks.append(select_top(scores, k).to(p.device))
+    return masks
+
+
+def gradients_finite(params: Sequence[torch.Tensor]) -> bool:
+    """Whether every available gradient of ``params`` is finite.
+
+    A sum is non-finite whenever any term is (NaN propagates, inf + finite = inf, inf - inf =
+    NaN), so finite sums prove finite gradients at the cost of one cheap reduction per tensor;
+    only a non-finite sum (or a float overflow of the sum) pays for the exact elementwise check.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    sums = torch.stack([g.sum(dtype=torch.float32).to(grads[0].device) for g in grads])
+    if bool(torch.isfinite(sums).all()):
+        return True
+    return all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+def prune_global(
+    params: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], target: int, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """Keep the ``target`` largest-magnitude active weights over all layers (one threshold)."""
+    device = params[0].device
+    scores = torch.cat([active_magnitudes(p, m).reshape(-1).to(device) for p, m in zip(params, masks)])
+    keep = select_top(scores, target, generator)
+    return [k.view(p.shape).to(p.device) for k, p in zip(keep.split([p.numel() for p in params]), params)]
+
+
+def keep_largest(param: torch.Tensor, mask: torch.Tensor, keep: int, generator: torch.Generator) -> torch.Tensor:
+    """The ``keep`` largest-magnitude active weights of one layer (layer-wise pruning and the drop)."""
+    return select_top(active_magnitudes(param, mask), keep, generator)
+
+
+def grow_layer(scores: torch.Tensor, kept: torch.Tensor, n_grow: int, generator: torch.Generator) -> torch.Tensor:
+    """The ``n_grow`` highest-scoring positions outside ``kept`` (the mask after the drop).
+
+    Candidates are all positions inactive after the drop (just-dropped ones included, as in RigL);
+    everything else scores -1, below any score, and is never picked.
+    """
+    return select_top(torch.where(kept, -1.0, scores), n_grow, generator)
+
+
+def momentum_shares(
+    params: Sequence[torch.Tensor],
+    optimizer: Optional[torch.optim.Optimizer],
+    kept_masks: Sequence[Optional[torch.Tensor]],
+    drops: Sequence[int],
+) -> list[int]:
+    """SNFS's redistribution: split ``sum(drops)`` regrowths between layers by mean momentum.
+
+    A layer's weight is the mean ``|momentum|`` of its kept weights; it can regrow at most its
+    inactive positions after the drop. Layers left alone (``kept_masks[i] is None``) get 0.
+    """
+    layers = [i for i, k in enumerate(kept_masks) if k is not None]
+    weights, capacities = [], []
+    for i in layers:
+        kept = kept_masks[i]
+        assert kept is not None
+        buf = momentum_buffer(params[i], optimizer)
+        mean = float(buf.abs()[kept].mean()) if buf is not None and bool(kept.any()) else 0.0
+        weights.append(mean if math.isfinite(mean) else 0.0)
+        capacities.append(params[i].numel() - int(torch.count_nonzero(kept)))
+    shares = allocate_counts(sum(drops), weights, capacities)
+    out = [0] * len(drops)
+    for i, share in zip(layers, shares):
+        out[i] = share
+    return out
