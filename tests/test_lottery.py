@@ -49,15 +49,15 @@ def test_rewinding_restores_the_iteration_k_values_of_the_survivors() -> None:
     ticket.next_round()
     assert ticket.round == 1 and ticket.iteration == 3 and len(opt.state) == 0
     s = ticket.sparsifier
-    for name, p, m in zip(s.names, s.params, s.masks):
+    for name, p, m in zip(s.names, s.params, s.masks.values()):
         assert torch.equal(p[m], saved[name][m])
         assert torch.count_nonzero(p[~m]) == 0
     for key, value in model.state_dict().items():  # biases, batch norm and its statistics rewound too
         if key not in s.names:
             assert torch.equal(value, saved[key]), key
     # Pruned by global magnitude of the trained weights: every survivor >= every pruned weight.
-    kept = torch.cat([trained[n][m].abs() for n, m in zip(s.names, s.masks)])
-    gone = torch.cat([trained[n][~m].abs() for n, m in zip(s.names, s.masks)])
+    kept = torch.cat([trained[n][m].abs() for n, m in zip(s.names, s.masks.values())])
+    gone = torch.cat([trained[n][~m].abs() for n, m in zip(s.names, s.masks.values())])
     assert kept.min() >= gone.max()
 
 
@@ -67,13 +67,13 @@ def test_rewind_step_zero_is_the_initialisation_and_none_keeps_trained_values() 
     train_to(model, opt, ticket)
     ticket.next_round()
     assert ticket.iteration == 0
-    for name, p, m in zip(ticket.sparsifier.names, ticket.sparsifier.params, ticket.sparsifier.masks):
+    for name, p, m in zip(ticket.sparsifier.names, ticket.sparsifier.params, ticket.sparsifier.masks.values()):
         assert torch.equal(p[m], init[name][m])
     model, opt, ticket = make(rewind_step=None, rounds=1)
     train_to(model, opt, ticket)
     trained = [p.detach().clone() for p in ticket.sparsifier.params]
     ticket.next_round()
-    for p, t, m in zip(ticket.sparsifier.params, trained, ticket.sparsifier.masks):
+    for p, t, m in zip(ticket.sparsifier.params, trained, ticket.sparsifier.masks.values()):
         assert torch.equal(p[m], t[m]) and torch.count_nonzero(p[~m]) == 0
 
 
@@ -81,17 +81,17 @@ def test_counts_are_exact_every_round_and_masks_only_shrink() -> None:
     rounds, p = 3, 0.2
     model, opt, ticket = make(rounds=rounds, p=p, rewind_step=1)
     n = ticket.sparsifier.total
-    previous = [m.clone() for m in ticket.sparsifier.masks]
+    previous = [m.clone() for m in ticket.sparsifier.masks.values()]
     while not ticket.done:
-        fixed = [m.clone() for m in ticket.sparsifier.masks]
+        fixed = [m.clone() for m in ticket.sparsifier.masks.values()]
         train_to(model, opt, ticket, on_step=lambda: None)
-        assert all(torch.equal(a, b) for a, b in zip(fixed, ticket.sparsifier.masks)), "mask moved in a round"
-        for q, m in zip(ticket.sparsifier.params, ticket.sparsifier.masks):
+        assert all(torch.equal(a, b) for a, b in zip(fixed, ticket.sparsifier.masks.values())), "mask moved in a round"
+        for q, m in zip(ticket.sparsifier.params, ticket.sparsifier.masks.values()):
             assert torch.count_nonzero(q[~m]) == 0
         summary = ticket.next_round({"accuracy": 0.5})
         r = summary["round"]
         assert summary["active"] == round((1 - p) ** r * n) and summary["accuracy"] == 0.5
-        masks = ticket.sparsifier.masks
+        masks = ticket.sparsifier.masks.values()
         assert all(bool((b & ~a).sum() == 0) for a, b in zip(previous, masks))  # nested: nothing regrows
         previous = [m.clone() for m in masks]
     assert [h["round"] for h in ticket.history] == [0, 1, 2, 3]
@@ -153,7 +153,7 @@ def test_resume_mid_round_is_bit_exact(stop_round: int, stop_iteration: int) -> 
     run_all(model2, opt2, ticket2)
     for (k, a), b in zip(ref_model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(a, b), k
-    assert all(torch.equal(a, b) for a, b in zip(ref.sparsifier.masks, ticket2.sparsifier.masks))
+    assert all(torch.equal(a, b) for a, b in zip(ref.sparsifier.masks.values(), ticket2.sparsifier.masks.values()))
     assert ticket2.history == ref.history and len(ref.history) == 3
     assert ticket2.ledger.total == ref.ledger.total and ticket2.ledger.steps == ref.ledger.steps
     assert ticket2.density() == ref.final_density
@@ -199,8 +199,8 @@ def test_lottery_round_on_cuda() -> None:
     ticket.next_round()
     s = ticket.sparsifier
     assert sum(s.counts) == round(0.5 * s.total)
-    for name, p, m in zip(s.names, s.params, s.masks):
+    for name, p, m in zip(s.names, s.params, s.masks.values()):
         assert m.device == p.device and torch.equal(p[m], init[name][m]) and torch.count_nonzero(p[~m]) == 0
     restored = LotteryTicket(model, opt, rounds=1, prune_fraction=0.5, rewind_step=0)
     restored.load_state_dict(roundtrip(ticket.state_dict()))
-    assert all(torch.equal(a, b) for a, b in zip(restored.sparsifier.masks, s.masks))
+    assert all(torch.equal(a, b) for a, b in zip(restored.sparsifier.masks, s.masks.values()))

@@ -216,7 +216,7 @@ def test_prune_at_init_mask_stays_fixed_during_training(method: str) -> None:
     assert s.density() == 1.0, "scored methods start dense so the scores see the initial weights"
     init = [p.detach().clone() for p in s.params]
     masks = granet.prune_at_init(s, model, [batch(0), batch(1)], loss_fn=CE)
-    fixed = [m.clone() for m in s.masks]
+    fixed = [m.clone() for m in s.masks.values()]
     assert all(torch.equal(masks[n], m) for n, m in zip(s.names, fixed))
     assert sum(s.counts) == round(0.1 * s.total)
     for p, w, m in zip(s.params, init, fixed):  # survivors keep their initial values
@@ -225,7 +225,7 @@ def test_prune_at_init_mask_stays_fixed_during_training(method: str) -> None:
     for t in range(1, 21):
         train_step(model, opt, t)
         s.step()
-        for p, m, f in zip(s.params, s.masks, fixed):
+        for p, m, f in zip(s.params, s.masks.values(), fixed):
             assert torch.equal(m, f)
             assert torch.count_nonzero(p[~m]) == 0
             assert torch.count_nonzero(opt.state[p]["momentum_buffer"][~m]) == 0
@@ -265,7 +265,7 @@ def test_set_masks_installs_exactly_and_checks_its_input() -> None:
     masks = {n: torch.rand(p.shape, generator=g) < 0.25 for n, p in zip(s.names, s.params)}
     s.set_masks(masks)
     assert s.counts == [int(m.sum()) for m in masks.values()]
-    for n, p, m in zip(s.names, s.params, s.masks):
+    for n, p, m in zip(s.names, s.params, s.masks.values()):
         assert torch.equal(m, masks[n])
         assert torch.count_nonzero(p[~m]) == 0 and torch.count_nonzero(opt.state[p]["momentum_buffer"][~m]) == 0
     with pytest.raises(ValueError, match="missing"):
@@ -290,7 +290,7 @@ def test_training_a_scored_method_without_scoring_raises_and_a_resume_does_not()
     s.load_state_dict(scored.state_dict())
     train_step(model, opt, 1)
     s.step()
-    assert all(torch.equal(a, b) for a, b in zip(s.masks, scored.masks))
+    assert all(torch.equal(a, b) for a, b in zip(s.masks.values(), scored.masks.values()))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -316,8 +316,8 @@ def test_scoring_on_cuda_keeps_model_and_rngs(method: str) -> None:
         CE(model(x.cuda()), y.cuda()).backward()
         opt.step()
         s.step()
-    assert all(torch.equal(a, masks[n]) for n, a in zip(s.names, s.masks))
-    assert all(torch.count_nonzero(p[~m]) == 0 for p, m in zip(s.params, s.masks))
+    assert all(torch.equal(a, masks[n]) for n, a in zip(s.names, s.masks.values()))
+    assert all(torch.count_nonzero(p[~m]) == 0 for p, m in zip(s.params, s.masks.values()))
 
 
 def test_non_finite_scores_are_an_error_not_a_mask() -> None:

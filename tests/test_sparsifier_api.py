@@ -83,7 +83,13 @@ def test_set_masks_installs_exactly_and_zeroes_weights_and_state():
     buf = opt.state[layer.weight]["momentum_buffer"]
     expected_m = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]]) * (new & initial)
     assert torch.equal(buf, expected_m)
-    assert s.exploration_rate() == int((initial | new).sum()) / 8
+    # before the first optimizer step the initial mask never trained: exploration restarts from `new`
+    assert s.exploration_rate() == int(new.sum()) / 8 and int((initial | new).sum()) > int(new.sum())
+    opt.step()
+    s.step()  # step 1: from now on installed masks add to the record
+    newer = torch.tensor([[False, True, False, False], [False, False, False, True]])
+    s.set_masks({"weight": newer})
+    assert s.exploration_rate() == int((new | newer).sum()) / 8 == 5 / 8
 
 
 @pytest.mark.parametrize("masks, error, message", [

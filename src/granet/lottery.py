@@ -119,7 +119,7 @@ class LotteryTicket:
     @property
     def masks(self) -> dict[str, torch.Tensor]:
         """The current masks by parameter name."""
-        return dict(zip(self.sparsifier.names, self.sparsifier.masks))
+        return dict(self.sparsifier.masks.values())
 
     # ------------------------------------------------------------------ the training-loop API
 
@@ -185,7 +185,7 @@ class LotteryTicket:
         """Global magnitude pruning to the round's count, then reset survivors to the saved state."""
         s = self.sparsifier
         scores = torch.cat([criteria.active_magnitudes(p, m).reshape(-1).to(s.params[0].device)
-                            for p, m in zip(s.params, s.masks)])
+                            for p, m in zip(s.params, s.masks.values())])
         keep = criteria.select_top(scores, self.target_count(round_index),
                                    criteria.seeded_generator(self.seed, "lth", round_index))
         masks = {n: k.view(p.shape).to(p.device) for n, k, p in zip(s.names, keep.split(s.sizes), s.params)}
