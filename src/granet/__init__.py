@@ -11,10 +11,12 @@ SNFS), as a sparsifier you step after ``optimizer.step()`` in your own training 
     sparsifier.step()
 """
 from .config import SparsityConfig
+from .coverage import Coverage, ParameterEntry
 from .distributed import MaskDivergenceError, broadcast_masks, mask_checksum, verify_masks
 from .distributions import allocate_counts, layer_counts
 from .methods import create_sparsifier, describe_method, list_methods, method_config, register_method
 from .schedules import DropFractionSchedule, PruningSchedule
+from .selection import describe_sparsity, select_parameters
 from .sparsifier import Sparsifier, UpdateReport, sparsifiable_parameters
 
 __version__ = "0.1.0"
@@ -37,4 +39,8 @@ __all__ = [
     "method_config",
     "register_method",
     "sparsifiable_parameters",
+    "select_parameters",
+    "describe_sparsity",
+    "Coverage",
+    "ParameterEntry",
 ]

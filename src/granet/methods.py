@@ -23,7 +23,7 @@ can be overridden: ``create_sparsifier("granet", ..., update_interval=100, prune
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -91,8 +91,11 @@ def create_sparsifier(
     model: nn.Module,
     optimizer: Optional[torch.optim.Optimizer] = None,
     *,
-    layer_types: tuple[type[nn.Module], ...] = DEFAULT_LAYER_TYPES,
+    layer_types: tuple[Any, ...] = DEFAULT_LAYER_TYPES,
     distributed: Optional[bool] = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    dense_embeddings: bool = True,
     **options: Any,
 ) -> Sparsifier:
     """Build a :class:`Sparsifier` for ``model`` by method name.
@@ -108,9 +111,11 @@ def create_sparsifier(
         method: one of :func:`list_methods`.
         model: the model whose Conv/Linear weights are sparsified.
         optimizer: the training optimizer (see :class:`Sparsifier`).
-        layer_types: module types whose ``weight`` is sparsified.
+        layer_types: module types (or class names) whose weights are sparsified.
         distributed: keep masks identical across ``torch.distributed`` ranks (``None``: when a process
             group with 2+ ranks is initialised); see :class:`Sparsifier`.
+        include, exclude, dense_embeddings: parameter-level selection, see
+            :func:`granet.selection.select_parameters`.
         **options: :class:`SparsityConfig` fields, e.g. ``density``, ``init_density``, ``total_steps``,
             ``update_interval``, ``distribution``, ``keep_dense``, ``seed``.
 
@@ -118,7 +123,8 @@ def create_sparsifier(
         The sparsifier; the model's inactive weights are already zero.
     """
     return Sparsifier(
-        model, optimizer, method_config(method, **options), layer_types=layer_types, distributed=distributed
+        model, optimizer, method_config(method, **options), layer_types=layer_types, distributed=distributed,
+        include=include, exclude=exclude, dense_embeddings=dense_embeddings,
     )
 
 

@@ -38,7 +38,6 @@ Order inside one ``step()`` at optimizer step t:
 """
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -50,13 +49,14 @@ from torch import nn
 from . import criteria
 from . import distributed as _distributed
 from .config import SparsityConfig
+from .coverage import Coverage, log_coverage
 from .distributions import allocate_counts, layer_counts
+from .schedule_check import schedule_warnings
 from .schedules import DropFractionSchedule, PruningSchedule
+from .selection import DEFAULT_LAYER_TYPES, LayerType, select_parameters
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _BIT_VALUES = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
@@ -88,61 +88,26 @@ class UpdateReport:
     layers: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
-def _clean_name(name: str) -> str:
-    """Strip DistributedDataParallel / torch.compile wrapper prefixes from a parameter name."""
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name, changed = name[len(prefix):], True
-    return name
-
-
 def sparsifiable_parameters(
     model: nn.Module,
     keep_dense: Sequence[str] = (),
-    layer_types: Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES,
+    layer_types: Sequence[LayerType] = DEFAULT_LAYER_TYPES,
 ) -> list[tuple[str, nn.Parameter]]:
-    """The weights a sparsifier masks: every Conv/Linear ``weight``, minus ``keep_dense`` matches.
-
-    Biases and normalisation layers are never sparsified. Shared (tied) weights are listed once.
+    """The weights a sparsifier masks (see :func:`granet.selection.select_parameters` for the rules).
 
     Args:
         model: the model (a DDP or ``torch.compile`` wrapper is fine: prefixes are stripped).
-        keep_dense: ``fnmatch`` patterns matched against module names (``"conv1"``, ``"layer4.*"``)
-            and parameter names (``"fc.weight"``).
-        layer_types: module types whose ``weight`` is sparsified.
+        keep_dense: ``fnmatch`` patterns matched against module and parameter names (any name of a
+            tied weight).
+        layer_types: module types (or class names) whose weights are sparsified.
 
     Returns:
-        ``(name, parameter)`` pairs in module order.
+        ``(name, parameter)`` pairs in model order; tied weights once, under their first name.
 
     Raises:
-        ValueError: a ``keep_dense`` pattern matches no sparsifiable layer.
+        ValueError: a ``keep_dense`` pattern matches no weight of the selected types.
     """
-    found: list[tuple[str, nn.Parameter]] = []
-    seen: set[int] = set()
-    used_patterns: set[str] = set()
-    for module_name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(module, tuple(layer_types)) or not isinstance(weight, nn.Parameter):
-            continue
-        if weight.dim() < 2 or id(weight) in seen:
-            continue
-        clean_module = _clean_name(module_name + ".") [:-1] if module_name else ""
-        name = f"{clean_module}.weight" if clean_module else "weight"
-        matched = [p for p in keep_dense if fnmatch.fnmatchcase(clean_module, p) or fnmatch.fnmatchcase(name, p)]
-        seen.add(id(weight))
-        if matched:
-            used_patterns.update(matched)
-            continue
-        found.append((name, weight))
-    unused = [p for p in keep_dense if p not in used_patterns]
-    if unused:
-        raise ValueError(
-            f"keep_dense pattern(s) {', '.join(map(repr, unused))} match no Conv/Linear layer of the model"
-        )
-    return found
+    return select_parameters(model, layer_types, keep_dense).selected
 
 
 def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -172,7 +137,11 @@ class Sparsifier:
             pruned and regrown weights, and for momentum regrowth. ``None`` makes every ``step()``
             call count as one optimizer step and leaves optimizer state alone.
         config: the method's configuration.
-        layer_types: module types whose ``weight`` is sparsified.
+        layer_types: module types (or class names) whose weights are sparsified; the default covers
+            ``nn.Linear``, ``nn.Conv*``, ``transformers``' ``Conv1D`` and ``nn.MultiheadAttention``.
+        include: parameter-name patterns selecting the masked tensors instead of ``layer_types``.
+        exclude: parameter-name patterns kept dense (like ``config.keep_dense``).
+        dense_embeddings: keep embeddings and weights tied to them dense (default).
         distributed: keep the masks identical across the ranks of ``torch.distributed``: broadcast
             them from rank 0 now and after :meth:`load_state_dict`, and verify them (one small
             all-reduce) after every topology update. ``None`` (default) turns it on when a process
@@ -184,18 +153,22 @@ class Sparsifier:
         model: nn.Module,
         optimizer: Optional[torch.optim.Optimizer] = None,
         config: Optional[SparsityConfig] = None,
-        layer_types: Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES,
+        layer_types: Sequence[LayerType] = DEFAULT_LAYER_TYPES,
         distributed: Optional[bool] = None,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        dense_embeddings: bool = True,
     ) -> None:
         self.config = config if config is not None else SparsityConfig()
         self.config.validate()
         self._steps = self.config.resolve_steps()
         self.optimizer = optimizer
-        targets = sparsifiable_parameters(model, self.config.keep_dense, layer_types)
+        self.selection = select_parameters(
+            model, layer_types, self.config.keep_dense, include, exclude, dense_embeddings
+        )
+        targets = self.selection.selected
         if not targets:
-            raise ValueError(
-                "the model has no sparsifiable weights (no nn.Linear / nn.Conv* weight outside keep_dense)"
-            )
+            raise ValueError("the model has no sparsifiable weights: " + self.selection.coverage().dense_reasons())
         self.names = [n for n, _ in targets]
         self.params = [p for _, p in targets]
         self.sizes = [p.numel() for p in self.params]
@@ -223,11 +196,8 @@ class Sparsifier:
             )
         if cfg.grow == "momentum" and self.regrowth is not None:
             _require_momentum(optimizer)
-        if cfg.total_steps is not None and cfg.update_interval > cfg.total_steps and (self.pruning or self.regrowth):
-            logger.warning(
-                "update_interval=%d exceeds total_steps=%d: the topology will never be updated",
-                cfg.update_interval, cfg.total_steps,
-            )
+        for message in schedule_warnings(self.pruning, self.regrowth, cfg.total_steps):
+            logger.warning(message)
 
         self.step_count = 0
         self._pending_steps = 0
@@ -249,6 +219,7 @@ class Sparsifier:
             # silently train another network: rank 0's masks win (the broadcast checks the layout first).
             _distributed.broadcast_masks(self)
         self._hook = optimizer.register_step_post_hook(self._on_optimizer_step) if optimizer is not None else None
+        log_coverage(self.coverage())
 
     # ------------------------------------------------------------------ construction helpers
 
@@ -521,6 +492,10 @@ class Sparsifier:
     def layer_density(self) -> dict[str, float]:
         """Density of every sparsified tensor, by parameter name."""
         return {n: c / s for n, c, s in zip(self.names, self.counts, self.sizes)}
+
+    def coverage(self) -> Coverage:
+        """Which of the model's weights are under masks (with current densities), which are dense and why."""
+        return self.selection.coverage(self.layer_density())
 
     def exploration_rate(self) -> Optional[float]:
         """Fraction of the sparsified weights that have ever been active (ITOP's R_s), if tracked."""
