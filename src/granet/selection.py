@@ -288,7 +288,12 @@ def select_parameters(
                 continue
         elif id(c.param) not in by_type:
             owners = ", ".join(sorted({type(m).__name__ for _, m in c.owners}))
-            c.reason = f"type not selected ({owners})" if c.kind != "other" else f"not a layer weight ({owners})"
+            if c.kind == "embedding" and dense_embeddings:
+                c.reason = "embedding"
+            elif c.kind == "other":
+                c.reason = f"not a layer weight ({owners})"
+            else:
+                c.reason = f"type not selected ({owners})"
             continue
         pats = _matches(c, keep_dense, with_modules=True) + _matches(c, exclude, with_modules=False)
         if pats:
