@@ -41,7 +41,7 @@ def run(output_dir: str, resume: bool = False, accumulation: int = 1) -> tuple[t
         gradient_accumulation_steps=accumulation, learning_rate=1e-2, use_cpu=True, report_to="none",
         logging_steps=1, seed=0, disable_tqdm=True, dataloader_num_workers=0,
     )
-    callback = SparsityCallback("granet", density=0.3, update_interval=2)
+    callback = SparsityCallback("granet-st", density=0.3, update_interval=2)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData(), callbacks=[callback])
     trainer.train(resume_from_checkpoint=os.path.join(output_dir, f"checkpoint-{SAVE_AT}") if resume else None)
     return model, callback, trainer
