@@ -10,15 +10,16 @@ from ..methods import create_sparsifier
 from ..sparsifier import Sparsifier, UpdateReport
 
 
-def require(package: str, extra: str, module: str) -> Any:
-    """Import ``package`` or raise an ImportError that says which extra to install."""
+def require(package: str, extra: str, module: str, distribution: Optional[str] = None) -> Any:
+    """Import ``package`` or raise an ImportError that says which extra (or distribution) to install."""
     import importlib
 
     try:
         return importlib.import_module(package)
     except ImportError as exc:
         raise ImportError(
-            f"{module} needs the '{package}' package: pip install granet[{extra}] (or pip install {package})"
+            f"{module} needs the '{package}' package: pip install granet[{extra}] "
+            f"(or pip install {distribution or package})"
         ) from exc
 
 

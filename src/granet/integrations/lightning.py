@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 from ._common import build_sparsifier, require, sparsity_metrics, unwrap_optimizer
 
-_pl = require("lightning.pytorch", "lightning", "granet.integrations.lightning")
+_pl = require("lightning.pytorch", "lightning", "granet.integrations.lightning", "lightning")
 
 logger = logging.getLogger(__name__)
 
