@@ -52,6 +52,7 @@ def test_resumed_training_is_bit_identical(tmp_path):
     full_model, full_cb, trainer = run(str(tmp_path / "full"))
     s = full_cb.sparsifier
     assert s.step_count == STEPS
+    assert type(s.optimizer) is torch.optim.AdamW  # hooked on the optimizer inside accelerate's wrapper
     masked = 12 * E * E
     assert s.total == masked and sum(s.counts) == round(0.3 * masked)
     assert os.path.isfile(tmp_path / "full" / f"checkpoint-{SAVE_AT}" / STATE_FILE)
@@ -79,3 +80,31 @@ def test_accumulation_counts_real_optimizer_steps_and_missing_state_refused(tmp_
     os.remove(tmp_path / "acc" / f"checkpoint-{SAVE_AT}" / STATE_FILE)
     with pytest.raises(FileNotFoundError, match=f"resuming at step {SAVE_AT} but .*{STATE_FILE} does not exist"):
         run(str(tmp_path / "acc"), resume=True, accumulation=2)
+
+
+def test_amp_skipped_step_through_accelerate_wrapper_does_not_count():
+    """The Trainer's optimizer is accelerate's wrapper; a step its GradScaler skips is not counted."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    import granet
+    from granet.integrations._common import unwrap_optimizer
+
+    Accelerator(cpu=True)  # initialises the state AcceleratedOptimizer reads
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
+    wrapped = AcceleratedOptimizer(inner, device_placement=False, scaler=scaler)
+    assert unwrap_optimizer(wrapped) is inner
+    s = granet.create_sparsifier("static", model, unwrap_optimizer(wrapped), density=0.5)
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    scaler.scale(model(x).sum()).backward()
+    wrapped.step()
+    s.step()
+    wrapped.zero_grad()
+    assert (wrapped.step_was_skipped, s.step_count) == (False, 1)
+    scaler.scale(model(x).sum()).backward()
+    model[0].weight.grad[0, 0] = float("inf")
+    wrapped.step()
+    s.step()
+    assert (wrapped.step_was_skipped, s.step_count) == (True, 1)
