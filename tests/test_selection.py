@@ -243,3 +243,26 @@ def test_multihead_attention_flops_attributed_to_its_weights():
     flops = layer_flops(AttnNet(), torch.zeros(1, 5, 16))
     assert flops.layers == {"attn.in_proj_weight": 2 * 5 * 16 * 48, "attn.out_proj.weight": 2 * 5 * 16 * 16,
                             "head.weight": 2 * 16 * 3}
+
+
+def test_include_names_custom_parameters_and_report_round_trips_to_json():
+    import json
+
+    class Custom(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(6, 5))
+            self.fc = nn.Linear(5, 2)
+
+    model = Custom()
+    default = select_parameters(model)
+    assert [n for n, _ in default.selected] == ["fc.weight"]
+    assert default.coverage().entries[0].reason == "not a layer weight (Custom)"
+    chosen = select_parameters(model, include=["table", "fc.weight"])
+    assert [n for n, _ in chosen.selected] == ["table", "fc.weight"]
+    assert (chosen.candidates[0].kind, chosen.candidates[0].fan_in) == ("other", None)
+    s = granet.create_sparsifier("static", model, density=0.5, include=["table"])
+    report = granet.describe_sparsity(model, s)
+    data = json.loads(json.dumps(report.to_dict()))
+    assert (data["masked_params"], data["active_params"], data["total_params"]) == (30, 15, 30 + 10 + 2)
+    assert [p["reason"] for p in data["parameters"]] == ["", "not matched by include", "1-D (bias / norm)"]

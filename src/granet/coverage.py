@@ -111,7 +111,8 @@ class Coverage:
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         return (
             f"{self.unrequested_dense / self.weights_2d:.1%} of the model's 2-D weights stay dense because their "
-            f"layer type is not selected ({shown}); add the type to layer_types or name them with include=[...]"
+            f"layer type is not selected or they are not layer weights ({shown}); add the type to layer_types "
+            f"or name them with include=[...]"
         )
 
     def dense_reasons(self) -> str:
