@@ -13,6 +13,7 @@ as a sparsifier you step after ``optimizer.step()`` in your own training loop::
 """
 from .config import SparsityConfig
 from .criteria import GrowCriterion, list_grow_criteria, register_grow_criterion
+from .coverage import Coverage, ParameterEntry
 from .distributed import MaskDivergenceError, broadcast_masks, mask_checksum, verify_masks
 from .distributions import Distribution, allocate_counts, layer_counts, list_distributions, register_distribution
 from .export import ExportInfo, export_run, export_sparse, load_masks, load_sparse
@@ -22,6 +23,7 @@ from .methods import (
     create_sparsifier, describe_method, list_methods, method_config, method_preset, register_method,
 )
 from .saliency import prune_at_init
+from .selection import describe_sparsity, select_parameters
 from .schedules import DropFractionSchedule, PruningSchedule, list_drop_decays, register_drop_decay
 from .sparsifier import Sparsifier, sparsifiable_parameters
 from .topology import UpdateReport
@@ -65,4 +67,8 @@ __all__ = [
     "to_sparse_inference",
     "prune_at_init",
     "LotteryTicket",
+    "select_parameters",
+    "describe_sparsity",
+    "Coverage",
+    "ParameterEntry",
 ]

@@ -8,8 +8,11 @@ ICML 2020, appendix H; Liu et al., GraNet, NeurIPS 2021):
   :class:`torch.utils.flop_counter.FlopCounterMode`, which counts 2 FLOPs per multiply-add for
   convolutions and matrix products (RigL's convention): a ``Conv2d`` costs
   ``2 * (C_in / groups) * k_h * k_w * C_out * H_out * W_out`` and a ``Linear``
-  ``2 * in_features * out_features``. Each Conv/Linear module's share is attributed to its weight
-  by forward pre/post hooks; whatever else the counter sees (``bmm``, attention, ...) is ``other``.
+  ``2 * in_features * out_features``. Each op's share is attributed to the sparsified weight it reads
+  (matched by tensor storage, so ``Conv1D``, ``MultiheadAttention``'s ``in_proj_weight`` and RNN
+  weights count too); whatever else the counter sees (``bmm``, attention, ...) is ``other``.
+  PyTorch's counter sees no FLOPs inside the fused CPU/cuDNN RNN kernels, so ``nn.LSTM``/``nn.GRU``
+  weights measure 0 FLOPs (they are still masked and counted as parameters).
   Bias additions, normalisation, activations and pooling are not counted by ``FlopCounterMode``.
 * **Sparse inference FLOPs** ``f_S``: every Conv/Linear layer's dense FLOPs scaled by its density
   (a layer with density ``d_l`` does ``d_l`` of the multiply-adds), ``other`` counted dense::
@@ -55,7 +58,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from .sparsifier import DEFAULT_LAYER_TYPES, Sparsifier, sparsifiable_parameters
 
@@ -137,17 +141,43 @@ def _as_args(example_input: ExampleInput) -> tuple[torch.Tensor, ...]:
     return args
 
 
+class _ParameterFlops(TorchDispatchMode):
+    """Attribute each counted op's FLOPs to the sparsified weight it reads (by tensor storage).
+
+    Matching storages rather than modules also finds weights used functionally or through views:
+    ``nn.MultiheadAttention``'s ``in_proj_weight`` (or its q/k/v chunks) and ``out_proj.weight``,
+    the transposed ``Conv1D``/``Linear`` weight of ``addmm``, and RNN gate weights.
+    """
+
+    def __init__(self, storages: dict[int, str]) -> None:
+        super().__init__()
+        self.storages = storages
+        self.flops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func._overloadpacket
+        if packet in flop_registry:
+            hits = {self.storages.get(a.untyped_storage().data_ptr()) for a in args if isinstance(a, torch.Tensor)}
+            hits.discard(None)
+            if len(hits) == 1:  # an op reading two sparsified weights at once cannot be split: "other"
+                name = hits.pop()
+                self.flops[name] = self.flops.get(name, 0) + int(flop_registry[packet](*args, **kwargs, out_val=out))
+        return out
+
+
 def layer_flops(
     model: nn.Module,
     example_input: ExampleInput,
-    layer_types: Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES,
+    layer_types: Sequence[Any] = DEFAULT_LAYER_TYPES,
 ) -> LayerFlops:
     """Measure the dense forward FLOPs of every Conv/Linear weight from a real forward pass.
 
     The model runs once in eval mode (batch-norm uses running statistics, so a batch of one works)
     under ``torch.no_grad()`` inside :class:`~torch.utils.flop_counter.FlopCounterMode`; its
-    train/eval mode is restored afterwards. A forward pre-hook and a forward hook on each Conv/Linear
-    module read the counter's running total, and the difference is that module's FLOPs.
+    train/eval mode is restored afterwards. Every counted op that reads exactly one sparsified weight
+    (or a view of it) adds its FLOPs to that weight.
 
     Args:
         model: the model (a DDP or ``torch.compile`` wrapper is fine: names are stripped of
@@ -156,7 +186,7 @@ def layer_flops(
             passed as positional arguments), on the model's device. FLOPs are reported per example:
             with a batch of ``B > 1`` (the first dimension of the first tensor) counts are divided by
             ``B``.
-        layer_types: module types whose ``weight`` is attributed separately.
+        layer_types: module types whose weights are attributed separately (as for the sparsifier).
 
     Returns:
         The per-layer and ``other`` FLOPs of one example.
@@ -167,36 +197,21 @@ def layer_flops(
         raise ValueError("example_input has an empty batch dimension")
     # The same names (and tied-weight de-duplication) as the sparsifier uses.
     named = sparsifiable_parameters(model, layer_types=layer_types)
-    names = {id(p): n for n, p in named}
     raw: dict[str, int] = {n: 0 for n, _ in named}
     shapes = {n: tuple(int(d) for d in p.shape) for n, p in named}
     counter = FlopCounterMode(display=False)
-    starts: dict[int, list[int]] = {}
-    handles = []
-
-    def pre_hook(module: nn.Module, inputs: Any) -> None:
-        starts.setdefault(id(module), []).append(counter.get_total_flops())
-
-    def make_post_hook(name: str) -> Any:
-        def post_hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            raw[name] += counter.get_total_flops() - starts[id(module)].pop()
-
-        return post_hook
-
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(module, tuple(layer_types)) and isinstance(weight, nn.Parameter) and id(weight) in names:
-            handles.append(module.register_forward_pre_hook(pre_hook))
-            handles.append(module.register_forward_hook(make_post_hook(names[id(weight)])))
+    attributor = _ParameterFlops({p.untyped_storage().data_ptr(): n for n, p in named})
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad(), counter:
+        # Grad mode on: under no_grad, MultiheadAttention takes a fused fast path and RNNs a fused
+        # kernel whose FLOPs the counter does not see; with autograd on they run as counted matmuls.
+        with torch.enable_grad(), counter, attributor:
             model(*args)
     finally:
-        for handle in handles:
-            handle.remove()
         model.train(was_training)
+    for name, value in attributor.flops.items():
+        raw[name] += value
     total = int(counter.get_total_flops())
     other = total - sum(raw.values())
 

@@ -62,7 +62,7 @@ before the first step; it never changes afterwards (see :mod:`granet.saliency`).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -162,8 +162,11 @@ def create_sparsifier(
     model: nn.Module,
     optimizer: Optional[torch.optim.Optimizer] = None,
     *,
-    layer_types: tuple[type[nn.Module], ...] = DEFAULT_LAYER_TYPES,
+    layer_types: tuple[Any, ...] = DEFAULT_LAYER_TYPES,
     distributed: Optional[bool] = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    dense_embeddings: bool = True,
     **options: Any,
 ) -> Sparsifier:
     """Build a :class:`Sparsifier` for ``model`` by method name.
@@ -179,9 +182,11 @@ def create_sparsifier(
         method: one of :func:`list_methods`.
         model: the model whose Conv/Linear weights are sparsified.
         optimizer: the training optimizer (see :class:`Sparsifier`).
-        layer_types: module types whose ``weight`` is sparsified.
+        layer_types: module types (or class names) whose weights are sparsified.
         distributed: keep masks identical across ``torch.distributed`` ranks (``None``: when a process
             group with 2+ ranks is initialised); see :class:`Sparsifier`.
+        include, exclude, dense_embeddings: parameter-level selection, see
+            :func:`granet.selection.select_parameters`.
         **options: :class:`SparsityConfig` fields, e.g. ``density``, ``init_density``, ``total_steps``,
             ``update_interval``, ``distribution``, ``keep_dense``, ``seed``.
 
@@ -189,7 +194,8 @@ def create_sparsifier(
         The sparsifier; the model's inactive weights are already zero.
     """
     sparsifier = Sparsifier(
-        model, optimizer, method_config(method, **options), layer_types=layer_types, distributed=distributed
+        model, optimizer, method_config(method, **options), layer_types=layer_types, distributed=distributed,
+        include=include, exclude=exclude, dense_embeddings=dense_embeddings,
     )
     if optimizer is not None and needs_init_scoring(method):
         require_scoring_before_training(sparsifier, optimizer)

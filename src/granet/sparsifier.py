@@ -45,7 +45,6 @@ Order inside one ``step()`` at optimizer step t:
 """
 from __future__ import annotations
 
-import fnmatch
 import logging
 from dataclasses import asdict
 from typing import Any, Mapping, Optional, Sequence
@@ -57,72 +56,37 @@ from . import distributed as _distributed
 from . import topology
 from .criteria import get_grow_criterion, require_momentum, seeded_generator
 from .config import SparsityConfig
+from .coverage import Coverage, log_coverage
 from .distributions import allocate_counts, layer_counts
 from .masking import MaskedParameters, pack_bits
+from .schedule_check import schedule_warnings
 from .schedules import DropFractionSchedule, PruningSchedule
+from .selection import DEFAULT_LAYER_TYPES, LayerType, select_parameters
 from .topology import UpdateReport
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def _clean_name(name: str) -> str:
-    """Strip DistributedDataParallel / torch.compile wrapper prefixes from a parameter name."""
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name, changed = name[len(prefix):], True
-    return name
 
 
 def sparsifiable_parameters(
     model: nn.Module,
     keep_dense: Sequence[str] = (),
-    layer_types: Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES,
+    layer_types: Sequence[LayerType] = DEFAULT_LAYER_TYPES,
 ) -> list[tuple[str, nn.Parameter]]:
-    """The weights a sparsifier masks: every Conv/Linear ``weight``, minus ``keep_dense`` matches.
-
-    Biases and normalisation layers are never sparsified. Shared (tied) weights are listed once.
+    """The weights a sparsifier masks (see :func:`granet.selection.select_parameters` for the rules).
 
     Args:
         model: the model (a DDP or ``torch.compile`` wrapper is fine: prefixes are stripped).
-        keep_dense: ``fnmatch`` patterns matched against module names (``"conv1"``, ``"layer4.*"``)
-            and parameter names (``"fc.weight"``).
-        layer_types: module types whose ``weight`` is sparsified.
+        keep_dense: ``fnmatch`` patterns matched against module and parameter names (any name of a
+            tied weight).
+        layer_types: module types (or class names) whose weights are sparsified.
 
     Returns:
-        ``(name, parameter)`` pairs in module order.
+        ``(name, parameter)`` pairs in model order; tied weights once, under their first name.
 
     Raises:
-        ValueError: a ``keep_dense`` pattern matches no sparsifiable layer.
+        ValueError: a ``keep_dense`` pattern matches no weight of the selected types.
     """
-    found: list[tuple[str, nn.Parameter]] = []
-    seen: set[int] = set()
-    used_patterns: set[str] = set()
-    for module_name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(module, tuple(layer_types)) or not isinstance(weight, nn.Parameter):
-            continue
-        if weight.dim() < 2 or id(weight) in seen:
-            continue
-        clean_module = _clean_name(module_name + ".") [:-1] if module_name else ""
-        name = f"{clean_module}.weight" if clean_module else "weight"
-        matched = [p for p in keep_dense if fnmatch.fnmatchcase(clean_module, p) or fnmatch.fnmatchcase(name, p)]
-        seen.add(id(weight))
-        if matched:
-            used_patterns.update(matched)
-            continue
-        found.append((name, weight))
-    unused = [p for p in keep_dense if p not in used_patterns]
-    if unused:
-        raise ValueError(
-            f"keep_dense pattern(s) {', '.join(map(repr, unused))} match no Conv/Linear layer of the model"
-        )
-    return found
+    return select_parameters(model, layer_types, keep_dense).selected
 
 
 class Sparsifier(MaskedParameters):
@@ -137,7 +101,11 @@ class Sparsifier(MaskedParameters):
             pruned and regrown weights, and for momentum regrowth. ``None`` makes every ``step()``
             call count as one optimizer step and leaves optimizer state alone.
         config: the method's configuration.
-        layer_types: module types whose ``weight`` is sparsified.
+        layer_types: module types (or class names) whose weights are sparsified; the default covers
+            ``nn.Linear``, ``nn.Conv*``, ``transformers``' ``Conv1D`` and ``nn.MultiheadAttention``.
+        include: parameter-name patterns selecting the masked tensors instead of ``layer_types``.
+        exclude: parameter-name patterns kept dense (like ``config.keep_dense``).
+        dense_embeddings: keep embeddings and weights tied to them dense (default).
         distributed: keep the masks identical across the ranks of ``torch.distributed``: broadcast
             them from rank 0 now and after :meth:`load_state_dict`, and verify them (one small
             all-reduce) after every topology update. ``None`` (default) turns it on when a process
@@ -149,8 +117,11 @@ class Sparsifier(MaskedParameters):
         model: nn.Module,
         optimizer: Optional[torch.optim.Optimizer] = None,
         config: Optional[SparsityConfig] = None,
-        layer_types: Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES,
+        layer_types: Sequence[LayerType] = DEFAULT_LAYER_TYPES,
         distributed: Optional[bool] = None,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        dense_embeddings: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__} {_short_repr(model)}")
@@ -159,22 +130,20 @@ class Sparsifier(MaskedParameters):
         self._config = config if config is not None else SparsityConfig()
         self._config.validate()
         self._steps = self._config.resolve_steps()
-        targets = sparsifiable_parameters(model, self._config.keep_dense, layer_types)
+        self.selection = select_parameters(
+            model, layer_types, self._config.keep_dense, include, exclude, dense_embeddings
+        )
+        targets = self.selection.selected
         if not targets:
-            raise ValueError(
-                "the model has no sparsifiable weights (no nn.Linear / nn.Conv* weight outside keep_dense)"
-            )
+            raise ValueError("the model has no sparsifiable weights: " + self.selection.coverage().dense_reasons())
         super().__init__([n for n, _ in targets], [p for _, p in targets], optimizer, self._config.mask_optimizer_state)
         cfg = self._config
         self._grow = get_grow_criterion(cfg.grow)
         self._pruning, self._regrowth = self._build_schedules()
         if self._grow.needs_momentum and self._regrowth is not None:
             require_momentum(optimizer)
-        if cfg.total_steps is not None and cfg.update_interval > cfg.total_steps and (self._pruning or self._regrowth):
-            logger.warning(
-                "update_interval=%d exceeds total_steps=%d: the topology will never be updated",
-                cfg.update_interval, cfg.total_steps,
-            )
+        for message in schedule_warnings(self._pruning, self._regrowth, cfg.total_steps):
+            logger.warning(message)
 
         self._step_count = 0
         self._pending_steps = 0
@@ -194,6 +163,7 @@ class Sparsifier(MaskedParameters):
             # silently train another network: rank 0's masks win (the broadcast checks the layout first).
             self.broadcast_masks()
         self._hook = optimizer.register_step_post_hook(self._on_optimizer_step) if optimizer is not None else None
+        log_coverage(self.coverage())
 
     # ------------------------------------------------------------------ read-only views
 
@@ -443,6 +413,10 @@ class Sparsifier(MaskedParameters):
         if self._pruning is None:
             return self._config.density
         return self._pruning.density(step)
+
+    def coverage(self) -> Coverage:
+        """Which of the model's weights are under masks (with current densities), which are dense and why."""
+        return self.selection.coverage(self.layer_density())
 
     def stats(self) -> dict[str, Any]:
         """A JSON-friendly snapshot for logging."""

@@ -1,0 +1,118 @@
+"""Hugging Face ``Trainer`` integration: a ``TrainerCallback`` that runs a granet sparsifier.
+
+Usage::
+
+    from granet.integrations.hf import SparsityCallback
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      callbacks=[SparsityCallback("granet", density=0.1)])
+    trainer.train()                                   # or train(resume_from_checkpoint=True / path)
+
+What it does:
+
+* ``on_train_begin``: builds the sparsifier on the Trainer's model and optimizer (``total_steps``
+  defaults to the Trainer's ``max_steps``); when the run resumes (``global_step > 0``) it restores the
+  sparsifier state saved with the checkpoint, so the resumed run is bit-identical to an uninterrupted
+  one.
+* ``on_optimizer_step`` (right after ``optimizer.step()``, gradients still present): steps the
+  sparsifier. Only real optimizer steps count (the sparsifier's hook sits on the inner
+  ``torch.optim`` optimizer): gradient-accumulation micro-batches and AMP steps skipped by the
+  gradient scaler do not advance the schedule.
+* ``on_save``: the Trainer does not pickle callbacks into checkpoints, so the sparsifier state is
+  written to ``granet_sparsifier.pt`` inside each ``checkpoint-N`` folder (deleted with it by
+  ``save_total_limit``).
+* ``on_log``: adds ``sparsity/density``, ``sparsity/target_density`` and, after an update,
+  ``sparsity/pruned``, ``sparsity/regrown``, ``sparsity/exploration_rate`` to the logged values
+  (``trainer.state.log_history``, and reporting callbacks placed after this one).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+import torch
+
+from ._common import build_sparsifier, require, sparsity_metrics, unwrap_optimizer
+
+_transformers = require("transformers", "hf", "granet.integrations.hf")
+TrainerCallback = _transformers.TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+#: File name of the sparsifier state inside a Trainer checkpoint folder.
+STATE_FILE = "granet_sparsifier.pt"
+
+
+class SparsityCallback(TrainerCallback):
+    """Run a granet sparsifier inside Hugging Face's ``Trainer``.
+
+    Args:
+        method: a granet method name (``granet``, ``rigl``, ``static``, ...).
+        resume_from: checkpoint folder holding the sparsifier state to resume from; default: the
+            Trainer's ``resume_from_checkpoint`` argument if it is a folder, else
+            ``output_dir/checkpoint-<global_step>``.
+        **options: :func:`granet.create_sparsifier` options (``density``, ``update_interval``,
+            ``keep_dense``, ``include``, ...).
+    """
+
+    def __init__(self, method: str, resume_from: Optional[str] = None, **options: Any) -> None:
+        self.method = method
+        self.options = options
+        self.resume_from = resume_from
+        self.sparsifier: Any = None
+        self._last_report: Any = None
+
+    def _checkpoint_dir(self, args: Any, state: Any) -> str:
+        if self.resume_from is not None:
+            return self.resume_from
+        given = getattr(args, "resume_from_checkpoint", None)
+        if isinstance(given, str) and os.path.isdir(given):
+            return given
+        return os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
+                       optimizer: Any = None, **kwargs: Any) -> None:
+        """Build the sparsifier (restoring its saved state when the Trainer resumes)."""
+        if model is None or optimizer is None:
+            raise ValueError("SparsityCallback needs the Trainer's model and optimizer in on_train_begin")
+        saved = None
+        if state.global_step > 0:
+            path = os.path.join(self._checkpoint_dir(args, state), STATE_FILE)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"resuming at step {state.global_step} but {path} does not exist: without the sparsifier "
+                    f"state the resumed run would train another sparse network (pass resume_from=...)"
+                )
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        self.sparsifier = build_sparsifier(
+            self.method, model, unwrap_optimizer(optimizer), self.options, state.max_steps, saved
+        )
+        if saved is not None and self.sparsifier.step_count != state.global_step:
+            raise ValueError(
+                f"sparsifier state is at step {self.sparsifier.step_count}, the Trainer at {state.global_step}"
+            )
+        logger.info("granet %s sparsifier on the Trainer's model: %s", self.method, self.sparsifier)
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Step the sparsifier right after ``optimizer.step()`` (no-op for a skipped AMP step)."""
+        report = self.sparsifier.step()
+        if report is not None:
+            self._last_report = report
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Write the sparsifier state into the checkpoint folder the Trainer just saved."""
+        if not state.is_world_process_zero or self.sparsifier is None:
+            return  # masks are identical on every rank; one copy is enough
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        torch.save(self.sparsifier.state_dict(), os.path.join(folder, STATE_FILE))
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Optional[dict] = None, **kwargs: Any) -> None:
+        """Add the sparsity scalars to the values being logged."""
+        if self.sparsifier is None or logs is None:
+            return
+        values = sparsity_metrics(self.sparsifier, self._last_report)
+        self._last_report = None
+        logs.update(values)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(values)  # the Trainer copied logs into the history already
