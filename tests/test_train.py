@@ -283,3 +283,24 @@ def test_method_presets_win_over_command_defaults(method, tmp_path):
     assert saved["density"] == density
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert state["sparsifier"]["config"]["update_interval"] == expected["update_interval"]
+
+
+def test_tensorboard_and_coverage_are_written(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    assert main(["train", "--model", "mlp", "--epochs", "2", "--out", str(run), "--progress", "log",
+                 "--tensorboard", "true"]) == 0
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0}).Reload()
+    for key in ("train_loss", "val_accuracy", "density", "lr", "exploration_rate", "pruned", "regrown"):
+        points = events.Scalars(key)
+        assert [p.step for p in points] == [m["step"] for m in metrics], key
+        assert [p.value for p in points] == pytest.approx([m[key] for m in metrics], rel=1e-6), key
+    assert [h.step for h in events.Histograms("layer_density")] == [m["step"] for m in metrics]
+    coverage = json.loads((run / "coverage.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    # the MLP's three Linear weights are masked, its biases dense: 50,200 of 50,610 parameters
+    assert (coverage["masked_params"], coverage["total_params"]) == (50_200, 50_610)
+    assert sorted(summary["layer_density"]) == ["layers.0.weight", "layers.2.weight", "layers.4.weight"]

@@ -8,6 +8,8 @@ A run directory holds::
     model.pt         the selected sparse model (state_dict + masks + config)
     summary.json     the :class:`RunSummary` (test accuracy is measured once, at the end)
     status.json      ``running`` / ``interrupted`` / ``finished``, with the epoch and a message
+    coverage.json    which weights are under masks and which stay dense, and why
+    tensorboard/     TensorBoard scalars and histograms (with ``--tensorboard true``)
 
 The writer (the training loop) and the readers (``granet report``, ``granet evaluate``, the comparison
 benchmark) share the record definitions below, so they agree by construction, not by convention.
@@ -26,6 +28,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Optional
@@ -40,8 +43,9 @@ CHECKPOINT_FILE = "checkpoint.pt"
 MODEL_FILE = "model.pt"
 SUMMARY_FILE = "summary.json"
 STATUS_FILE = "status.json"
+COVERAGE_FILE = "coverage.json"
 #: Files whose presence marks a directory as holding a run.
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, MODEL_FILE, SUMMARY_FILE, STATUS_FILE)
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, MODEL_FILE, SUMMARY_FILE, STATUS_FILE, COVERAGE_FILE)
 
 
 @dataclass
@@ -249,15 +253,16 @@ def prepare_run_dir(root: Path, overwrite: bool) -> None:
         root.mkdir(parents=True, exist_ok=True)
         for name in present:
             (root / name).unlink()
-        for stale in root.glob("checkpoint_epoch*.pt"):
-            if overwrite:
+        if present:  # replacing a run (overwrite): its kept checkpoints and TensorBoard logs go too
+            for stale in root.glob("checkpoint_epoch*.pt"):
                 stale.unlink()
+            shutil.rmtree(root / "tensorboard", ignore_errors=True)
     except OSError as exc:
         raise RunDirError(f"cannot create run directory {root}: {_reason(exc)}") from None
 
 
 __all__ = [
     "EpochRecord", "RunSummary", "RUN_FILES", "CONFIG_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "MODEL_FILE",
-    "SUMMARY_FILE", "STATUS_FILE", "atomic_write", "atomic_write_text", "append_metrics", "write_metrics",
+    "SUMMARY_FILE", "STATUS_FILE", "COVERAGE_FILE", "atomic_write", "atomic_write_text", "append_metrics", "write_metrics",
     "read_metrics", "write_status", "prepare_run_dir",
 ]

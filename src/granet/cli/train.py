@@ -51,6 +51,8 @@ _HELP = {
     "keep_checkpoints": "epochs after which a copy checkpoint_epochN.pt is kept",
     "init_from": "continue from another run's checkpoint.pt with this config's method (a fresh sparsifier)",
     "score_batches": "training batches scored at initialisation by snip / grasp (synflow needs none)",
+    "tensorboard": "also write TensorBoard scalars and per-layer density histograms to RUN_DIR/tensorboard "
+                   "(pip install 'granet[tensorboard]')",
     "dist_timeout": "seconds a torchrun process waits for the others before failing (a dead or frozen rank)",
 }
 _PRESET = " (default: the method's preset)"

@@ -98,6 +98,7 @@ class _Tail:
     keep_checkpoints: list[int] = field(default_factory=list)
     init_from: Optional[str] = None
     score_batches: int = 1
+    tensorboard: bool = False
     dist_timeout: float = 600.0
 
 

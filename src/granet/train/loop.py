@@ -133,6 +133,11 @@ class Trainer:
         self.progress = Progress()
         self.updates: list[dict[str, Any]] = []
         self.checkpoint_epoch: Optional[int] = None  # epoch of the last checkpoint on disk
+        self.tensorboard: Any = None
+        if config.tensorboard and self.dist.is_main:
+            from ..tensorboard import TensorBoardWriter
+
+            self.tensorboard = TensorBoardWriter(self.out / "tensorboard", enabled=True)
         if start is not None:
             restore_training_state(self, start, Path(config.init_from))
             self.progress = Progress(epoch=start["progress"]["epoch"], step=start["progress"]["step"])
@@ -317,6 +322,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
 
     def epoch_record(self, train: dict[str, float], val: Optional[dict[str, float]]) -> EpochRecord:
         """The metrics line of the epoch that just ended."""
@@ -347,6 +354,9 @@ class Trainer:
                 if selected:
                     save_file(self.model_artifact(), self.out / MODEL_FILE)
                 append_metrics(self.out / METRICS_FILE, record)
+                if self.tensorboard is not None:
+                    self.tensorboard.log_epoch(record.to_dict(), step=record.step,
+                                               layer_density=self.sparsifier.layer_density())
                 if p.epoch in self.config.keep_checkpoints:
                     with open(self.out / CHECKPOINT_FILE, "rb") as src:
                         atomic_write(self.out / f"checkpoint_epoch{p.epoch}.pt", lambda fh: shutil.copyfileobj(src, fh))

@@ -21,7 +21,7 @@ import yaml
 
 from ..errors import CheckpointError, ConfigError, Interrupted, PeerFailure
 from ..flops import inference_flops, inference_flops_relative
-from ..rundir import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE, RunSummary,
+from ..rundir import (CHECKPOINT_FILE, CONFIG_FILE, COVERAGE_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE, RunSummary,
                       atomic_write_text, prepare_run_dir, write_status)
 from .checkpoint import load_file, read_checkpoint
 from .config import TrainConfig, check_resume_compatible, read_yaml_mapping, resume_config
@@ -91,6 +91,9 @@ def train(config: Any) -> dict[str, Any]:
                 (out / METRICS_FILE).write_text("")
                 resolved = dict(trainer.config.to_dict(), out=str(out), resume=None, overwrite=False)
                 atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(resolved, sort_keys=False))
+                coverage = trainer.sparsifier.coverage()
+                logger.info("what is sparse:\n%s", coverage)
+                atomic_write_text(out / COVERAGE_FILE, _json(coverage.to_dict()))
             if trainer.dist.is_main:
                 write_status(out, "running", epoch=trainer.progress.epoch, pid=os.getpid())
             trainer.run()
