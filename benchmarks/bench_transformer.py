@@ -72,7 +72,7 @@ def main() -> None:
     s = runs["granet"][2]
     # Masked-out positions must hold exact zeros; an active weight may be zero too (regrown at zero
     # and not moved yet, or a zero gradient), so "non-zero" is at most "active".
-    outside = sum(int(torch.count_nonzero(p[~m])) for p, m in zip(s.params, s.masks))
+    outside = sum(int(torch.count_nonzero(p[~m])) for p, m in zip(s.params, s.masks.values()))
     nonzero = sum(int(torch.count_nonzero(p)) for p in s.params)
     result = {
         "model": "GPT-2-shaped, 4x256, vocab 1024, seq 128, batch 8, AdamW",

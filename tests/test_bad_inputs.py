@@ -50,7 +50,7 @@ FLAG_CASES = [
     (["--optimizer", "lbfgs"], "unknown optimizer 'lbfgs'; valid: sgd, adam, adamw"),
     (["--prune-start", "0.6", "--prune-end", "0.5"], "prune_start (0.6) must be before prune_end (0.5)"),
     (["--prune-start", "500", "--prune-end", "100"], "prune_start (500) must be before prune_end (100)"),
-    (["--prune-end", "100000"], "prune_end=100000 is beyond the end of training (this run has 2 optimizer steps)"),
+    (["--prune-end", "100000"], "prune_end=100000 resolves to step 100000, beyond total_steps=2: the run would end before it"),
     (["--regrow-start", "0.8", "--regrow-end", "0.2"], "regrow_start (0.8) must be before regrow_end (0.2)"),
     (["--prune-end", "soon"], "argument --prune-end: expected a step (int) or a fraction of training (float)"),
     (["--epochs", "0"], "epochs must be a positive integer, got 0"),

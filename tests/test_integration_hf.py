@@ -69,7 +69,7 @@ def test_resumed_training_is_bit_identical(tmp_path):
     assert cb.sparsifier.step_count == STEPS
     for (name, a), b in zip(full_model.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
-    for a, b in zip(s.masks, cb.sparsifier.masks):
+    for a, b in zip(s.masks.values(), cb.sparsifier.masks.values()):
         assert torch.equal(a, b)
 
 

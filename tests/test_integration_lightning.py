@@ -58,7 +58,7 @@ def test_resumed_fit_is_bit_identical_and_logs(tmp_path):
     assert cb2.sparsifier.step_count == STEPS
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
-    for a, b in zip(s.masks, cb2.sparsifier.masks):
+    for a, b in zip(s.masks.values(), cb2.sparsifier.masks.values()):
         assert torch.equal(a, b)
 
 

@@ -166,7 +166,7 @@ def test_multihead_attention_in_proj_and_out_proj():
         opt.zero_grad()
     assert s.total == 48 * 16 + 16 * 16 + 3 * 16
     assert sum(s.counts) == round(0.25 * s.total)
-    for p, m in zip(s.params, s.masks):
+    for p, m in zip(s.params, s.masks.values()):
         assert torch.equal(p != 0, m & (p != 0)) and int(torch.count_nonzero(p)) <= int(m.sum())
         assert not bool(p[~m].any())
 

@@ -155,9 +155,6 @@ class Trainer:
             # resumed run (whose config holds them) builds exactly the same sparsifier.
             resolved = method_config(self.config.method, total_steps=sparse_steps, seed=self.config.seed,
                                      **self.config.sparsity_options())
-            beyond = {k: v for k, v in resolved.resolve_steps().items() if v > sparse_steps}
-            if beyond:
-                raise ValueError(", ".join(f"{k}={v}" for k, v in beyond.items()) + " is beyond the end of training")
             self.config = self.config.with_resolved_sparsity(resolved)
             return create_sparsifier(self.config.method, self.model, self.optimizer, total_steps=sparse_steps,
                                      seed=self.config.seed, **self.config.sparsity_options())
