@@ -12,11 +12,13 @@ from granet import criteria, distributions, methods, schedules
 @pytest.fixture
 def registry_snapshot():
     """Undo every registration a test makes, so other tests see the built-in registries only."""
-    saved = (dict(criteria._GROW_CRITERIA), dict(distributions._DISTRIBUTIONS), dict(schedules._DROP_DECAYS),
-             dict(methods._REGISTRY), dict(methods._DESCRIPTIONS), dict(methods._LOCKED))
+    pieces = (criteria._GROW_CRITERIA, distributions._DISTRIBUTIONS, schedules._DROP_DECAYS)
+    saved_pieces = [registry.snapshot() for registry in pieces]
+    saved = (dict(methods._REGISTRY), dict(methods._DESCRIPTIONS), dict(methods._LOCKED))
     yield
-    for live, old in zip((criteria._GROW_CRITERIA, distributions._DISTRIBUTIONS, schedules._DROP_DECAYS,
-                          methods._REGISTRY, methods._DESCRIPTIONS, methods._LOCKED), saved):
+    for registry, old in zip(pieces, saved_pieces):
+        registry.restore(old)
+    for live, old in zip((methods._REGISTRY, methods._DESCRIPTIONS, methods._LOCKED), saved):
         live.clear()
         live.update(old)
 

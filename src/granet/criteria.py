@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from .registry import Registry
 
 # Optimizer state keys holding a first-moment estimate, in order of preference.
 MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
@@ -192,30 +193,24 @@ class GrowCriterion:
             )
 
 
-_GROW_CRITERIA: dict[str, GrowCriterion] = {}
+_GROW_CRITERIA: Registry[GrowCriterion] = Registry("grow criterion")
 
 
 def register_grow_criterion(criterion: GrowCriterion) -> GrowCriterion:
     """Make ``criterion`` selectable by name (``grow=criterion.name``); names are unique."""
     if not isinstance(criterion, GrowCriterion):
         raise TypeError(f"register a GrowCriterion, not {type(criterion).__name__}")
-    if criterion.name in _GROW_CRITERIA:
-        raise ValueError(f"grow criterion {criterion.name!r} is already registered")
-    _GROW_CRITERIA[criterion.name] = criterion
-    return criterion
+    return _GROW_CRITERIA.register(criterion.name, criterion)
 
 
 def list_grow_criteria() -> tuple[str, ...]:
     """Names of the registered grow criteria, in registration order."""
-    return tuple(_GROW_CRITERIA)
+    return _GROW_CRITERIA.names()
 
 
 def get_grow_criterion(name: str) -> GrowCriterion:
     """The registered grow criterion ``name``; ``ValueError`` naming the valid ones otherwise."""
-    try:
-        return _GROW_CRITERIA[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown grow criterion {name!r}; valid: {', '.join(_GROW_CRITERIA)}") from None
+    return _GROW_CRITERIA.get(name)
 
 
 def grow_scores(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
+from .registry import Registry
 
 RawDensity = Callable[[Sequence[int], float], float]
 
@@ -49,30 +50,24 @@ class Distribution:
         return self.raw_density is not None
 
 
-_DISTRIBUTIONS: dict[str, Distribution] = {}
+_DISTRIBUTIONS: Registry[Distribution] = Registry("distribution")
 
 
 def register_distribution(distribution: Distribution) -> Distribution:
     """Make ``distribution`` selectable by name; names are unique."""
     if not isinstance(distribution, Distribution):
         raise TypeError(f"register a Distribution, not {type(distribution).__name__}")
-    if distribution.name in _DISTRIBUTIONS:
-        raise ValueError(f"distribution {distribution.name!r} is already registered")
-    _DISTRIBUTIONS[distribution.name] = distribution
-    return distribution
+    return _DISTRIBUTIONS.register(distribution.name, distribution)
 
 
 def list_distributions() -> tuple[str, ...]:
     """Names of the registered distributions, in registration order."""
-    return tuple(_DISTRIBUTIONS)
+    return _DISTRIBUTIONS.names()
 
 
 def get_distribution(name: str) -> Distribution:
     """The registered distribution ``name``; ``ValueError`` naming the valid ones otherwise."""
-    try:
-        return _DISTRIBUTIONS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown distribution {name!r}; valid: {', '.join(_DISTRIBUTIONS)}") from None
+    return _DISTRIBUTIONS.get(name)
 
 
 def allocate_counts(total: int, weights: Sequence[float], capacities: Sequence[int]) -> list[int]:

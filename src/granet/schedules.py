@@ -19,9 +19,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Callable
+from .registry import Registry
 
 DropDecay = Callable[[float, float, float], float]
-_DROP_DECAYS: dict[str, DropDecay] = {}
+_DROP_DECAYS: Registry[DropDecay] = Registry("drop decay")
 
 
 def register_drop_decay(name: str, decay: DropDecay) -> None:
@@ -32,14 +33,12 @@ def register_drop_decay(name: str, decay: DropDecay) -> None:
     """
     if not callable(decay):
         raise TypeError(f"a drop decay must be callable, got {type(decay).__name__}")
-    if name in _DROP_DECAYS:
-        raise ValueError(f"drop decay {name!r} is already registered")
-    _DROP_DECAYS[name] = decay
+    _DROP_DECAYS.register(name, decay)
 
 
 def list_drop_decays() -> tuple[str, ...]:
     """Names of the registered drop-fraction decays, in registration order."""
-    return tuple(_DROP_DECAYS)
+    return _DROP_DECAYS.names()
 
 
 def _cosine(progress: float, initial: float, final: float) -> float:
@@ -124,8 +123,7 @@ class DropFractionSchedule:
     decay: str = "cosine"
 
     def __post_init__(self) -> None:
-        if self.decay not in _DROP_DECAYS:
-            raise ValueError(f"unknown drop-fraction decay {self.decay!r}; valid: {', '.join(_DROP_DECAYS)}")
+        _DROP_DECAYS.get(self.decay)  # ValueError naming the valid decays
         for value in (self.initial, self.final):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"drop fractions must be in [0, 1], got {value}")
@@ -137,7 +135,7 @@ class DropFractionSchedule:
         if self.end <= self.start:
             return self.initial
         progress = min(1.0, max(0.0, (step - self.start) / (self.end - self.start)))
-        return _DROP_DECAYS[self.decay](progress, self.initial, self.final)
+        return _DROP_DECAYS.get(self.decay)(progress, self.initial, self.final)
 
     def is_update_step(self, step: int) -> bool:
         """Whether a drop-and-regrow update happens at ``step``."""
