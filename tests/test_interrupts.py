@@ -13,7 +13,7 @@ import torch
 
 from granet.cli import main
 
-from helpers import torchrun
+from helpers import kill_tree, torchrun
 from test_resume import ROOT, _args, assert_same_run
 
 
@@ -128,7 +128,7 @@ def test_frozen_rank_fails_the_job_within_the_timeout(tmp_path):
             with __import__("contextlib").suppress(ProcessLookupError):
                 os.kill(frozen, signal.SIGKILL)
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
     # the run is resumable afterwards (here on one process: the batch is global)
     assert main(["train", "--resume", str(run), "--progress", "log", "--max-steps", "60"]) == 2  # result-changing
     assert main(["train", "--resume", str(run), "--progress", "log"]) == 0

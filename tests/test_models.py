@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-from granet import models
 from granet.models import (
     DigitsCNN,
     ImageNetResNet,
@@ -116,10 +115,12 @@ def test_smallest_accepted_input_sizes_work() -> None:
 
 @pytest.fixture
 def scratch_registry() -> Iterator[None]:
-    saved = dict(models._REGISTRY)
+    from granet.models import registry
+
+    saved = dict(registry._REGISTRY)
     yield
-    models._REGISTRY.clear()
-    models._REGISTRY.update(saved)
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(saved)
 
 
 def test_register_model_roundtrip_and_duplicates(scratch_registry: None) -> None:

@@ -14,7 +14,7 @@ import yaml
 
 from granet.cli import main
 
-from helpers import torchrun
+from helpers import kill_tree, torchrun
 from granet.train import TrainConfig, load_config, lr_factor, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,7 +235,7 @@ def test_resume_under_torchrun_matches_uninterrupted_run(tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+            kill_tree(proc.pid)  # the launcher and both ranks
             break
         time.sleep(0.01)
     proc.wait(timeout=60)
