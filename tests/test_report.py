@@ -10,6 +10,7 @@ from typing import Any, Optional
 import pytest
 
 from granet.cli import report as cli_report
+from granet.rundir import EpochRecord, write_metrics
 import yaml
 
 from granet.report import (
@@ -49,15 +50,15 @@ def make_run(
     for epoch in (1, 2, 3):
         # dense-to-sparse methods reach the target over training, the others start there
         s = sparsity * epoch / 3 if method == "granet" else sparsity
-        records.append({
-            "epoch": epoch, "step": 100 * epoch, "lr": 0.1, "train_loss": 1.0 / epoch,
-            "train_accuracy": 0.5 + 0.1 * epoch, "val_loss": None if val is None else 0.9 / epoch,
-            "val_accuracy": None if val is None else val - 0.01 * (3 - epoch),
-            "density": 1.0 - s, "sparsity": s,
-            "exploration_rate": (1.0 - sparsity) * (1 + 0.2 * epoch) if exploration else None,
-            "train_flops": train_flops, "time_s": 10.0 * epoch,
-        })
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        records.append(EpochRecord(
+            epoch=epoch, step=100 * epoch, lr=0.1, train_loss=1.0 / epoch,
+            train_accuracy=0.5 + 0.1 * epoch, val_loss=None if val is None else 0.9 / epoch,
+            val_accuracy=None if val is None else val - 0.01 * (3 - epoch),
+            density=1.0 - s, sparsity=s,
+            exploration_rate=(1.0 - sparsity) * (1 + 0.2 * epoch) if exploration else None,
+            train_flops=train_flops, time_s=10.0 * epoch,
+        ))
+    write_metrics(run / "metrics.jsonl", records)
     layer_density = dict(zip(LAYERS, [1.0, 0.2, 0.05, 0.5]))
     summary = {
         "method": method, "model": model, "dataset": dataset, "seed": seed, "target_density": density,
@@ -186,9 +187,9 @@ def test_cli(runs: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str
 def _break(run: Path, what: str) -> None:
     if what == "no summary":
         (run / "summary.json").unlink()
-    elif what == "bad metrics":
-        with open(run / "metrics.jsonl", "a") as fh:
-            fh.write("{not json\n")
+    elif what == "bad metrics":  # a damaged line before the last (a torn last line is skipped)
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        (run / "metrics.jsonl").write_text("\n".join([*lines[:2], "{not json", lines[2]]) + "\n")
     elif what == "bad config":
         (run / "config.yaml").write_text("- just\n- a list\n")
     elif what == "bad summary":
@@ -201,7 +202,7 @@ def _break(run: Path, what: str) -> None:
     "what, fragment",
     [
         ("no summary", "missing summary.json (the run may be unfinished)"),
-        ("bad metrics", "metrics.jsonl line 4 is not valid JSON"),
+        ("bad metrics", "metrics.jsonl line 3 is not a valid metrics record"),
         ("bad config", "config.yaml does not hold a mapping"),
         ("bad summary", "test_accuracy must be a number or null"),
     ],
