@@ -14,14 +14,12 @@ import granet
 from granet.flops import (
     LayerFlops,
     TrainingFlopsLedger,
-    flops_table,
-    format_flops_table,
-    human_readable,
     inference_flops,
     inference_flops_relative,
     layer_flops,
     step_needs_dense_gradient,
 )
+from granet.flops_table import flops_table, format_flops_table, human_readable
 from granet.models import create_model
 
 # ------------------------------------------------------------------ a hand-worked tiny model

@@ -11,7 +11,8 @@ import torch
 
 from ..data import dataset_shape
 from ..distributions import layer_counts
-from ..flops import DEFAULT_DENSITY, DEFAULT_DISTRIBUTION, _NOMINAL_STEPS, flops_table, format_flops_table
+from ..flops import DEFAULT_DENSITY, DEFAULT_DISTRIBUTION, _NOMINAL_STEPS
+from ..flops_table import flops_table, format_flops_table
 from ..methods import method_config
 from ..models import create_model
 from ..sparsifier import sparsifiable_parameters
