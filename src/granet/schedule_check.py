@@ -55,7 +55,8 @@ def schedule_warnings(
         window = pruning.end - pruning.start
         # The largest ΔT that still prunes at GRADUAL_MIN_EVENTS multiples of ΔT inside (t0, tf].
         suggest = max(1, window // GRADUAL_MIN_EVENTS)
-        if len(events) == 1:
+        # A one-step window is one-shot by design (the scored methods: snip, grasp, synflow).
+        if len(events) == 1 and window > 1:
             messages.append(
                 f"pruning happens once, at step {events[0]} (update_interval={pruning.interval}, pruning window "
                 f"{pruning.start}..{pruning.end}): this is one-shot pruning; set update_interval <= {suggest} "
