@@ -24,7 +24,7 @@ from ..flops import inference_flops, inference_flops_relative
 from ..rundir import (CHECKPOINT_FILE, CONFIG_FILE, COVERAGE_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE, RunSummary,
                       atomic_write_text, prepare_run_dir, write_status)
 from .checkpoint import load_file, read_checkpoint
-from .config import TrainConfig, check_resume_compatible, read_yaml_mapping, resume_config
+from .config import SPARSITY_KEYS, TrainConfig, check_resume_compatible, read_yaml_mapping, resume_config
 from .loop import Trainer, build_model, evaluate, load_data
 from .runtime import Dist, SignalGuard, resolve_device
 
@@ -73,7 +73,11 @@ def train(config: Any) -> dict[str, Any]:
     out = Path(config.resume) if resuming else Path(config.out) if config.out else default_out_dir(config)
     state = read_checkpoint(out / CHECKPOINT_FILE) if resuming and (out / CHECKPOINT_FILE).is_file() else None
     if state is not None:
-        check_resume_compatible(state["config"], config, "the checkpoint")
+        # Sparsity keys left unset (None = the method's preset) take the values the run resolved them to.
+        saved = state["config"]
+        unset = {k: saved[k] for k in ("density", *SPARSITY_KEYS) if getattr(config, k) is None and k in saved}
+        config = TrainConfig.from_dict(unset, base=config)
+        check_resume_compatible(saved, config, "the checkpoint")
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if main_rank and state is None:
         prepare_run_dir(out, overwrite=config.overwrite or resuming)
