@@ -374,8 +374,16 @@ def test_mnist_idx_gz_and_raw(tmp_path: Path) -> None:
     # Known pixel of official training image 0 (in train or val depending on the split).
     view, where = (splits.train, int((train_idx == 0).nonzero()[0])) if (train_idx == 0).any() else (splits.val, 0)
     assert view[where][0][0, 5, 7].item() == pytest.approx((200 / 255 - 0.1307) / 0.3081, abs=1e-6)
-    # Every split is deterministic: no augmentation for MNIST.
-    assert torch.equal(splits.train[0][0], splits.train[0][0]) and torch.equal(splits.val[0][0], splits.val[0][0])
+    # No augmentation for MNIST: under any RNG state a training or validation sample is exactly its
+    # normalised source image.
+    for view in (splits.train, splits.val):
+        source = torch.from_numpy(arrays[MNIST_FILES[0]][int(view.indices[0])]).unsqueeze(0)
+        samples = []
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            samples.append(view[0][0])
+        assert torch.equal(samples[0], samples[1])
+        assert torch.allclose(samples[0], normalise(source, (0.1307,), (0.3081,)), atol=1e-6)
 
     # The other compression mix and torchvision's MNIST/raw layout give identical data.
     write_mnist(tmp_path / "tv" / "MNIST" / "raw", arrays, gz=(False, False, True, True))
@@ -475,10 +483,17 @@ def test_cifar10_batches_splits_and_normalisation(tmp_path: Path) -> None:
 
 def test_cifar10_augmentation_only_on_train(tmp_path: Path) -> None:
     """Only training samples are augmented, reproducibly, with padded crops and flips."""
-    train_data, _, _, _ = make_cifar10(tmp_path)
+    train_data, _, test_data, _ = make_cifar10(tmp_path)
     splits = build_datasets("cifar10", tmp_path, val_fraction=0.2, seed=0, augment=True)
-    assert torch.equal(splits.val[1][0], splits.val[1][0])
-    assert torch.equal(splits.test[1][0], splits.test[1][0])
+    # Validation and test samples are exactly their normalised source images, whatever the RNG state.
+    val_source = tensor_image(train_data[int(splits.val.indices[1])])
+    for view, source in ((splits.val, val_source), (splits.test, tensor_image(test_data[1]))):
+        samples = []
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            samples.append(view[1][0])
+        assert torch.equal(samples[0], samples[1])
+        assert torch.allclose(samples[0], normalise(source, CIFAR10_MEAN, CIFAR10_STD), atol=1e-6)
 
     # Reproducible from torch's global RNG.
     torch.manual_seed(123)
@@ -749,7 +764,12 @@ def test_imagenet_folders(tmp_path: Path) -> None:
         solid = torch.tensor(colour, dtype=torch.uint8).view(3, 1, 1).expand(3, 16, 16)
         expected = normalise(solid, IMAGENET_MEAN, IMAGENET_STD)
         assert torch.allclose(image, expected, atol=1e-6)
-    assert torch.equal(splits.val[0][0], splits.val[0][0]) and torch.equal(splits.test[1][0], splits.test[1][0])
+    # Eval transforms use no RNG: the same sample under two RNG states.
+    for view, index in ((splits.val, 0), (splits.test, 1)):
+        torch.manual_seed(0)
+        first = view[index][0]
+        torch.manual_seed(1)
+        assert torch.equal(first, view[index][0])
 
     torch.manual_seed(0)
     sample = splits.train[0][0]

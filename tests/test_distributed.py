@@ -29,6 +29,7 @@ import granet
 from granet import distributed as gd
 from granet.saliency import needs_init_scoring
 from granet.sparsifier import Sparsifier
+from granet.updater import TopologyUpdater
 from helpers import batch
 
 WORLD = 2
@@ -159,24 +160,24 @@ def equal_lists(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 def scenario_init(rank: int) -> dict:
     """Ranks seeded differently, and rank 1 drawing *different* masks: construction must fix that."""
     out = {}
-    original = Sparsifier._initial_masks
+    original = TopologyUpdater.initial_masks
     for method in INIT_METHODS:
         drawn: list[torch.Tensor] = []
 
-        def shifted(self: Sparsifier) -> list[torch.Tensor]:
+        def shifted(self: TopologyUpdater, params: list[torch.Tensor]) -> list[torch.Tensor]:
             # Same counts, other positions: what a rank with another RNG stream would have drawn.
-            masks = [m.reshape(-1).roll(1).view_as(m) for m in original(self)]
+            masks = [m.reshape(-1).roll(1).view_as(m) for m in original(self, params)]
             drawn.extend(m.clone() for m in masks)
             return masks
 
         if rank == 1:
-            Sparsifier._initial_masks = shifted  # type: ignore[method-assign]
+            TopologyUpdater.initial_masks = shifted  # type: ignore[method-assign]
         try:
             torch.manual_seed(1234 + 17 * rank)
             model = conv_net(seed=10 + rank)  # different weights on each rank, no DDP
             s = granet.create_sparsifier(method, model, None, **options(method, 20))
         finally:
-            Sparsifier._initial_masks = original  # type: ignore[method-assign]
+            TopologyUpdater.initial_masks = original  # type: ignore[method-assign]
         out[method] = {
             "distributed": s.distributed,
             "drawn": drawn,

@@ -118,8 +118,19 @@ def test_kill_during_end_of_epoch_writes(method, moment, tmp_path):
     assert_same_run(ref, killed)
 
 
-def test_torn_metrics_line_is_dropped_on_resume(tmp_path):
+def test_torn_metrics_line_is_dropped_on_resume(tmp_path, monkeypatch):
+    """Also: `granet train --resume` reads the checkpoint file once (config and state from one read)."""
+    import granet.train.run as run_module
+
+    reads: list[Path] = []
+    real_read = run_module.read_checkpoint
+
+    def counting_read(path, *args, **kwargs):
+        reads.append(Path(path))
+        return real_read(path, *args, **kwargs)
+
     ref = _reference(tmp_path, "rigl", keep=(2,))
+    monkeypatch.setattr(run_module, "read_checkpoint", counting_read)
     res = tmp_path / "resumed"
     res.mkdir()
     shutil.copy(ref / "config.yaml", res / "config.yaml")
@@ -127,6 +138,7 @@ def test_torn_metrics_line_is_dropped_on_resume(tmp_path):
     lines = (ref / "metrics.jsonl").read_text().splitlines()
     (res / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:17])  # a write torn by a full disk
     assert main(["train", "--resume", str(res), "--progress", "log"]) == 0
+    assert reads == [res / "checkpoint.pt"]
     assert_same_run(ref, res)
 
 

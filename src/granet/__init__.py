@@ -23,9 +23,9 @@ from .methods import (
     create_sparsifier, describe_method, list_methods, method_config, method_preset, register_method,
 )
 from .saliency import prune_at_init
-from .selection import describe_sparsity, select_parameters
+from .selection import describe_sparsity, select_parameters, sparsifiable_parameters
 from .schedules import DropFractionSchedule, PruningSchedule, list_drop_decays, register_drop_decay
-from .sparsifier import Sparsifier, sparsifiable_parameters
+from .sparsifier import Sparsifier
 from .topology import UpdateReport
 
 __version__ = "0.1.0"

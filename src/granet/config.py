@@ -9,12 +9,15 @@ is ever derived from epochs, loader lengths or world size.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
 from .criteria import list_grow_criteria
 from .distributions import get_distribution, list_distributions
 from .schedules import list_drop_decays
+
+logger = logging.getLogger(__name__)
 
 StepSpec = Union[int, float]
 
@@ -120,6 +123,26 @@ class SparsityConfig:
         """
         current = self.to_dict()
         return [f"{k}={saved[k]!r} in the state, {v!r} here" for k, v in current.items() if k in saved and saved[k] != v]
+
+    def check_saved(self, saved: Any, strict: bool) -> None:
+        """Compare the config stored in a sparsifier state with this one.
+
+        Raises:
+            ValueError: under ``strict``, ``saved`` is not a config or differs (fields named);
+                without ``strict`` a difference is only logged as a warning.
+        """
+        if not isinstance(saved, Mapping):
+            if strict:
+                raise ValueError("sparsifier state has no 'config' entry; pass strict=False to load it anyway")
+            return
+        differing = self.differences(saved)
+        if differing and strict:
+            raise ValueError(
+                f"sparsifier state was made with another config ({'; '.join(differing)}); "
+                "pass strict=False to load it anyway"
+            )
+        if differing:
+            logger.warning("loading sparsifier state saved with a different config (%s)", "; ".join(differing))
 
     @property
     def effective_init_density(self) -> float:

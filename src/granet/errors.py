@@ -63,3 +63,9 @@ class Interrupted(KeyboardInterrupt):
 
 
 __all__ = ["GranetError", "ConfigError", "CheckpointError", "RunDirError", "PeerFailure", "Interrupted"]
+
+
+def short_repr(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -61,7 +61,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from .sparsifier import DEFAULT_LAYER_TYPES, Sparsifier, sparsifiable_parameters
+from .selection import DEFAULT_LAYER_TYPES, sparsifiable_parameters
+from .sparsifier import Sparsifier
 
 logger = logging.getLogger(__name__)
 

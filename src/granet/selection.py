@@ -360,3 +360,24 @@ def describe_sparsity(model: nn.Module, sparsifier: Any = None, **selection: Any
         return sparsifier.coverage()
     return select_parameters(model, **selection).coverage()
 
+
+def sparsifiable_parameters(
+    model: nn.Module,
+    keep_dense: Sequence[str] = (),
+    layer_types: Sequence[LayerType] = DEFAULT_LAYER_TYPES,
+) -> list[tuple[str, nn.Parameter]]:
+    """The weights a sparsifier masks (see :func:`select_parameters` for the rules).
+
+    Args:
+        model: the model (a DDP or ``torch.compile`` wrapper is fine: prefixes are stripped).
+        keep_dense: ``fnmatch`` patterns matched against module and parameter names (any name of a
+            tied weight).
+        layer_types: module types (or class names) whose weights are sparsified.
+
+    Returns:
+        ``(name, parameter)`` pairs in model order; tied weights once, under their first name.
+
+    Raises:
+        ValueError: a ``keep_dense`` pattern matches no weight of the selected types.
+    """
+    return select_parameters(model, layer_types, keep_dense).selected

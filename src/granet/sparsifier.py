@@ -19,29 +19,19 @@ Design choices (and why):
   ``Optimizer.register_step_post_hook``: a step that ``GradScaler`` skips (inf/NaN gradients) never
   fires the hook, and gradient-accumulation micro-steps call no ``optimizer.step()``, so neither
   advances the schedule. Calling ``sparsifier.step()`` more often than the optimizer is harmless.
-* **Masks are ``torch.bool``** (1 byte per weight). The "ever active" set used for the exploration
-  rate is bit-packed (1/8 byte per weight).
-* **The sparsifier owns its state.** Masks, counts and schedules are private; callers read them
-  through read-only views (``masks`` is a mapping of the live masks, ``counts`` a copy) and ask
-  named questions (:meth:`Sparsifier.is_update_step`, :meth:`Sparsifier.needs_dense_gradient`,
-  :attr:`Sparsifier.reached_final_density`). Only ``step()``, ``load_state_dict()`` and
-  ``set_masks()`` change the topology, so counts, exploration bits and zeroed weights always agree.
+* **The sparsifier owns its state** (boolean masks, counts, exploration bits; see
+  :mod:`granet.masking`): callers read views and ask named questions such as
+  :meth:`Sparsifier.needs_dense_gradient`; only ``step()``, ``load_state_dict()`` and ``set_masks()``
+  change the topology.
 * **Every random choice** comes from a generator seeded by (seed, purpose, step, layer): resumes and
   distributed ranks reproduce it without saving or sharing RNG state. Under ``torch.distributed``
   the masks are still broadcast from rank 0 at start and verified after every update
   (:mod:`granet.distributed`), so a rank that drifted raises instead of training another network.
 
-Order inside one ``step()`` at optimizer step t:
-
-1. zero inactive weights (and, unless SNFS-style, their optimizer state) that the optimizer moved;
-2. if t is a pruning step (multiple of ΔT in (t0, tf], or tf): magnitude-prune to the cubic target
-   ``d(t)``, globally (one threshold over all sparsified tensors) or per layer;
-3. if t is a regrowth step: in each sparse layer drop ``floor(r_t * active)`` smallest-magnitude
-   active weights and regrow as many inactive ones (just-dropped ones included) with the highest
-   grow score. Newly active weights start at zero with zeroed optimizer state; a weight dropped
-   and regrown in the same update keeps its value and state, as in GraNet and RigL
-   (``reinit_regrown="all"`` resets it too). ``mask_optimizer_state=False`` keeps the momentum of
-   inactive weights, which SNFS uses as its grow signal; newly regrown positions are still zeroed.
+Inside one ``step()`` at optimizer step t the sparsifier zeroes the inactive weights (and, unless
+SNFS-style, their optimizer state) that the optimizer moved; at an update step it first asks its
+:class:`~granet.updater.TopologyUpdater` for the new masks (pruning, then drop-and-regrow; see
+:mod:`granet.updater` for the order and rules) and installs them in the same pass.
 """
 from __future__ import annotations
 
@@ -54,39 +44,18 @@ from torch import nn
 
 from . import distributed as _distributed
 from . import topology
-from .criteria import get_grow_criterion, require_momentum, seeded_generator
+from .criteria import require_momentum
 from .config import SparsityConfig
 from .coverage import Coverage, log_coverage
-from .distributions import allocate_counts, layer_counts
+from .errors import short_repr
 from .masking import MaskedParameters, pack_bits
 from .schedule_check import schedule_warnings
 from .schedules import DropFractionSchedule, PruningSchedule
-from .selection import DEFAULT_LAYER_TYPES, LayerType, select_parameters
+from .selection import DEFAULT_LAYER_TYPES, LayerType, select_parameters, sparsifiable_parameters  # noqa: F401 (re-export)
 from .topology import UpdateReport
+from .updater import TopologyUpdater
 
 logger = logging.getLogger(__name__)
-
-
-def sparsifiable_parameters(
-    model: nn.Module,
-    keep_dense: Sequence[str] = (),
-    layer_types: Sequence[LayerType] = DEFAULT_LAYER_TYPES,
-) -> list[tuple[str, nn.Parameter]]:
-    """The weights a sparsifier masks (see :func:`granet.selection.select_parameters` for the rules).
-
-    Args:
-        model: the model (a DDP or ``torch.compile`` wrapper is fine: prefixes are stripped).
-        keep_dense: ``fnmatch`` patterns matched against module and parameter names (any name of a
-            tied weight).
-        layer_types: module types (or class names) whose weights are sparsified.
-
-    Returns:
-        ``(name, parameter)`` pairs in model order; tied weights once, under their first name.
-
-    Raises:
-        ValueError: a ``keep_dense`` pattern matches no weight of the selected types.
-    """
-    return select_parameters(model, layer_types, keep_dense).selected
 
 
 class Sparsifier(MaskedParameters):
@@ -124,12 +93,11 @@ class Sparsifier(MaskedParameters):
         dense_embeddings: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__} {_short_repr(model)}")
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__} {short_repr(model)}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
         self._config = config if config is not None else SparsityConfig()
         self._config.validate()
-        self._steps = self._config.resolve_steps()
         self.selection = select_parameters(
             model, layer_types, self._config.keep_dense, include, exclude, dense_embeddings
         )
@@ -138,21 +106,20 @@ class Sparsifier(MaskedParameters):
             raise ValueError("the model has no sparsifiable weights: " + self.selection.coverage().dense_reasons())
         super().__init__([n for n, _ in targets], [p for _, p in targets], optimizer, self._config.mask_optimizer_state)
         cfg = self._config
-        self._grow = get_grow_criterion(cfg.grow)
-        self._pruning, self._regrowth = self._build_schedules()
-        if self._grow.needs_momentum and self._regrowth is not None:
+        self._updater = TopologyUpdater(cfg)
+        if self._updater.grow.needs_momentum and self._updater.regrowth is not None:
             require_momentum(optimizer)
-        for message in schedule_warnings(self._pruning, self._regrowth, cfg.total_steps):
+        for message in schedule_warnings(self._updater.pruning, self._updater.regrowth, cfg.total_steps):
             logger.warning(message)
 
         self._step_count = 0
         self._pending_steps = 0
         self._skipped_updates = 0
         self._last_update: Optional[UpdateReport] = None
-        self._masks = self._initial_masks()
+        self._masks = self._updater.initial_masks(self._params)
         self._counts = [int(torch.count_nonzero(m)) for m in self._masks]
         self._init_counts = list(self._counts)
-        self._final_counts = self._final_layer_counts()
+        self._final_counts = self._updater.final_layer_counts([p.shape for p in self._params], self._init_counts)
         self._ever_active = [pack_bits(m) for m in self._masks] if cfg.track_exploration else None
         self._is_distributed = _distributed.is_distributed() if distributed is None else bool(distributed)
         if self._is_distributed and not _distributed.is_initialised():
@@ -185,12 +152,12 @@ class Sparsifier(MaskedParameters):
     @property
     def pruning(self) -> Optional[PruningSchedule]:
         """The gradual pruning schedule (frozen), or ``None`` for methods that do not prune."""
-        return self._pruning
+        return self._updater.pruning
 
     @property
     def regrowth(self) -> Optional[DropFractionSchedule]:
         """The drop-fraction schedule of drop-and-regrow (frozen), or ``None`` without regrowth."""
-        return self._regrowth
+        return self._updater.regrowth
 
     @property
     def step_count(self) -> int:
@@ -218,14 +185,11 @@ class Sparsifier(MaskedParameters):
 
         Model selection on validation accuracy is only fair among models at the final density.
         """
-        return self._pruning is None or self._step_count >= self._pruning.end
+        return self._updater.reached_final_density(self._step_count)
 
     def is_update_step(self, step: int) -> bool:
         """Whether optimizer step ``step`` (1-based) prunes and/or drops and regrows."""
-        return bool(
-            (self._pruning is not None and self._pruning.is_prune_step(step))
-            or (self._regrowth is not None and self._regrowth.is_update_step(step))
-        )
+        return self._updater.is_update_step(step)
 
     def needs_dense_gradient(self, step: int) -> bool:
         """Whether optimizer step ``step`` (1-based) of this method computes the dense weight gradient.
@@ -236,42 +200,7 @@ class Sparsifier(MaskedParameters):
         configured; random regrowth (SET), pruning and static masks never do. The training-FLOPs
         ledger asks this before ``sparsifier.step()``, i.e. for ``step_count + 1``.
         """
-        if self._regrowth is None or self._grow.dense_gradient == "never":
-            return False
-        if self._grow.dense_gradient == "every_step":
-            return True
-        return bool(self._regrowth.is_update_step(step))
-
-    # ------------------------------------------------------------------ construction helpers
-
-    def _build_schedules(self) -> tuple[Optional[PruningSchedule], Optional[DropFractionSchedule]]:
-        """The pruning and drop-fraction schedules of the config, resolved to optimizer steps."""
-        cfg, steps = self._config, self._steps
-        pruning = None if cfg.prune is None else PruningSchedule(
-            init_density=cfg.effective_init_density, final_density=cfg.density,
-            start=steps["prune_start"], end=steps["prune_end"], interval=cfg.update_interval,
-        )
-        regrowth = None if cfg.drop_fraction <= 0 else DropFractionSchedule(
-            initial=cfg.drop_fraction, final=cfg.drop_fraction_end, start=steps["regrow_start"],
-            end=steps["regrow_end"], interval=cfg.update_interval, decay=cfg.drop_decay,
-        )
-        return pruning, regrowth
-
-    def _initial_masks(self) -> list[torch.Tensor]:
-        """Random masks at the initial density, with exact per-layer counts from the distribution."""
-        cfg = self._config
-        return topology.random_masks(
-            self._params, cfg.distribution, cfg.effective_init_density, cfg.seed, cfg.erk_power_scale
-        )
-
-    def _final_layer_counts(self) -> list[int]:
-        """Per-layer counts at the final density (the layer-wise pruning targets)."""
-        cfg = self._config
-        if cfg.prune != "layerwise":
-            return []
-        counts = layer_counts(cfg.distribution, [tuple(p.shape) for p in self._params], cfg.density, cfg.erk_power_scale)
-        # A layer never grows under pruning: cap at its initial count and hand the excess to others.
-        return allocate_counts(sum(counts), [float(c) for c in counts], self._init_counts)
+        return self._updater.needs_dense_gradient(step)
 
     # ------------------------------------------------------------------ the training-loop API
 
@@ -320,14 +249,19 @@ class Sparsifier(MaskedParameters):
                 self.verify_masks()
             return report
         reset: list[Optional[torch.Tensor]] = [None] * len(self._params)
-        if self._pruning is not None and self._pruning.is_prune_step(step):
-            self._prune(step, report)
-        if self._regrowth is not None and self._regrowth.is_update_step(step):
-            reset = self._drop_and_grow(step, report)
+        if self._updater.is_prune_step(step):
+            self._set_topology(self._updater.prune(
+                step, self._params, self._masks, self._counts, self._init_counts, self._final_counts
+            ), report, "pruned")
+        if self._updater.is_regrowth_step(step):
+            regrowth = self._updater.drop_and_grow(
+                step, self._names, self._params, self._masks, self._counts, self._optimizer, report
+            )
+            self._set_topology(regrowth.masks, report, None)
+            reset = regrowth.reset
         self._install(reset)
-        report.pruned = sum(v["pruned"] for v in report.layers.values())
-        report.dropped = sum(v["dropped"] for v in report.layers.values())
-        report.regrown = sum(v["regrown"] for v in report.layers.values())
+        for key in ("pruned", "dropped", "regrown"):
+            setattr(report, key, sum(v[key] for v in report.layers.values()))
         if self._ever_active is not None:
             for i, m in enumerate(self._masks):
                 self._ever_active[i] |= pack_bits(m)
@@ -341,78 +275,24 @@ class Sparsifier(MaskedParameters):
         )
         return report
 
-    def _prune(self, step: int, report: UpdateReport) -> None:
-        """Gradual magnitude pruning to the cubic schedule's target at ``step``."""
-        assert self._pruning is not None
-        seed = self._config.seed
-        if self._config.prune == "global":
-            target = round(self._pruning.density(step) * self._total)
-            if sum(self._counts) <= target:
-                return
-            new_masks = topology.prune_global(self._params, self._masks, target, seeded_generator(seed, "prune", step))
-        else:
-            new_masks = []
-            for i, (p, m) in enumerate(zip(self._params, self._masks)):
-                target = round(self._pruning.interpolate(step, self._init_counts[i], self._final_counts[i]))
-                if self._counts[i] <= target:
-                    new_masks.append(m)
-                    continue
-                new_masks.append(topology.keep_largest(p, m, target, seeded_generator(seed, "prune", step, i)))
-        for i, new in enumerate(new_masks):
-            count = int(torch.count_nonzero(new))
-            report.layers[self._names[i]]["pruned"] = self._counts[i] - count
-            self._masks[i], self._counts[i] = new, count
+    def _set_topology(self, masks: list[torch.Tensor], report: UpdateReport, removed_key: Optional[str]) -> None:
+        """Take the updater's masks as the topology (installed later), recounting changed layers.
 
-    def _drop_and_grow(self, step: int, report: UpdateReport) -> list[Optional[torch.Tensor]]:
-        """Zero-cost neuroregeneration: per layer, drop r_t of the active weights and regrow as many.
-
-        Returns:
-            Per layer, the regrown positions that start afresh (``None`` where the layer was left
-            alone): all regrown ones with ``reinit_regrown="all"``; with ``"new"`` only those that
-            were inactive before the drop, so a weight dropped and regrown at once is untouched.
+        ``removed_key`` names the report's per-layer entry that receives the decrease in count.
         """
-        assert self._regrowth is not None
-        seed = self._config.seed
-        fraction = self._regrowth.fraction(step)
-        report.drop_fraction = fraction
-        kept_masks: list[Optional[torch.Tensor]] = []
-        drops: list[int] = []
-        for i, (p, m) in enumerate(zip(self._params, self._masks)):
-            active = self._counts[i]
-            n_drop = int(fraction * active)  # floor, as in RigL
-            if active == self._sizes[i] or n_drop == 0:
-                kept_masks.append(None)  # dense layers and tiny ones are left alone
-                drops.append(0)
+        for i, new in enumerate(masks):
+            if new is self._masks[i]:
                 continue
-            kept_masks.append(topology.keep_largest(p, m, active - n_drop, seeded_generator(seed, "drop", step, i)))
-            drops.append(n_drop)
-        if self._config.redistribute == "none":
-            grows = list(drops)
-        else:
-            grows = topology.momentum_shares(self._params, self._optimizer, kept_masks, drops)
-        reset: list[Optional[torch.Tensor]] = [None] * len(self._params)
-        for i, (p, kept) in enumerate(zip(self._params, kept_masks)):
-            if kept is None:
-                continue
-            gen = seeded_generator(seed, "grow", step, i)
-            scores = self._grow.score(p, self._names[i], self._optimizer, gen)
-            grown = topology.grow_layer(scores.to(p.dtype), kept, grows[i], gen)
-            layer = report.layers[self._names[i]]
-            layer["dropped"], layer["regrown"] = drops[i], grows[i]
-            before = self._masks[i]  # after pruning, before the drop
-            reset[i] = grown & ~before if self._config.reinit_regrown == "new" else grown
-            self._masks[i] = kept | grown
-            self._counts[i] += grows[i] - drops[i]
-        return reset
+            count = int(torch.count_nonzero(new))
+            if removed_key is not None:
+                report.layers[self._names[i]][removed_key] = self._counts[i] - count
+            self._masks[i], self._counts[i] = new, count
 
     # ------------------------------------------------------------------ statistics
 
     def target_density(self, step: Optional[int] = None) -> float:
         """The schedule's target density at ``step`` (default: the current step)."""
-        step = self._step_count if step is None else step
-        if self._pruning is None:
-            return self._config.density
-        return self._pruning.density(step)
+        return self._updater.target_density(self._step_count if step is None else step)
 
     def coverage(self) -> Coverage:
         """Which of the model's weights are under masks (with current densities), which are dense and why."""
@@ -430,7 +310,7 @@ class Sparsifier(MaskedParameters):
             "sparsified_weights": self._total,
             "layer_density": self.layer_density(),
             "exploration_rate": self.exploration_rate(),
-            "drop_fraction": self._regrowth.fraction(self._step_count) if self._regrowth else 0.0,
+            "drop_fraction": self._updater.drop_fraction(self._step_count),
             "skipped_updates": self._skipped_updates,
             "last_update": None if last is None else {
                 "step": last.step, "pruned": last.pruned, "dropped": last.dropped,
@@ -478,13 +358,13 @@ class Sparsifier(MaskedParameters):
         if not isinstance(state, Mapping):
             raise TypeError(
                 f"a sparsifier state must be the mapping returned by Sparsifier.state_dict(), "
-                f"got {type(state).__name__} {_short_repr(state)}"
+                f"got {type(state).__name__} {short_repr(state)}"
             )
         masks = state.get("masks")
         if not isinstance(masks, Mapping):
             raise ValueError("not a granet sparsifier state: no 'masks' entry")
         checked = self._checked_masks(masks, "the state")
-        self._check_config(state.get("config"), strict)
+        self._config.check_saved(state.get("config"), strict)
         step = state.get("step")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"sparsifier state has an invalid step {step!r} (expected an int >= 0)")
@@ -504,21 +384,6 @@ class Sparsifier(MaskedParameters):
         self.apply_masks()
         if self._is_distributed:
             self.broadcast_masks()  # every rank resumes from rank 0's masks
-
-    def _check_config(self, saved: Any, strict: bool) -> None:
-        """Compare a state's config with this one: an error under ``strict``, else a warning."""
-        if not isinstance(saved, Mapping):
-            if strict:
-                raise ValueError("sparsifier state has no 'config' entry; pass strict=False to load it anyway")
-            return
-        differing = self._config.differences(saved)
-        if differing and strict:
-            raise ValueError(
-                f"sparsifier state was made with another config ({'; '.join(differing)}); "
-                "pass strict=False to load it anyway"
-            )
-        if differing:
-            logger.warning("loading sparsifier state saved with a different config (%s)", "; ".join(differing))
 
     @torch.no_grad()
     def set_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
@@ -589,8 +454,3 @@ class Sparsifier(MaskedParameters):
             f"density={self.density():.4f}, target={self._config.density})"
         )
 
-
-def _short_repr(value: object, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters, for error messages."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -15,7 +15,7 @@ from ..flops import DEFAULT_DENSITY, DEFAULT_DISTRIBUTION, _NOMINAL_STEPS
 from ..flops_table import flops_table, format_flops_table
 from ..methods import method_config
 from ..models import create_model
-from ..sparsifier import sparsifiable_parameters
+from ..selection import sparsifiable_parameters
 
 HELP = "per-layer and total inference FLOPs of a (sparse) model"
 

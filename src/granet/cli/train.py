@@ -131,7 +131,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ..train import config_for_resume, load_config, train
+    from ..train import load_config, resume_point, train
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func", "verbose")}
     if "dataset_options" in overrides:
@@ -142,10 +142,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             from ..errors import ConfigError
 
             raise ConfigError("--resume takes the run's own config; --config cannot be combined with it")
-        config = config_for_resume(resume, overrides)
+        config, state = resume_point(resume, overrides)
     else:
-        config = load_config(args.config, overrides)
-    summary = train(config)
+        config, state = load_config(args.config, overrides), None
+    summary = train(config, checkpoint=state)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(json.dumps({k: summary[k] for k in ("method", "model", "dataset", "sparsity", "best_val_accuracy",

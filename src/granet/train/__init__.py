@@ -10,8 +10,8 @@ schedule — is the same on 1 or N processes.
 """
 from ..errors import ConfigError
 from .config import TrainConfig, load_config
-from .run import config_for_resume, default_out_dir, evaluate_run, train
+from .run import config_for_resume, default_out_dir, evaluate_run, resume_point, train
 from .runtime import lr_factor
 
-__all__ = ["TrainConfig", "ConfigError", "train", "evaluate_run", "load_config", "config_for_resume", "lr_factor",
+__all__ = ["TrainConfig", "ConfigError", "train", "evaluate_run", "load_config", "config_for_resume", "resume_point", "lr_factor",
            "default_out_dir"]

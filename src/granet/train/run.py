@@ -39,7 +39,16 @@ def default_out_dir(config: Any) -> Path:
 def config_for_resume(run_dir: str, overrides: dict[str, Any]) -> Any:
     """The config to continue ``run_dir`` with: the checkpoint's, plus overrides that do not change results.
 
-    A run interrupted before its first checkpoint is started again with its ``config.yaml``.
+    A run interrupted before its first checkpoint is started again with its ``config.yaml``. See
+    :func:`resume_point` for the errors.
+    """
+    return resume_point(run_dir, overrides)[0]
+
+
+def resume_point(run_dir: str, overrides: dict[str, Any]) -> tuple[Any, Optional[dict[str, Any]]]:
+    """The config to continue ``run_dir`` with, and its checkpoint (``None`` before the first one).
+
+    Pass both to :func:`train` (``train(config, checkpoint=state)``) so the checkpoint is read once.
 
     Raises:
         ConfigError: no run there, ``config.yaml`` was edited after the run started, or an override
@@ -52,7 +61,8 @@ def config_for_resume(run_dir: str, overrides: dict[str, Any]) -> Any:
     overrides = dict(overrides, resume=str(root))
     on_disk = read_yaml_mapping(str(root / CONFIG_FILE)) if (root / CONFIG_FILE).is_file() else None
     if (root / CHECKPOINT_FILE).is_file():
-        saved = read_checkpoint(root / CHECKPOINT_FILE)["config"]
+        state = read_checkpoint(root / CHECKPOINT_FILE)
+        saved = state["config"]
         if on_disk is not None:
             try:
                 check_resume_compatible(saved, TrainConfig.from_dict(on_disk), "the checkpoint")
@@ -60,18 +70,28 @@ def config_for_resume(run_dir: str, overrides: dict[str, Any]) -> Any:
                 raise ConfigError(f"{root / CONFIG_FILE} was changed after the run started; resuming uses the "
                                   f"config stored in the checkpoint, so restore the file or start a new run "
                                   f"({str(exc).split('(', 1)[-1]}") from None
-        return resume_config(saved, overrides, "the checkpoint")
+        return resume_config(saved, overrides, "the checkpoint"), state
     if on_disk is None:
         raise ConfigError(f"cannot resume from {root}: it holds neither {CHECKPOINT_FILE} nor {CONFIG_FILE}")
     logger.info("%s has no checkpoint yet: starting the run again from the beginning", root)
-    return resume_config(on_disk, overrides, CONFIG_FILE)
+    return resume_config(on_disk, overrides, CONFIG_FILE), None
 
 
-def train(config: Any) -> dict[str, Any]:
-    """Run (or, with ``config.resume``, continue) a training run and return its summary."""
+def train(config: Any, checkpoint: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Run (or, with ``config.resume``, continue) a training run and return its summary.
+
+    Args:
+        config: the run's :class:`TrainConfig`.
+        checkpoint: the run's checkpoint when already read (see :func:`resume_point`); by default
+            a resume reads ``checkpoint.pt`` from ``config.resume``.
+    """
     resuming = config.resume is not None
     out = Path(config.resume) if resuming else Path(config.out) if config.out else default_out_dir(config)
-    state = read_checkpoint(out / CHECKPOINT_FILE) if resuming and (out / CHECKPOINT_FILE).is_file() else None
+    if checkpoint is not None and not resuming:
+        raise ConfigError("train(): a checkpoint was given but config.resume is not set")
+    state = checkpoint
+    if state is None and resuming and (out / CHECKPOINT_FILE).is_file():
+        state = read_checkpoint(out / CHECKPOINT_FILE)
     if state is not None:
         # Sparsity keys left unset (None = the method's preset) take the values the run resolved them to.
         saved = state["config"]
@@ -216,4 +236,4 @@ def evaluate_run(run_dir: str, device: str = "auto", data_dir: Optional[str] = N
             "density": active / total, "sparsity": 1 - active / total, "epoch": artifact["epoch"]}
 
 
-__all__ = ["train", "evaluate_run", "config_for_resume", "default_out_dir"]
+__all__ = ["train", "evaluate_run", "config_for_resume", "resume_point", "default_out_dir"]
