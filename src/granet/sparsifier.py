@@ -51,7 +51,8 @@ from .errors import short_repr
 from .masking import MaskedParameters, pack_bits
 from .schedule_check import schedule_warnings
 from .schedules import DropFractionSchedule, PruningSchedule
-from .selection import DEFAULT_LAYER_TYPES, LayerType, select_parameters, sparsifiable_parameters  # noqa: F401 (re-export)
+from .selection import DEFAULT_LAYER_TYPES, LayerType, select_parameters
+from .selection import sparsifiable_parameters  # noqa: F401  (re-exported: granet.sparsifier.sparsifiable_parameters)
 from .topology import UpdateReport
 from .updater import TopologyUpdater
 

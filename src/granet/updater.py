@@ -110,7 +110,9 @@ class TopologyUpdater:
     def initial_masks(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Random masks at the initial density, with exact per-layer counts from the distribution."""
         cfg = self.config
-        return topology.random_masks(params, cfg.distribution, cfg.effective_init_density, cfg.seed, cfg.erk_power_scale)
+        return topology.random_masks(
+            params, cfg.distribution, cfg.effective_init_density, cfg.seed, cfg.erk_power_scale
+        )
 
     def final_layer_counts(self, shapes: Sequence[Sequence[int]], init_counts: Sequence[int]) -> list[int]:
         """Per-layer counts at the final density (layer-wise pruning targets; empty for other methods)."""
