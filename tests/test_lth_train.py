@@ -149,3 +149,59 @@ def test_prune_fraction_alone_sets_the_density(tmp_path):
     summary = _summary(run)
     assert summary["density"] == round(0.5 * N) / N and [h["active"] for h in summary["rounds"]] == [N, N // 2]
     assert summary["steps"] == 6 and [r["round"] for r in _records(run)] == [0, 1]
+
+
+def _agree_worker(rank: int, init_method: str, out_dir: str) -> None:
+    """Spawned rank: identical kept positions pass, then rank 1 keeps another position and both must raise."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    from granet.lottery import _check_ranks_agree
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    keep = torch.tensor([True, False, True, False, False, True])
+    _check_ranks_agree(keep, 1)
+    if rank == 1:
+        keep = torch.tensor([True, False, True, False, True, False])  # the same count, other positions
+    try:
+        _check_ranks_agree(keep, 2)
+        outcome = "passed"
+    except RuntimeError as exc:
+        outcome = str(exc)
+    (Path(out_dir) / f"rank{rank}.txt").write_text(outcome)
+    dist.barrier()
+    os._exit(0)  # see tests/test_distributed.py: gloo's teardown can abort after the last collective
+
+
+@pytest.mark.slow
+def test_ranks_that_prune_different_weights_are_stopped(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_agree_worker, args=(r, f"file://{tmp_path / 'rdv'}", str(tmp_path))) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    for rank in (0, 1):
+        text = (tmp_path / f"rank{rank}.txt").read_text()
+        assert text == (f"lottery round 2: the ranks pruned different weights (rank {rank} kept 3); "
+                        f"their weights had drifted apart")
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_one_ticket(tmp_path):
+    from helpers import torchrun
+
+    out = tmp_path / "two"
+    proc = torchrun(2, ["train", "--model", "mlp", "--method", "lth", "--density", "0.1", "--lth-rounds", "1",
+                        "--epochs", "1", "--device", "cpu", "--progress", "log", "--out", str(out)])
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]  # each round's masks agreed on both ranks
+    summary = _summary(out)
+    assert summary["world_size"] == 2 and [h["active"] for h in summary["rounds"]] == [N, round(0.1 * N)]
+    assert summary["density"] == 0.1 and summary["steps"] == 2 * SPE
