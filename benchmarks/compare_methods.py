@@ -18,8 +18,8 @@ GraNet regrows with r_0 = 0.5 cosine-decayed to 0.005, RigL/SET/SNFS use RigL's 
 of training). Lottery tickets (``lth``) train the network ``LTH_ROUNDS + 1`` = 4 times over the same
 recipe (dense, then 3 rounds of global magnitude pruning to the final density, each rewound to the
 initialisation), so they cost about 4 runs' wall time; their training FLOPs are summed over all rounds
-and reported relative to one dense training. Runs go to ``--out`` (default ``runs/compare``), one directory each; rerunning skips
-finished runs and resumes interrupted ones. Outputs per setting: ``results.md`` (mean ± std over
+and reported relative to one dense training. Runs go to ``--out`` (default ``runs/compare``), one
+directory each; rerunning skips finished runs and resumes interrupted ones. Outputs per setting: ``results.md`` (mean ± std over
 seeds, claims), ``accuracy_vs_sparsity.png``, plus the per-run ``report.md``.
 """
 from __future__ import annotations

@@ -105,9 +105,10 @@ class LotteryTicket:
         self.sparsifier = Sparsifier(model, optimizer, config, layer_types=layer_types, distributed=distributed)
         if density is not None and self.target_count(rounds) != self._count(rounds) \
                 and not math.isclose((1.0 - self.prune_fraction) ** rounds, density, rel_tol=1e-9):
-            raise ValueError(f"prune_fraction={prune_fraction} over {rounds} rounds keeps {self._count(rounds)} of "
-                             f"{self.sparsifier.total} weights (density {self._count(rounds) / self.sparsifier.total:.6g}), "
-                             f"not density={density} ({self.target_count(rounds)}); give only one of them")
+            n, kept = self.sparsifier.total, self._count(rounds)
+            raise ValueError(f"prune_fraction={prune_fraction} over {rounds} rounds keeps {kept} of {n} weights "
+                             f"(density {kept / n:.6g}), not density={density} ({self.target_count(rounds)}); "
+                             f"give only one of them")
         if self.target_count(rounds) < 1:
             raise ValueError(f"{rounds} rounds of prune_fraction={prune_fraction} leave no weight of "
                              f"{self.sparsifier.total}; use fewer rounds or a smaller fraction")
@@ -236,7 +237,8 @@ class LotteryTicket:
         return {
             "format": 1,
             "rounds": self.rounds, "prune_fraction": self.prune_fraction, "rewind_step": self.rewind_step,
-            "seed": self.seed, "density": self.density_target, "round": self.round, "iteration": self.iteration, "round_steps": self.round_steps,
+            "seed": self.seed, "density": self.density_target, "round": self.round, "iteration": self.iteration,
+            "round_steps": self.round_steps,
             "done": self.done, "history": [dict(h) for h in self.history],
             "round_start_flops": self._round_start_flops,
             "rewind_state": None if self._rewind_state is None else {

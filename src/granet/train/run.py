@@ -76,7 +76,8 @@ def train(config: Any) -> dict[str, Any]:
     if state is not None:
         # Sparsity keys left unset (None = the method's preset) take the values the run resolved them to.
         saved = state["config"]
-        unset = {k: saved[k] for k in ("density", *SPARSITY_KEYS, *LTH_KEYS) if getattr(config, k) is None and k in saved}
+        keys = ("density", *SPARSITY_KEYS, *LTH_KEYS)
+        unset = {k: saved[k] for k in keys if getattr(config, k) is None and k in saved}
         config = TrainConfig.from_dict(unset, base=config)
         check_resume_compatible(saved, config, "the checkpoint")
     main_rank = int(os.environ.get("RANK", "0")) == 0
