@@ -150,8 +150,10 @@ def plot(table: dict[tuple[str, float], dict[str, Any]], path: Path, title: str)
     methods = sorted({m for m, _ in table if m != "dense"})
     for i, method in enumerate(methods):
         rows = sorted((d, row["accuracy"]) for (m, d), row in table.items() if m == method)
-        ax.errorbar([d for d, _ in rows], [a[0] for _, a in rows], yerr=[a[1] for _, a in rows], marker="o",
-                    capsize=3, label=method, color=f"C{i}", linestyle="-" if method.startswith("granet") else "--")
+        # 10 colours repeat from the 11th method on: another marker keeps the lines apart.
+        ax.errorbar([d for d, _ in rows], [a[0] for _, a in rows], yerr=[a[1] for _, a in rows],
+                    marker="os^"[i // 10 % 3], capsize=3, label=method, color=f"C{i % 10}",
+                    linestyle="-" if method.startswith("granet") else "--")
     ax.set_xscale("log")
     ax.invert_xaxis()
     densities = sorted({d for (m, d) in table if m != "dense"}, reverse=True)
