@@ -9,7 +9,9 @@ trains the network ``R + 1`` times over the same schedule of ``T`` steps (``epoc
   rewind step ``k = lth_rewind`` to ``T``. The LR schedule is a function of the ticket's iteration,
   so it restarts at ``k`` every round, and the data order too: iteration ``i`` of every round sees the
   batches of iteration ``i`` of round 0 (a round that starts mid-epoch starts mid-way through that
-  epoch's order).
+  epoch's order). A step that GradScaler skips (fp16 overflow) does not advance the iteration, so
+  the round trains one more batch: the next epoch continues that epoch's order where the iteration
+  stands.
 * at the end of each round the weights are pruned by global magnitude to ``round((1 - p)^(r+1) N)``
   active weights, rewound to their values at iteration ``k`` and the optimizer state is cleared; the
   last round ends at exactly ``round(density * N)`` (``p = 1 - density^(1/R)`` unless given).
