@@ -205,3 +205,13 @@ def test_torchrun_two_processes_train_one_ticket(tmp_path):
     summary = _summary(out)
     assert summary["world_size"] == 2 and [h["active"] for h in summary["rounds"]] == [N, round(0.1 * N)]
     assert summary["density"] == 0.1 and summary["steps"] == 2 * SPE
+
+
+def test_rewind_is_a_step_value_like_the_other_step_keys():
+    from granet.train.lottery_run import resolve_rewind
+
+    assert TrainConfig.from_dict({"lth_rewind": "10"}).lth_rewind == 10
+    assert TrainConfig.from_dict({"lth_rewind": "0.05"}).lth_rewind == 0.05
+    assert TrainConfig.from_dict({"lth_rewind": 30.0}).lth_rewind == 30  # a YAML float that counts steps
+    assert (resolve_rewind(None, 400), resolve_rewind(0.05, 400), resolve_rewind(0.0, 400), resolve_rewind(399, 400)) \
+        == (0, 20, 0, 399)
