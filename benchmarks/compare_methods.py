@@ -2,6 +2,7 @@
 
     python benchmarks/compare_methods.py                       # both settings, 5 seeds (~40 min on 2 cores)
     python benchmarks/compare_methods.py --setting mlp --seeds 2 --densities 0.05 0.01
+    python benchmarks/compare_methods.py --setting cnn --methods lth     # only these methods' runs
 
 Two settings share everything except the network:
 
@@ -14,8 +15,11 @@ Two settings share everything except the network:
 All methods share one recipe (SGD + Nesterov, lr 0.1 cosine, weight decay 5e-4, batch 64, ΔT = 20
 steps); only the knobs that define each method differ (GraNet/GMP prune until half of training,
 GraNet regrows with r_0 = 0.5 cosine-decayed to 0.005, RigL/SET/SNFS use RigL's r_0 = 0.3 until 75%
-of training). Runs go to ``--out`` (default ``runs/compare``), one directory each; rerunning skips
-finished runs and resumes interrupted ones. Outputs per setting: ``results.md`` (mean ± std over
+of training). Lottery tickets (``lth``) train the network ``LTH_ROUNDS + 1`` = 4 times over the same
+recipe (dense, then 3 rounds of global magnitude pruning to the final density, each rewound to the
+initialisation), so they cost about 4 runs' wall time; their training FLOPs are summed over all rounds
+and reported relative to one dense training. Runs go to ``--out`` (default ``runs/compare``), one
+directory each; rerunning skips finished runs and resumes interrupted ones. Outputs per setting: ``results.md`` (mean ± std over
 seeds, claims), ``accuracy_vs_sparsity.png``, plus the per-run ``report.md``.
 """
 from __future__ import annotations
@@ -42,17 +46,25 @@ SETTINGS = {
     "mlp": dict(model="mlp", epochs=20),
 }
 DENSE_TO_SPARSE = ("gmp", "granet")
+#: Pruning rounds of the lottery-ticket runs (LTH_ROUNDS + 1 trainings; p = 1 - density^(1/3) per round).
+LTH_ROUNDS = 3
 SPARSE_TO_SPARSE = ("static", "set", "rigl", "snfs", "granet-st")
 
 
 def configs_for(setting: str, densities: list[float], seeds: list[int], root: Path,
-                epochs: Optional[int] = None) -> list[TrainConfig]:
-    """One :class:`TrainConfig` per (method, density, seed); dense once per seed."""
+                epochs: Optional[int] = None, methods: Optional[list[str]] = None) -> list[TrainConfig]:
+    """One :class:`TrainConfig` per (method, density, seed); dense once per seed; ``methods`` filters."""
     spec = dict(SETTINGS[setting], **({"epochs": epochs} if epochs else {}))
+    # lth has no topology updates (update_interval would be refused as a key that does not apply to it).
+    lth_recipe = {k: v for k, v in RECIPE.items() if k != "update_interval"}
     configs = []
     for seed in seeds:
         configs.append(TrainConfig.from_dict(dict(RECIPE, **spec, method="dense", density=1.0, seed=seed,
                                                   out=str(root / f"dense-d1-s{seed}"))))
+        for density in densities:  # the long lottery-ticket runs first, so parallel workers finish together
+            configs.append(TrainConfig.from_dict(dict(
+                lth_recipe, **spec, method="lth", density=density, seed=seed, lth_rounds=LTH_ROUNDS,
+                out=str(root / f"lth-d{density:g}-s{seed}"))))
         for method in list_methods():
             if method in ("dense", "gmp-layerwise"):
                 continue
@@ -60,7 +72,7 @@ def configs_for(setting: str, densities: list[float], seeds: list[int], root: Pa
                 configs.append(TrainConfig.from_dict(dict(
                     RECIPE, **spec, method=method, density=density, seed=seed,
                     out=str(root / f"{method}-d{density:g}-s{seed}"))))
-    return configs
+    return [c for c in configs if methods is None or c.method in methods]
 
 
 def aggregate(summaries: list[dict[str, Any]]) -> dict[tuple[str, float], dict[str, Any]]:
@@ -116,6 +128,13 @@ def claims(table: dict[tuple[str, float], dict[str, Any]], densities: list[float
         rows = {m: table.get((m, round(d, 9))) for m in DENSE_TO_SPARSE + SPARSE_TO_SPARSE}
         parts = [f"{m} {row['train_flops'][0]:.3f}" for m, row in rows.items() if row]
         out.append(f"* density {d:g}: training FLOPs (x dense) " + ", ".join(parts))
+    out += ["", f"Reference: lottery tickets ({LTH_ROUNDS + 1} trainings, FLOPs of all rounds) vs GraNet.", ""]
+    for d in densities:
+        t, g = table.get(("lth", round(d, 9))), table.get(("granet", round(d, 9)))
+        if t and g:
+            out.append(f"* density {d:g}: lth {t['accuracy'][0]:.2f} (±{t['accuracy'][1]:.2f}) at "
+                       f"{t['train_flops'][0]:.3f} x dense vs granet {g['accuracy'][0]:.2f} "
+                       f"(±{g['accuracy'][1]:.2f}) at {g['train_flops'][0]:.3f} x dense")
     return "\n".join(out) + "\n"
 
 
@@ -131,8 +150,10 @@ def plot(table: dict[tuple[str, float], dict[str, Any]], path: Path, title: str)
     methods = sorted({m for m, _ in table if m != "dense"})
     for i, method in enumerate(methods):
         rows = sorted((d, row["accuracy"]) for (m, d), row in table.items() if m == method)
-        ax.errorbar([d for d, _ in rows], [a[0] for _, a in rows], yerr=[a[1] for _, a in rows], marker="o",
-                    capsize=3, label=method, color=f"C{i}", linestyle="-" if method.startswith("granet") else "--")
+        # 10 colours repeat from the 11th method on: another marker keeps the lines apart.
+        ax.errorbar([d for d, _ in rows], [a[0] for _, a in rows], yerr=[a[1] for _, a in rows],
+                    marker="os^"[i // 10 % 3], capsize=3, label=method, color=f"C{i % 10}",
+                    linestyle="-" if method.startswith("granet") else "--")
     ax.set_xscale("log")
     ax.invert_xaxis()
     densities = sorted({d for (m, d) in table if m != "dense"}, reverse=True)
@@ -155,12 +176,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: CPU cores)")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
     parser.add_argument("--epochs", type=int, default=None, help="override the settings' epochs (smoke tests)")
+    parser.add_argument("--methods", nargs="+", default=None, help="only these methods (dense included only if named)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     settings = list(SETTINGS) if args.setting == "all" else [args.setting]
     for setting in settings:
         root = args.out / setting
-        configs = configs_for(setting, args.densities, list(range(args.seeds)), root, args.epochs)
+        configs = configs_for(setting, args.densities, list(range(args.seeds)), root, args.epochs, args.methods)
         start = time.perf_counter()
 
         def progress(i: int, config: TrainConfig, summary: dict[str, Any]) -> None:

@@ -20,13 +20,14 @@ def test_tiny_comparison_and_resume(tmp_path, capsys):
     text = (tmp_path / "mlp" / "results.md").read_text()
     from granet.methods import list_methods
 
-    methods = [m for m in list_methods() if m != "gmp-layerwise"]  # dense once, every sparse method
+    methods = [m for m in list_methods() if m != "gmp-layerwise"] + ["lth"]  # dense once, every sparse method
     for method in methods:
         assert f"| {method} |" in text
     assert "Claim 1" in text and "granet" in text and "difference" in text
     assert (tmp_path / "mlp" / "accuracy_vs_sparsity.png").read_bytes()[:4] == b"\x89PNG"
     summaries = sorted((tmp_path / "mlp").glob("*/summary.json"))
-    assert len(summaries) == len(methods) == 11
+    assert len(summaries) == len(methods) == 12
+    assert "lth" in text.split("Reference: lottery tickets (4 trainings")[1]
     stamps = [p.stat().st_mtime_ns for p in summaries]
     assert compare.main(args) == 0  # everything finished: nothing is retrained
     assert [p.stat().st_mtime_ns for p in summaries] == stamps

@@ -184,6 +184,28 @@ def test_bad_input_is_named() -> None:
     assert isinstance(granet.LotteryTicket, type)
 
 
+def test_final_density_derives_the_fraction_and_is_exact() -> None:
+    model = tiny_cnn(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    ticket = LotteryTicket(model, opt, rounds=3, density=0.1, rewind_step=0)
+    n = ticket.sparsifier.total
+    assert ticket.prune_fraction == 1 - 0.1 ** (1 / 3)
+    assert [ticket.target_count(r) for r in range(3)] == [round((1 - ticket.prune_fraction) ** r * n) for r in range(3)]
+    assert ticket.target_count(3) == round(0.1 * n) and ticket.final_density == round(0.1 * n) / n
+    run_all(model, opt, ticket)
+    assert sum(ticket.sparsifier.counts) == round(0.1 * n)
+    # Both given: they must end at the same count (0.5^2 = 0.25 does).
+    both = LotteryTicket(tiny_cnn(0), None, rounds=2, prune_fraction=0.5, density=0.25)
+    assert both.target_count(2) == round(0.25 * n)
+    with pytest.raises(ValueError, match=rf"prune_fraction=0.2 over 2 rounds keeps {round(0.64 * n)} of {n} weights"):
+        LotteryTicket(tiny_cnn(0), None, rounds=2, prune_fraction=0.2, density=0.25)
+    with pytest.raises(ValueError, match="density must be a number in \\(0, 1\\), got 1.0"):
+        LotteryTicket(tiny_cnn(0), None, rounds=2, density=1.0)
+    other = LotteryTicket(tiny_cnn(0), None, rounds=3, prune_fraction=ticket.prune_fraction, rewind_step=0)
+    with pytest.raises(ValueError, match="density \\(state 0.1, here None\\)"):
+        other.load_state_dict(ticket.state_dict())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_lottery_round_on_cuda() -> None:
     model = tiny_cnn(0).cuda()

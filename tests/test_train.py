@@ -154,7 +154,8 @@ def test_listings(capsys):
     from granet.methods import list_methods
     from granet.models import list_models
 
-    for command, names in (("models", list_models()), ("methods", list_methods()), ("datasets", list_datasets())):
+    methods = [*list_methods(), "lth"]  # the sparsifier presets, then the training procedures
+    for command, names in (("models", list_models()), ("methods", methods), ("datasets", list_datasets())):
         assert main([command]) == 0
         assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == names, command
 

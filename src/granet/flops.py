@@ -73,6 +73,8 @@ __all__ = [
     "inference_flops_relative",
     "TrainingFlopsLedger",
     "step_needs_dense_gradient",
+    "SCORING_PASSES",
+    "scoring_flops",
 ]
 
 ExampleInput = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -300,6 +302,7 @@ class TrainingFlopsLedger:
         self.flops = layer_flops
         self._total = 0.0
         self._steps = 0
+        self._extra: dict[str, float] = {}
 
     def record(self, layer_density: Mapping[str, float], steps: int = 1, dense_gradient: bool = False) -> float:
         """Add ``steps`` training steps run at ``layer_density``.
@@ -323,9 +326,34 @@ class TrainingFlopsLedger:
         self._steps += steps
         return added
 
+    def record_extra(self, flops: float, label: str) -> float:
+        """Add work done outside the training steps (e.g. scoring at initialisation) to :attr:`total`.
+
+        Args:
+            flops: the work in the ledger's unit, FLOPs per example of a training step: the absolute
+                FLOPs divided by the number of examples per optimizer step (the global batch size).
+            label: what the work was (``"scoring"``); :attr:`extra` sums the recorded work by label.
+
+        Returns:
+            The FLOPs added. The step count is unchanged, so :attr:`relative` compares the training
+            steps *plus* this work with dense training over the same steps.
+        """
+        if isinstance(flops, bool) or not isinstance(flops, numbers.Real) or not 0.0 <= float(flops) < math.inf:
+            raise ValueError(f"flops must be a finite number >= 0, got {flops!r}")
+        if not isinstance(label, str) or not label:
+            raise ValueError(f"label must be a non-empty string, got {label!r}")
+        self._total += float(flops)
+        self._extra[label] = self._extra.get(label, 0.0) + float(flops)
+        return float(flops)
+
+    @property
+    def extra(self) -> dict[str, float]:
+        """Work recorded with :meth:`record_extra`, by label (included in :attr:`total`)."""
+        return dict(self._extra)
+
     @property
     def total(self) -> float:
-        """Training FLOPs of one example per step, summed over the recorded steps."""
+        """Training FLOPs of one example per step, summed over the recorded steps (and extra work)."""
         return self._total
 
     @property
@@ -346,7 +374,8 @@ class TrainingFlopsLedger:
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to resume the ledger."""
-        return {"format": 1, "total": self._total, "steps": self._steps, "dense_forward": self.flops.dense}
+        return {"format": 1, "total": self._total, "steps": self._steps, "dense_forward": self.flops.dense,
+                "extra": dict(self._extra)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`.
@@ -356,6 +385,7 @@ class TrainingFlopsLedger:
         """
         try:
             total, steps, dense = float(state["total"]), int(state["steps"]), state.get("dense_forward")
+            extra = {str(k): float(v) for k, v in dict(state.get("extra") or {}).items()}  # absent before it existed
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a TrainingFlopsLedger state: {exc}") from None
         if dense is not None and not math.isclose(float(dense), self.flops.dense, rel_tol=1e-9):
@@ -363,7 +393,7 @@ class TrainingFlopsLedger:
                 f"ledger state was recorded for a model with {dense} dense forward FLOPs, "
                 f"this one has {self.flops.dense}"
             )
-        self._total, self._steps = total, steps
+        self._total, self._steps, self._extra = total, steps, extra
 
     def __repr__(self) -> str:
         rel = self.relative
@@ -384,3 +414,40 @@ def step_needs_dense_gradient(sparsifier: Sparsifier, step: int) -> bool:
         step: the 1-based optimizer step (``sparsifier.step_count + 1`` before ``sparsifier.step()``).
     """
     return sparsifier.needs_dense_gradient(step)
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+#: Dense passes per scored example of pruning at initialisation, in the ledger's units (forward 1,
+#: backward 2, as in a step's 3 f_S): SNIP one forward + backward (3); GraSP the gradient pass (3),
+#: then a forward (1), a backward keeping its graph (2) and the double backward of the
+#: Hessian-gradient product, which differentiates the backward graph (4) and the forward graph (2);
+#: SynFlow one forward + backward of one all-ones example per round (3). ``FlopCounterMode`` around
+#: the scoring of a 1-256-256-256-10 MLP measures 2.998 and 11.99 (the first layer's input
+#: gradient, which autograd skips, is the difference; the ledger's 3 f_S counts it as well).
+SCORING_PASSES = {"snip": 3.0, "grasp": 12.0, "synflow": 3.0}
+
+
+def scoring_flops(method: str, layer_flops: LayerFlops, examples: int, rounds: int = 100) -> float:
+    """Absolute FLOPs one process spends scoring at initialisation (all dense passes).
+
+    Args:
+        method: ``snip``, ``grasp`` or ``synflow``.
+        layer_flops: the model's measured dense FLOPs (``f_D`` per example).
+        examples: examples scored (SNIP and GraSP: the sum of the scoring batches' sizes; SynFlow
+            ignores it: it scores one all-ones example per round).
+        rounds: SynFlow's pruning rounds (:func:`granet.saliency.synflow`'s default is 100).
+
+    Returns:
+        ``SCORING_PASSES[method] * f_D * examples`` (SynFlow: ``* rounds``).
+
+    Raises:
+        ValueError: an unknown method, or a count below 1.
+    """
+    if method not in SCORING_PASSES:
+        raise ValueError(f"no scoring cost is known for {method!r}; valid: {', '.join(SCORING_PASSES)}")
+    count = rounds if method == "synflow" else examples
+    name = "rounds" if method == "synflow" else "examples"
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"{name} must be a positive integer, got {count!r}")
+    return SCORING_PASSES[method] * layer_flops.dense * count

@@ -15,6 +15,11 @@ weights, prune fraction ``p``, ``R`` rounds and rewind iteration ``k``:
 * after round ``R`` the ticket has ``round((1 - p) ** R * N)`` weights. Training cost: ``R + 1``
   trainings (the dense one and one per pruning round), all recorded in one FLOPs ledger.
 
+Given a final ``density`` instead of ``p``, ``p = 1 - density ** (1 / R)`` and the last round keeps
+exactly ``round(density * N)`` weights (the same count up to floating-point rounding of ``p``).
+Under ``torch.distributed`` every rank prunes its own (identical) weights; the kept positions are
+compared across ranks (one small all-reduce per round) before rank 0's masks are installed.
+
 ``rewind_step=None`` keeps the trained values instead of rewinding: with ``rounds=1`` this is
 one-shot magnitude pruning after training followed by fine-tuning.
 
@@ -58,7 +63,8 @@ class LotteryTicket:
         model: the model; its Conv/Linear weights (minus ``keep_dense``) are pruned.
         optimizer: the training optimizer (its steps are counted; its state is cleared at a rewind).
         rounds: R, the number of pruning rounds (R + 1 trainings in all), >= 1.
-        prune_fraction: p in (0, 1), the fraction of the remaining weights pruned per round.
+        prune_fraction: p in (0, 1), the fraction of the remaining weights pruned per round; default 0.2,
+            or ``1 - density ** (1 / rounds)`` when ``density`` is given.
         rewind_step: k, the iteration of round 0 whose state survivors are reset to (0: original
             lottery ticket); ``None``: no rewinding (prune and fine-tune).
         keep_dense: ``fnmatch`` patterns of layers never pruned (see :func:`granet.sparsifiable_parameters`).
@@ -67,14 +73,22 @@ class LotteryTicket:
         ledger: a :class:`~granet.flops.TrainingFlopsLedger` that every step is recorded in (all
             rounds add up); saved and restored with this object's state.
         distributed: as for :class:`Sparsifier`.
+        density: the final density in (0, 1): the last round keeps exactly ``round(density * N)``
+            weights. With ``prune_fraction`` too, the two must end at the same count.
     """
 
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], *, rounds: int,
-                 prune_fraction: float = 0.2, rewind_step: Optional[int] = 0, keep_dense: Sequence[str] = (),
-                 layer_types: Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES, seed: int = 0,
-                 ledger: Optional[TrainingFlopsLedger] = None, distributed: Optional[bool] = None) -> None:
+                 prune_fraction: Optional[float] = None, rewind_step: Optional[int] = 0,
+                 keep_dense: Sequence[str] = (), layer_types: Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES,
+                 seed: int = 0, ledger: Optional[TrainingFlopsLedger] = None, distributed: Optional[bool] = None,
+                 density: Optional[float] = None) -> None:
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
             raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+        if density is not None and (isinstance(density, bool) or not isinstance(density, (int, float))
+                                    or not 0.0 < density < 1.0):
+            raise ValueError(f"density must be a number in (0, 1), got {density!r}")
+        if prune_fraction is None:
+            prune_fraction = 0.2 if density is None else 1.0 - density ** (1.0 / rounds)
         if isinstance(prune_fraction, bool) or not isinstance(prune_fraction, (int, float)) \
                 or not 0.0 < prune_fraction < 1.0:
             raise ValueError(f"prune_fraction must be a number in (0, 1), got {prune_fraction!r}")
@@ -85,9 +99,16 @@ class LotteryTicket:
             raise TypeError(f"ledger must be a TrainingFlopsLedger, got {type(ledger).__name__}")
         self.model, self.optimizer, self.ledger = model, optimizer, ledger
         self.rounds, self.prune_fraction, self.rewind_step, self.seed = rounds, float(prune_fraction), rewind_step, seed
+        self.density_target = None if density is None else float(density)
         config = SparsityConfig(method="lth", density=1.0, keep_dense=tuple(keep_dense), seed=seed,
                                 track_exploration=False)
         self.sparsifier = Sparsifier(model, optimizer, config, layer_types=layer_types, distributed=distributed)
+        if density is not None and self.target_count(rounds) != self._count(rounds) \
+                and not math.isclose((1.0 - self.prune_fraction) ** rounds, density, rel_tol=1e-9):
+            n, kept = self.sparsifier.total, self._count(rounds)
+            raise ValueError(f"prune_fraction={prune_fraction} over {rounds} rounds keeps {kept} of {n} weights "
+                             f"(density {kept / n:.6g}), not density={density} ({self.target_count(rounds)}); "
+                             f"give only one of them")
         if self.target_count(rounds) < 1:
             raise ValueError(f"{rounds} rounds of prune_fraction={prune_fraction} leave no weight of "
                              f"{self.sparsifier.total}; use fewer rounds or a smaller fraction")
@@ -103,13 +124,19 @@ class LotteryTicket:
 
     # ------------------------------------------------------------------ counts
 
-    def target_count(self, round_index: int) -> int:
-        """Active weights during round ``round_index``: ``round((1 - p) ** round_index * N)``."""
+    def _count(self, round_index: int) -> int:
         return round((1.0 - self.prune_fraction) ** round_index * self.sparsifier.total)
+
+    def target_count(self, round_index: int) -> int:
+        """Active weights during round ``round_index``: ``round((1 - p) ** round_index * N)``; the last
+        round's is ``round(density * N)`` when a final density was given."""
+        if round_index == self.rounds and self.density_target is not None:
+            return round(self.density_target * self.sparsifier.total)
+        return self._count(round_index)
 
     @property
     def final_density(self) -> float:
-        """Density after the last round: ``round((1 - p) ** R * N) / N``."""
+        """Density after the last round: ``round((1 - p) ** R * N) / N`` (or ``round(density * N) / N``)."""
         return self.target_count(self.rounds) / self.sparsifier.total
 
     def density(self) -> float:
@@ -188,6 +215,8 @@ class LotteryTicket:
                             for p, m in zip(s.params, s.masks.values())])
         keep = criteria.select_top(scores, self.target_count(round_index),
                                    criteria.seeded_generator(self.seed, "lth", round_index))
+        if s.distributed:
+            _check_ranks_agree(keep, round_index)
         masks = {n: k.view(p.shape).to(p.device) for n, k, p in zip(s.names, keep.split(s.sizes), s.params)}
         if self._rewind_state is not None:
             self.model.load_state_dict(self._rewind_state)  # copies in place: the optimizer's tensors stay
@@ -208,7 +237,8 @@ class LotteryTicket:
         return {
             "format": 1,
             "rounds": self.rounds, "prune_fraction": self.prune_fraction, "rewind_step": self.rewind_step,
-            "seed": self.seed, "round": self.round, "iteration": self.iteration, "round_steps": self.round_steps,
+            "seed": self.seed, "density": self.density_target, "round": self.round, "iteration": self.iteration,
+            "round_steps": self.round_steps,
             "done": self.done, "history": [dict(h) for h in self.history],
             "round_start_flops": self._round_start_flops,
             "rewind_state": None if self._rewind_state is None else {
@@ -227,7 +257,7 @@ class LotteryTicket:
         if not isinstance(state, Mapping) or "sparsifier" not in state or "rounds" not in state:
             raise ValueError("not a granet LotteryTicket state (no 'rounds' / 'sparsifier' entries)")
         mine = {"rounds": self.rounds, "prune_fraction": self.prune_fraction,
-                "rewind_step": self.rewind_step, "seed": self.seed}
+                "rewind_step": self.rewind_step, "seed": self.seed, "density": self.density_target}
         differing = [f"{k} (state {state.get(k)!r}, here {v!r})" for k, v in mine.items()
                      if state.get(k) != v and not (isinstance(v, float) and isinstance(state.get(k), float)
                                                   and math.isclose(state[k], v))]
@@ -249,3 +279,21 @@ class LotteryTicket:
     def __repr__(self) -> str:
         return (f"LotteryTicket(round={self.round}/{self.rounds}, iteration={self.iteration}, "
                 f"density={self.density():.5f}, final={self.final_density:.5f})")
+
+
+def _check_ranks_agree(keep: torch.Tensor, round_index: int) -> None:
+    """Raise unless every rank chose the same positions (DDP keeps the weights identical, so they must).
+
+    A fingerprint (count and two position sums) is compared by one MIN and one MAX all-reduce.
+    """
+    import torch.distributed as dist
+
+    positions = torch.arange(keep.numel(), device=keep.device, dtype=torch.float64)
+    kept = keep.to(torch.float64)
+    fingerprint = torch.stack([kept.sum(), (positions * kept).sum(), (torch.remainder(positions, 9973) * kept).sum()])
+    low, high = fingerprint.clone(), fingerprint.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError(f"lottery round {round_index}: the ranks pruned different weights (rank "
+                           f"{dist.get_rank()} kept {int(fingerprint[0])}); their weights had drifted apart")

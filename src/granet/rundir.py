@@ -67,10 +67,14 @@ class EpochRecord:
     pruned: int = 0
     regrown: int = 0
     time_s: float = 0.0
+    round: Optional[int] = None  # lottery tickets: the training round (0 = dense) this epoch belongs to
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dictionary (one JSON line)."""
-        return dataclasses.asdict(self)
+        """Plain dictionary (one JSON line); ``round`` only for runs that have rounds."""
+        out = dataclasses.asdict(self)
+        if out["round"] is None:
+            del out["round"]
+        return out
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "EpochRecord":

@@ -13,7 +13,7 @@ import os
 import typing
 from typing import Any, Callable
 
-from ..config import STEP_FIELDS, field_help, step_spec
+from ..config import field_help, step_spec
 
 _HELP = {
     "method": "sparse-training method (see `granet methods`)",
@@ -54,6 +54,11 @@ _HELP = {
     "tensorboard": "also write TensorBoard scalars and per-layer density histograms to RUN_DIR/tensorboard "
                    "(pip install 'granet[tensorboard]')",
     "dist_timeout": "seconds a torchrun process waits for the others before failing (a dead or frozen rank)",
+    "lth_rounds": "method lth: pruning rounds R (R+1 trainings: a dense one, then one per round); default 3",
+    "lth_prune_fraction": "method lth: fraction of the remaining weights pruned per round; default "
+                          "1 - density^(1/R), so the last round ends at --density exactly",
+    "lth_rewind": "method lth: iteration k the survivors are reset to after each pruning (0: the initialisation), "
+                  "a step or a fraction of the schedule; later rounds train from k to the end (default 0)",
 }
 _PRESET = " (default: the method's preset)"
 
@@ -99,7 +104,7 @@ def _key_value(text: str) -> tuple[str, Any]:
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per :class:`TrainConfig` field, defaulting to 'not given' so YAML values survive."""
     from ..train import TrainConfig
-    from ..train.config import SPARSITY_KEYS
+    from ..train.config import SPARSITY_KEYS, STEP_KEYS
 
     hints = typing.get_type_hints(TrainConfig)
     sparsity_help = field_help()
@@ -117,7 +122,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         elif origin is list:
             kwargs.update(nargs="*", metavar="VALUE")
             kwargs["type"] = {"milestones": _number, "keep_checkpoints": int}.get(f.name, str)
-        elif f.name in STEP_FIELDS:
+        elif f.name in STEP_KEYS:
             kwargs.update(type=_optional(_step), metavar="STEP|FRACTION")
         elif base is bool:
             kwargs.update(type=_optional(_parse_bool) if optional else _parse_bool, metavar="BOOL")
@@ -175,9 +180,12 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def _cmd_methods(args: argparse.Namespace) -> int:
     from ..methods import describe_method, list_methods
+    from ..train.config import TRAINING_METHODS
 
     for name in list_methods():
         print(f"{name:15s} {describe_method(name)}")
+    for name, text in TRAINING_METHODS.items():  # training procedures of `granet train`, not sparsifier presets
+        print(f"{name:15s} {text}")
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Layers (each imports only those above it): :mod:`.config` (what a run is) → :mod:`.runtime` (device,
 process group, seeding, optimizer, signals) → :mod:`.checkpoint` (what is saved and how it is read
-back) → :mod:`.loop` (the Trainer) → :mod:`.run` (``train`` and ``evaluate_run``).
+back) → :mod:`.loop` (the Trainer) → :mod:`.lottery_run` (the lottery-ticket rounds, ``--method lth``)
+→ :mod:`.run` (``train`` and ``evaluate_run``).
 
 Schedules are in optimizer steps. ``batch_size`` is the *global* batch (split evenly over the
 processes of a ``torchrun`` job), so the number of optimizer steps — and therefore every sparsity

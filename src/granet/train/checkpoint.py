@@ -147,6 +147,7 @@ def make_checkpoint(trainer: Any) -> dict[str, Any]:
         "sparsifier": trainer.sparsifier.state_dict(),
         "flops": trainer.ledger.state_dict(),
         "rng": capture_rng(),
+        **trainer.extra_state(),  # e.g. the lottery ticket's rounds, rewind point and history
     }
 
 
@@ -168,6 +169,7 @@ def restore_checkpoint(trainer: Any, state: dict[str, Any], path: Path) -> None:
         trainer.sparsifier.load_state_dict(state["sparsifier"])
         trainer.ledger.load_state_dict(state["flops"])
         trainer.progress = Progress.from_dict(state["progress"])
+        trainer.load_extra_state(state)
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: sparsifier or run state does not fit this run ({exc})") from None
     restore_rng(state["rng"])

@@ -35,6 +35,17 @@ EMBEDDED_RECIPE = {"dataset": "digits", "method": "granet", "sparsity": {"update
 #: The density of a sparse method when none is given (the embedded recipe's 95% sparsity).
 DEFAULT_DENSITY = 0.05
 
+#: Methods that are training procedures rather than sparsifier presets: ``lth`` trains the network
+#: R + 1 times (see :mod:`granet.train.lottery_run`).
+TRAINING_METHODS = {"lth": "lottery ticket / iterative magnitude pruning with rewinding: R+1 trainings, global "
+                           "magnitude pruning between them (--lth-rounds, --lth-prune-fraction, --lth-rewind)"}
+#: The lottery-ticket keys (default None: derived, see :func:`_check_lottery`).
+LTH_KEYS = ("lth_rounds", "lth_prune_fraction", "lth_rewind")
+#: Keys holding a step value (optimizer steps as an int, or a fraction of the run as a float).
+STEP_KEYS = (*STEP_FIELDS, "lth_rewind")
+#: Pruning rounds of ``lth`` when none are given (4 trainings).
+DEFAULT_LTH_ROUNDS = 3
+
 # Keys that may differ between a run and its resumption (they do not change the result).
 RESUMABLE_DIFFERENCES = frozenset({
     "device", "workers", "progress", "resume", "out", "data_dir", "download", "overwrite", "dist_timeout",
@@ -66,6 +77,15 @@ class _Head:
     augment: bool = True
     dataset_options: dict[str, Any] = field(default_factory=dict)
     density: Optional[float] = None
+
+
+@dataclass
+class _Lottery:
+    """Lottery-ticket keys (method ``lth`` only)."""
+
+    lth_rounds: Optional[int] = None
+    lth_prune_fraction: Optional[float] = None
+    lth_rewind: Optional[Union[int, float]] = None
 
 
 @dataclass
@@ -122,7 +142,7 @@ class _TrainConfigMethods:
         unknown = sorted(set(values) - set(cls.field_names()))
         if unknown:
             raise ConfigError(f"unknown config key(s): {', '.join(unknown)} (see `granet train --help`)")
-        values = {k: step_spec(v) if k in STEP_FIELDS else v for k, v in values.items()}
+        values = {k: step_spec(v) if k in STEP_KEYS else v for k, v in values.items()}
         return dataclasses.replace(base or cls(), **values)  # type: ignore[type-var]
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,7 +154,15 @@ class _TrainConfigMethods:
         """The target density: as given, else 1 for ``dense`` and the default for sparse methods."""
         if self.density is not None:  # type: ignore[attr-defined]
             return self.density  # type: ignore[attr-defined]
+        if self.method == "lth" and self.lth_prune_fraction is not None:  # type: ignore[attr-defined]
+            return (1.0 - self.lth_prune_fraction) ** self.effective_lth_rounds  # type: ignore[attr-defined]
         return 1.0 if self.method == "dense" else DEFAULT_DENSITY  # type: ignore[attr-defined]
+
+    @property
+    def effective_lth_rounds(self) -> int:
+        """Pruning rounds of ``lth``: as given, else :data:`DEFAULT_LTH_ROUNDS`."""
+        rounds = self.lth_rounds  # type: ignore[attr-defined]
+        return DEFAULT_LTH_ROUNDS if rounds is None else rounds
 
     def sparsity_options(self) -> dict[str, Any]:
         """The :class:`~granet.config.SparsityConfig` overrides of this config (``None`` = the preset's)."""
@@ -157,11 +185,14 @@ class _TrainConfigMethods:
         _check_names(self)
         _check_ranges(self)
         _check_schedule(self)
-        _check_sparsity(self)
+        _check_lottery(self)
+        if self.method != "lth":  # type: ignore[attr-defined]
+            _check_sparsity(self)
 
 
 TrainConfig = dataclasses.make_dataclass(
-    "TrainConfig", _fields_of(_Head) + _sparsity_fields() + _fields_of(_Tail), bases=(_TrainConfigMethods,),
+    "TrainConfig", _fields_of(_Head) + _sparsity_fields() + _fields_of(_Lottery) + _fields_of(_Tail),
+    bases=(_TrainConfigMethods,),
 )
 TrainConfig.__module__ = __name__
 TrainConfig.__doc__ = """Everything a training run needs. Defaults are the embedded digits recipe.
@@ -227,7 +258,8 @@ def _check_names(config: Any) -> None:
     from ..methods import list_methods
     from ..models import list_models
 
-    for name, valid in (("method", list_methods()), ("model", list_models()), ("dataset", list_datasets())):
+    methods = sorted([*list_methods(), *TRAINING_METHODS])
+    for name, valid in (("method", methods), ("model", list_models()), ("dataset", list_datasets())):
         if getattr(config, name) not in valid:
             raise ConfigError(f"unknown {name} {getattr(config, name)!r}; valid {name}s: {', '.join(valid)}")
     choices = {
@@ -299,6 +331,41 @@ def _check_sparsity(config: Any) -> None:
 _UNBOUNDED_STEPS = 10**12
 
 
+def _check_lottery(config: Any) -> None:
+    """``lth`` keys only with ``lth``; their ranges; sparsity keys that ``lth`` would silently ignore.
+
+    What needs the run's length or weight count (the rewind step against the schedule, the final
+    count of a given prune fraction against ``density``) is checked when the run is built.
+    """
+    given = [k for k in LTH_KEYS if getattr(config, k) is not None]
+    if config.method != "lth":
+        if given:
+            raise ConfigError(f"{given[0]}={getattr(config, given[0])!r} only applies to method 'lth', "
+                              f"not {config.method!r}")
+        return
+    ignored = [k for k in SPARSITY_KEYS if k != "keep_dense" and getattr(config, k) is not None]
+    if ignored:
+        raise ConfigError(f"method 'lth' prunes by global magnitude between whole trainings; "
+                          f"{', '.join(f'{k}={getattr(config, k)!r}' for k in ignored)} does not apply to it "
+                          f"(its keys: density, keep_dense, {', '.join(LTH_KEYS)})")
+    if config.init_from:
+        raise ConfigError(f"method 'lth' starts from its own dense initialisation; init_from={config.init_from!r} "
+                          f"cannot be combined with it")
+    if config.effective_lth_rounds < 1:
+        raise ConfigError(f"lth_rounds must be a positive integer, got {config.lth_rounds!r}")
+    p = config.lth_prune_fraction
+    if p is not None and not 0.0 < p < 1.0:
+        raise ConfigError(f"lth_prune_fraction must be in (0, 1), got {p!r}")
+    if config.density is not None and not 0.0 < config.density < 1.0:
+        raise ConfigError(f"method 'lth' prunes: density must be in (0, 1), got {config.density!r}")
+    rewind = config.lth_rewind
+    if isinstance(rewind, int) and rewind < 0:
+        raise ConfigError(f"lth_rewind must be a step >= 0 or a fraction of the schedule, got {rewind!r}")
+    if isinstance(rewind, float) and not 0.0 <= rewind < 1.0:
+        raise ConfigError(f"lth_rewind={rewind!r} is a fraction of the schedule and must be in [0, 1); "
+                          f"give steps as an int")
+
+
 # ---------------------------------------------------------------------------- loading
 
 
@@ -355,4 +422,5 @@ def check_resume_compatible(saved: dict[str, Any], config: Any, source: str = "t
 
 
 __all__ = ["TrainConfig", "load_config", "resume_config", "check_resume_compatible", "read_yaml_mapping",
-           "SPARSITY_KEYS", "EMBEDDED_RECIPE", "DEFAULT_DENSITY"]
+           "SPARSITY_KEYS", "EMBEDDED_RECIPE", "DEFAULT_DENSITY", "TRAINING_METHODS", "LTH_KEYS", "STEP_KEYS",
+           "DEFAULT_LTH_ROUNDS"]

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..data import DatasetError, build_datasets
 from ..errors import ConfigError
-from ..flops import TrainingFlopsLedger, layer_flops
+from ..flops import TrainingFlopsLedger, layer_flops, scoring_flops
 from ..methods import create_sparsifier, method_config
 from ..models import create_model
 from ..rundir import (CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, EpochRecord, append_metrics, atomic_write,
@@ -125,7 +125,8 @@ class Trainer:
         self.layer_flops = layer_flops(self.model, example)
         self.ledger = TrainingFlopsLedger(self.layer_flops)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: runtime.lr_factor(config, s, self.steps_per_epoch, self.total_steps)
+            self.optimizer,
+            lambda s: runtime.lr_factor(config, self.schedule_position(s), self.steps_per_epoch, self.total_steps),
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
         self.ddp_model = self._wrap_ddp()
@@ -160,6 +161,38 @@ class Trainer:
                                      seed=self.config.seed, **self.config.sparsity_options())
         except ValueError as exc:
             raise ConfigError(f"{exc} (this run has {sparse_steps} optimizer steps)") from None
+
+    # -------------------------------------------------------------- hooks (the lottery-ticket trainer overrides them)
+
+    def schedule_position(self, scheduler_steps: int) -> int:
+        """The step of the LR schedule after ``scheduler_steps`` scheduler steps (one per optimizer step)."""
+        return scheduler_steps
+
+    def training_left(self) -> bool:
+        """Whether another epoch is to be trained."""
+        return self.progress.step < self.total_steps
+
+    def epoch_finished(self) -> bool:
+        """Whether the epoch being trained ends before the next batch (the run's last step reached)."""
+        return self.progress.step >= self.total_steps
+
+    def data_position(self) -> tuple[int, int]:
+        """(epoch of the data order, optimizer steps of it already trained) for the next epoch."""
+        return self.progress.epoch, 0
+
+    def after_selection(self, train: dict[str, float], val: Optional[dict[str, float]]) -> None:
+        """Called at the end of an epoch after model selection, before anything is written."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """Entries added to the checkpoint (see :func:`granet.train.checkpoint.make_checkpoint`)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` added (the checkpoint's other entries are already loaded)."""
+
+    def summary_overrides(self) -> dict[str, Any]:
+        """:class:`~granet.rundir.RunSummary` fields that differ from the single-run defaults."""
+        return {}
 
     def _wrap_ddp(self) -> nn.Module:
         if self.dist.world_size == 1:
@@ -207,6 +240,11 @@ class Trainer:
                 break
         prune_at_init(self.sparsifier, self.model, batches, loss_fn=self.criterion)
         self._layer_density = self.sparsifier.layer_density()
+        # Scoring is dense work before training: every process scores (its own batches, or SynFlow's
+        # all-ones input); the ledger counts FLOPs per example of a global training batch.
+        examples = sum(int(x.shape[0]) for x, _ in batches)
+        cost = scoring_flops(self.config.method, self.layer_flops, examples) * self.dist.world_size
+        self.ledger.record_extra(cost / self.config.batch_size, "scoring")
         scored = "data-free" if self.config.method == "synflow" else f"{len(batches)} training batch(es)"
         logger.info("%s: scored at initialisation (%s); mask fixed at density %.4f",
                     self.config.method, scored, self.sparsifier.density())
@@ -224,10 +262,11 @@ class Trainer:
     # -------------------------------------------------------------- steps and epochs
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch = self.progress.epoch
+        epoch, done = self.data_position()
         order = runtime.epoch_order(len(self.data.train), self.config.seed, epoch, self.dist)
         usable = self.steps_per_epoch * self.config.accumulation_steps * self.micro_batch
         order = order[:usable]  # drop the ragged tail: every optimizer step sees a full global batch
+        order = order[done * self.config.accumulation_steps * self.micro_batch:]  # steps already trained
         loader = torch.utils.data.DataLoader(
             torch.utils.data.Subset(self.data.train, order), batch_size=self.micro_batch, shuffle=False,
             num_workers=self.config.workers, pin_memory=self.device.type == "cuda", drop_last=True,
@@ -269,7 +308,7 @@ class Trainer:
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
         accum = self.config.accumulation_steps
         for micro, (x, y) in enumerate(self._batches()):
-            if self.progress.step >= self.total_steps:
+            if self.epoch_finished():
                 break
             last_micro = (micro + 1) % accum == 0
             loss, correct = self._forward_backward(x, y, sync=last_micro)
@@ -287,6 +326,14 @@ class Trainer:
         count = max(1.0, float(sums[2]))
         return {"loss": float(sums[0]) / count, "accuracy": float(sums[1]) / count}
 
+    def planned_steps(self) -> int:
+        """Optimizer steps of the whole run."""
+        return self.total_steps
+
+    def planned_epochs(self) -> int:
+        """Epochs of the whole run (for the log)."""
+        return self.config.epochs
+
     def at_final_density(self) -> bool:
         """Whether the sparsity schedule has reached its final density (model selection is allowed)."""
         return self.sparsifier.reached_final_density
@@ -299,14 +346,15 @@ class Trainer:
         if runtime.progress_enabled(cfg.progress, self.dist):
             from tqdm import tqdm
 
-            bar = tqdm(total=self.total_steps, initial=self.progress.step, unit="step", dynamic_ncols=True, leave=False)
+            bar = tqdm(total=self.planned_steps(), initial=self.progress.step, unit="step", dynamic_ncols=True,
+                       leave=False)
         logger.info(
             "%s | %s on %s | density %.4g | %d epochs x %d steps = %d steps | global batch %d | %s, %d process(es)",
             cfg.method, cfg.model, cfg.dataset, self.sparsifier.config.density, cfg.epochs,
             self.steps_per_epoch, self.total_steps, cfg.batch_size, self.device, self.dist.world_size,
         )
         try:
-            while self.progress.step < self.total_steps:
+            while self.training_left():
                 start = time.perf_counter()
                 self.updates = []
                 train = self.train_epoch(bar)
@@ -344,6 +392,7 @@ class Trainer:
             val is None or p.best_val_accuracy is None or val["accuracy"] > p.best_val_accuracy)
         if selected:  # without a validation split the last eligible epoch is selected
             p.best_val_accuracy, p.best_epoch = (None if val is None else val["accuracy"]), p.epoch
+        self.after_selection(train, val)
         if self.dist.is_main:
             with self.guard.protect():
                 save_file(make_checkpoint(self), self.out / CHECKPOINT_FILE)
@@ -359,7 +408,7 @@ class Trainer:
                         atomic_write(self.out / f"checkpoint_epoch{p.epoch}.pt", lambda fh: shutil.copyfileobj(src, fh))
             val_text = "" if val is None else f" | val loss {val['loss']:.4f} acc {val['accuracy']:.4f}"
             logger.info("epoch %d/%d step %d | train loss %.4f acc %.4f%s | density %.4f | lr %.4g | %.1fs",
-                        p.epoch, self.config.epochs, p.step, train["loss"], train["accuracy"], val_text,
+                        p.epoch, self.planned_epochs(), p.step, train["loss"], train["accuracy"], val_text,
                         record.density, record.lr, p.wall_time)
 
     def model_artifact(self) -> dict[str, Any]:

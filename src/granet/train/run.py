@@ -24,8 +24,9 @@ from ..flops import inference_flops, inference_flops_relative
 from ..rundir import (CHECKPOINT_FILE, CONFIG_FILE, COVERAGE_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE, RunSummary,
                       atomic_write_text, prepare_run_dir, write_status)
 from .checkpoint import load_file, read_checkpoint
-from .config import SPARSITY_KEYS, TrainConfig, check_resume_compatible, read_yaml_mapping, resume_config
+from .config import LTH_KEYS, SPARSITY_KEYS, TrainConfig, check_resume_compatible, read_yaml_mapping, resume_config
 from .loop import Trainer, build_model, evaluate, load_data
+from .lottery_run import LotteryTrainer
 from .runtime import Dist, SignalGuard, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ def train(config: Any, checkpoint: Optional[dict[str, Any]] = None) -> dict[str,
     if state is not None:
         # Sparsity keys left unset (None = the method's preset) take the values the run resolved them to.
         saved = state["config"]
-        unset = {k: saved[k] for k in ("density", *SPARSITY_KEYS) if getattr(config, k) is None and k in saved}
+        keys = ("density", *SPARSITY_KEYS, *LTH_KEYS)
+        unset = {k: saved[k] for k in keys if getattr(config, k) is None and k in saved}
         config = TrainConfig.from_dict(unset, base=config)
         check_resume_compatible(saved, config, "the checkpoint")
     main_rank = int(os.environ.get("RANK", "0")) == 0
@@ -105,7 +107,7 @@ def train(config: Any, checkpoint: Optional[dict[str, Any]] = None) -> dict[str,
     trainer: Optional[Trainer] = None
     with guard.installed():
         try:
-            trainer = Trainer(config, out, guard)
+            trainer = (LotteryTrainer if config.method == "lth" else Trainer)(config, out, guard)
             if state is not None:
                 trainer.resume(state)
                 logger.info("resumed %s at epoch %d, step %d", out, trainer.progress.epoch, trainer.progress.step)
@@ -176,7 +178,7 @@ def _finish(trainer: Trainer) -> dict[str, Any]:
     sizes = dict(zip(s.names, s.sizes))
     active = sum(layer_density[n] * sizes[n] for n in sizes)
     cfg = trainer.config
-    summary = RunSummary(
+    fields = dict(
         method=cfg.method, model=cfg.model, dataset=cfg.dataset, seed=cfg.seed, target_density=s.config.density,
         density=active / s.total, sparsity=1.0 - active / s.total, layer_density=layer_density,
         selected_epoch=artifact["epoch"], best_val_accuracy=p.best_val_accuracy, test_accuracy=test["accuracy"],
@@ -185,7 +187,9 @@ def _finish(trainer: Trainer) -> dict[str, Any]:
         inference_flops=inference_flops_relative(trainer.layer_flops, layer_density),
         train_flops_total=trainer.ledger.total, inference_flops_total=inference_flops(trainer.layer_flops, layer_density),
         dense_inference_flops=trainer.layer_flops.dense, device=str(trainer.device), world_size=trainer.dist.world_size,
-    ).to_dict()
+    )
+    fields.update(trainer.summary_overrides())
+    summary = RunSummary(**fields).to_dict()
     if trainer.dist.is_main:
         atomic_write_text(trainer.out / SUMMARY_FILE, _json(summary))
         write_status(trainer.out, "finished", epoch=p.epoch)
