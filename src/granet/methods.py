@@ -3,34 +3,6 @@
 Every method is the same engine with different pieces: a distribution for the initial mask, an
 optional gradual pruning schedule, and an optional drop-and-regrow rule with a grow criterion.
 
-method            initial mask   gradual prune   regrowth            grow score    ΔT, r_0
-================  =============  ==============  ==================  ============  ===========
-``dense``         dense          —               —                   —             —
-``static``        ERK random     —               —                   —             —
-``gmp``           dense          global cubic    —                   —             1000
-``gmp-layerwise`` dense          per-layer cubic —                   —             1000
-``set``           ERK random     —               until 75%           random        100, 0.3
-``rigl``          ERK random     —               until 75%           gradient      100, 0.3
-``snfs``          ERK random     —               until 75%, moved    momentum      100, 0.5
-``granet``        dense (s_i=0)  global cubic    t0 → end            gradient      1000, 0.5
-``granet-st``     ERK 50%        global cubic    t0 → end            gradient      1000, 0.5
-``snip``          scored, global —               —                   —             —
-``grasp``         scored, global —               —                   —             —
-``synflow``       scored, global —               —                   —             —
-================  =============  ==============  ==================  ============  ===========
-
-``snip``, ``grasp`` and ``synflow`` prune once at initialisation: the sparsifier starts dense (the
-weights are left intact for scoring) and :func:`granet.prune_at_init` installs the scored global mask
-before the first step; it never changes afterwards (see :mod:`granet.saliency`).
-
-GraNet's defaults follow the paper's CIFAR recipe: t0 = 0, tf = half of training, ΔT = 1000,
-r_t cosine-decayed from 0.5 to 0.005 over training. RigL/SET/SNFS follow RigL's defaults. Every field
-can be overridden: ``create_sparsifier("granet", ..., update_interval=100, prune_end=0.75)``.
-=======
-``snip``          scored, global —                —                      —           —           —
-``grasp``         scored, global —                —                      —           —           —
-``synflow``       scored, global —                —                      —           —           —
-================  =============  ===============  =====================  ==========  ==========  =========
 method            initial mask   gradual prune    regrowth (r_t decay)   grow score  ΔT, r_0     regrown
 ================  =============  ===============  =====================  ==========  ==========  =========
 ``dense``         dense          —                —                      —           —           —
@@ -42,6 +14,9 @@ method            initial mask   gradual prune    regrowth (r_t decay)   grow sc
 ``snfs``          ERK random     —                [0, 75%), moved        momentum    100, 0.5    new
 ``granet``        dense (s_i=0)  global cubic     [0, end) cosine→0.005  gradient    1000, 0.5   new
 ``granet-st``     ERK 50%        global cubic     [0, end) cosine→0.005  gradient    1000, 0.5   new
+``snip``          scored, global —                —                      —           —           —
+``grasp``         scored, global —                —                      —           —           —
+``synflow``       scored, global —                —                      —           —           —
 ================  =============  ===============  =====================  ==========  ==========  =========
 
 "regrown = new" (``reinit_regrown="new"``): only weights that were inactive before the update start
