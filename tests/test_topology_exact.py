@@ -16,6 +16,7 @@ import frozen_topology as ref
 import granet
 from granet import criteria, topology
 from granet.criteria import seeded_generator
+from granet.masking import pack_bits, zero_outside
 
 BELOW, ABOVE = 5_000, (1 << 16) + 37  # either side of the bracketed path's size threshold
 
@@ -172,3 +173,39 @@ def test_sparsifier_updates_equal_frozen_algorithm(method):
                 assert torch.equal(opt.state[p]["momentum_buffer"], bufs[i].masked_fill(reset[i], 0.0))
         changed += sum(not torch.equal(a, b) for a, b in zip(before, s.masks.values()))
     assert changed >= 3  # the updates did change the topology
+
+
+def _pack_bits_plain(mask: torch.Tensor) -> torch.Tensor:
+    flat = mask.reshape(-1)
+    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)])
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+    return (flat.view(-1, 8).to(torch.uint8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def test_pack_bits_equals_plain_packing():
+    assert pack_bits(torch.tensor([True, False, True, True, False, False, False, True])).tolist() == [0b10001101]
+    g = torch.Generator().manual_seed(0)
+    for shape in [(8,), (64, 9), (3, 5, 7), (1000, 24)]:
+        for density in (0.0, 0.5, 1.0):
+            mask = torch.rand(shape, generator=g) < density
+            assert torch.equal(pack_bits(mask), _pack_bits_plain(mask)), (shape, density)
+    base = torch.rand(4000, generator=g) < 0.5
+    for view in (base[3:3 + 800], base.view(50, 80)[:, :40]):  # offset and strided views
+        assert torch.equal(pack_bits(view), _pack_bits_plain(view))
+
+
+def test_zero_outside_is_bitwise_a_bool_multiply():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 260, generator=g)
+    x[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0])
+    mask = torch.rand(300, 260, generator=g) < 0.3
+    mask[0, :4] = False
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        a, b = x.to(dtype), x.to(dtype).clone()
+        c = a.clone()
+        zero_outside([a, c], mask)
+        b.mul_(mask)
+        for got in (a, c):  # same bits: signs of zeros, NaN where x was inf or NaN
+            assert torch.equal(got.isnan(), b.isnan())
+            assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(b))
+            assert torch.equal(torch.signbit(got), torch.signbit(b))
