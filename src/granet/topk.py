@@ -33,6 +33,10 @@ _BRACKET_MIN_SIZE = 1 << 16
 _MAX_SAMPLE_SIZE = 1 << 16
 # With fewer competing entries than this in the sample, gather the competitors first instead.
 _MIN_VALID_SAMPLE = 2048
+# Below this fraction of competing entries, gather them instead of passing over every entry.
+_COMPACT_BELOW = 0.125
+# Bands smaller than this are selected by the plain definition (one kthvalue), larger ones recurse.
+_PLAIN_BAND = 1 << 20
 
 Loader = Callable[[], torch.Tensor]
 Gatherer = Callable[[torch.Tensor], torch.Tensor]
@@ -130,12 +134,10 @@ def select_top_segments(
         One flat ``torch.bool`` mask per segment.
     """
     n = sum(sizes)
-    if k <= 0 or k >= n:
-        return _definition(loads, valids, sizes, k, generator, sentinel)
-    counts = [size if v is None else int(torch.count_nonzero(v)) for v, size in zip(valids, sizes)]
-    # k > competitors means the threshold is the sentinel itself: rare, left to the definition.
-    if n >= _BRACKET_MIN_SIZE and k < sum(counts):
-        out = _bracketed(loads, gathers, valids, sizes, counts, k, generator, sentinel)
+    if n >= _BRACKET_MIN_SIZE and 0 < k < n:
+        # Every shortcut returns None where it cannot prove its answer is the definition's (e.g.
+        # k above the number of competitors, where the sentinel itself is the threshold).
+        out = _bracketed(loads, gathers, valids, sizes, k, generator, sentinel)
         if out is not None:
             return out
     return _definition(loads, valids, sizes, k, generator, sentinel)
@@ -151,34 +153,39 @@ def _definition(loads, valids, sizes, k, generator, sentinel) -> list[torch.Tens
     return list(keep.split(list(sizes))) if len(parts) > 1 else [keep]
 
 
-def _sample(gathers, valids, sizes, k) -> torch.Tensor:
-    """Competing values at fixed-seed random positions (the seed never changes the result)."""
+def _sample(gathers, valids, sizes, k) -> tuple[torch.Tensor, int]:
+    """Competing values at fixed-seed random positions (the seed never changes the result), and
+    the number of positions drawn (competing or not)."""
     n = sum(sizes)
     sampler = torch.Generator().manual_seed(n * 1_000_003 + k)
     # ~n/64 samples (at most 65,536): the band then holds a few percent of the entries, and the
     # sample's selection stays cheap next to the passes over the full tensors.
     size = min(_MAX_SAMPLE_SIZE, max(4096, n // 64))
-    parts = []
+    parts, drawn = [], 0
     for gather, valid, seg in zip(gathers, valids, sizes):
         local = torch.randint(seg, (-(-size * seg // n),), generator=sampler)  # proportional share
+        drawn += local.numel()
         values = gather(local)
         if valid is not None:
             values = values[valid[local.to(valid.device)]]
         parts.append(values.to(parts[0].device if parts else values.device))
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+    return (torch.cat(parts) if len(parts) > 1 else parts[0]), drawn
 
 
-def _bracketed(loads, gathers, valids, sizes, counts, k, generator, sentinel) -> Optional[list[torch.Tensor]]:
+def _bracketed(loads, gathers, valids, sizes, k, generator, sentinel) -> Optional[list[torch.Tensor]]:
     """Exact selection through a sampled bracket; ``None`` when it misses (then the caller falls back)."""
-    m = sum(counts)
-    sample = _sample(gathers, valids, sizes, k)
-    if sample.numel() < _MIN_VALID_SAMPLE:
-        return _compacted(gathers, valids, sizes, k, generator, sentinel)
+    n = sum(sizes)
+    sample, drawn = _sample(gathers, valids, sizes, k)
     s = sample.numel()
+    # Few competitors (a sparse layer's active weights): gathering them is cheaper than passes over all.
+    if s < _MIN_VALID_SAMPLE or s < _COMPACT_BELOW * drawn:
+        return _compacted(gathers, valids, sizes, k, generator, sentinel)
+    m = n * s / drawn  # estimated competitors: only the bracket's width depends on it
+    p = min(k / m, 1.0)
     # Rank of the threshold in the sample, widened by ~8 binomial standard deviations each side;
     # rank r (0-based, descending) is the (s - r)-th smallest.
-    rank = s * k / m
-    margin = 8.0 * (s * (k / m) * (1 - k / m)) ** 0.5 + 16
+    rank = s * p
+    margin = 8.0 * (s * p * (1 - p)) ** 0.5 + 16
     hi_rank, lo_rank = int(rank - margin), int(rank + margin)
     hi = sample.kthvalue(s - hi_rank).values if hi_rank >= 0 else None
     lo = sample.kthvalue(s - lo_rank).values if lo_rank < s else None
@@ -187,13 +194,14 @@ def _bracketed(loads, gathers, valids, sizes, counts, k, generator, sentinel) ->
     marks, band_index, band_values = _band_pass(loads, valids, hi, lo)
     n_above = sum(int(torch.count_nonzero(a)) for a in marks)
     need = k - n_above
-    values = torch.cat([v.to(band_values[0].device) for v in band_values])
+    values = band_values[0] if len(band_values) == 1 else torch.cat([v.to(band_values[0].device) for v in band_values])
     if need < 0:
         return None
     if values.numel() >= need:
-        # The threshold is inside the band (or above hi when need == 0): select there.
-        chosen = select_top(values, need, generator)
-        if sentinel is not None and need > 0 and not bool(values[chosen].min() > sentinel):
+        # The threshold t is inside the band (or above hi when need == 0): select there. With a
+        # lower bracket, t > lo > sentinel; without one, check that t is above the sentinel.
+        chosen = _select_band(values, need, generator)
+        if sentinel is not None and lo is None and need > 0 and not bool(values[chosen].min() > sentinel):
             return None
         _mark(marks, band_index, chosen)
         return marks
@@ -250,13 +258,22 @@ def _mark(marks: list[torch.Tensor], index: list[torch.Tensor], chosen: torch.Te
             mark[idx[pick.to(idx.device)]] = True
 
 
+def _select_band(values: torch.Tensor, k: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Top-k of a gathered band or competitor list: one kthvalue when small, else bracketed again."""
+    if values.numel() < _PLAIN_BAND:
+        return select_top_plain(values, k, generator)
+    return select_top(values, k, generator)
+
+
 def _compacted(gathers, valids, sizes, k, generator, sentinel) -> Optional[list[torch.Tensor]]:
     """Few competitors: gather them (index order), select among them, scatter back."""
     index = [torch.arange(size) if v is None else v.nonzero().squeeze(1) for v, size in zip(valids, sizes)]
     gathered = [gather(i) for gather, i in zip(gathers, index)]
-    values = torch.cat([g.to(gathered[0].device) for g in gathered])
-    chosen = select_top(values, k, generator)
-    if sentinel is not None and not bool(values[chosen].min() > sentinel):
+    values = gathered[0] if len(gathered) == 1 else torch.cat([g.to(gathered[0].device) for g in gathered])
+    if k >= values.numel():
+        return None  # the threshold is the sentinel (or the least competitor): left to the definition
+    chosen = _select_band(values, k, generator)
+    if sentinel is not None and not bool(values.min() > sentinel) and not bool(values[chosen].min() > sentinel):
         return None
     marks = [torch.zeros(size, dtype=torch.bool, device=g.device) for size, g in zip(sizes, gathered)]
     _mark(marks, [i.to(g.device) for i, g in zip(index, gathered)], chosen)
