@@ -278,7 +278,9 @@ def _print_table(results: dict) -> None:
               f"(+{u['exploration_bytes_per_weight']:.3f} exploration bits); selection scratch "
               f"{u['scratch_bytes_per_largest_layer_weight']:.1f} B per weight of the largest layer"
               + ("" if rss is None else f"; peak RSS growth during an update {rss:.2f} B/weight"))
-    o = results["step_overhead"]
+    o = results.get("step_overhead")
+    if o is None:
+        return
     print(f"step overhead (GraNet / dense, {o['model']}): {o['ratio']:.3f} ({o['granet_step_s'] * 1e3:.1f} / "
           f"{o['dense_step_s'] * 1e3:.1f} ms, {o['topology_updates_in_timed_steps']} update(s)); target <= 1.02")
 
@@ -288,6 +290,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small models, few repeats (smoke test)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument("--parts", default="cnn,synthetic,step",
+                        help="comma-separated subset of cnn (ResNet-50 updates), synthetic (Linear stack), step")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     g = torch.Generator().manual_seed(0)
@@ -303,6 +307,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                   ("synthetic Linear stack", lambda: synthetic_mlp(100_000_000),
                    (torch.randn(8, 4096, generator=g), torch.randint(0, 4096, (8,), generator=g)))]
         updates, steps, block, step_batch = [5, 3], 200, 20, 128
+    parts = set(args.parts.split(","))
+    if not parts or parts - {"cnn", "synthetic", "step"}:
+        parser.error(f"--parts takes a comma-separated subset of cnn,synthetic,step, got {args.parts!r}")
+    keep = [("cnn" in parts), ("synthetic" in parts)]
+    models = [m for m, k in zip(models, keep) if k]
+    updates = [u for u, k in zip(updates, keep) if k]
     bandwidth = copy_bandwidth(64 if args.quick else 256)
     results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick,
                "copy_bandwidth_bytes_per_s": bandwidth, "update_cost": []}
@@ -312,7 +322,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         logger.info("%s", json.dumps(results["update_cost"][-1]))
         topk.release_scratch()
     logging.getLogger("granet").setLevel(logging.ERROR)  # schedule warnings of the short runs
-    results["step_overhead"] = step_overhead(steps, block, step_batch)
+    if "step" in parts:
+        results["step_overhead"] = step_overhead(steps, block, step_batch)
     _print_table(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -134,13 +134,18 @@ def select_top_segments(
         One flat ``torch.bool`` mask per segment.
     """
     n = sum(sizes)
-    if n >= _BRACKET_MIN_SIZE and 0 < k < n:
-        # Every shortcut returns None where it cannot prove its answer is the definition's (e.g.
-        # k above the number of competitors, where the sentinel itself is the threshold).
-        out = _bracketed(loads, gathers, valids, sizes, k, generator, sentinel)
-        if out is not None:
-            return out
-    return _definition(loads, valids, sizes, k, generator, sentinel)
+    if n < _BRACKET_MIN_SIZE or k <= 0 or k >= n:
+        return _definition(loads, valids, sizes, k, generator, sentinel)
+    m = sum(size if v is None else int(torch.count_nonzero(v)) for v, size in zip(valids, sizes))
+    # k >= competitors: the threshold is the sentinel itself or the least competitor (rare).
+    # Otherwise every shortcut returns None where it cannot prove it matches the definition.
+    out = None
+    if k < m:
+        if m < _COMPACT_BELOW * n:  # few competitors (a sparse layer's active weights): gather them
+            out = _compacted(gathers, valids, sizes, k, generator, sentinel)
+        else:
+            out = _bracketed(loads, gathers, valids, sizes, m, k, generator, sentinel)
+    return out if out is not None else _definition(loads, valids, sizes, k, generator, sentinel)
 
 
 def _definition(loads, valids, sizes, k, generator, sentinel) -> list[torch.Tensor]:
@@ -153,35 +158,31 @@ def _definition(loads, valids, sizes, k, generator, sentinel) -> list[torch.Tens
     return list(keep.split(list(sizes))) if len(parts) > 1 else [keep]
 
 
-def _sample(gathers, valids, sizes, k) -> tuple[torch.Tensor, int]:
-    """Competing values at fixed-seed random positions (the seed never changes the result), and
-    the number of positions drawn (competing or not)."""
+def _sample(gathers, valids, sizes, k) -> torch.Tensor:
+    """Competing values at fixed-seed random positions (the seed never changes the result)."""
     n = sum(sizes)
     sampler = torch.Generator().manual_seed(n * 1_000_003 + k)
     # ~n/64 samples (at most 65,536): the band then holds a few percent of the entries, and the
     # sample's selection stays cheap next to the passes over the full tensors.
     size = min(_MAX_SAMPLE_SIZE, max(4096, n // 64))
-    parts, drawn = [], 0
+    parts = []
     for gather, valid, seg in zip(gathers, valids, sizes):
         local = torch.randint(seg, (-(-size * seg // n),), generator=sampler)  # proportional share
-        drawn += local.numel()
         values = gather(local)
         if valid is not None:
             values = values[valid[local.to(valid.device)]]
         parts.append(values.to(parts[0].device if parts else values.device))
-    return (torch.cat(parts) if len(parts) > 1 else parts[0]), drawn
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def _bracketed(loads, gathers, valids, sizes, k, generator, sentinel) -> Optional[list[torch.Tensor]]:
-    """Exact selection through a sampled bracket; ``None`` when it misses (then the caller falls back)."""
-    n = sum(sizes)
-    sample, drawn = _sample(gathers, valids, sizes, k)
+def _bracketed(loads, gathers, valids, sizes, m, k, generator, sentinel) -> Optional[list[torch.Tensor]]:
+    """Exact selection through a sampled bracket (``m`` competitors, ``0 < k < m``); ``None`` when it
+    misses (then the caller falls back to the definition)."""
+    sample = _sample(gathers, valids, sizes, k)
     s = sample.numel()
-    # Few competitors (a sparse layer's active weights): gathering them is cheaper than passes over all.
-    if s < _MIN_VALID_SAMPLE or s < _COMPACT_BELOW * drawn:
+    if s < _MIN_VALID_SAMPLE:
         return _compacted(gathers, valids, sizes, k, generator, sentinel)
-    m = n * s / drawn  # estimated competitors: only the bracket's width depends on it
-    p = min(k / m, 1.0)
+    p = k / m
     # Rank of the threshold in the sample, widened by ~8 binomial standard deviations each side;
     # rank r (0-based, descending) is the (s - r)-th smallest.
     rank = s * p
