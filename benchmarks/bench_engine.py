@@ -306,7 +306,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                    (torch.randn(8, 3, 224, 224, generator=g), torch.randint(0, 1000, (8,), generator=g))),
                   ("synthetic Linear stack", lambda: synthetic_mlp(100_000_000),
                    (torch.randn(8, 4096, generator=g), torch.randint(0, 4096, (8,), generator=g)))]
-        updates, steps, block, step_batch = [5, 3], 200, 20, 128
+        updates, steps, block, step_batch = [5, 2], 200, 20, 128
     parts = set(args.parts.split(","))
     if not parts or parts - {"cnn", "synthetic", "step"}:
         parser.error(f"--parts takes a comma-separated subset of cnn,synthetic,step, got {args.parts!r}")

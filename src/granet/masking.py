@@ -49,7 +49,7 @@ def zero_outside(tensors: Sequence[torch.Tensor], mask: torch.Tensor) -> None:
     """``t.mul_(mask)`` for every tensor in ``tensors`` (all shaped like ``mask``), bit for bit.
 
     Multiplying by a bool tensor runs a slow mixed-dtype kernel; the mask is instead converted
-    once into a reusable float buffer (1.0 / 0.0, so every product is the same as with the bool:
+    once (per dtype) into a reusable float buffer (1.0 / 0.0, so every product is the same as with the bool:
     ``x * 1.0 == x``, ``x * 0.0 == copysign(0, x)``, NaN stays NaN) and multiplied in the tensors'
     own dtype, several times faster on large layers.
     """
@@ -57,7 +57,8 @@ def zero_outside(tensors: Sequence[torch.Tensor], mask: torch.Tensor) -> None:
     for t in tensors:
         if t.dtype not in converted:
             buf = scratch(mask.numel(), t.dtype, mask.device, slot=3).view(mask.shape)
-            converted[t.dtype] = buf.copy_(mask)
+            # From the uint8 view: converting bool to float is ~6x slower in torch than uint8 to float.
+            converted[t.dtype] = buf.copy_(mask.view(torch.uint8) if mask.dtype == torch.bool else mask)
         t.mul_(converted[t.dtype])
 
 
