@@ -172,7 +172,7 @@ def update_cost(name: str, model: nn.Module, batch: tuple[torch.Tensor, torch.Te
             del reference
         base = _peak_rss_reset()
         elapsed = _timed(sparsifier.step)
-        if base is not None and _rss("VmHWM") is not None:
+        if base is not None and _rss("VmHWM") is not None and t > 1:  # the first one allocates the scratch
             rss_growth.append(_rss("VmHWM") - base)
         if t > 1:
             ours[pruning].append(elapsed)
@@ -210,7 +210,8 @@ def _update_summary(name, sparsifier, dense, ours, naive, rss_growth, bandwidth,
             "floor_bytes": floor_bytes(sparsifier.total, states, pruning), "floor_s": floor,
             "per_floor": mine / floor,
         }
-    out["mask_bytes_per_weight"] = sum(m.numel() * m.element_size() for m in sparsifier.masks.values()) / sparsifier.total
+    mask_bytes = sum(m.numel() * m.element_size() for m in sparsifier.masks.values())
+    out["mask_bytes_per_weight"] = mask_bytes / sparsifier.total
     out["exploration_bytes_per_weight"] = sum(e.numel() for e in sparsifier.ever_active) / sparsifier.total
     out["scratch_bytes_per_largest_layer_weight"] = topk.scratch_bytes() / max(sparsifier.sizes)
     if rss_growth:
@@ -277,7 +278,8 @@ def _print_table(results: dict) -> None:
         print(f"memory, {u['model']}: masks {u['mask_bytes_per_weight']:.3f} B/weight "
               f"(+{u['exploration_bytes_per_weight']:.3f} exploration bits); selection scratch "
               f"{u['scratch_bytes_per_largest_layer_weight']:.1f} B per weight of the largest layer"
-              + ("" if rss is None else f"; peak RSS growth during an update {rss:.2f} B/weight"))
+              + ("" if rss is None else f"; peak RSS growth during a later update {rss:.2f} B/weight (indicative:"
+                                         " the allocator reuses freed memory)"))
     o = results.get("step_overhead")
     if o is None:
         return

@@ -18,8 +18,10 @@ once (a global threshold over all layers) without concatenating them:
    written into the marks. Ties at ``t`` all lie in the band, in index order, so the ``randperm``
    over them is the one the definition draws.
 
-Scratch memory is one float and one bool buffer of the largest tensor seen, per thread and device,
-reused across calls (fresh allocations of that size cost more in page faults than the work itself).
+Sparse layers take a shorter way: when fewer than 1/8 of the entries compete, they are gathered
+(index order) and selected among directly. Scratch memory (:func:`scratch`) is a few buffers the
+size of the largest tensor seen, per thread, dtype and device, reused across calls: fresh
+allocations of that size cost more in page faults than the work done in them.
 """
 from __future__ import annotations
 
@@ -109,7 +111,8 @@ def select_top(scores: torch.Tensor, k: int, generator: Optional[torch.Generator
     n = flat.numel()
     if n < _BRACKET_MIN_SIZE or k <= 0 or k >= n:
         return select_top_plain(scores, k, generator)
-    out = select_top_segments([lambda: flat], [lambda i: flat[i.to(flat.device)]], [None], [n], k, generator, sentinel=None)
+    out = select_top_segments([lambda: flat], [lambda i: flat[i.to(flat.device)]], [None], [n], k, generator,
+                              sentinel=None)
     return out[0].view_as(scores)
 
 
