@@ -37,6 +37,8 @@ _MAX_SAMPLE_SIZE = 1 << 16
 _MIN_VALID_SAMPLE = 2048
 # Below this fraction of competing entries, gather them instead of passing over every entry.
 _COMPACT_BELOW = 0.125
+# Thresholds within this fraction of either end use a one-sided band.
+_ONE_SIDED = 0.05
 # Bands smaller than this are selected by the plain definition (one kthvalue), larger ones recurse.
 _PLAIN_BAND = 1 << 20
 
@@ -191,6 +193,12 @@ def _bracketed(loads, gathers, valids, sizes, m, k, generator, sentinel) -> Opti
     rank = s * p
     margin = 8.0 * (s * p * (1 - p)) ** 0.5 + 16
     hi_rank, lo_rank = int(rank - margin), int(rank + margin)
+    # A threshold near either end: a one-sided band (all entries above lo, or all below hi) is
+    # still thin and saves a comparison pass per tensor.
+    if p < _ONE_SIDED:
+        hi_rank = -1
+    elif p > 1 - _ONE_SIDED:
+        lo_rank = s
     hi = sample.kthvalue(s - hi_rank).values if hi_rank >= 0 else None
     lo = sample.kthvalue(s - lo_rank).values if lo_rank < s else None
     if sentinel is not None and ((hi is not None and hi < sentinel) or (lo is not None and lo <= sentinel)):
@@ -245,7 +253,8 @@ def _band_pass(loads, valids, hi, lo) -> tuple[list[torch.Tensor], list[torch.Te
             torch.logical_not(above, out=band)
         else:
             torch.gt(values, lo.to(values.device), out=band)
-            band ^= above  # above is inside (lo, inf): remove it
+            if hi is not None:
+                band ^= above  # above is inside (lo, inf): remove it
         if valid is not None:
             band &= valid
         index = band.nonzero().squeeze(1)
