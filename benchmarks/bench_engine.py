@@ -3,7 +3,7 @@
 Every figure is a ratio of two timings taken in the same run on the same machine (medians of
 repeats, the two sides interleaved), so it does not depend on how fast or how busy the machine is::
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_engine.py            # full run (~10 min, 2 cores)
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_engine.py            # full run (~13 min, 2 cores)
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_engine.py --quick    # small models, smoke test
 
 Measured (issue: fast topology updates):
