@@ -1,154 +1,332 @@
-"""Engine benchmark: training-step overhead, topology-update cost and mask memory.
+"""Engine benchmark: topology-update cost, step overhead and mask memory, as ratios from one run.
 
-Every number is a ratio of two timings taken in the same run, on the same machine, so the result
-does not depend on how fast (or how busy) the machine is::
+Every figure is a ratio of two timings taken in the same run on the same machine (medians of
+repeats, the two sides interleaved), so it does not depend on how fast or how busy the machine is::
 
-    python benchmarks/bench_engine.py            # full run (a few minutes on 2 CPU cores)
-    python benchmarks/bench_engine.py --quick    # fewer steps, for a smoke test
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_engine.py            # full run (~13 min, 2 cores)
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_engine.py --quick    # small models, smoke test
 
-Targets (issue: sparsity engine):
-* step overhead: mean GraNet step time (mask application every step + one topology update per
-  100 steps, amortised) / mean dense step time, ResNet-20-shaped CNN, 32x32 inputs, batch 128 <= 1.05
-* update cost: one GraNet topology update (global prune + drop + regrow) on the ImageNet ResNet-50
-  (25.5M sparsified weights) / one dense training step of that model at batch 8 <= 0.5
-* mask memory: <= 1 byte per sparsified weight
+Measured (issue: fast topology updates):
+
+* **update cost**: one GraNet update (global magnitude prune + per-layer drop + gradient regrowth,
+  and the regrowth-only kind) on the ImageNet ResNet-50 (25.5M sparsified weights) and on a
+  100M-weight stack of Linear layers, as (a) seconds, (b) / one dense training step at batch 8
+  (target <= 0.1 for the ResNet-50), (c) / the same update written the way research code does it
+  (float masks, ``torch.sort`` / ``topk`` over everything, per-layer Python loops; target >= 10x),
+  and (d) / the memory-bandwidth floor: the bytes an update must move at the measured copy bandwidth.
+* **memory**: mask bytes per sparsified weight (target <= 1), selection scratch / largest layer.
+* **step overhead**: GraNet step (masks re-applied to weights and optimizer state every step,
+  one update per 100 steps amortised) / dense step, ResNet-20, batch 128 (target <= 1.02).
+  ``benchmarks/bench_transformer.py`` measures the same on a GPT-2-shaped model.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 import granet
+from granet import topk
 from granet.models import create_model
 
+logger = logging.getLogger("bench_engine")
 
-def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+    """One dense training step; returns its wall time in seconds."""
+    start = time.perf_counter()
     opt.zero_grad(set_to_none=False)
     nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
+    return time.perf_counter() - start
 
 
-def step_overhead(steps: int, block: int) -> dict:
-    """Dense vs GraNet mean step time on a CIFAR ResNet-20, timed in alternating blocks."""
+def copy_bandwidth(megabytes: int = 256, repeats: int = 7) -> float:
+    """Measured memory bandwidth in bytes/s: a large tensor copy reads and writes every byte."""
+    n = megabytes * (1 << 20) // 4
+    src, dst = torch.rand(n), torch.empty(n)
+    dst.copy_(src)  # touch the pages once
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * n * 4 / statistics.median(times)
+
+
+def floor_bytes(total: int, state_tensors: int, pruning: bool) -> int:
+    """Bytes one update must move at least, for ``total`` sparsified float32 weights.
+
+    Per weight: prune (if any) reads |w| and the mask and writes a mask (4 + 1 + 1); the drop does
+    the same (6); regrowth reads the grow score and the kept mask and writes a mask (6); installing
+    reads and writes the weight and each optimizer state tensor (8 each) and reads the mask (1);
+    the exploration record reads the mask (1).
+    """
+    per_weight = (6 if pruning else 0) + 6 + 6 + 8 * (1 + state_tensors) + 1 + 1
+    return per_weight * total
+
+
+# ---------------------------------------------------------------------------- the naive reference
+
+
+class NaiveGraNet:
+    """A GraNet update written the way research code does it (the comparison point, not library code).
+
+    Float masks in a dict; global pruning by ``torch.topk`` over the concatenated ``|w| * mask`` of
+    every layer; per layer, the drop by a full ``torch.sort`` of ``|w|`` and the regrowth by a full
+    ``torch.sort`` of the masked gradient; then ``w *= mask`` and ``momentum *= mask``.
+    """
+
+    def __init__(self, weights: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor],
+                 masks: list[torch.Tensor]) -> None:
+        self.weights, self.grads, self.bufs = weights, grads, bufs
+        self.masks = {i: m.float() for i, m in enumerate(masks)}
+
+    @torch.no_grad()
+    def update(self, prune_to: Optional[int], drop_fraction: float) -> None:
+        """Prune globally to ``prune_to`` active weights (if given), then drop and regrow per layer."""
+        if prune_to is not None:
+            scores = torch.cat([(w.abs() * self.masks[i]).flatten() for i, w in enumerate(self.weights)])
+            threshold = torch.topk(scores, prune_to, sorted=True)[0][-1]
+            for i, w in enumerate(self.weights):
+                self.masks[i] = ((w.abs() * self.masks[i]) >= threshold).float()
+        for i, (w, g) in enumerate(zip(self.weights, self.grads)):
+            mask = self.masks[i]
+            active = mask.sum().item()
+            n_drop = math.ceil(drop_fraction * active)
+            if n_drop == 0 or active == mask.numel():
+                continue
+            n_zeros = mask.numel() - active
+            _, idx = torch.sort(torch.abs(w * mask).view(-1))
+            new_mask = mask.clone()
+            new_mask.view(-1)[idx[: int(n_zeros + n_drop)]] = 0.0
+            grad = g * (new_mask == 0).float()
+            _, idx = torch.sort(torch.abs(grad).flatten(), descending=True)
+            new_mask.view(-1)[idx[:n_drop]] = 1.0
+            self.masks[i] = new_mask
+        for i, (w, b) in enumerate(zip(self.weights, self.bufs)):
+            w.mul_(self.masks[i])
+            b.mul_(self.masks[i])
+
+
+# ---------------------------------------------------------------------------- update cost
+
+
+def synthetic_mlp(weights: int, width: int = 4096) -> nn.Module:
+    """A bias-free stack of ``width x width`` Linear layers holding about ``weights`` weights."""
+    layers = max(1, round(weights / (width * width)))
+    return nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(layers)])
+
+
+def _peak_rss_reset() -> Optional[int]:
+    """Reset the process's peak-RSS mark (Linux); the current RSS in bytes, or None elsewhere."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _rss("VmRSS")
+    except OSError:
+        return None
+
+
+def _rss(field: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def update_cost(name: str, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], updates: int,
+                bandwidth: float) -> dict:
+    """GraNet updates on ``model`` vs its dense step at ``batch``, vs the naive reference, vs the floor."""
     torch.manual_seed(0)
-    x = torch.randn(128, 3, 32, 32)
-    y = torch.randint(0, 10, (128,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    x, y = batch
+    _train_step(model, opt, x, y)
+    # Every step is an update: global prune + drop/regrow until prune_end, then drop/regrow only.
+    sparsifier = granet.create_sparsifier(
+        "granet", model, opt, density=0.1, total_steps=4 * updates + 4, update_interval=1,
+        prune_end=updates + 2, track_exploration=True,
+    )
+    ours: dict[bool, list[float]] = {True: [], False: []}
+    naive: dict[bool, list[float]] = {True: [], False: []}
+    dense, rss_growth = [], []
+    for t in range(1, 2 * updates + 4):
+        dense.append(_train_step(model, opt, x, y))
+        step = sparsifier.step_count + 1
+        pruning = sparsifier.pruning is not None and sparsifier.pruning.is_prune_step(step)
+        target = round(sparsifier.target_density(step) * sparsifier.total) if pruning else None
+        if t > 1:  # the first update prunes from dense (once per run); report the steady state
+            reference = _naive_for(sparsifier, opt)
+            naive[pruning].append(_timed(lambda: reference.update(target, sparsifier.regrowth.fraction(step))))
+            del reference
+        base = _peak_rss_reset()
+        elapsed = _timed(sparsifier.step)
+        if base is not None and _rss("VmHWM") is not None and t > 1:  # the first one allocates the scratch
+            rss_growth.append(_rss("VmHWM") - base)
+        if t > 1:
+            ours[pruning].append(elapsed)
+    params = list(sparsifier.params)
+    states = len([v for v in opt.state[params[0]].values() if isinstance(v, torch.Tensor)])
+    return _update_summary(name, sparsifier, dense, ours, naive, rss_growth, bandwidth, states)
+
+
+def _naive_for(sparsifier: granet.Sparsifier, opt: torch.optim.Optimizer) -> NaiveGraNet:
+    """A naive updater on copies of the current weights, gradients, momentum and masks (not timed)."""
+    params = list(sparsifier.params)
+    return NaiveGraNet([p.detach().clone() for p in params], [p.grad.detach().clone() for p in params],
+                       [opt.state[p]["momentum_buffer"].clone() for p in params], list(sparsifier.masks.values()))
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _update_summary(name, sparsifier, dense, ours, naive, rss_growth, bandwidth, states) -> dict:
+    """Medians and ratios of one :func:`update_cost` run."""
+    dense_s = statistics.median(dense)
+    out = {"model": name, "sparsified_weights": sparsifier.total,
+           "largest_layer": max(sparsifier.sizes), "dense_step_s": dense_s}
+    for pruning, kind in ((True, "prune_regrow"), (False, "regrow_only")):
+        if not ours[pruning]:
+            continue
+        mine, ref = statistics.median(ours[pruning]), statistics.median(naive[pruning])
+        floor = floor_bytes(sparsifier.total, states, pruning) / bandwidth
+        out[kind] = {
+            "updates": len(ours[pruning]), "update_s": mine, "per_dense_step": mine / dense_s,
+            "naive_s": ref, "naive_per_update": ref / mine,
+            "floor_bytes": floor_bytes(sparsifier.total, states, pruning), "floor_s": floor,
+            "per_floor": mine / floor,
+        }
+    mask_bytes = sum(m.numel() * m.element_size() for m in sparsifier.masks.values())
+    out["mask_bytes_per_weight"] = mask_bytes / sparsifier.total
+    out["exploration_bytes_per_weight"] = sum(e.numel() for e in sparsifier.ever_active) / sparsifier.total
+    out["scratch_bytes_per_largest_layer_weight"] = topk.scratch_bytes() / max(sparsifier.sizes)
+    if rss_growth:
+        out["update_peak_rss_growth_bytes_per_weight"] = max(rss_growth) / sparsifier.total
+    return out
+
+
+# ---------------------------------------------------------------------------- step overhead
+
+
+def step_overhead(steps: int, block: int, batch: int = 128) -> dict:
+    """Dense vs GraNet step time on a CIFAR ResNet-20: medians of interleaved block means."""
+    torch.manual_seed(0)
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     runs = {}
     for name in ("dense", "granet"):
         model = create_model("resnet20", num_classes=10, input_size=32)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
         sparsifier = None
-        if name == "granet":
-            # Updates every 100 steps, inside the pruning phase (the costlier kind of update).
+        if name == "granet":  # updates every 100 steps, inside the pruning phase (the costlier kind)
             sparsifier = granet.create_sparsifier(
                 "granet", model, opt, density=0.1, total_steps=10 * steps, update_interval=100, prune_end=5 * steps
             )
         runs[name] = (model, opt, sparsifier, [])
-    for name, (model, opt, sparsifier, _) in runs.items():  # warm-up (allocator, threads)
+    for model, opt, sparsifier, _ in runs.values():  # warm-up (allocator, threads)
         for _ in range(3):
             _train_step(model, opt, x, y)
             if sparsifier is not None:
                 sparsifier.step()
     updates = 0
-    done = 0
-    while done < steps:
-        for name, (model, opt, sparsifier, times) in runs.items():
+    for _ in range(max(1, steps // block)):
+        for model, opt, sparsifier, times in runs.values():
+            start = time.perf_counter()
             for _ in range(block):
-                start = time.perf_counter()
                 _train_step(model, opt, x, y)
                 if sparsifier is not None and sparsifier.step() is not None:
                     updates += 1
-                times.append(time.perf_counter() - start)
-        done += block
-    dense = statistics.fmean(runs["dense"][3])
-    sparse = statistics.fmean(runs["granet"][3])
-    return {
-        "model": "resnet20 (CIFAR), batch 128, 32x32",
-        "steps_each": len(runs["dense"][3]),
-        "topology_updates_in_timed_steps": updates,
-        "dense_step_s": dense,
-        "granet_step_s": sparse,
-        "ratio": sparse / dense,
-        "target": 1.05,
-    }
+            times.append((time.perf_counter() - start) / block)
+    dense, sparse = statistics.median(runs["dense"][3]), statistics.median(runs["granet"][3])
+    return {"model": f"resnet20 (CIFAR), batch {batch}, 32x32", "blocks": len(runs["dense"][3]), "block": block,
+            "topology_updates_in_timed_steps": updates, "dense_step_s": dense, "granet_step_s": sparse,
+            "ratio": sparse / dense, "target": 1.02}
 
 
-def update_cost(repeats: int) -> dict:
-    """One GraNet update on the ImageNet ResNet-50 vs one dense training step at batch 8."""
-    torch.manual_seed(0)
-    model = create_model("imagenet_resnet50", num_classes=1000, input_size=224)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    x = torch.randn(8, 3, 224, 224)
-    y = torch.randint(0, 1000, (8,))
-    _train_step(model, opt, x, y)
-    dense_times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        _train_step(model, opt, x, y)
-        dense_times.append(time.perf_counter() - start)
-    # Every step is an update step: pruning (global) + drop/regrow during [1, prune_end], then
-    # drop/regrow only. Each update follows a real training step, so gradients are realistic.
-    sparsifier = granet.create_sparsifier(
-        "granet", model, opt, density=0.1, total_steps=4 * repeats, update_interval=1, prune_end=2 * repeats
-    )
-    prune_times, regrow_times = [], []
-    for t in range(1, 4 * repeats):
-        _train_step(model, opt, x, y)
-        start = time.perf_counter()
-        report = sparsifier.step()
-        elapsed = time.perf_counter() - start
-        assert report is not None
-        if t == 1:
-            continue  # the first update prunes from dense (once per run); report steady state
-        (prune_times if report.pruned > 0 else regrow_times).append(elapsed)
-    dense = statistics.median(dense_times)
-    return {
-        "model": "imagenet_resnet50, 25,502,912 sparsified weights, dense step at batch 8",
-        "sparsified_weights": sparsifier.total,
-        "dense_step_s": dense,
-        "update_with_pruning_s": statistics.median(prune_times),
-        "update_regrow_only_s": statistics.median(regrow_times),
-        "ratio_with_pruning": statistics.median(prune_times) / dense,
-        "ratio_regrow_only": statistics.median(regrow_times) / dense,
-        "target": 0.5,
-        "mask_bytes_per_weight": sum(m.numel() * m.element_size() for m in sparsifier.masks.values()) / sparsifier.total,
-        "exploration_bits_bytes_per_weight": sum(e.numel() for e in sparsifier.ever_active) / sparsifier.total,
-        "mask_memory_target": 1.0,
-    }
+# ---------------------------------------------------------------------------- report
 
 
-def main(argv: list[str] | None = None) -> int:
+def _print_table(results: dict) -> None:
+    bw = results["copy_bandwidth_bytes_per_s"]
+    print(f"torch {results['torch']}, {results['threads']} threads, copy bandwidth {bw / 1e9:.2f} GB/s")
+    print("| model | update | time | / dense step b8 | naive / ours | / bandwidth floor |")
+    print("|---|---|---|---|---|---|")
+    for u in results["update_cost"]:
+        for kind in ("prune_regrow", "regrow_only"):
+            if kind in u:
+                r = u[kind]
+                label = "prune + regrow" if kind == "prune_regrow" else "regrow only"
+                print(f"| {u['model']} ({u['sparsified_weights']:,} w) | {label} | "
+                      f"{r['update_s'] * 1e3:.0f} ms | {r['per_dense_step']:.3f} ({u['dense_step_s'] * 1e3:.0f} ms) | "
+                      f"{r['naive_per_update']:.1f}x ({r['naive_s'] * 1e3:.0f} ms) | {r['per_floor']:.1f}x "
+                      f"({r['floor_s'] * 1e3:.0f} ms) |")
+    for u in results["update_cost"]:
+        rss = u.get("update_peak_rss_growth_bytes_per_weight")
+        print(f"memory, {u['model']}: masks {u['mask_bytes_per_weight']:.3f} B/weight "
+              f"(+{u['exploration_bytes_per_weight']:.3f} exploration bits); selection scratch "
+              f"{u['scratch_bytes_per_largest_layer_weight']:.1f} B per weight of the largest layer"
+              + ("" if rss is None else f"; peak RSS growth during a later update {rss:.2f} B/weight (indicative:"
+                                         " the allocator reuses freed memory)"))
+    o = results.get("step_overhead")
+    if o is None:
+        return
+    print(f"step overhead (GraNet / dense, {o['model']}): {o['ratio']:.3f} ({o['granet_step_s'] * 1e3:.1f} / "
+          f"{o['dense_step_s'] * 1e3:.1f} ms, {o['topology_updates_in_timed_steps']} update(s)); target <= 1.02")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run the benchmark and print its table (``--json`` also writes the raw results)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer steps (smoke test, noisier ratios)")
+    parser.add_argument("--quick", action="store_true", help="small models, few repeats (smoke test)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument("--parts", default="cnn,synthetic,step",
+                        help="comma-separated subset of cnn (ResNet-50 updates), synthetic (Linear stack), step")
     args = parser.parse_args(argv)
-    steps, block, repeats = (20, 10, 3) if args.quick else (200, 25, 5)
-    results = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "step_overhead": step_overhead(steps, block),
-        "update_cost": update_cost(repeats),
-    }
-    o, u = results["step_overhead"], results["update_cost"]
-    print(f"torch {results['torch']}, {results['threads']} threads")
-    print("| measure | value | target |")
-    print("|---|---|---|")
-    print(f"| step overhead (GraNet / dense step, ResNet-20 b128) | {o['ratio']:.3f} "
-          f"({o['granet_step_s'] * 1e3:.1f} / {o['dense_step_s'] * 1e3:.1f} ms, "
-          f"{o['topology_updates_in_timed_steps']} update(s) in {o['steps_each']} steps) | <= 1.05 |")
-    print(f"| update cost, prune + regrow (/ dense ResNet-50 step b8) | {u['ratio_with_pruning']:.3f} "
-          f"({u['update_with_pruning_s'] * 1e3:.0f} / {u['dense_step_s'] * 1e3:.0f} ms) | <= 0.5 |")
-    print(f"| update cost, regrow only (/ dense ResNet-50 step b8) | {u['ratio_regrow_only']:.3f} "
-          f"({u['update_regrow_only_s'] * 1e3:.0f} ms) | <= 0.5 |")
-    print(f"| mask memory (bytes / sparsified weight) | {u['mask_bytes_per_weight']:.3f} "
-          f"(+{u['exploration_bits_bytes_per_weight']:.3f} exploration bits) | <= 1 |")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    g = torch.Generator().manual_seed(0)
+    if args.quick:
+        models = [("resnet20 (CIFAR)", lambda: create_model("resnet20", num_classes=10, input_size=32),
+                   (torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g))),
+                  ("synthetic Linear stack", lambda: synthetic_mlp(1 << 20, width=512),
+                   (torch.randn(8, 512, generator=g), torch.randint(0, 512, (8,), generator=g)))]
+        updates, steps, block, step_batch = [2, 2], 4, 2, 16
+    else:
+        models = [("imagenet_resnet50", lambda: create_model("imagenet_resnet50", num_classes=1000, input_size=224),
+                   (torch.randn(8, 3, 224, 224, generator=g), torch.randint(0, 1000, (8,), generator=g))),
+                  ("synthetic Linear stack", lambda: synthetic_mlp(100_000_000),
+                   (torch.randn(8, 4096, generator=g), torch.randint(0, 4096, (8,), generator=g)))]
+        updates, steps, block, step_batch = [5, 2], 200, 20, 128
+    parts = set(args.parts.split(","))
+    if not parts or parts - {"cnn", "synthetic", "step"}:
+        parser.error(f"--parts takes a comma-separated subset of cnn,synthetic,step, got {args.parts!r}")
+    keep = [("cnn" in parts), ("synthetic" in parts)]
+    models = [m for m, k in zip(models, keep) if k]
+    updates = [u for u, k in zip(updates, keep) if k]
+    bandwidth = copy_bandwidth(64 if args.quick else 256)
+    results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick,
+               "copy_bandwidth_bytes_per_s": bandwidth, "update_cost": []}
+    for (name, build, batch), n_updates in zip(models, updates):
+        torch.manual_seed(0)
+        results["update_cost"].append(update_cost(name, build(), batch, n_updates, bandwidth))
+        logger.info("%s", json.dumps(results["update_cost"][-1]))
+        topk.release_scratch()
+    logging.getLogger("granet").setLevel(logging.ERROR)  # schedule warnings of the short runs
+    if "step" in parts:
+        results["step_overhead"] = step_overhead(steps, block, step_batch)
+    _print_table(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -1,9 +1,9 @@
 """Scores that decide which weights are pruned and which are regrown, and exact top-k selection.
 
 The prune criterion (:func:`active_magnitudes`) scores *active* weights (high = keep); a grow criterion scores *inactive* weights
-(high = regrow). Selection is always exact: :func:`select_top` returns a mask with exactly ``k``
-entries set, breaking ties at the threshold with a seeded generator, so counts never depend on
-sampling and every rank of a distributed job picks the same set.
+(high = regrow). Selection is always exact: :func:`select_top` (implemented in :mod:`granet.topk`) returns a
+mask with exactly ``k`` entries set, breaking ties at the threshold with a seeded generator, so
+counts never depend on sampling and every rank of a distributed job picks the same set.
 
 Grow criteria are registered :class:`GrowCriterion` objects, chosen by name in
 :class:`~granet.config.SparsityConfig` (``grow="gradient"``) so presets stay serialisable. A grow
@@ -24,6 +24,7 @@ from typing import Callable, Optional
 
 import torch
 from .registry import Registry
+from .topk import select_top, select_top_plain  # noqa: F401  (re-exported: the selection API)
 
 # Optimizer state keys holding a first-moment estimate, in order of preference.
 MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
@@ -39,90 +40,6 @@ def seeded_generator(seed: int, *tags: object) -> torch.Generator:
     text = ":".join(str(t) for t in (seed, *tags)).encode()
     digest = hashlib.blake2b(text, digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
-
-
-# Below this size a full kthvalue is cheap; above it, selection first brackets the threshold from
-# a sample so that the exact kthvalue only runs on a thin band of candidates.
-_BRACKET_MIN_SIZE = 1 << 16
-_MAX_SAMPLE_SIZE = 1 << 16
-
-
-def select_top(scores: torch.Tensor, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Boolean mask selecting exactly the ``k`` largest entries of ``scores``.
-
-    Entries strictly above the k-th largest value are always selected; entries equal to it fill the
-    remaining slots, chosen uniformly with ``generator`` when given, else the lowest indices. The
-    selected set is a function of (scores, k, generator) alone.
-
-    For large tensors the threshold is bracketed from a fixed-seed sample of up to 65,536 entries
-    (a Floyd–Rivest step): one comparison pass counts the entries surely above the bracket, and the
-    exact ``kthvalue`` runs only on the ~1% of entries inside it. This is several times faster than
-    ``kthvalue`` or ``topk`` over tens of millions of entries. If the bracket misses (improbable), the
-    full ``kthvalue`` path gives the same answer.
-
-    Args:
-        scores: tensor of any shape; must not contain NaN.
-        k: number of entries to select, clamped to [0, numel].
-        generator: optional CPU generator for tie-breaking.
-
-    Returns:
-        A ``torch.bool`` tensor of the same shape with exactly ``min(max(k, 0), numel)`` True.
-    """
-    flat = scores.reshape(-1)
-    n = flat.numel()
-    if k <= 0:
-        return torch.zeros_like(scores, dtype=torch.bool)
-    if k >= n:
-        return torch.ones_like(scores, dtype=torch.bool)
-    if n >= _BRACKET_MIN_SIZE:
-        mask = _select_top_bracketed(flat, k, generator)
-        if mask is not None:
-            return mask.view_as(scores)
-    # kthvalue(j) is the j-th smallest, so the k-th largest is the (n - k + 1)-th smallest.
-    threshold = flat.kthvalue(n - k + 1).values
-    mask = flat >= threshold
-    extra = int(torch.count_nonzero(mask)) - k
-    if extra > 0:  # ties at the threshold: keep only as many of them as there are slots left
-        ties = (flat == threshold).nonzero().squeeze(1)
-        keep = ties.numel() - extra
-        if generator is not None:
-            ties = ties[torch.randperm(ties.numel(), generator=generator).to(ties.device)]
-        mask[ties[keep:]] = False
-    return mask.view_as(scores)
-
-
-def _select_top_bracketed(flat: torch.Tensor, k: int, generator: Optional[torch.Generator]) -> Optional[torch.Tensor]:
-    """Exact top-k through a sampled bracket [lo, hi] around the threshold; None if it misses."""
-    n = flat.numel()
-    sampler = torch.Generator().manual_seed(n * 1_000_003 + k)  # fixed: the result never depends on it
-    # ~n/64 samples (at most 65,536): the band then holds a few percent of the entries, and the
-    # sample's sort stays cheap next to the passes over the full tensor.
-    size = min(_MAX_SAMPLE_SIZE, max(4096, n // 64))
-    index = torch.randint(n, (size,), generator=sampler).to(flat.device)
-    sample = flat[index].sort(descending=True).values
-    # Rank of the threshold in the sample, widened by ~8 binomial standard deviations each side.
-    rank = size * k / n
-    margin = 8.0 * (size * (k / n) * (1 - k / n)) ** 0.5 + 16
-    hi_rank, lo_rank = int(rank - margin), int(rank + margin)
-    above = flat > sample[hi_rank] if hi_rank >= 0 else torch.zeros_like(flat, dtype=torch.bool)
-    n_above = int(torch.count_nonzero(above))
-    if n_above > k:
-        return None
-    if lo_rank < size:
-        lo = sample[lo_rank]
-        band = (flat > lo) & ~above
-        if n_above + int(torch.count_nonzero(band)) < k:
-            # The threshold is tied with the lower bracket value (e.g. a mass of zeros): take the ties.
-            band = (flat >= lo) & ~above
-    else:
-        band = ~above
-    band_index = band.nonzero().squeeze(1)
-    # A band that does not shrink the problem (mass ties at the bracket) gains nothing: fall back.
-    if n_above + band_index.numel() < k or band_index.numel() > n // 2:
-        return None
-    chosen = select_top(flat[band_index], k - n_above, generator)
-    above[band_index[chosen]] = True
-    return above
 
 
 def active_magnitudes(param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from .criteria import active_magnitudes, momentum_buffer, seeded_generator, select_top
+from .topk import _BRACKET_MIN_SIZE, scratch, select_top_segments
 from .distributions import allocate_counts, get_distribution, layer_counts
 
 
@@ -86,25 +87,59 @@ def gradients_finite(params: Sequence[torch.Tensor]) -> bool:
 def prune_global(
     params: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], target: int, generator: torch.Generator
 ) -> list[torch.Tensor]:
-    """Keep the ``target`` largest-magnitude active weights over all layers (one threshold)."""
-    device = params[0].device
-    scores = torch.cat([active_magnitudes(p, m).reshape(-1).to(device) for p, m in zip(params, masks)])
-    keep = select_top(scores, target, generator)
-    return [k.view(p.shape).to(p.device) for k, p in zip(keep.split([p.numel() for p in params]), params)]
+    """Keep the ``target`` largest-magnitude active weights over all layers (one threshold).
+
+    Exactly ``select_top(cat(active_magnitudes(p, m)), target, generator)`` split per layer, computed
+    layer by layer (no concatenated copy: scratch is O(largest layer)).
+    """
+    flats = [p.detach().reshape(-1) for p in params]
+    out = select_top_segments(
+        [_magnitudes(w) for w in flats], [_gather_magnitudes(w) for w in flats],
+        [m.reshape(-1) for m in masks], [w.numel() for w in flats], target, generator,
+    )
+    return [k.view(p.shape).to(p.device) for k, p in zip(out, params)]
 
 
 def keep_largest(param: torch.Tensor, mask: torch.Tensor, keep: int, generator: torch.Generator) -> torch.Tensor:
-    """The ``keep`` largest-magnitude active weights of one layer (layer-wise pruning and the drop)."""
-    return select_top(active_magnitudes(param, mask), keep, generator)
+    """The ``keep`` largest-magnitude active weights of one layer (layer-wise pruning and the drop).
+
+    Exactly ``select_top(active_magnitudes(param, mask), keep, generator)``, without the float copy.
+    """
+    w = param.detach().reshape(-1)
+    if w.numel() < _BRACKET_MIN_SIZE:  # small layers: the plain definition is cheapest
+        return select_top(active_magnitudes(param, mask), keep, generator)
+    out = select_top_segments([_magnitudes(w)], [_gather_magnitudes(w)], [mask.reshape(-1)], [w.numel()],
+                              keep, generator)
+    return out[0].view(param.shape)
 
 
 def grow_layer(scores: torch.Tensor, kept: torch.Tensor, n_grow: int, generator: torch.Generator) -> torch.Tensor:
     """The ``n_grow`` highest-scoring positions outside ``kept`` (the mask after the drop).
 
     Candidates are all positions inactive after the drop (just-dropped ones included, as in RigL);
-    everything else scores -1, below any score, and is never picked.
+    everything else scores -1, below any score, and is never picked. Computed as
+    ``select_top(torch.where(kept, -1.0, scores), n_grow, generator)`` without the float copy.
     """
-    return select_top(torch.where(kept, -1.0, scores), n_grow, generator)
+    if scores.numel() < _BRACKET_MIN_SIZE:
+        return select_top(torch.where(kept, -1.0, scores), n_grow, generator)
+    flat = scores.detach().reshape(-1)
+    free = scratch(flat.numel(), torch.bool, flat.device, slot=2)  # the candidates, ~kept
+    torch.logical_not(kept.reshape(-1), out=free)
+    out = select_top_segments([lambda: flat], [lambda i: flat[i.to(flat.device)]], [free], [flat.numel()],
+                              n_grow, generator)
+    return out[0].view(scores.shape)
+
+
+def _magnitudes(w: torch.Tensor):
+    """Loader of ``|w|`` into the float scratch buffer (valid until the next load)."""
+    def load() -> torch.Tensor:
+        return torch.abs(w, out=scratch(w.numel(), w.dtype, w.device, slot=0))
+    return load
+
+
+def _gather_magnitudes(w: torch.Tensor):
+    """``|w|`` at a few flat indices."""
+    return lambda index: w[index.to(w.device)].abs()
 
 
 def momentum_shares(
@@ -124,7 +159,8 @@ def momentum_shares(
         kept = kept_masks[i]
         assert kept is not None
         buf = momentum_buffer(params[i], optimizer)
-        mean = float(buf.abs()[kept].mean()) if buf is not None and bool(kept.any()) else 0.0
+        # |m| of the kept entries only (same values, same order, so the same mean as a full |m|).
+        mean = float(buf[kept].abs().mean()) if buf is not None and bool(kept.any()) else 0.0
         weights.append(mean if math.isfinite(mean) else 0.0)
         capacities.append(params[i].numel() - int(torch.count_nonzero(kept)))
     shares = allocate_counts(sum(drops), weights, capacities)

@@ -1,0 +1,293 @@
+"""Exact top-k selection, fast on tens of millions of entries, with seeded tie-breaking.
+
+The definition (:func:`select_top_plain`): the k-th largest value is the threshold; entries above
+it are selected; the entries equal to it, taken in index order, fill the remaining slots, chosen by
+``torch.randperm`` with the caller's generator (the lowest indices without one). Every faster path
+here returns exactly that mask, and falls back to the definition whenever a shortcut does not apply.
+
+Topology updates select among *some* entries of a tensor (the active weights when pruning, the
+inactive ones when regrowing), historically by scoring the others ``-1`` in a float copy.
+:func:`select_top_segments` gives the same mask without that copy, over one or several tensors at
+once (a global threshold over all layers) without concatenating them:
+
+1. a fixed-seed sample of the competing entries brackets the threshold between two sample values
+   ``lo <= t <= hi`` (a Floyd-Rivest step; the bracket is ~8 binomial standard deviations wide);
+2. one pass per tensor marks the entries surely selected (``> hi``) and collects the few inside
+   ``(lo, hi]`` with their indices;
+3. the exact threshold and the tie-breaking run on that thin band only, and its chosen entries are
+   written into the marks. Ties at ``t`` all lie in the band, in index order, so the ``randperm``
+   over them is the one the definition draws.
+
+Sparse layers take a shorter way: when fewer than 1/8 of the entries compete, they are gathered
+(index order) and selected among directly. Scratch memory (:func:`scratch`) is a few buffers the
+size of the largest tensor seen, per thread, dtype and device, reused across calls: fresh
+allocations of that size cost more in page faults than the work done in them.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable, Optional, Sequence
+
+import torch
+
+# Below this many entries a full kthvalue is cheap; above it, selection brackets the threshold.
+_BRACKET_MIN_SIZE = 1 << 16
+_MAX_SAMPLE_SIZE = 1 << 16
+# With fewer competing entries than this in the sample, gather the competitors first instead.
+_MIN_VALID_SAMPLE = 2048
+# Below this fraction of competing entries, gather them instead of passing over every entry.
+_COMPACT_BELOW = 0.125
+# Thresholds within this fraction of either end use a one-sided band.
+_ONE_SIDED = 0.05
+# Bands smaller than this are selected by the plain definition (one kthvalue), larger ones recurse.
+_PLAIN_BAND = 1 << 20
+
+Loader = Callable[[], torch.Tensor]
+Gatherer = Callable[[torch.Tensor], torch.Tensor]
+
+
+class _ScratchBuffers(threading.local):
+    """Per-thread reusable buffers, keyed by (dtype, device, slot)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[torch.dtype, torch.device, int], torch.Tensor] = {}
+
+
+_SCRATCH = _ScratchBuffers()
+
+
+def scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int = 0) -> torch.Tensor:
+    """A reusable 1-D buffer of ``numel`` entries (contents undefined, valid until the next call
+    for the same dtype, device and slot in this thread). It grows to the largest size asked for."""
+    key = (dtype, torch.device(device), slot)
+    buf = _SCRATCH.buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH.buffers[key] = torch.empty(0, dtype=dtype, device=device)  # free the old one first
+        buf = _SCRATCH.buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def scratch_bytes() -> int:
+    """Bytes held by this thread's scratch buffers (for memory accounting)."""
+    return sum(b.numel() * b.element_size() for b in _SCRATCH.buffers.values())
+
+
+def release_scratch() -> None:
+    """Free this thread's scratch buffers (they are re-created on demand)."""
+    _SCRATCH.buffers.clear()
+
+
+def select_top_plain(scores: torch.Tensor, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The definition of exact top-k: full ``kthvalue`` threshold, ``randperm`` among the ties."""
+    flat = scores.reshape(-1)
+    n = flat.numel()
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= n:
+        return torch.ones_like(scores, dtype=torch.bool)
+    # kthvalue(j) is the j-th smallest, so the k-th largest is the (n - k + 1)-th smallest.
+    threshold = flat.kthvalue(n - k + 1).values
+    mask = flat >= threshold
+    extra = int(torch.count_nonzero(mask)) - k
+    if extra > 0:  # ties at the threshold: keep only as many of them as there are slots left
+        ties = (flat == threshold).nonzero().squeeze(1)
+        keep = ties.numel() - extra
+        if generator is not None:
+            ties = ties[torch.randperm(ties.numel(), generator=generator).to(ties.device)]
+        mask[ties[keep:]] = False
+    return mask.view_as(scores)
+
+
+def select_top(scores: torch.Tensor, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Boolean mask selecting exactly the ``k`` largest entries of ``scores`` (see the module notes).
+
+    Args:
+        scores: tensor of any shape; must not contain NaN.
+        k: number of entries to select, clamped to [0, numel].
+        generator: optional CPU generator for tie-breaking.
+
+    Returns:
+        A ``torch.bool`` tensor of the same shape with exactly ``min(max(k, 0), numel)`` True.
+    """
+    flat = scores.reshape(-1)
+    n = flat.numel()
+    if n < _BRACKET_MIN_SIZE or k <= 0 or k >= n:
+        return select_top_plain(scores, k, generator)
+    out = select_top_segments([lambda: flat], [lambda i: flat[i.to(flat.device)]], [None], [n], k, generator,
+                              sentinel=None)
+    return out[0].view_as(scores)
+
+
+def select_top_segments(
+    loads: Sequence[Loader],
+    gathers: Sequence[Gatherer],
+    valids: Sequence[Optional[torch.Tensor]],
+    sizes: Sequence[int],
+    k: int,
+    generator: Optional[torch.Generator],
+    sentinel: Optional[float] = -1.0,
+) -> list[torch.Tensor]:
+    """Exactly ``select_top(cat(where(valid_i, values_i, sentinel)), k, generator).split(sizes)``.
+
+    Segment ``i`` has ``sizes[i]`` entries; ``loads[i]()`` returns its values as a flat float
+    tensor (it may live in scratch memory: it is used before the next load), ``gathers[i](index)``
+    its values at a few flat (CPU) indices, on its device, and ``valids[i]`` (flat ``torch.bool``,
+    or ``None`` when all compete) marks the entries that compete; the others score ``sentinel``
+    (which may be ``None`` only when every ``valids[i]`` is ``None``).
+
+    Returns:
+        One flat ``torch.bool`` mask per segment.
+    """
+    n = sum(sizes)
+    if n < _BRACKET_MIN_SIZE or k <= 0 or k >= n:
+        return _definition(loads, valids, sizes, k, generator, sentinel)
+    m = sum(size if v is None else int(torch.count_nonzero(v)) for v, size in zip(valids, sizes))
+    # k >= competitors: the threshold is the sentinel itself or the least competitor (rare).
+    # Otherwise every shortcut returns None where it cannot prove it matches the definition.
+    out = None
+    if k < m:
+        if m < _COMPACT_BELOW * n:  # few competitors (a sparse layer's active weights): gather them
+            out = _compacted(gathers, valids, sizes, k, generator, sentinel)
+        else:
+            out = _bracketed(loads, gathers, valids, sizes, m, k, generator, sentinel)
+    return out if out is not None else _definition(loads, valids, sizes, k, generator, sentinel)
+
+
+def _definition(loads, valids, sizes, k, generator, sentinel) -> list[torch.Tensor]:
+    """The plain definition on the concatenated, sentinel-filled scores (small or rare cases)."""
+    parts = []
+    for load, valid in zip(loads, valids):
+        values = load()
+        parts.append(values.clone() if valid is None else torch.where(valid, values, sentinel))
+    keep = select_top_plain(torch.cat(parts) if len(parts) > 1 else parts[0], k, generator)
+    return list(keep.split(list(sizes))) if len(parts) > 1 else [keep]
+
+
+def _sample(gathers, valids, sizes, k) -> torch.Tensor:
+    """Competing values at fixed-seed random positions (the seed never changes the result)."""
+    n = sum(sizes)
+    sampler = torch.Generator().manual_seed(n * 1_000_003 + k)
+    # ~n/64 samples (at most 65,536): the band then holds a few percent of the entries, and the
+    # sample's selection stays cheap next to the passes over the full tensors.
+    size = min(_MAX_SAMPLE_SIZE, max(4096, n // 64))
+    parts = []
+    for gather, valid, seg in zip(gathers, valids, sizes):
+        local = torch.randint(seg, (-(-size * seg // n),), generator=sampler)  # proportional share
+        values = gather(local)
+        if valid is not None:
+            values = values[valid[local.to(valid.device)]]
+        parts.append(values.to(parts[0].device if parts else values.device))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _bracketed(loads, gathers, valids, sizes, m, k, generator, sentinel) -> Optional[list[torch.Tensor]]:
+    """Exact selection through a sampled bracket (``m`` competitors, ``0 < k < m``); ``None`` when it
+    misses (then the caller falls back to the definition)."""
+    sample = _sample(gathers, valids, sizes, k)
+    s = sample.numel()
+    if s < _MIN_VALID_SAMPLE:
+        return _compacted(gathers, valids, sizes, k, generator, sentinel)
+    p = k / m
+    # Rank of the threshold in the sample, widened by ~8 binomial standard deviations each side;
+    # rank r (0-based, descending) is the (s - r)-th smallest.
+    rank = s * p
+    margin = 8.0 * (s * p * (1 - p)) ** 0.5 + 16
+    hi_rank, lo_rank = int(rank - margin), int(rank + margin)
+    # A threshold near either end: a one-sided band (all entries above lo, or all below hi) is
+    # still thin and saves a comparison pass per tensor.
+    if p < _ONE_SIDED:
+        hi_rank = -1
+    elif p > 1 - _ONE_SIDED:
+        lo_rank = s
+    hi = sample.kthvalue(s - hi_rank).values if hi_rank >= 0 else None
+    lo = sample.kthvalue(s - lo_rank).values if lo_rank < s else None
+    if sentinel is not None and ((hi is not None and hi < sentinel) or (lo is not None and lo <= sentinel)):
+        return None  # the threshold may reach the sentinel: the non-competing entries would count
+    marks, band_index, band_values = _band_pass(loads, valids, hi, lo)
+    n_above = sum(int(torch.count_nonzero(a)) for a in marks)
+    need = k - n_above
+    values = band_values[0] if len(band_values) == 1 else torch.cat([v.to(band_values[0].device) for v in band_values])
+    if need < 0:
+        return None
+    if values.numel() >= need:
+        # The threshold t is inside the band (or above hi when need == 0): select there. With a
+        # lower bracket, t > lo > sentinel; without one, check that t is above the sentinel.
+        chosen = _select_band(values, need, generator)
+        if sentinel is not None and lo is None and need > 0 and not bool(values[chosen].min() > sentinel):
+            return None
+        _mark(marks, band_index, chosen)
+        return marks
+    if lo is None:
+        return None
+    # Fewer than k entries above lo: the threshold is lo itself, tied with a mass of entries (zeros).
+    ties = [((load() == lo) if valid is None else (load() == lo) & valid).nonzero().squeeze(1)
+            for load, valid in zip(loads, valids)]
+    n_ties = sum(t.numel() for t in ties)
+    if n_above + values.numel() + n_ties < k:
+        return None
+    _mark(marks, band_index, torch.ones(values.numel(), dtype=torch.bool))
+    keep = need - values.numel()
+    # As in the definition: the lowest indices without a generator; randperm only if some tie loses.
+    chosen = torch.zeros(n_ties, dtype=torch.bool)
+    if generator is None or keep == n_ties:
+        chosen[:keep] = True
+    else:
+        chosen[torch.randperm(n_ties, generator=generator)[:keep]] = True
+    _mark(marks, ties, chosen)
+    return marks
+
+
+def _band_pass(loads, valids, hi, lo) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """One pass per segment: marks of the entries above ``hi``, and index and value of those in (lo, hi]."""
+    marks, band_index, band_values = [], [], []
+    for load, valid in zip(loads, valids):
+        values = load()
+        if hi is None:
+            above = torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+        else:
+            above = torch.gt(values, hi.to(values.device))
+            if valid is not None:
+                above &= valid
+        band = scratch(values.numel(), torch.bool, values.device, slot=1)
+        if lo is None:
+            torch.logical_not(above, out=band)
+        else:
+            torch.gt(values, lo.to(values.device), out=band)
+            if hi is not None:
+                band ^= above  # above is inside (lo, inf): remove it
+        if valid is not None:
+            band &= valid
+        index = band.nonzero().squeeze(1)
+        marks.append(above)
+        band_index.append(index)
+        band_values.append(values[index])
+    return marks, band_index, band_values
+
+
+def _mark(marks: list[torch.Tensor], index: list[torch.Tensor], chosen: torch.Tensor) -> None:
+    """Set ``marks[i][index[i][c]]`` for the chosen entries ``c`` of the concatenated indices."""
+    for mark, idx, pick in zip(marks, index, chosen.split([i.numel() for i in index])):
+        if idx.numel():
+            mark[idx[pick.to(idx.device)]] = True
+
+
+def _select_band(values: torch.Tensor, k: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Top-k of a gathered band or competitor list: one kthvalue when small, else bracketed again."""
+    if values.numel() < _PLAIN_BAND:
+        return select_top_plain(values, k, generator)
+    return select_top(values, k, generator)
+
+
+def _compacted(gathers, valids, sizes, k, generator, sentinel) -> Optional[list[torch.Tensor]]:
+    """Few competitors: gather them (index order), select among them, scatter back."""
+    index = [torch.arange(size) if v is None else v.nonzero().squeeze(1) for v, size in zip(valids, sizes)]
+    gathered = [gather(i) for gather, i in zip(gathers, index)]
+    values = gathered[0] if len(gathered) == 1 else torch.cat([g.to(gathered[0].device) for g in gathered])
+    if k >= values.numel():
+        return None  # the threshold is the sentinel (or the least competitor): left to the definition
+    chosen = _select_band(values, k, generator)
+    if sentinel is not None and not bool(values.min() > sentinel) and not bool(values[chosen].min() > sentinel):
+        return None
+    marks = [torch.zeros(size, dtype=torch.bool, device=g.device) for size, g in zip(sizes, gathered)]
+    _mark(marks, [i.to(g.device) for i, g in zip(index, gathered)], chosen)
+    return marks

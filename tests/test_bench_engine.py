@@ -1,0 +1,45 @@
+"""benchmarks/bench_engine.py: the --quick smoke run reports every measure, with exact memory figures."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_engine", ROOT / "benchmarks" / "bench_engine.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_floor_bytes_hand_worked():
+    bench = _load()
+    # prune 6 + drop 6 + grow 6 + weight and one momentum buffer 16 + mask read 1 + exploration 1 = 36
+    assert bench.floor_bytes(1000, state_tensors=1, pruning=True) == 36_000
+    assert bench.floor_bytes(1000, state_tensors=2, pruning=False) == 38_000
+    assert bench.synthetic_mlp(3 * 64 * 64, width=64)[2].weight.shape == (64, 64)
+
+
+@pytest.mark.slow
+def test_quick_run_reports_every_measure(tmp_path, capsys):
+    bench = _load()
+    assert bench.main(["--quick", "--json", str(tmp_path / "r.json")]) == 0
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert [u["model"] for u in results["update_cost"]] == ["resnet20 (CIFAR)", "synthetic Linear stack"]
+    for u in results["update_cost"]:
+        assert u["mask_bytes_per_weight"] == 1.0
+        for kind in ("prune_regrow", "regrow_only"):
+            r = u[kind]
+            assert r["updates"] >= 1 and r["update_s"] > 0 and r["naive_s"] > 0
+            assert r["per_dense_step"] == r["update_s"] / u["dense_step_s"]
+            assert r["naive_per_update"] == r["naive_s"] / r["update_s"]
+    mlp = results["update_cost"][1]
+    assert mlp["sparsified_weights"] == 4 * 512 * 512 and mlp["largest_layer"] == 512 * 512
+    assert mlp["exploration_bytes_per_weight"] == 0.125
+    assert results["step_overhead"]["blocks"] == 2
+    table = capsys.readouterr().out
+    assert "| synthetic Linear stack (1,048,576 w) | prune + regrow |" in table
+    assert "step overhead (GraNet / dense, resnet20 (CIFAR), batch 16, 32x32)" in table

@@ -1,0 +1,211 @@
+"""The optimised selection and topology functions give exactly the masks of the plain definition.
+
+The oracle is ``tests/frozen_topology.py``: full ``kthvalue`` threshold, ``randperm`` tie-breaking
+over tied positions in index order, float score copies. Inputs are random, with heavy ties (zeros,
+few distinct values, -1 "inactive" scores), on both sides of the sampled-bracket size threshold.
+The last test runs the real sparsifier for every dynamic method and checks each update against the
+frozen copy of the update algorithm, state injected at every update.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import frozen_topology as ref
+import granet
+from granet import criteria, topology
+from granet.criteria import seeded_generator
+from granet.masking import pack_bits, zero_outside
+
+BELOW, ABOVE = 5_000, (1 << 16) + 37  # either side of the bracketed path's size threshold
+
+
+def _scores(kind: str, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "continuous":
+        return torch.rand(n, generator=g)
+    if kind == "few_values":  # every value tied with thousands of others
+        return torch.randint(0, 7, (n,), generator=g).float()
+    if kind == "zeros":  # a mass of zeros (just-regrown weights, dead units' gradients)
+        return torch.where(torch.rand(n, generator=g) < 0.8, 0.0, torch.rand(n, generator=g))
+    if kind == "inactive":  # -1 marks inactive entries, as in the prune and grow scores
+        return torch.where(torch.rand(n, generator=g) < 0.6, -1.0, torch.rand(n, generator=g).round(decimals=2))
+    if kind == "duplicates":  # each value exactly twice, in random order
+        half = torch.rand(n // 2 + 1, generator=g)
+        return torch.cat([half, half])[torch.randperm(2 * (n // 2 + 1), generator=g)][:n]
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("n", [BELOW, ABOVE])
+@pytest.mark.parametrize("kind", ["continuous", "few_values", "zeros", "inactive", "duplicates"])
+def test_select_top_equals_definition(kind, n):
+    scores = _scores(kind, n, seed=n)
+    for k in (0, 1, 3, n // 100, n // 3, n // 2, (4 * n) // 5, n - 1, n, n + 5):
+        for tag in (None, "t"):
+            got = criteria.select_top(scores, k, None if tag is None else seeded_generator(k, tag))
+            want = ref.select_top(scores, k, None if tag is None else seeded_generator(k, tag))
+            assert got.dtype == torch.bool and got.shape == scores.shape
+            assert torch.equal(got, want), (kind, n, k, tag)
+            assert int(got.sum()) == min(max(k, 0), n)
+
+
+def test_select_top_keeps_shape_and_reads_strided_input():
+    scores = _scores("few_values", 2 * ABOVE, seed=1).view(2, -1).t()  # non-contiguous
+    for k in (10, scores.numel() // 2):
+        got = criteria.select_top(scores, k, seeded_generator(0, "s"))
+        assert got.shape == scores.shape
+        assert torch.equal(got, ref.select_top(scores, k, seeded_generator(0, "s")))
+
+
+def _layer(n_out: int, n_in: int, density: float, zero_frac: float, seed: int):
+    """A weight with some exact zeros among its active entries, and a random mask."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n_out, n_in, generator=g)
+    w[torch.rand(n_out, n_in, generator=g) < zero_frac] = 0.0
+    w = w.round(decimals=2)  # magnitude ties
+    mask = torch.rand(n_out, n_in, generator=g) < density
+    return w * mask, mask
+
+
+@pytest.mark.parametrize("shape", [(40, 50), (300, 260)])
+@pytest.mark.parametrize("density", [0.05, 0.5, 1.0])
+def test_keep_largest_and_grow_layer_equal_definition(shape, density):
+    w, mask = _layer(*shape, density, zero_frac=0.3, seed=shape[0])
+    active = int(mask.sum())
+    for keep in (0, 1, active // 3, active // 2, active - 1, active, active + 7):
+        got = topology.keep_largest(w, mask, keep, seeded_generator(0, "drop", keep))
+        want = ref.keep_largest(w, mask, keep, seeded_generator(0, "drop", keep))
+        assert torch.equal(got, want), (shape, density, keep)
+    kept = ref.keep_largest(w, mask, active // 2, seeded_generator(0, "kept"))
+    g = torch.Generator().manual_seed(5)
+    grads = torch.randn(shape, generator=g).round(decimals=1).abs()  # many ties, many zeros
+    signed = torch.randn(shape, generator=g) * 3  # a custom criterion's scores may go below -1
+    free = kept.numel() - int(kept.sum())
+    for scores in (grads, signed):
+        for n_grow in (0, 1, free // 10, free // 2, free - 1, free, free + 3):
+            got = topology.grow_layer(scores, kept, n_grow, seeded_generator(1, "grow", n_grow))
+            want = ref.grow_layer(scores, kept, n_grow, seeded_generator(1, "grow", n_grow))
+            assert torch.equal(got, want), (shape, density, n_grow)
+
+
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.1])
+def test_prune_global_equals_definition(density):
+    layers = [_layer(300, 250, density, 0.2, 1), _layer(8, 27, density, 0.5, 2), _layer(120, 90, density, 0.0, 3)]
+    params = [w for w, _ in layers]
+    masks = [m for _, m in layers]
+    active = sum(int(m.sum()) for m in masks)
+    for target in (0, 5, active // 10, active // 2, active - 1, active, active + 11):
+        got = topology.prune_global(params, masks, target, seeded_generator(2, "prune", target))
+        want = ref.prune_global(params, masks, target, seeded_generator(2, "prune", target))
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), (density, target)
+
+
+def test_momentum_shares_and_random_masks_equal_definition():
+    model = nn.Sequential(nn.Linear(30, 40, bias=False), nn.Linear(40, 20, bias=False))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 30)).sum().backward()
+    opt.step()
+    params = [model[0].weight, model[1].weight]
+    kept = [torch.rand(p.shape, generator=torch.Generator().manual_seed(i)) < 0.3 for i, p in enumerate(params)]
+    assert topology.momentum_shares(params, opt, kept, [50, 30]) == ref.momentum_shares(params, opt, kept, [50, 30])
+    assert topology.momentum_shares(params, opt, [None, kept[1]], [0, 30]) == ref.momentum_shares(
+        params, opt, [None, kept[1]], [0, 30])
+    big = [torch.empty(300, 260), torch.empty(16, 3, 3, 3), torch.empty(10, 300)]
+    for distribution in ("erk", "uniform", "global"):
+        got = topology.random_masks(big, distribution, 0.2, seed=4)
+        want = ref.random_masks(big, distribution, 0.2, seed=4)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), distribution
+
+
+def _model() -> nn.Module:
+    """Two layers above the bracket threshold (70,400 weights each), a conv and a small head."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+        nn.Linear(64, 1100), nn.ReLU(), nn.Linear(1100, 64), nn.ReLU(), nn.Linear(64, 10),
+    )
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(16, 3, 4, 4, generator=g)
+    x[:, :, :2] = 0.0  # zero inputs: exact zero gradients (ties) for the weights that read them
+    return x, torch.randint(0, 10, (16,), generator=g)
+
+
+@pytest.mark.parametrize("method", ["granet", "granet-st", "rigl", "set", "snfs", "gmp", "gmp-layerwise"])
+def test_sparsifier_updates_equal_frozen_algorithm(method):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    options = dict(density=0.2, total_steps=24, update_interval=3)
+    if method.startswith("gmp"):
+        options["prune_end"] = 18
+    s = granet.create_sparsifier(method, model, opt, **options)
+    cfg = s.config
+    initial = ref.random_masks(list(s.params), cfg.distribution, cfg.effective_init_density, cfg.seed,
+                               cfg.erk_power_scale)
+    assert all(torch.equal(a, b) for a, b in zip(s.masks.values(), initial))
+    grow_score = criteria.get_grow_criterion(cfg.grow).score
+    changed = 0
+    for step in range(1, 24):
+        x, y = _batch(step)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if not s.is_update_step(step):
+            s.step()
+            continue
+        before = [m.clone() for m in s.masks.values()]
+        weights = [p.detach().clone() for p in s.params]
+        bufs = [opt.state[p]["momentum_buffer"].clone() for p in s.params]
+        want, reset = ref.reference_update(s, step, before, s.counts, grow_score)
+        report = s.step()
+        assert report is not None and not report.skipped
+        for i, (name, p) in enumerate(zip(s.names, s.params)):
+            assert torch.equal(s.masks[name], want[i]), (method, step, name)
+            assert s.counts[i] == int(want[i].sum())
+            keep = want[i] if reset[i] is None else want[i] & ~reset[i]
+            assert torch.equal(p.detach(), weights[i] * keep)
+            if cfg.mask_optimizer_state:
+                assert torch.equal(opt.state[p]["momentum_buffer"], bufs[i] * keep)
+            elif reset[i] is not None:
+                assert torch.equal(opt.state[p]["momentum_buffer"], bufs[i].masked_fill(reset[i], 0.0))
+        changed += sum(not torch.equal(a, b) for a, b in zip(before, s.masks.values()))
+    assert changed >= 3  # the updates did change the topology
+
+
+def _pack_bits_plain(mask: torch.Tensor) -> torch.Tensor:
+    flat = mask.reshape(-1)
+    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)])
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+    return (flat.view(-1, 8).to(torch.uint8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def test_pack_bits_equals_plain_packing():
+    assert pack_bits(torch.tensor([True, False, True, True, False, False, False, True])).tolist() == [0b10001101]
+    g = torch.Generator().manual_seed(0)
+    for shape in [(8,), (64, 9), (3, 5, 7), (1000, 24)]:
+        for density in (0.0, 0.5, 1.0):
+            mask = torch.rand(shape, generator=g) < density
+            assert torch.equal(pack_bits(mask), _pack_bits_plain(mask)), (shape, density)
+    base = torch.rand(4000, generator=g) < 0.5
+    for view in (base[3:3 + 800], base.view(50, 80)[:, :40]):  # offset and strided views
+        assert torch.equal(pack_bits(view), _pack_bits_plain(view))
+
+
+def test_zero_outside_is_bitwise_a_bool_multiply():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 260, generator=g)
+    x[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0])
+    mask = torch.rand(300, 260, generator=g) < 0.3
+    mask[0, :4] = False
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        a, b = x.to(dtype), x.to(dtype).clone()
+        c = a.clone()
+        zero_outside([a, c], mask)
+        b.mul_(mask)
+        for got in (a, c):  # same bits: signs of zeros, NaN where x was inf or NaN
+            assert torch.equal(got.isnan(), b.isnan())
+            assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(b))
+            assert torch.equal(torch.signbit(got), torch.signbit(b))
