@@ -64,6 +64,8 @@ class MaskedParameters:
         self._masks: list[torch.Tensor] = [torch.ones_like(p, dtype=torch.bool) for p in self._params]
         self._counts: list[int] = list(self._sizes)
         self._ever_active: Optional[list[torch.Tensor]] = None
+        # FSDP: a granet.fsdp.ShardLayout; masks then hold this rank's rows, counts stay global.
+        self._layout: Optional[Any] = None
 
     # ------------------------------------------------------------------ read-only views
 
@@ -132,7 +134,19 @@ class MaskedParameters:
         """Fraction of the sparsified weights that have ever been active (ITOP's R_s), if tracked."""
         if self._ever_active is None:
             return None
-        return sum(popcount(e) for e in self._ever_active) / self._total
+        return sum(self._global_sum([popcount(e) for e in self._ever_active])) / self._total
+
+    def _global_sum(self, values: list[int]) -> list[int]:
+        """Per-layer integers summed over the ranks holding shards (unchanged when not sharded)."""
+        return values if self._layout is None else self._layout.sum_counts(values)
+
+    def _count(self, masks: Sequence[torch.Tensor]) -> list[int]:
+        """Global active counts of ``masks`` (one all-reduce when sharded)."""
+        return self._global_sum([int(torch.count_nonzero(m)) for m in masks])
+
+    def _local(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor masks apply to: a DTensor's local shard when sharded, else the tensor itself."""
+        return tensor.to_local() if self._layout is not None and hasattr(tensor, "to_local") else tensor
 
     # ------------------------------------------------------------------ zeroing in place
 
@@ -151,7 +165,7 @@ class MaskedParameters:
                     states.append(buf)
                     state_masks.append(m)
         if params:
-            torch._foreach_mul_(params + states, masks + state_masks)
+            torch._foreach_mul_([self._local(t) for t in params + states], masks + state_masks)
 
     def _follow_param_devices(self) -> None:
         """Move masks (and exploration bits) to their parameters' devices if the model was moved."""
@@ -183,24 +197,24 @@ class MaskedParameters:
             if reset[i] is None and self._counts[i] == self._sizes[i]:
                 continue
             keep = mask if reset[i] is None else mask & ~reset[i]
-            param.mul_(keep)
+            self._local(param).mul_(keep)
             for buf in self._state_tensors(param):
                 if self._mask_optimizer_state:
-                    buf.mul_(keep)
+                    self._local(buf).mul_(keep)
                 elif reset[i] is not None:
-                    buf.masked_fill_(reset[i], 0.0)
+                    self._local(buf).masked_fill_(reset[i], 0.0)
 
     @torch.no_grad()
     def _install_exactly(self, masks: Sequence[torch.Tensor]) -> None:
         """Adopt ``masks`` (copies): zero weights and optimizer state outside them, mark them explored."""
         self._masks = [m.to(p.device).clone() for m, p in zip(masks, self._params)]
-        self._counts = [int(torch.count_nonzero(m)) for m in self._masks]
+        self._counts = self._count(self._masks)
         for i, (param, mask) in enumerate(zip(self._params, self._masks)):
             if self._ever_active is not None:
                 self._ever_active[i] |= pack_bits(mask)
-            param.mul_(mask)
+            self._local(param).mul_(mask)
             for buf in self._state_tensors(param):
-                buf.mul_(mask)
+                self._local(buf).mul_(mask)
 
     def _checked_masks(self, masks: Mapping[str, Any], source: str) -> list[torch.Tensor]:
         """``masks`` in parameter order, after checking names, shapes and dtype (all problems named).
