@@ -216,6 +216,18 @@ class MaskedParameters:
             for buf in self._state_tensors(param):
                 self._local(buf).mul_(mask)
 
+    def _full(self, tensors: list[torch.Tensor], packed: bool = False) -> list[torch.Tensor]:
+        """Full-shape masks (or bit-packed masks) from local rows: a collective under FSDP."""
+        if self._layout is None:
+            return tensors
+        return self._layout.gather_packed(tensors) if packed else self._layout.gather(tensors)
+
+    def _rows(self, full: torch.Tensor, i: int, packed: bool = False) -> torch.Tensor:
+        """This rank's rows of layer ``i``'s full mask (or bit-packed mask); the mask itself unsharded."""
+        if self._layout is None:
+            return full
+        return self._layout.slice_packed(full, i) if packed else self._layout.local_rows(full, i)
+
     def _checked_masks(self, masks: Mapping[str, Any], source: str) -> list[torch.Tensor]:
         """``masks`` in parameter order, after checking names, shapes and dtype (all problems named).
 

@@ -80,10 +80,8 @@ class Sparsifier(MaskedParameters):
             all-reduce) after every topology update. ``None`` (default) turns it on when a process
             group with more than one rank is initialised. See :mod:`granet.distributed`.
 
-    On a model wrapped with FSDP2 ``fully_shard`` (DTensor parameters) the masks are sharded like
-    the weights and the updates are computed across shards, identical to one process; the mask
-    views then hold this rank's rows, and ``state_dict`` / ``load_state_dict`` / ``set_masks`` are
-    collectives over full masks. See :mod:`granet.fsdp`.
+    Under FSDP2 ``fully_shard`` (DTensor parameters) masks are sharded like the weights (the views
+    hold this rank's rows) and updates equal one process's; see :mod:`granet.fsdp`.
     """
 
     def __init__(
@@ -457,18 +455,6 @@ class Sparsifier(MaskedParameters):
             self._layout.verify(self._step_count, self._skipped_updates, self._counts)
             return
         _distributed.verify_masks(self._names, self._masks, self._step_count, self._skipped_updates, group)
-
-    def _full(self, tensors: list[torch.Tensor], packed: bool = False) -> list[torch.Tensor]:
-        """Full-shape masks (or bit-packed masks) from local rows: a collective under FSDP."""
-        if self._layout is None:
-            return tensors
-        return self._layout.gather_packed(tensors) if packed else self._layout.gather(tensors)
-
-    def _rows(self, full: torch.Tensor, i: int, packed: bool = False) -> torch.Tensor:
-        """This rank's rows of layer ``i``'s full mask (or bit-packed mask); the mask itself unsharded."""
-        if self._layout is None:
-            return full
-        return self._layout.slice_packed(full, i) if packed else self._layout.local_rows(full, i)
 
     def remove(self) -> None:
         """Detach from the optimizer (removes the step hook); masks are left as they are."""

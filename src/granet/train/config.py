@@ -38,7 +38,7 @@ DEFAULT_DENSITY = 0.05
 # Keys that may differ between a run and its resumption (they do not change the result).
 RESUMABLE_DIFFERENCES = frozenset({
     "device", "workers", "progress", "resume", "out", "data_dir", "download", "overwrite", "dist_timeout",
-    "tensorboard",
+    "tensorboard", "fsdp",
 })
 
 
@@ -100,6 +100,7 @@ class _Tail:
     score_batches: int = 1
     tensorboard: bool = False
     dist_timeout: float = 600.0
+    fsdp: bool = False
 
 
 def _fields_of(cls: type) -> list[tuple[str, Any, Any]]:
