@@ -104,7 +104,10 @@ def selection_cases(rank: int, world: int) -> list[tuple[str, bool]]:
     for case in range(12):
         layers = [shapes[i] for i in torch.randperm(len(shapes), generator=g)[: 1 + case % 3].tolist()]
         levels = [1, 3, 50][case % 3]  # few distinct values: ties everywhere
-        full_scores = [torch.randint(0, levels, s, generator=g).float() - (case % 2) for s in layers]
+        dtype = torch.float64 if case % 3 == 1 else torch.float32
+        full_scores = [(torch.randint(0, levels, s, generator=g) - (case % 2)).to(dtype) for s in layers]
+        if case % 4 == 1:  # -0.0 and +0.0 are equal scores (ties), as for select_top
+            full_scores = [torch.where(torch.rand(t.shape, generator=g) < 0.5, -t, t) for t in full_scores]
         sizes = [t.numel() for t in full_scores]
         k = int(torch.randint(0, sum(sizes) + 2, (1,), generator=g))
         tie_gen = None if case % 4 == 3 else torch.Generator().manual_seed(100 + case)
