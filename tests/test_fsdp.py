@@ -130,6 +130,39 @@ def selection_cases(rank: int, world: int) -> list[tuple[str, bool]]:
     return out
 
 
+def scenario_edges(rank: int) -> dict:
+    """Non-finite gradients on one rank only, set_masks (agreeing and not), distributed=False."""
+    out: dict = {}
+    model, opt, s = make("granet", sharded=True)
+    train(model, opt, s, range(1, 3))
+    x, y = batch(3, n=8, classes=3)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    if rank == 0:
+        s.params[1].grad.to_local()[0, 0] = float("nan")  # only rank 0's shard is non-finite
+    opt.step()
+    report = s.step()
+    out["skipped"] = (report.step, report.skipped, s.skipped_updates)
+    # set_masks: every rank passes the same full masks; each keeps its rows.
+    model, opt, s = make("rigl", sharded=True)
+    target = {n: torch.rand(m.shape, generator=torch.Generator().manual_seed(3)) < 0.3
+              for n, m in s.state_dict()["masks"].items()}
+    s.set_masks(target)
+    out["set_masks"] = (s.state_dict()["masks"], s.counts, zero_outside(model, opt, s))
+    mine = target if rank == 0 else {n: m.roll(1) for n, m in target.items()}
+    try:
+        s.set_masks(mine)
+        out["diverged"] = ""
+    except granet.MaskDivergenceError as exc:
+        out["diverged"] = str(exc)
+    try:
+        granet.create_sparsifier("rigl", model, opt, density=0.2, total_steps=STEPS, distributed=False)
+        out["not_distributed"] = ""
+    except ValueError as exc:
+        out["not_distributed"] = str(exc)
+    return out
+
+
 def scenario(rank: int, world: int) -> dict:
     result: dict = {"selection": selection_cases(rank, world), "runs": {}}
     for method in METHODS:
@@ -140,7 +173,9 @@ def scenario(rank: int, world: int) -> dict:
             "zero_outside": zero_outside(model, opt, s),
             "weights": [full(p) for p in model.parameters()],
             "state": s.state_dict(),
+            "exploration": s.exploration_rate(),
         }
+    result.update(scenario_edges(rank))
     # Resume: save at RESUME_AT (full state dicts), rebuild from another seed, load, continue.
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
@@ -228,7 +263,8 @@ def reference() -> dict:
         for method in METHODS:
             model, opt, s = make(method, sharded=False, adam=method == "set")
             updates = train(model, opt, s, range(1, STEPS + 1))
-            out[method] = {"updates": updates, "weights": [full(p) for p in model.parameters()], "state": s.state_dict()}
+            out[method] = {"updates": updates, "weights": [full(p) for p in model.parameters()],
+                           "state": s.state_dict(), "exploration": s.exploration_rate()}
     finally:
         torch.set_num_threads(threads)
     return out
@@ -256,6 +292,7 @@ def test_masks_equal_single_process(group: tuple[int, list[dict]], reference: di
             assert got["density"] == exp["density"]
         assert all(torch.equal(a, b) for a, b in zip(run["weights"], ref["weights"])), (world, rank)
         assert run["zero_outside"] == 0
+        assert run["exploration"] == ref["exploration"]
         assert run["state"]["ever_active"].keys() == ref["state"]["ever_active"].keys()
         assert all(torch.equal(run["state"]["ever_active"][n], e) for n, e in ref["state"]["ever_active"].items())
 
@@ -290,3 +327,19 @@ def test_resume_bit_exact(group: tuple[int, list[dict]]) -> None:
 def test_snfs_refused_with_a_clear_error(group: tuple[int, list[dict]]) -> None:
     _, results = group
     assert "'snfs'" in results[0]["snfs_error"] and "not supported on FSDP" in results[0]["snfs_error"]
+
+
+def test_edge_cases(group: tuple[int, list[dict]]) -> None:
+    world, results = group
+    for rank, res in enumerate(results):
+        # Rank 0's NaN gradient makes every rank skip update 3 (the decision is all-reduced).
+        assert res["skipped"] == (3, True, 1)
+        masks, counts, nonzero = res["set_masks"]
+        target = {n: torch.rand(m.shape, generator=torch.Generator().manual_seed(3)) < 0.3 for n, m in masks.items()}
+        assert all(torch.equal(masks[n], target[n]) for n in target)
+        assert counts == [int(m.sum()) for m in target.values()] and nonzero == 0
+        others = "rank 1 differs" if world == 2 else "ranks 1, 2, 3 differ"
+        assert res["diverged"].startswith("sparsifier masks diverged across ranks at step 0: layer 0.weight "
+                                          f"({others} from rank 0"), res["diverged"]
+        assert res["not_distributed"] == (
+            "distributed=False: the model's weights are FSDP shards, whose masks need collectives")

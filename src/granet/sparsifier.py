@@ -49,6 +49,7 @@ from .config import SparsityConfig
 from .coverage import Coverage, log_coverage
 from .errors import short_repr
 from .masking import MaskedParameters, pack_bits
+from .ranks import RankChecks
 from .schedule_check import schedule_warnings
 from .schedules import DropFractionSchedule, PruningSchedule
 from .selection import DEFAULT_LAYER_TYPES, LayerType, select_parameters, sparsifiable_parameters  # noqa: F401 (re-export)
@@ -58,7 +59,7 @@ from .updater import TopologyUpdater
 logger = logging.getLogger(__name__)
 
 
-class Sparsifier(MaskedParameters):
+class Sparsifier(RankChecks, MaskedParameters):
     """Keeps a model's Conv/Linear weights sparse and evolves their masks during training.
 
     Prefer :func:`granet.create_sparsifier` to build one from a method name.
@@ -78,10 +79,8 @@ class Sparsifier(MaskedParameters):
         distributed: keep the masks identical across the ranks of ``torch.distributed``: broadcast
             them from rank 0 now and after :meth:`load_state_dict`, and verify them (one small
             all-reduce) after every topology update. ``None`` (default) turns it on when a process
-            group with more than one rank is initialised. See :mod:`granet.distributed`.
-
-    Under FSDP2 ``fully_shard`` (DTensor parameters) masks are sharded like the weights (the views
-    hold this rank's rows) and updates equal one process's; see :mod:`granet.fsdp`.
+            group with more than one rank is initialised. See :mod:`granet.distributed`. Under FSDP2
+            (DTensor weights) masks are sharded like the weights instead; see :mod:`granet.fsdp`.
     """
 
     def __init__(
@@ -125,6 +124,8 @@ class Sparsifier(MaskedParameters):
         self._init_counts = list(self._counts)
         self._final_counts = self._updater.final_layer_counts([p.shape for p in self._params], self._init_counts)
         self._ever_active = [pack_bits(m) for m in self._masks] if cfg.track_exploration else None
+        if self._layout is not None and distributed is False:
+            raise ValueError("distributed=False: the model's weights are FSDP shards, whose masks need collectives")
         # Under FSDP masks differ per rank by design: the sharded checks replace the DDP ones.
         self._is_distributed = self._layout is None and (
             _distributed.is_distributed() if distributed is None else bool(distributed))
@@ -182,8 +183,13 @@ class Sparsifier(MaskedParameters):
 
     @property
     def distributed(self) -> bool:
-        """Whether masks are kept identical across ``torch.distributed`` ranks."""
-        return self._is_distributed
+        """Whether masks are kept consistent across ranks: identical (DDP) or sharded (FSDP)."""
+        return self._is_distributed or self._layout is not None
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the weights are FSDP2 shards (masks then hold this rank's rows; see :mod:`granet.fsdp`)."""
+        return self._layout is not None
 
     @property
     def reached_final_density(self) -> bool:
@@ -248,7 +254,7 @@ class Sparsifier(MaskedParameters):
             self._skipped_updates += 1
             self._last_update = report
             logger.warning("step %d: non-finite gradients, topology update skipped", step)
-            if self._is_distributed or self._layout is not None:
+            if self.distributed:
                 # Under DDP the all-reduced gradients are non-finite on every rank or on none, so all
                 # ranks skip together. Verifying here too keeps the collective schedule a function of
                 # the step alone: a rank that skipped alone raises instead of deadlocking the others.
@@ -273,7 +279,7 @@ class Sparsifier(MaskedParameters):
                 self._ever_active[i] |= pack_bits(m)
         report.density = self.density()
         self._last_update = report
-        if self._is_distributed or self._layout is not None:
+        if self.distributed:
             self.verify_masks()  # one small all-reduce; raises MaskDivergenceError
         logger.debug(
             "step %d: pruned %d, dropped %d, regrew %d, density %.5f",
@@ -423,38 +429,6 @@ class Sparsifier(MaskedParameters):
             _distributed.verify_masks(self._names, checked, self._step_count, self._skipped_updates, self._layout.group)
             checked = [self._rows(m, i) for i, m in enumerate(checked)]
         self._install_exactly(checked)
-
-    def broadcast_masks(self, src: int = 0, group: Optional[Any] = None) -> None:
-        """Make every rank's masks (and exploration bits) a copy of rank ``src``'s, then re-apply them.
-
-        Runs by itself at construction and after :meth:`load_state_dict` when distributed; see
-        :func:`granet.distributed.broadcast_masks`. Every rank must call it.
-        """
-        if self._layout is not None:
-            raise ValueError("broadcast_masks: under FSDP every rank holds its own rows of the masks; nothing to copy")
-        self._follow_param_devices()
-        agree = {
-            "sparsity config": self._config.to_dict(),
-            "track_exploration": self._ever_active is not None,
-            "per-layer pruning targets (init/final counts)": [self._init_counts, self._final_counts],
-        }
-        _distributed.broadcast_masks(
-            self._names, self._masks, self._ever_active or [], step=self._step_count, agree=agree, src=src, group=group
-        )
-        self._counts = [int(torch.count_nonzero(m)) for m in self._masks]
-        self.apply_masks()
-
-    def verify_masks(self, group: Optional[Any] = None) -> None:
-        """Raise :class:`~granet.distributed.MaskDivergenceError` unless every rank holds the same masks.
-
-        Runs by itself after every topology update when distributed; see
-        :func:`granet.distributed.verify_masks`. Every rank must call it.
-        """
-        self._follow_param_devices()
-        if self._layout is not None:  # sharded: the ranks must agree on step and global counts
-            self._layout.verify(self._step_count, self._skipped_updates, self._counts)
-            return
-        _distributed.verify_masks(self._names, self._masks, self._step_count, self._skipped_updates, group)
 
     def remove(self) -> None:
         """Detach from the optimizer (removes the step hook); masks are left as they are."""
