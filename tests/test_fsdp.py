@@ -155,6 +155,16 @@ def scenario_edges(rank: int) -> dict:
         out["diverged"] = ""
     except granet.MaskDivergenceError as exc:
         out["diverged"] = str(exc)
+    # Built before fully_shard: the sparsifier would hold the replaced tensors; its first step says so.
+    model = mlp(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stale = granet.create_sparsifier("rigl", model, opt, density=0.2, total_steps=STEPS)
+    shard(model)
+    try:
+        train(model, opt, stale, range(1, 2))
+        out["stale"] = ""
+    except RuntimeError as exc:
+        out["stale"] = str(exc)
     try:
         granet.create_sparsifier("rigl", model, opt, density=0.2, total_steps=STEPS, distributed=False)
         out["not_distributed"] = ""
@@ -341,5 +351,14 @@ def test_edge_cases(group: tuple[int, list[dict]]) -> None:
         others = "rank 1 differs" if world == 2 else "ranks 1, 2, 3 differ"
         assert res["diverged"].startswith("sparsifier masks diverged across ranks at step 0: layer 0.weight "
                                           f"({others} from rank 0"), res["diverged"]
+        assert res["stale"].startswith("the model's parameters 0.weight, 4.weight, 6.weight were replaced after "
+                                       "the sparsifier was built (e.g. by fully_shard)"), res["stale"]
         assert res["not_distributed"] == (
             "distributed=False: the model's weights are FSDP shards, whose masks need collectives")
+
+
+def test_replaced_parameters_are_refused_in_one_process() -> None:
+    model, opt, s = make("rigl", sharded=False)
+    model[4].weight = nn.Parameter(model[4].weight.detach().clone())  # what a wrapper applied later does
+    with pytest.raises(RuntimeError, match=r"^the model's parameters 4\.weight were replaced after the sparsifier"):
+        train(model, opt, s, range(1, 2))

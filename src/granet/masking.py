@@ -13,7 +13,7 @@ is bit-packed (1/8 byte per weight).
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -66,6 +66,7 @@ class MaskedParameters:
         self._ever_active: Optional[list[torch.Tensor]] = None
         # FSDP: a granet.fsdp.ShardLayout; masks then hold this rank's rows, counts stay global.
         self._layout: Optional[Any] = None
+        self._model_ref: Optional[Callable[[], Optional[nn.Module]]] = None  # a weakref, set by the sparsifier
 
     # ------------------------------------------------------------------ read-only views
 
@@ -227,6 +228,21 @@ class MaskedParameters:
         if self._layout is None:
             return full
         return self._layout.slice_packed(full, i) if packed else self._layout.local_rows(full, i)
+
+    def _check_params_current(self) -> None:
+        """Raise if the model no longer holds the masked parameters (e.g. ``fully_shard`` or another
+        wrapper replaced them after the sparsifier was built): masks would act on dead tensors."""
+        model = self._model_ref() if self._model_ref is not None else None
+        if model is None:
+            return
+        live = {id(p) for p in model.parameters()}
+        stale = [n for n, p in zip(self._names, self._params) if id(p) not in live]
+        if stale:
+            raise RuntimeError(
+                f"the model's parameters {', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''} were replaced "
+                "after the sparsifier was built (e.g. by fully_shard): build the optimizer and the sparsifier "
+                "after wrapping the model"
+            )
 
     def _checked_masks(self, masks: Mapping[str, Any], source: str) -> list[torch.Tensor]:
         """``masks`` in parameter order, after checking names, shapes and dtype (all problems named).

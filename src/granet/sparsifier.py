@@ -36,6 +36,7 @@ SNFS-style, their optimizer state) that the optimizer moved; at an update step i
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import asdict
 from typing import Any, Mapping, Optional, Sequence
 
@@ -109,6 +110,7 @@ class Sparsifier(RankChecks, MaskedParameters):
         super().__init__([n for n, _ in targets], [p for _, p in targets], optimizer, self._config.mask_optimizer_state)
         cfg = self._config
         self._layout = ShardLayout.detect(self._names, self._params)
+        self._model_ref = weakref.ref(model)
         self._updater = TopologyUpdater(cfg) if self._layout is None else ShardedTopologyUpdater(cfg, self._layout)
         if self._updater.grow.needs_momentum and self._updater.regrowth is not None:
             require_momentum(optimizer)
@@ -234,6 +236,8 @@ class Sparsifier(RankChecks, MaskedParameters):
         if new_steps > 1:
             logger.debug("%d optimizer steps since the last sparsifier.step()", new_steps)
         first = self._step_count + 1
+        if first == 1:
+            self._check_params_current()  # also at every update
         self._step_count += new_steps
         if not any(self.is_update_step(t) for t in range(first, self._step_count + 1)):
             self.apply_masks()
@@ -245,6 +249,7 @@ class Sparsifier(RankChecks, MaskedParameters):
     @torch.no_grad()
     def _update(self, step: int) -> UpdateReport:
         """Prune and/or drop-and-regrow at ``step``, then zero weights and optimizer state in one pass."""
+        self._check_params_current()
         report = UpdateReport(step=step, target_density=self.target_density(step))
         report.layers = {n: {"pruned": 0, "dropped": 0, "regrown": 0} for n in self._names}
         if not self._updater.gradients_finite(self._params):
