@@ -130,6 +130,18 @@ def selection_cases(rank: int, world: int) -> list[tuple[str, bool]]:
     return out
 
 
+def initial_masks(sharded: bool) -> dict:
+    """Random initial masks with per-layer (ERK, uniform) and global quotas."""
+    out = {}
+    for distribution in ("erk", "uniform", "global"):
+        model = mlp(0)
+        if sharded:
+            shard(model)
+        s = granet.create_sparsifier("static", model, None, density=0.3, distribution=distribution, total_steps=STEPS)
+        out[distribution] = list(s.state_dict()["masks"].values())
+    return out
+
+
 def scenario_edges(rank: int) -> dict:
     """Non-finite gradients on one rank only, set_masks (agreeing and not), distributed=False."""
     out: dict = {}
@@ -185,6 +197,7 @@ def scenario(rank: int, world: int) -> dict:
             "state": s.state_dict(),
             "exploration": s.exploration_rate(),
         }
+    result["initial"] = initial_masks(sharded=True)
     result.update(scenario_edges(rank))
     # Resume: save at RESUME_AT (full state dicts), rebuild from another seed, load, continue.
     from torch.distributed.checkpoint.state_dict import (
@@ -331,6 +344,7 @@ def test_resume_bit_exact(group: tuple[int, list[dict]]) -> None:
         (s_a, w_a), (s_b, w_b) = res["resume"]["uninterrupted"], res["resume"]["resumed"]
         assert s_a["step"] == s_b["step"] == STEPS
         assert all(torch.equal(s_a["masks"][n], s_b["masks"][n]) for n in s_a["masks"])
+        assert all(torch.equal(s_a["ever_active"][n], s_b["ever_active"][n]) for n in s_a["masks"])
         assert all(torch.equal(a, b) for a, b in zip(w_a, w_b))
 
 
@@ -362,3 +376,12 @@ def test_replaced_parameters_are_refused_in_one_process() -> None:
     model[4].weight = nn.Parameter(model[4].weight.detach().clone())  # what a wrapper applied later does
     with pytest.raises(RuntimeError, match=r"^the model's parameters 4\.weight were replaced after the sparsifier"):
         train(model, opt, s, range(1, 2))
+
+
+def test_initial_masks_equal_single_process(group: tuple[int, list[dict]]) -> None:
+    _, results = group
+    expected = initial_masks(sharded=False)
+    assert [sum(int(m.sum()) for m in masks) for masks in expected.values()] == [170, 170, 170]  # round(0.3 * 566)
+    for res in results:
+        for distribution, masks in expected.items():
+            assert all(torch.equal(a, b) for a, b in zip(res["initial"][distribution], masks)), distribution

@@ -200,9 +200,11 @@ class ShardedTopologyUpdater(TopologyUpdater):
             return [torch.ones_like(local(p), dtype=torch.bool) for p in params]
         n_layers = len(params)
         sizes = [p.numel() for p in params]
-        scores = [self.layout.local_rows(torch.rand(n, generator=seeded_generator(cfg.seed, "init", i)).view(p.shape), i)
-                  for i, (n, p) in enumerate(zip(sizes, params))]
-        if not get_distribution(cfg.distribution).per_layer:
+        per_layer = get_distribution(cfg.distribution).per_layer
+        # Drawn exactly as topology.random_masks draws them (same calls, same generators), then sliced.
+        scores = [self.layout.local_rows(torch.rand(p.shape if per_layer else (n,), generator=seeded_generator(
+            cfg.seed, "init", i)).view(p.shape), i) for i, (n, p) in enumerate(zip(sizes, params))]
+        if not per_layer:
             masks = self._select(scores, [0] * n_layers, [sum(sizes)], [round(density * sum(sizes))], [None])
         else:
             counts = layer_counts(cfg.distribution, [tuple(p.shape) for p in params], density, cfg.erk_power_scale)
