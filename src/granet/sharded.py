@@ -162,7 +162,7 @@ def _thresholds(
                 continue
             # lows[p] is a multiple of 2**shift, so this is (b - low) >> shift without overflowing
             # the key dtype; it is < buckets because span - 1 < 2**(shift + RADIX_BITS).
-            digit = (b >> shifts[p]) - (lows[p] >> shifts[p])
+            digit = (b >> shifts[p]).sub_(lows[p] >> shifts[p])
             hist[p] += torch.bincount(digit, minlength=buckets).cpu()
             digits.append(digit)
         hist = all_reduce(hist.to(device), group).cpu()
