@@ -49,6 +49,7 @@ class Block(nn.Module):
         self.heads = width // 64
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention then MLP, each with a residual connection."""
         b, t, c = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, c)
@@ -66,6 +67,7 @@ class GPT(nn.Module):
         self.ln, self.head = nn.LayerNorm(WIDTH), nn.Linear(WIDTH, VOCAB)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits for every position of the token batch ``idx``."""
         x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
         for block in self.blocks:
             x = block(x)
@@ -82,6 +84,7 @@ class Bytes:
 
     def _wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def counted(*args: Any, **kwargs: Any) -> Any:
+            """The collective, after adding its payload to the count."""
             if self.on:
                 tensors = [a for a in args if isinstance(a, torch.Tensor)]
                 lists = [t for a in args if isinstance(a, list) for t in a if isinstance(t, torch.Tensor)]
@@ -94,6 +97,7 @@ class Bytes:
 
 
 def build(kind: str, layers: int) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer, granet.Sparsifier]:
+    """The seeded model, its DDP or FSDP2 wrapper, SGD and a RigL sparsifier updating at every step."""
     torch.manual_seed(0)
     model = GPT(layers)
     if kind == "fsdp":
@@ -149,6 +153,7 @@ def _worker(rank: int, world: int, init: str, out: str, layers: int, repeats: in
 
 
 def main() -> None:
+    """Spawn the ranks, collect their measurements and print the summary as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--layers", type=int, default=12)

@@ -183,6 +183,28 @@ def _thresholds(
     return lows
 
 
+def _chosen_ties(ties: torch.Tensor, keep: int, generator: Optional[torch.Generator], rank: int) -> list[torch.Tensor]:
+    """Which of this rank's ties at the threshold to keep, per segment of one problem.
+
+    ``ties[r, j]`` is rank r's tie count in segment j. The global tie list is segment-major, then
+    rank-major, then flat order (the flat order of the concatenated full tensors); ``select_top``
+    keeps the ties at positions ``randperm(n_ties, generator)[:keep]`` of it (the first ``keep``
+    without a generator) and draws no permutation when every tie fits.
+    """
+    n_ties = int(ties.sum())
+    if keep == n_ties:
+        chosen = torch.ones(n_ties, dtype=torch.bool)
+    else:
+        chosen = torch.zeros(n_ties, dtype=torch.bool)
+        chosen[torch.randperm(n_ties, generator=generator)[:keep] if generator is not None else torch.arange(keep)] = True
+    picks, offset = [], 0
+    for j in range(ties.shape[1]):
+        first = offset + int(ties[:rank, j].sum())  # this segment's ties on lower ranks come first
+        picks.append(chosen[first:first + int(ties[rank, j])])
+        offset += int(ties[:, j].sum())
+    return picks
+
+
 def select_top_sharded(
     segments: Sequence[torch.Tensor],
     owner: Sequence[int],
@@ -240,21 +262,7 @@ def select_top_sharded(
     rank = dist.get_rank(group)
     for p in active:
         mine = [j for j, s in enumerate(segs) if owner[s] == p]
-        n_above = int(table[:, mine, 0].sum())
-        n_ties = int(table[:, mine, 1].sum())
-        keep = ks[p] - n_above
-        if keep == n_ties:  # every tie fits (select_top draws no permutation then)
-            for j in mine:
-                out[segs[j]][ties[j]] = True
-            continue
-        chosen = torch.zeros(n_ties, dtype=torch.bool)
-        g = generators[p]
-        chosen[torch.randperm(n_ties, generator=g)[:keep] if g is not None else torch.arange(keep)] = True
-        offset = 0
-        for j in mine:
-            # Ties of this segment on lower ranks come first, then this rank's, in flat order.
-            first = offset + int(table[:rank, j, 1].sum())
-            pick = chosen[first:first + ties[j].numel()].to(device)
-            out[segs[j]][ties[j][pick]] = True
-            offset += int(table[:, j, 1].sum())
+        keep = ks[p] - int(table[:, mine, 0].sum())
+        for j, pick in zip(mine, _chosen_ties(table[:, mine, 1], keep, generators[p], rank)):
+            out[segs[j]][ties[j][pick.to(device)]] = True
     return [o.view_as(s) for o, s in zip(out, segments)]

@@ -123,9 +123,7 @@ class Trainer:
         example = torch.zeros(1, info.in_channels, info.image_size, info.image_size, device=self.device)
         self.fsdp = bool(config.fsdp)
         if self.fsdp:  # shard before the optimizer and sparsifier are built: they must see the shards
-            fsdp.check_fsdp(self.dist.world_size, self.amp, config.method)
-            self.layer_flops = layer_flops(self.model, example)  # counted on the full model, shapes alone
-            self.model = fsdp.shard_model(self.model)
+            self._shard(example)
         self.optimizer = runtime.build_optimizer(config, self.model)
         self.steps_per_epoch = len(self.data.train) // config.batch_size
         if self.steps_per_epoch == 0:
@@ -160,6 +158,12 @@ class Trainer:
             restore_training_state(self, start, Path(config.init_from))
             self.progress = Progress(epoch=start["progress"]["epoch"], step=start["progress"]["step"])
             self.sparsifier.apply_masks()  # the new method's masks on the other run's weights
+
+    def _shard(self, example: torch.Tensor) -> None:
+        """FSDP2: refuse what it cannot do, count FLOPs on the full model (by shapes), then shard it."""
+        fsdp.check_fsdp(self.dist.world_size, self.amp, self.config.method)
+        self.layer_flops = layer_flops(self.model, example)
+        self.model = fsdp.shard_model(self.model)
 
     def _build_sparsifier(self, start: Optional[dict[str, Any]]) -> Sparsifier:
         # Continuing another run: the sparsity schedule counts from the restart (its step 1 is the
