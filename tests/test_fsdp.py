@@ -23,7 +23,7 @@ from torch import nn
 
 import granet
 from granet.criteria import select_top
-from granet.sharded import row_shard, select_top_sharded
+from granet.sharded import COMM, row_shard, select_top_sharded
 from helpers import batch
 
 GROUP_TIMEOUT_S = 240
@@ -155,6 +155,16 @@ def scenario_edges(rank: int) -> dict:
     opt.step()
     report = s.step()
     out["skipped"] = (report.step, report.skipped, s.skipped_updates)
+    # The collectives of one RigL update (3 layers): counted by granet.sharded.COMM.
+    model, opt, s = make("rigl", sharded=True)
+    train(model, opt, s, range(1, 3))
+    x, y = batch(3, n=8, classes=3)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    COMM.reset()
+    assert s.step() is not None
+    out["comm"] = (COMM.calls, COMM.bytes)
     # set_masks: every rank passes the same full masks; each keeps its rows.
     model, opt, s = make("rigl", sharded=True)
     target = {n: torch.rand(m.shape, generator=torch.Generator().manual_seed(3)) < 0.3
@@ -358,6 +368,9 @@ def test_edge_cases(group: tuple[int, list[dict]]) -> None:
     for rank, res in enumerate(results):
         # Rank 0's NaN gradient makes every rank skip update 3 (the decision is all-reduced).
         assert res["skipped"] == (3, True, 1)
+        # finite-gradient vote (1 int64), drop and grow selections (4 radix rounds of a 3 x 256 int64
+        # histogram, 1 gather of 3 x 2 int64 each), new counts (3 int64), rank check (2 x 5 int64)
+        assert res["comm"] == (1 + 2 * (4 + 1) + 1 + 1, 8 + 2 * (4 * 3 * 256 * 8 + 3 * 2 * 8) + 3 * 8 + 2 * 5 * 8)
         masks, counts, nonzero = res["set_masks"]
         target = {n: torch.rand(m.shape, generator=torch.Generator().manual_seed(3)) < 0.3 for n, m in masks.items()}
         assert all(torch.equal(masks[n], target[n]) for n in target)

@@ -51,13 +51,13 @@ class CommCounter:
         self.calls = 0
         self.bytes = 0
 
-    def add(self, tensor: torch.Tensor, factor: int = 1) -> None:
-        """Record one collective whose payload per rank is ``tensor`` (times ``factor``)."""
+    def add(self, tensor: torch.Tensor) -> None:
+        """Record one collective to which this rank contributes ``tensor``."""
         self.calls += 1
-        self.bytes += tensor.numel() * tensor.element_size() * factor
+        self.bytes += tensor.numel() * tensor.element_size()
 
 
-#: Collectives issued by this module and :mod:`granet.fsdp` (payload bytes per rank).
+#: Collectives issued by this module and :mod:`granet.fsdp`: calls, and bytes this rank contributes.
 COMM = CommCounter()
 
 
@@ -72,7 +72,7 @@ def all_gather(tensor: torch.Tensor, group: Optional[Any]) -> torch.Tensor:
     """Every rank's ``tensor`` stacked along a new first dimension (equal shapes on all ranks)."""
     world = dist.get_world_size(group)
     out = [torch.empty_like(tensor) for _ in range(world)]
-    COMM.add(tensor, world)
+    COMM.add(tensor)
     dist.all_gather(out, tensor, group=group)
     return torch.stack(out)
 
