@@ -187,6 +187,13 @@ def scenario_edges(rank: int) -> dict:
         out["stale"] = ""
     except RuntimeError as exc:
         out["stale"] = str(exc)
+    snip_model = shard(mlp(0))
+    snip = granet.create_sparsifier("snip", snip_model, None, density=0.2, total_steps=STEPS)
+    try:
+        granet.prune_at_init(snip, snip_model, batch(0, n=8, classes=3))
+        out["snip"] = ""
+    except ValueError as exc:
+        out["snip"] = str(exc)
     try:
         granet.create_sparsifier("rigl", model, opt, density=0.2, total_steps=STEPS, distributed=False)
         out["not_distributed"] = ""
@@ -380,6 +387,8 @@ def test_edge_cases(group: tuple[int, list[dict]]) -> None:
                                           f"({others} from rank 0"), res["diverged"]
         assert res["stale"].startswith("the model's parameters 0.weight, 4.weight, 6.weight were replaced after "
                                        "the sparsifier was built (e.g. by fully_shard)"), res["stale"]
+        assert res["snip"] == ("prune_at_init (snip) does not support FSDP-sharded models: score an unsharded "
+                               "copy of the initial model, then pass its masks to sparsifier.set_masks on every rank")
         assert res["not_distributed"] == (
             "distributed=False: the model's weights are FSDP shards, whose masks need collectives")
 
