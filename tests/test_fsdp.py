@@ -187,6 +187,20 @@ def scenario_edges(rank: int) -> dict:
         out["stale"] = ""
     except RuntimeError as exc:
         out["stale"] = str(exc)
+    out["refused"] = []
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    mixed = mlp(0)
+    fully_shard(mixed[4])  # only one layer sharded: the others stay plain tensors
+    by_columns = nn.Sequential(nn.Linear(8, 4))  # FSDP itself needs even shards on dims other than 0
+    fully_shard(by_columns, shard_placement_fn=lambda p: Shard(p.dim() - 1))
+    for bad in (mixed, by_columns):
+        try:
+            granet.create_sparsifier("rigl", bad, None, density=0.2, total_steps=STEPS)
+            out["refused"].append("")
+        except ValueError as exc:
+            out["refused"].append(str(exc))
     snip_model = shard(mlp(0))
     snip = granet.create_sparsifier("snip", snip_model, None, density=0.2, total_steps=STEPS)
     try:
@@ -387,6 +401,12 @@ def test_edge_cases(group: tuple[int, list[dict]]) -> None:
                                           f"({others} from rank 0"), res["diverged"]
         assert res["stale"].startswith("the model's parameters 0.weight, 4.weight, 6.weight were replaced after "
                                        "the sparsifier was built (e.g. by fully_shard)"), res["stale"]
+        assert res["refused"] == [
+            "FSDP: some sparsified parameters are sharded DTensors and some are not (0.weight, 6.weight): "
+            "apply fully_shard to every module holding a sparsified weight",
+            "FSDP: 0.weight is placed (Shard(dim=1),) on a 1-D mesh; granet supports fully_shard's default "
+            "Shard(0) placement on one 1-D mesh (no HSDP, no shard_placement_fn)",
+        ]
         assert res["snip"] == ("prune_at_init (snip) does not support FSDP-sharded models: score an unsharded "
                                "copy of the initial model, then pass its masks to sparsifier.set_masks on every rank")
         assert res["not_distributed"] == (
