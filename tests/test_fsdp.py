@@ -26,6 +26,8 @@ from granet.criteria import select_top
 from granet.sharded import COMM, row_shard, select_top_sharded
 from helpers import batch
 
+pytestmark = pytest.mark.slow  # spawned process groups: ~45 s for the module on 2 CPU cores
+
 GROUP_TIMEOUT_S = 240
 COLLECTIVE_TIMEOUT_S = 90
 STEPS = 13
