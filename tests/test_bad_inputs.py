@@ -40,6 +40,8 @@ FLAG_CASES = [
     (["--density", "-0.5"], "density must be a number in (0, 1], got -0.5"),
     (["--density", "1.5"], "density must be a number in (0, 1], got 1.5"),
     (["--density", "nan"], "density must be a finite number, got nan"),
+    (["--method", "lth", "--fsdp", "true"], "fsdp: true does not support method 'lth' (lottery tickets prune full, "
+                                             "unsharded weights); use DDP"),
     (["--density", "inf"], "density must be a finite number, got inf"),
     (["--density", "abc"], "argument --density: invalid float value: 'abc'"),
     (["--init-density", "2"], "init_density must be a number in (0, 1], got 2"),

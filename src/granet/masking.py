@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 from types import MappingProxyType
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -94,6 +94,9 @@ class MaskedParameters:
         self._masks: list[torch.Tensor] = [torch.ones_like(p, dtype=torch.bool) for p in self._params]
         self._counts: list[int] = list(self._sizes)
         self._ever_active: Optional[list[torch.Tensor]] = None
+        # FSDP: a granet.fsdp.ShardLayout; masks then hold this rank's rows, counts stay global.
+        self._layout: Optional[Any] = None
+        self._model_ref: Optional[Callable[[], Optional[nn.Module]]] = None  # a weakref, set by the sparsifier
 
     # ------------------------------------------------------------------ read-only views
 
@@ -162,7 +165,19 @@ class MaskedParameters:
         """Fraction of the sparsified weights that have ever been active (ITOP's R_s), if tracked."""
         if self._ever_active is None:
             return None
-        return sum(popcount(e) for e in self._ever_active) / self._total
+        return sum(self._global_sum([popcount(e) for e in self._ever_active])) / self._total
+
+    def _global_sum(self, values: list[int]) -> list[int]:
+        """Per-layer integers summed over the ranks holding shards (unchanged when not sharded)."""
+        return values if self._layout is None else self._layout.sum_counts(values)
+
+    def _count(self, masks: Sequence[torch.Tensor]) -> list[int]:
+        """Global active counts of ``masks`` (one all-reduce when sharded)."""
+        return self._global_sum([int(torch.count_nonzero(m)) for m in masks])
+
+    def _local(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor masks apply to: a DTensor's local shard when sharded, else the tensor itself."""
+        return tensor.to_local() if self._layout is not None and hasattr(tensor, "to_local") else tensor
 
     # ------------------------------------------------------------------ zeroing in place
 
@@ -173,7 +188,8 @@ class MaskedParameters:
         for i, (p, m) in enumerate(zip(self._params, self._masks)):
             if self._counts[i] == self._sizes[i]:
                 continue  # fully dense layer: nothing to zero
-            zero_outside([p, *self._state_tensors(p)] if self._mask_optimizer_state else [p], m)
+            local = [self._local(t) for t in ([p, *self._state_tensors(p)] if self._mask_optimizer_state else [p])]
+            zero_outside(local, m)
 
     def _follow_param_devices(self) -> None:
         """Move masks (and exploration bits) to their parameters' devices if the model was moved."""
@@ -205,8 +221,8 @@ class MaskedParameters:
             if reset[i] is None and self._counts[i] == self._sizes[i]:
                 continue
             keep = mask if reset[i] is None else mask & ~reset[i]
-            states = self._state_tensors(param)
-            zero_outside([param, *states] if self._mask_optimizer_state else [param], keep)
+            states = [self._local(buf) for buf in self._state_tensors(param)]
+            zero_outside([self._local(param), *states] if self._mask_optimizer_state else [self._local(param)], keep)
             if not self._mask_optimizer_state and reset[i] is not None:
                 for buf in states:
                     buf.masked_fill_(reset[i], 0.0)
@@ -215,11 +231,38 @@ class MaskedParameters:
     def _install_exactly(self, masks: Sequence[torch.Tensor]) -> None:
         """Adopt ``masks`` (copies): zero weights and optimizer state outside them, mark them explored."""
         self._masks = [m.to(p.device).clone() for m, p in zip(masks, self._params)]
-        self._counts = [int(torch.count_nonzero(m)) for m in self._masks]
+        self._counts = self._count(self._masks)
         for i, (param, mask) in enumerate(zip(self._params, self._masks)):
             if self._ever_active is not None:
                 self._ever_active[i] |= pack_bits(mask)
-            zero_outside([param, *self._state_tensors(param)], mask)
+            zero_outside([self._local(t) for t in (param, *self._state_tensors(param))], mask)
+
+    def _full(self, tensors: list[torch.Tensor], packed: bool = False) -> list[torch.Tensor]:
+        """Full-shape masks (or bit-packed masks) from local rows: a collective under FSDP."""
+        if self._layout is None:
+            return tensors
+        return self._layout.gather_packed(tensors) if packed else self._layout.gather(tensors)
+
+    def _rows(self, full: torch.Tensor, i: int, packed: bool = False) -> torch.Tensor:
+        """This rank's rows of layer ``i``'s full mask (or bit-packed mask); the mask itself unsharded."""
+        if self._layout is None:
+            return full
+        return self._layout.slice_packed(full, i) if packed else self._layout.local_rows(full, i)
+
+    def _check_params_current(self) -> None:
+        """Raise if the model no longer holds the masked parameters (e.g. ``fully_shard`` or another
+        wrapper replaced them after the sparsifier was built): masks would act on dead tensors."""
+        model = self._model_ref() if self._model_ref is not None else None
+        if model is None:
+            return
+        live = {id(p) for p in model.parameters()}
+        stale = [n for n, p in zip(self._names, self._params) if id(p) not in live]
+        if stale:
+            raise RuntimeError(
+                f"the model's parameters {', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''} were replaced "
+                "after the sparsifier was built (e.g. by fully_shard): build the optimizer and the sparsifier "
+                "after wrapping the model"
+            )
 
     def _checked_masks(self, masks: Mapping[str, Any], source: str) -> list[torch.Tensor]:
         """``masks`` in parameter order, after checking names, shapes and dtype (all problems named).

@@ -369,6 +369,9 @@ def prune_at_init(sparsifier: Sparsifier, model: nn.Module, batches: Union[Batch
     if method not in SCORING_METHODS:
         raise ValueError(f"prune_at_init scores with one of {', '.join(SCORING_METHODS)}, not {method!r}; "
                          "pass method=...")
+    if sparsifier.sharded:
+        raise ValueError(f"prune_at_init ({method}) does not support FSDP-sharded models: score an unsharded "
+                         "copy of the initial model, then pass its masks to sparsifier.set_masks on every rank")
     if sparsifier.step_count != 0:
         raise ValueError(f"prune_at_init scores the initial network, but the sparsifier is at step "
                          f"{sparsifier.step_count}; on resume, load_state_dict restores the scored mask")

@@ -36,6 +36,7 @@ SNFS-style, their optimizer state) that the optimizer moved; at an update step i
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import asdict
 from typing import Any, Mapping, Optional, Sequence
 
@@ -43,12 +44,13 @@ import torch
 from torch import nn
 
 from . import distributed as _distributed
-from . import topology
+from .fsdp import ShardedTopologyUpdater, ShardLayout
 from .criteria import require_momentum
 from .config import SparsityConfig
 from .coverage import Coverage, log_coverage
 from .errors import short_repr
 from .masking import MaskedParameters, pack_bits
+from .ranks import RankChecks
 from .schedule_check import schedule_warnings
 from .schedules import DropFractionSchedule, PruningSchedule
 from .selection import DEFAULT_LAYER_TYPES, LayerType, select_parameters
@@ -59,7 +61,7 @@ from .updater import TopologyUpdater
 logger = logging.getLogger(__name__)
 
 
-class Sparsifier(MaskedParameters):
+class Sparsifier(RankChecks, MaskedParameters):
     """Keeps a model's Conv/Linear weights sparse and evolves their masks during training.
 
     Prefer :func:`granet.create_sparsifier` to build one from a method name.
@@ -79,7 +81,8 @@ class Sparsifier(MaskedParameters):
         distributed: keep the masks identical across the ranks of ``torch.distributed``: broadcast
             them from rank 0 now and after :meth:`load_state_dict`, and verify them (one small
             all-reduce) after every topology update. ``None`` (default) turns it on when a process
-            group with more than one rank is initialised. See :mod:`granet.distributed`.
+            group with more than one rank is initialised. See :mod:`granet.distributed`. Under FSDP2
+            (DTensor weights) masks are sharded like the weights instead; see :mod:`granet.fsdp`.
     """
 
     def __init__(
@@ -107,7 +110,9 @@ class Sparsifier(MaskedParameters):
             raise ValueError("the model has no sparsifiable weights: " + self.selection.coverage().dense_reasons())
         super().__init__([n for n, _ in targets], [p for _, p in targets], optimizer, self._config.mask_optimizer_state)
         cfg = self._config
-        self._updater = TopologyUpdater(cfg)
+        self._layout = ShardLayout.detect(self._names, self._params)
+        self._model_ref = weakref.ref(model)
+        self._updater = TopologyUpdater(cfg) if self._layout is None else ShardedTopologyUpdater(cfg, self._layout)
         if self._updater.grow.needs_momentum and self._updater.regrowth is not None:
             require_momentum(optimizer)
         for message in schedule_warnings(self._updater.pruning, self._updater.regrowth, cfg.total_steps):
@@ -118,11 +123,15 @@ class Sparsifier(MaskedParameters):
         self._skipped_updates = 0
         self._last_update: Optional[UpdateReport] = None
         self._masks = self._updater.initial_masks(self._params)
-        self._counts = [int(torch.count_nonzero(m)) for m in self._masks]
+        self._counts = self._count(self._masks)
         self._init_counts = list(self._counts)
         self._final_counts = self._updater.final_layer_counts([p.shape for p in self._params], self._init_counts)
         self._ever_active = [pack_bits(m) for m in self._masks] if cfg.track_exploration else None
-        self._is_distributed = _distributed.is_distributed() if distributed is None else bool(distributed)
+        if self._layout is not None and distributed is False:
+            raise ValueError("distributed=False: the model's weights are FSDP shards, whose masks need collectives")
+        # Under FSDP masks differ per rank by design: the sharded checks replace the DDP ones.
+        self._is_distributed = self._layout is None and (
+            _distributed.is_distributed() if distributed is None else bool(distributed))
         if self._is_distributed and not _distributed.is_initialised():
             raise ValueError("distributed=True needs an initialised torch.distributed process group")
         self.apply_masks()
@@ -177,8 +186,13 @@ class Sparsifier(MaskedParameters):
 
     @property
     def distributed(self) -> bool:
-        """Whether masks are kept identical across ``torch.distributed`` ranks."""
-        return self._is_distributed
+        """Whether masks are kept consistent across ranks: identical (DDP) or sharded (FSDP)."""
+        return self._is_distributed or self._layout is not None
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the weights are FSDP2 shards (masks then hold this rank's rows; see :mod:`granet.fsdp`)."""
+        return self._layout is not None
 
     @property
     def reached_final_density(self) -> bool:
@@ -223,6 +237,8 @@ class Sparsifier(MaskedParameters):
         if new_steps > 1:
             logger.debug("%d optimizer steps since the last sparsifier.step()", new_steps)
         first = self._step_count + 1
+        if first == 1:
+            self._check_params_current()  # also at every update
         self._step_count += new_steps
         if not any(self.is_update_step(t) for t in range(first, self._step_count + 1)):
             self.apply_masks()
@@ -234,16 +250,17 @@ class Sparsifier(MaskedParameters):
     @torch.no_grad()
     def _update(self, step: int) -> UpdateReport:
         """Prune and/or drop-and-regrow at ``step``, then zero weights and optimizer state in one pass."""
+        self._check_params_current()
         report = UpdateReport(step=step, target_density=self.target_density(step))
         report.layers = {n: {"pruned": 0, "dropped": 0, "regrown": 0} for n in self._names}
-        if not topology.gradients_finite(self._params):
+        if not self._updater.gradients_finite(self._params):
             self.apply_masks()
             report.skipped = True
             report.density = self.density()
             self._skipped_updates += 1
             self._last_update = report
             logger.warning("step %d: non-finite gradients, topology update skipped", step)
-            if self._is_distributed:
+            if self.distributed:
                 # Under DDP the all-reduced gradients are non-finite on every rank or on none, so all
                 # ranks skip together. Verifying here too keeps the collective schedule a function of
                 # the step alone: a rank that skipped alone raises instead of deadlocking the others.
@@ -268,7 +285,7 @@ class Sparsifier(MaskedParameters):
                 self._ever_active[i] |= pack_bits(m)
         report.density = self.density()
         self._last_update = report
-        if self._is_distributed:
+        if self.distributed:
             self.verify_masks()  # one small all-reduce; raises MaskDivergenceError
         logger.debug(
             "step %d: pruned %d, dropped %d, regrew %d, density %.5f",
@@ -281,10 +298,9 @@ class Sparsifier(MaskedParameters):
 
         ``removed_key`` names the report's per-layer entry that receives the decrease in count.
         """
-        for i, new in enumerate(masks):
-            if new is self._masks[i]:
-                continue
-            count = int(torch.count_nonzero(new))
+        changed = [i for i, new in enumerate(masks) if new is not self._masks[i]]
+        for i, count in zip(changed, self._count([masks[i] for i in changed])):
+            new = masks[i]
             if removed_key is not None:
                 report.layers[self._names[i]][removed_key] = self._counts[i] - count
             self._masks[i], self._counts[i] = new, count
@@ -332,9 +348,9 @@ class Sparsifier(MaskedParameters):
             "step": self._step_count,
             "names": list(self._names),
             "shapes": [list(p.shape) for p in self._params],
-            "masks": {n: m.detach().cpu().clone() for n, m in zip(self._names, self._masks)},
+            "masks": {n: m.detach().cpu().clone() for n, m in zip(self._names, self._full(self._masks))},
             "ever_active": None if self._ever_active is None else {
-                n: e.detach().cpu().clone() for n, e in zip(self._names, self._ever_active)
+                n: e.detach().cpu().clone() for n, e in zip(self._names, self._full(self._ever_active, packed=True))
             },
             "init_counts": list(self._init_counts),
             "final_counts": list(self._final_counts),
@@ -369,10 +385,11 @@ class Sparsifier(MaskedParameters):
         step = state.get("step")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"sparsifier state has an invalid step {step!r} (expected an int >= 0)")
-        self._masks = [m.to(p.device).clone() for m, p in zip(checked, self._params)]
-        self._counts = [int(torch.count_nonzero(m)) for m in self._masks]
+        self._counts = [int(torch.count_nonzero(m)) for m in checked]  # full masks: global counts
+        self._masks = [self._rows(m, i).to(p.device).clone() for i, (m, p) in enumerate(zip(checked, self._params))]
         if state.get("ever_active") is not None and self._config.track_exploration:
-            self._ever_active = [state["ever_active"][n].to(p.device).clone() for n, p in zip(self._names, self._params)]
+            self._ever_active = [self._rows(state["ever_active"][n], i, packed=True).to(p.device).clone()
+                                 for i, (n, p) in enumerate(zip(self._names, self._params))]
         elif self._config.track_exploration:
             self._ever_active = [pack_bits(m) for m in self._masks]
         self._init_counts = list(state.get("init_counts", self._init_counts))
@@ -414,34 +431,10 @@ class Sparsifier(MaskedParameters):
             self._masks = [m.to(p.device).clone() for m, p in zip(checked, self._params)]
             self.broadcast_masks()  # rank 0's masks on every rank, then applied
             checked = self._masks
+        elif self._layout is not None:  # every rank must pass the same full masks: checked, then sliced
+            _distributed.verify_masks(self._names, checked, self._step_count, self._skipped_updates, self._layout.group)
+            checked = [self._rows(m, i) for i, m in enumerate(checked)]
         self._install_exactly(checked)
-
-    def broadcast_masks(self, src: int = 0, group: Optional[Any] = None) -> None:
-        """Make every rank's masks (and exploration bits) a copy of rank ``src``'s, then re-apply them.
-
-        Runs by itself at construction and after :meth:`load_state_dict` when distributed; see
-        :func:`granet.distributed.broadcast_masks`. Every rank must call it.
-        """
-        self._follow_param_devices()
-        agree = {
-            "sparsity config": self._config.to_dict(),
-            "track_exploration": self._ever_active is not None,
-            "per-layer pruning targets (init/final counts)": [self._init_counts, self._final_counts],
-        }
-        _distributed.broadcast_masks(
-            self._names, self._masks, self._ever_active or [], step=self._step_count, agree=agree, src=src, group=group
-        )
-        self._counts = [int(torch.count_nonzero(m)) for m in self._masks]
-        self.apply_masks()
-
-    def verify_masks(self, group: Optional[Any] = None) -> None:
-        """Raise :class:`~granet.distributed.MaskDivergenceError` unless every rank holds the same masks.
-
-        Runs by itself after every topology update when distributed; see
-        :func:`granet.distributed.verify_masks`. Every rank must call it.
-        """
-        self._follow_param_devices()
-        _distributed.verify_masks(self._names, self._masks, self._step_count, self._skipped_updates, group)
 
     def remove(self) -> None:
         """Detach from the optimizer (removes the step hook); masks are left as they are."""

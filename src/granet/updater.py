@@ -105,6 +105,10 @@ class TopologyUpdater:
         """r_t of the drop phase at ``step`` (0 without regrowth)."""
         return self.regrowth.fraction(step) if self.regrowth is not None else 0.0
 
+    def gradients_finite(self, params: Sequence[torch.Tensor]) -> bool:
+        """Whether every available gradient is finite (an update with non-finite ones is skipped)."""
+        return topology.gradients_finite(params)
+
     # ------------------------------------------------------------------ masks
 
     def initial_masks(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -101,11 +101,15 @@ class SparsityCallback(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Write the sparsifier state into the checkpoint folder the Trainer just saved."""
-        if not state.is_world_process_zero or self.sparsifier is None:
-            return  # masks are identical on every rank; one copy is enough
+        if self.sparsifier is None:
+            return
+        # Under FSDP state_dict() gathers the full masks from every rank's shard: all ranks take part.
+        saved = self.sparsifier.state_dict() if self.sparsifier.sharded or state.is_world_process_zero else None
+        if not state.is_world_process_zero:
+            return  # one copy is enough (DDP masks are identical on every rank)
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         os.makedirs(folder, exist_ok=True)
-        torch.save(self.sparsifier.state_dict(), os.path.join(folder, STATE_FILE))
+        torch.save(saved, os.path.join(folder, STATE_FILE))
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Optional[dict] = None, **kwargs: Any) -> None:
         """Add the sparsity scalars to the values being logged."""

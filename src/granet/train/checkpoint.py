@@ -24,6 +24,7 @@ from torch import nn
 from .. import __version__
 from ..errors import CheckpointError
 from ..rundir import EpochRecord, atomic_write
+from . import fsdp
 
 FORMAT = 2
 _REQUIRED = ("config", "progress", "model", "optimizer", "scheduler", "scaler", "sparsifier", "flops", "rng")
@@ -101,8 +102,12 @@ def read_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     return state
 
 
-def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """``model.load_state_dict`` with a one-line error naming the parameters that do not fit."""
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, sharded: bool = False) -> None:
+    """``model.load_state_dict`` with a one-line error naming the parameters that do not fit.
+
+    ``sharded``: the model is FSDP-sharded and ``state`` a full state dict (DTensor shapes are the
+    full shapes, so the same checks apply); every rank keeps its shard.
+    """
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: the model entry is not a state dict")
     own = model.state_dict()
@@ -117,7 +122,10 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: Pat
             problems.append(f"{label}: {', '.join(names[:5])}{more}")
     if problems:
         raise CheckpointError(f"{path} does not fit the model ({'; '.join(problems)})")
-    model.load_state_dict(state)
+    if sharded:
+        fsdp.load_full_model_state(model, state)
+    else:
+        model.load_state_dict(state)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -140,8 +148,10 @@ def make_checkpoint(trainer: Any) -> dict[str, Any]:
         "granet_version": __version__,
         "config": trainer.config.to_dict(),
         "progress": trainer.progress.to_dict(),
-        "model": trainer.model.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(),
+        # FSDP: full (unsharded) state dicts gathered to rank 0, in the single-process format.
+        "model": fsdp.full_model_state(trainer.model) if getattr(trainer, "fsdp", False) else trainer.model.state_dict(),
+        "optimizer": (fsdp.full_optimizer_state(trainer.model, trainer.optimizer) if getattr(trainer, "fsdp", False)
+                      else trainer.optimizer.state_dict()),
         "scheduler": trainer.scheduler.state_dict(),
         "scaler": trainer.scaler.state_dict(),
         "sparsifier": trainer.sparsifier.state_dict(),
@@ -153,9 +163,12 @@ def make_checkpoint(trainer: Any) -> dict[str, Any]:
 
 def restore_training_state(trainer: Any, state: dict[str, Any], path: Path) -> None:
     """Model, optimizer, LR schedule and scaler from ``state`` (this run's or another run's)."""
-    load_model_state(trainer.model, state["model"], path)
+    load_model_state(trainer.model, state["model"], path, sharded=getattr(trainer, "fsdp", False))
     try:
-        trainer.optimizer.load_state_dict(state["optimizer"])
+        if getattr(trainer, "fsdp", False):
+            fsdp.load_full_optimizer_state(trainer.model, trainer.optimizer, state["optimizer"])
+        else:
+            trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
         trainer.scaler.load_state_dict(state["scaler"])
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:

@@ -49,7 +49,7 @@ DEFAULT_LTH_ROUNDS = 3
 # Keys that may differ between a run and its resumption (they do not change the result).
 RESUMABLE_DIFFERENCES = frozenset({
     "device", "workers", "progress", "resume", "out", "data_dir", "download", "overwrite", "dist_timeout",
-    "tensorboard",
+    "tensorboard", "fsdp",
 })
 
 
@@ -120,6 +120,7 @@ class _Tail:
     score_batches: int = 1
     tensorboard: bool = False
     dist_timeout: float = 600.0
+    fsdp: bool = False
 
 
 def _fields_of(cls: type) -> list[tuple[str, Any, Any]]:
@@ -293,6 +294,9 @@ def _check_ranges(config: Any) -> None:
             raise ConfigError(f"{name} must be in {interval}, got {value!r}")
     if any(e < 1 for e in config.keep_checkpoints):
         raise ConfigError(f"keep_checkpoints are epoch numbers >= 1, got {config.keep_checkpoints}")
+    if config.fsdp and config.method == "lth":
+        raise ConfigError("fsdp: true does not support method 'lth' (lottery tickets prune full, unsharded weights); "
+                          "use DDP")
     if config.method == "dense" and config.density not in (None, 1, 1.0):
         raise ConfigError(f"method 'dense' trains at density 1; density={config.density} would be ignored "
                           f"(choose a sparse method, e.g. --method granet)")

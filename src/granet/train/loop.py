@@ -31,6 +31,7 @@ from ..rundir import (CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, EpochRecord, ap
                       write_metrics)
 from ..sparsifier import Sparsifier
 from . import runtime
+from . import fsdp
 from .checkpoint import Progress, load_file, make_checkpoint, restore_checkpoint, restore_training_state, save_file
 
 logger = logging.getLogger(__name__)
@@ -58,8 +59,12 @@ def load_data(config: Any, download: bool, augment: bool) -> Any:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Any, config: Any, device: torch.device, dist: runtime.Dist,
-             channels_last: bool = False) -> dict[str, float]:
-    """Loss and accuracy over ``dataset`` (sharded over ranks and all-reduced)."""
+             channels_last: bool = False, lockstep: bool = False) -> dict[str, float]:
+    """Loss and accuracy over ``dataset`` (sharded over ranks and all-reduced).
+
+    ``lockstep`` (FSDP, whose forward pass is a collective): every rank runs as many forward passes
+    as the rank with the most batches, the extra ones on empty batches.
+    """
     was_training = model.training
     model.eval()
     indices = list(range(dist.rank, len(dataset), dist.world_size))
@@ -78,6 +83,13 @@ def evaluate(model: nn.Module, dataset: Any, config: Any, device: torch.device, 
         totals[0] += nn.functional.cross_entropy(out.float(), y, reduction="sum")
         totals[1] += (out.argmax(1) == y).sum()
         totals[2] += y.numel()
+    if lockstep:
+        batches = torch.tensor([len(loader)], device=device)
+        torch.distributed.all_reduce(batches, op=torch.distributed.ReduceOp.MAX)
+        empty = dataset[0][0].unsqueeze(0)[:0].to(device)
+        for _ in range(int(batches) - len(loader)):
+            with runtime.autocast(device, amp):
+                model(empty.contiguous(memory_format=torch.channels_last) if channels_last else empty)
     if dist.world_size > 1:
         torch.distributed.all_reduce(totals)
     model.train(was_training)
@@ -107,6 +119,11 @@ class Trainer:
         self.channels_last = config.channels_last == "on" or (config.channels_last == "auto" and self.device.type == "cuda")
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        info = self.data.info
+        example = torch.zeros(1, info.in_channels, info.image_size, info.image_size, device=self.device)
+        self.fsdp = bool(config.fsdp)
+        if self.fsdp:  # shard before the optimizer and sparsifier are built: they must see the shards
+            self._shard(example)
         self.optimizer = runtime.build_optimizer(config, self.model)
         self.steps_per_epoch = len(self.data.train) // config.batch_size
         if self.steps_per_epoch == 0:
@@ -120,9 +137,8 @@ class Trainer:
         self.sparsifier = self._build_sparsifier(start)
         config = self.config
         # FLOPs of every layer from one real forward pass; the ledger then follows the real masks.
-        info = self.data.info
-        example = torch.zeros(1, info.in_channels, info.image_size, info.image_size, device=self.device)
-        self.layer_flops = layer_flops(self.model, example)
+        if not self.fsdp:
+            self.layer_flops = layer_flops(self.model, example)
         self.ledger = TrainingFlopsLedger(self.layer_flops)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -143,6 +159,12 @@ class Trainer:
             restore_training_state(self, start, Path(config.init_from))
             self.progress = Progress(epoch=start["progress"]["epoch"], step=start["progress"]["step"])
             self.sparsifier.apply_masks()  # the new method's masks on the other run's weights
+
+    def _shard(self, example: torch.Tensor) -> None:
+        """FSDP2: refuse what it cannot do, count FLOPs on the full model (by shapes), then shard it."""
+        fsdp.check_fsdp(self.dist.world_size, self.amp, self.config.method)
+        self.layer_flops = layer_flops(self.model, example)
+        self.model = fsdp.shard_model(self.model)
 
     def _build_sparsifier(self, start: Optional[dict[str, Any]]) -> Sparsifier:
         # Continuing another run: the sparsity schedule counts from the restart (its step 1 is the
@@ -195,7 +217,7 @@ class Trainer:
         return {}
 
     def _wrap_ddp(self) -> nn.Module:
-        if self.dist.world_size == 1:
+        if self.dist.world_size == 1 or self.fsdp:
             return self.model
         ddp = nn.parallel.DistributedDataParallel(
             self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
@@ -253,11 +275,13 @@ class Trainer:
         """Continue from this run's checkpoint; rewrites files that a crash may have left behind."""
         restore_checkpoint(self, state, self.out / CHECKPOINT_FILE)
         self.checkpoint_epoch = self.progress.epoch
+        rewrite = self.progress.best_epoch == self.progress.epoch  # a crash may have come before model.pt
+        artifact = self.model_artifact() if rewrite and self._gathers() else None
         if self.dist.is_main:  # rank 0 owns every file of the run
             write_metrics(self.out / METRICS_FILE, self.progress.history)
-            if self.progress.best_epoch == self.progress.epoch:  # a crash may have come before model.pt
+            if rewrite:
                 with self.guard.protect():
-                    save_file(self.model_artifact(), self.out / MODEL_FILE)
+                    save_file(artifact, self.out / MODEL_FILE)
 
     # -------------------------------------------------------------- steps and epochs
 
@@ -279,7 +303,9 @@ class Trainer:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        no_sync = contextlib.nullcontext() if sync or self.dist.world_size == 1 else self.ddp_model.no_sync()
+        # FSDP reduce-scatters every micro-batch's gradients (no no_sync): the same sums, more traffic.
+        plain = sync or self.dist.world_size == 1 or self.fsdp
+        no_sync = contextlib.nullcontext() if plain else self.ddp_model.no_sync()
         with no_sync:
             with runtime.autocast(self.device, self.amp):
                 out = self.ddp_model(x)
@@ -361,7 +387,8 @@ class Trainer:
                 self.progress.epoch += 1
                 val = None
                 if self.data.val is not None and len(self.data.val) > 0:
-                    val = evaluate(self.model, self.data.val, cfg, self.device, self.dist, self.channels_last)
+                    val = evaluate(self.model, self.data.val, cfg, self.device, self.dist, self.channels_last,
+                                   lockstep=self.fsdp)
                 self.progress.wall_time += time.perf_counter() - start
                 self.end_epoch(train, val)
         finally:
@@ -393,12 +420,15 @@ class Trainer:
         if selected:  # without a validation split the last eligible epoch is selected
             p.best_val_accuracy, p.best_epoch = (None if val is None else val["accuracy"]), p.epoch
         self.after_selection(train, val)
+        # Under FSDP gathering the full state is a collective: every rank builds it, rank 0 writes it.
+        checkpoint = make_checkpoint(self) if self._gathers() else None
+        artifact = self.model_artifact() if selected and self._gathers() else None
         if self.dist.is_main:
             with self.guard.protect():
-                save_file(make_checkpoint(self), self.out / CHECKPOINT_FILE)
+                save_file(checkpoint, self.out / CHECKPOINT_FILE)
                 self.checkpoint_epoch = p.epoch
                 if selected:
-                    save_file(self.model_artifact(), self.out / MODEL_FILE)
+                    save_file(artifact, self.out / MODEL_FILE)
                 append_metrics(self.out / METRICS_FILE, record)
                 if self.tensorboard is not None:
                     self.tensorboard.log_epoch(record.to_dict(), step=record.step,
@@ -411,13 +441,17 @@ class Trainer:
                         p.epoch, self.planned_epochs(), p.step, train["loss"], train["accuracy"], val_text,
                         record.density, record.lr, p.wall_time)
 
+    def _gathers(self) -> bool:
+        """Whether this rank builds the full checkpoint / model file (rank 0; every rank under FSDP)."""
+        return self.dist.is_main or self.fsdp
+
     def model_artifact(self) -> dict[str, Any]:
-        """``model.pt``: the selected model with its masks and config."""
+        """``model.pt``: the selected model with its masks and config (a collective under FSDP)."""
         return {
             "config": self.config.to_dict(),
             "epoch": self.progress.epoch,
             "step": self.progress.step,
-            "model": self.model.state_dict(),
+            "model": fsdp.full_model_state(self.model) if self.fsdp else self.model.state_dict(),
             "masks": self.sparsifier.state_dict()["masks"],
             "layer_density": self.sparsifier.layer_density(),
         }
@@ -427,9 +461,10 @@ class Trainer:
         if self.progress.best_epoch is None:  # the run ended before the final density was reached
             logger.warning("training ended before the final density was reached; testing the last model")
             self.progress.best_epoch = self.progress.epoch
+            artifact = self.model_artifact() if self._gathers() else None
             if self.dist.is_main:
                 with self.guard.protect():
-                    save_file(self.model_artifact(), self.out / MODEL_FILE)
+                    save_file(artifact, self.out / MODEL_FILE)
         if self.dist.world_size > 1:
             torch.distributed.barrier()
         artifact = load_file(self.out / MODEL_FILE, "model file", map_location=self.device)
