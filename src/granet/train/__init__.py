@@ -1,7 +1,8 @@
 """Training runs behind ``granet train``: config, runtime, checkpoints, the loop, and the run itself.
 
 Layers (each imports only those above it): :mod:`.config` (what a run is) → :mod:`.runtime` (device,
-process group, seeding, optimizer, signals) → :mod:`.checkpoint` (what is saved and how it is read
+process group, seeding, optimizer, signals) → :mod:`.parts` (model, data, evaluation) → :mod:`.fsdp`
+(sharding the model, full-state checkpoints) → :mod:`.checkpoint` (what is saved and how it is read
 back) → :mod:`.loop` (the Trainer) → :mod:`.lottery_run` (the lottery-ticket rounds, ``--method lth``)
 → :mod:`.run` (``train`` and ``evaluate_run``).
 

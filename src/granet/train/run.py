@@ -25,7 +25,8 @@ from ..rundir import (CHECKPOINT_FILE, CONFIG_FILE, COVERAGE_FILE, METRICS_FILE,
                       atomic_write_text, prepare_run_dir, write_status)
 from .checkpoint import load_file, read_checkpoint
 from .config import LTH_KEYS, SPARSITY_KEYS, TrainConfig, check_resume_compatible, read_yaml_mapping, resume_config
-from .loop import Trainer, build_model, evaluate, load_data
+from .loop import Trainer
+from .parts import build_model, evaluate, load_data
 from .lottery_run import LotteryTrainer
 from .runtime import Dist, SignalGuard, resolve_device
 
