@@ -267,22 +267,23 @@ class Sparsifier(RankChecks, MaskedParameters):
                 self.verify_masks()
             return report
         reset: list[Optional[torch.Tensor]] = [None] * len(self._params)
+        changed: set[int] = set()
         if self._updater.is_prune_step(step):
-            self._set_topology(self._updater.prune(
+            changed |= self._set_topology(self._updater.prune(
                 step, self._params, self._masks, self._counts, self._init_counts, self._final_counts
-            ), report, "pruned")
+            ), report, pruning=True)
         if self._updater.is_regrowth_step(step):
             regrowth = self._updater.drop_and_grow(
                 step, self._names, self._params, self._masks, self._counts, self._optimizer, report
             )
-            self._set_topology(regrowth.masks, report, None)
+            changed |= self._set_topology(regrowth.masks, report, pruning=False)
             reset = regrowth.reset
         self._install(reset)
         for key in ("pruned", "dropped", "regrown"):
             setattr(report, key, sum(v[key] for v in report.layers.values()))
         if self._ever_active is not None:
-            for i, m in enumerate(self._masks):
-                self._ever_active[i] |= pack_bits(m)
+            for i in sorted(changed):  # a layer the update left alone adds no new position
+                self._ever_active[i] |= pack_bits(self._masks[i])
         report.density = self.density()
         self._last_update = report
         if self.distributed:
@@ -293,17 +294,21 @@ class Sparsifier(RankChecks, MaskedParameters):
         )
         return report
 
-    def _set_topology(self, masks: list[torch.Tensor], report: UpdateReport, removed_key: Optional[str]) -> None:
-        """Take the updater's masks as the topology (installed later), recounting changed layers.
-
-        ``removed_key`` names the report's per-layer entry that receives the decrease in count.
-        """
+    def _set_topology(self, masks: list[torch.Tensor], report: UpdateReport, pruning: bool) -> set[int]:
+        """Take the updater's masks (installed later); return the changed layers. Pruned layers are
+        recounted; after drop-and-regrow the count is exact from the report (no pass over the mask)."""
         changed = [i for i, new in enumerate(masks) if new is not self._masks[i]]
-        for i, count in zip(changed, self._count([masks[i] for i in changed])):
-            new = masks[i]
-            if removed_key is not None:
-                report.layers[self._names[i]][removed_key] = self._counts[i] - count
-            self._masks[i], self._counts[i] = new, count
+        if pruning:
+            for i, count in zip(changed, self._count([masks[i] for i in changed])):
+                report.layers[self._names[i]]["pruned"] = self._counts[i] - count
+                self._counts[i] = count
+        else:
+            for i in changed:
+                layer = report.layers[self._names[i]]
+                self._counts[i] += layer["regrown"] - layer["dropped"]
+        for i in changed:
+            self._masks[i] = masks[i]
+        return set(changed)
 
     # ------------------------------------------------------------------ statistics
 
