@@ -84,3 +84,26 @@ def kill_tree(pid: int) -> None:
     for victim in [*reversed(descendants(pid)), pid]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL)
+
+
+def spawn_ranks(target, args_per_rank: list, timeout_s: float) -> tuple[list, list[int]]:
+    """Run ``target(*args)`` in one spawned process per rank, all waited for within ``timeout_s``.
+
+    Returns the processes and the ranks still running at the deadline (killed and reaped here; only
+    the processes this call started are touched).
+    """
+    import multiprocessing
+    import time
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=target, args=args) for args in args_per_rank]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for r in hung:
+        procs[r].kill()
+        procs[r].join()
+    return procs, hung

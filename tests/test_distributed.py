@@ -10,10 +10,8 @@ workers) because starting Python + torch in two processes is most of the cost.
 from __future__ import annotations
 
 import datetime
-import multiprocessing
 import os
 import sys
-import time
 import traceback
 import warnings
 from pathlib import Path
@@ -30,7 +28,7 @@ from granet import distributed as gd
 from granet.saliency import needs_init_scoring
 from granet.sparsifier import Sparsifier
 from granet.updater import TopologyUpdater
-from helpers import batch
+from helpers import batch, spawn_ranks
 
 WORLD = 2
 GROUP_TIMEOUT_S = 150  # whole spawned group, start-up included (2 shared CPU cores)
@@ -126,18 +124,8 @@ def _worker(rank: int, init_method: str, scenario: str, out_dir: str) -> None:
 def run_group(tmp: Path, scenario: str) -> list[dict]:
     """Run ``scenario`` on ``WORLD`` spawned gloo ranks; their results, by rank."""
     tmp.mkdir(parents=True, exist_ok=True)
-    ctx = multiprocessing.get_context("spawn")
     init_method = f"file://{tmp / 'rendezvous'}"
-    procs = [ctx.Process(target=_worker, args=(r, init_method, scenario, str(tmp))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + GROUP_TIMEOUT_S
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for r in hung:
-        procs[r].kill()  # only the processes this test started
-        procs[r].join()
+    procs, hung = spawn_ranks(_worker, [(r, init_method, scenario, str(tmp)) for r in range(WORLD)], GROUP_TIMEOUT_S)
     errors = {r: (tmp / f"rank{r}.err").read_text() for r in range(WORLD) if (tmp / f"rank{r}.err").exists()}
     if hung:
         pytest.fail(f"scenario {scenario!r}: rank(s) {hung} still running after {GROUP_TIMEOUT_S}s; errors: {errors}")

@@ -9,10 +9,8 @@ have layers whose rows do not split evenly (and, on 4 ranks, a layer with an emp
 from __future__ import annotations
 
 import datetime
-import multiprocessing
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from torch import nn
 import granet
 from granet.criteria import select_top
 from granet.sharded import COMM, row_shard, select_top_sharded
-from helpers import batch
+from helpers import batch, spawn_ranks
 
 pytestmark = pytest.mark.slow  # spawned process groups: ~45 s for the module on 2 CPU cores
 
@@ -285,17 +283,8 @@ def _worker(rank: int, world: int, init_method: str, out_dir: str) -> None:
 def run_group(tmp: Path, world: int) -> list[dict]:
     """The scenario on ``world`` spawned gloo ranks; their results by rank."""
     tmp.mkdir(parents=True, exist_ok=True)
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, world, f"file://{tmp / 'rendezvous'}", str(tmp))) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + GROUP_TIMEOUT_S
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for r in hung:
-        procs[r].kill()
-        procs[r].join()
+    init_method = f"file://{tmp / 'rendezvous'}"
+    _, hung = spawn_ranks(_worker, [(r, world, init_method, str(tmp)) for r in range(world)], GROUP_TIMEOUT_S)
     errors = {r: (tmp / f"rank{r}.err").read_text() for r in range(world) if (tmp / f"rank{r}.err").exists()}
     if hung or errors or not all((tmp / f"rank{r}.pt").exists() for r in range(world)):
         pytest.fail(f"world {world}: hung ranks {hung}, errors {errors}")

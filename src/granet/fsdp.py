@@ -221,8 +221,8 @@ class ShardedTopologyUpdater(TopologyUpdater):
         assert self.pruning is not None
         seed = self.config.seed
         if self.config.prune == "global":
-            target = round(self.pruning.density(step) * sum(p.numel() for p in params))
-            if sum(counts) <= target:
+            target = self.global_prune_target(step, params, counts)
+            if target is None:
                 return list(masks)
             scores = [active_magnitudes(local(p), m) for p, m in zip(params, masks)]
             total = sum(p.numel() for p in params)

@@ -127,6 +127,12 @@ class TopologyUpdater:
         # A layer never grows under pruning: cap at its initial count and hand the excess to others.
         return allocate_counts(sum(counts), [float(c) for c in counts], list(init_counts))
 
+    def global_prune_target(self, step: int, params: Sequence[torch.Tensor], counts: Sequence[int]) -> Optional[int]:
+        """Active weights to keep over all layers at ``step`` (``None``: already at or below it)."""
+        assert self.pruning is not None
+        target = round(self.pruning.density(step) * sum(p.numel() for p in params))
+        return None if sum(counts) <= target else target
+
     def prune(
         self,
         step: int,
@@ -144,8 +150,8 @@ class TopologyUpdater:
         assert self.pruning is not None
         seed = self.config.seed
         if self.config.prune == "global":
-            target = round(self.pruning.density(step) * sum(p.numel() for p in params))
-            if sum(counts) <= target:
+            target = self.global_prune_target(step, params, counts)
+            if target is None:
                 return list(masks)
             return topology.prune_global(params, masks, target, seeded_generator(seed, "prune", step))
         new_masks = []
