@@ -16,7 +16,8 @@ import frozen_topology as ref
 import granet
 from granet import criteria, topology
 from granet.criteria import seeded_generator
-from granet.masking import pack_bits, zero_outside
+from granet.masking import pack_bits, set_bits, zero_outside
+from granet.topk import select_top_segments
 
 BELOW, ABOVE = 5_000, (1 << 16) + 37  # either side of the bracketed path's size threshold
 
@@ -41,7 +42,7 @@ def _scores(kind: str, n: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["continuous", "few_values", "zeros", "inactive", "duplicates"])
 def test_select_top_equals_definition(kind, n):
     scores = _scores(kind, n, seed=n)
-    for k in (0, 1, 3, n // 100, n // 3, n // 2, (4 * n) // 5, n - 1, n, n + 5):
+    for k in (0, 1, 3, n // 100, n // 3, n // 2, (4 * n) // 5, n - n // 20, n - 1, n, n + 5):
         for tag in (None, "t"):
             got = criteria.select_top(scores, k, None if tag is None else seeded_generator(k, tag))
             want = ref.select_top(scores, k, None if tag is None else seeded_generator(k, tag))
@@ -77,6 +78,8 @@ def test_keep_largest_and_grow_layer_equal_definition(shape, density):
         got = topology.keep_largest(w, mask, keep, seeded_generator(0, "drop", keep))
         want = ref.keep_largest(w, mask, keep, seeded_generator(0, "drop", keep))
         assert torch.equal(got, want), (shape, density, keep)
+        known = topology.keep_largest(w, mask, keep, seeded_generator(0, "drop", keep), active=active)
+        assert torch.equal(known, want), (shape, density, keep)
     kept = ref.keep_largest(w, mask, active // 2, seeded_generator(0, "kept"))
     g = torch.Generator().manual_seed(5)
     grads = torch.randn(shape, generator=g).round(decimals=1).abs()  # many ties, many zeros
@@ -87,6 +90,48 @@ def test_keep_largest_and_grow_layer_equal_definition(shape, density):
             got = topology.grow_layer(scores, kept, n_grow, seeded_generator(1, "grow", n_grow))
             want = ref.grow_layer(scores, kept, n_grow, seeded_generator(1, "grow", n_grow))
             assert torch.equal(got, want), (shape, density, n_grow)
+            # Positions straight from the signed source (|.| read in place), with the candidate count known.
+            source = scores if scores is grads else -scores
+            magnitude = ref.grow_layer(source.abs(), kept, n_grow, seeded_generator(1, "grow", n_grow))
+            positions = topology.grow_positions(source, kept, n_grow, seeded_generator(1, "grow", n_grow),
+                                                free=free, magnitude=True)
+            assert positions.dtype == torch.int64 and positions.unique().numel() == positions.numel()
+            assert positions.sort().values.tolist() == magnitude.reshape(-1).nonzero().squeeze(1).tolist()
+
+
+def test_sparse_layer_selections_equal_definition():
+    """A layer at density 0.1 above the bracket threshold: the drop gathers the active weights, the
+    regrowth brackets the many candidates; every drop and grow size, with and without known counts."""
+    w, mask = _layer(400, 300, 0.1, zero_frac=0.2, seed=9)
+    active = int(mask.sum())
+    for fraction in (0.01, 0.05, 0.3, 0.5, 0.9):
+        n_drop = int(fraction * active)
+        kept = topology.keep_largest(w, mask, active - n_drop, seeded_generator(3, "d", n_drop), active=active)
+        assert torch.equal(kept, ref.keep_largest(w, mask, active - n_drop, seeded_generator(3, "d", n_drop)))
+        grads = torch.randn(w.shape, generator=torch.Generator().manual_seed(n_drop)).round(decimals=1)
+        want = ref.grow_layer(grads.abs(), kept, n_drop, seeded_generator(3, "g", n_drop))
+        got = topology.grow_positions(grads, kept, n_drop, seeded_generator(3, "g", n_drop),
+                                      free=w.numel() - active + n_drop, magnitude=True)
+        assert got.sort().values.tolist() == want.reshape(-1).nonzero().squeeze(1).tolist(), fraction
+
+
+@pytest.mark.parametrize("kind", ["continuous", "few_values", "zeros"])
+def test_segment_positions_equal_segment_masks(kind):
+    sizes = [ABOVE, 1000, 3 * ABOVE]
+    values = [_scores(kind, n, seed=n).abs() for n in sizes]
+    g = torch.Generator().manual_seed(4)
+    valids = [torch.rand(n, generator=g) < d for n, d in zip(sizes, (0.9, 0.5, 0.95))]
+    m = sum(int(v.sum()) for v in valids)
+    for k in (1, m // 50, m // 12, m // 5, m // 2, m - 3):
+        args = ([(lambda v=v: v) for v in values], [(lambda i, v=v: v[i]) for v in values], valids, sizes, k)
+        masks = select_top_segments(*args, seeded_generator(k, "s"))
+        want = ref.select_top(torch.cat([torch.where(v, x, -1.0) for v, x in zip(valids, values)]), k,
+                              seeded_generator(k, "s"))
+        assert torch.equal(torch.cat(masks), want), (kind, k)
+        positions = select_top_segments(*args, seeded_generator(k, "s"), as_index=True,
+                                        competitors=[int(v.sum()) for v in valids])
+        for mask, pos in zip(masks, positions):
+            assert pos.sort().values.tolist() == mask.nonzero().squeeze(1).tolist(), (kind, k)
 
 
 @pytest.mark.parametrize("density", [1.0, 0.5, 0.1])
@@ -141,8 +186,9 @@ def test_sparsifier_updates_equal_frozen_algorithm(method):
     options = dict(density=0.2, total_steps=24, update_interval=3)
     if method.startswith("gmp"):
         options["prune_end"] = 18
-    s = granet.create_sparsifier(method, model, opt, **options)
+    s = granet.create_sparsifier(method, model, opt, track_exploration=True, **options)
     cfg = s.config
+    seen = [m.clone() for m in s.masks.values()]  # every position ever active
     initial = ref.random_masks(list(s.params), cfg.distribution, cfg.effective_init_density, cfg.seed,
                                cfg.erk_power_scale)
     assert all(torch.equal(a, b) for a, b in zip(s.masks.values(), initial))
@@ -172,6 +218,9 @@ def test_sparsifier_updates_equal_frozen_algorithm(method):
             elif reset[i] is not None:
                 assert torch.equal(opt.state[p]["momentum_buffer"], bufs[i].masked_fill(reset[i], 0.0))
         changed += sum(not torch.equal(a, b) for a, b in zip(before, s.masks.values()))
+        for i, m in enumerate(s.masks.values()):
+            seen[i] |= m
+            assert torch.equal(s.ever_active[i], pack_bits(seen[i])), (method, step, i)
     assert changed >= 3  # the updates did change the topology
 
 
@@ -209,3 +258,26 @@ def test_zero_outside_is_bitwise_a_bool_multiply():
             assert torch.equal(got.isnan(), b.isnan())
             assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(b))
             assert torch.equal(torch.signbit(got), torch.signbit(b))
+    positions = torch.tensor([5, 77, 300 * 260 - 1, 1000])  # active there: zeroed as if masked out
+    mask.view(-1)[positions] = True
+    a, b = x.clone(), x.clone()
+    zero_outside([a], mask, also=positions)
+    keep = mask.clone()
+    keep.view(-1)[positions] = False
+    b.mul_(keep)
+    assert torch.equal(a.isnan(), b.isnan()) and torch.equal(torch.signbit(a), torch.signbit(b))
+    assert torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
+
+
+def test_set_bits_equals_packing_the_union():
+    g = torch.Generator().manual_seed(3)
+    for n in (8, 64 * 9, 1000 * 24, 13):
+        before = torch.rand(n, generator=g) < 0.3
+        packed = pack_bits(before)
+        positions = torch.randperm(n, generator=g)[: max(1, n // 7)]  # some already set, several per byte
+        grown = torch.zeros(n, dtype=torch.bool)
+        grown[positions] = True
+        set_bits(packed, positions)
+        assert torch.equal(packed, pack_bits(before | grown)), n
+        set_bits(packed, positions[:0])  # nothing to set
+        assert torch.equal(packed, pack_bits(before | grown))

@@ -51,27 +51,37 @@ def active_magnitudes(param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, param.detach().abs(), -1.0)
 
 
-def gradient_scores(param: torch.Tensor, name: str, *_: object) -> torch.Tensor:
-    """Grow score: ``|dL/dw|`` of the dense gradient currently in ``param.grad``."""
+def dense_gradient(param: torch.Tensor, name: str, *_: object) -> torch.Tensor:
+    """The dense gradient currently in ``param.grad`` (what gradient regrowth ranks by magnitude)."""
     if param.grad is None:
         raise RuntimeError(
             f"gradient regrowth needs {name}.grad at an update step, but it is None: call "
             "sparsifier.step() after optimizer.step() and before optimizer.zero_grad()"
         )
-    return param.grad.detach().abs()
+    return param.grad.detach()
 
 
-def momentum_scores(
-    param: torch.Tensor, name: str, optimizer: Optional[torch.optim.Optimizer], *_: object
-) -> torch.Tensor:
-    """Grow score: ``|m|`` of the optimizer's momentum / first-moment buffer for ``param``."""
+def gradient_scores(param: torch.Tensor, name: str, *_: object) -> torch.Tensor:
+    """Grow score: ``|dL/dw|`` of the dense gradient currently in ``param.grad``."""
+    return dense_gradient(param, name).abs()
+
+
+def momentum_of(param: torch.Tensor, name: str, optimizer: Optional[torch.optim.Optimizer], *_: object) -> torch.Tensor:
+    """The optimizer's momentum / first-moment buffer for ``param`` (what momentum regrowth ranks)."""
     buf = momentum_buffer(param, optimizer)
     if buf is None:
         raise RuntimeError(
             f"momentum regrowth needs a momentum buffer for {name}, but the optimizer state has none of "
             f"{MOMENTUM_KEYS}: use SGD with momentum > 0, Adam or AdamW, and step the optimizer first"
         )
-    return buf.detach().abs()
+    return buf.detach()
+
+
+def momentum_scores(
+    param: torch.Tensor, name: str, optimizer: Optional[torch.optim.Optimizer], *_: object
+) -> torch.Tensor:
+    """Grow score: ``|m|`` of the optimizer's momentum / first-moment buffer for ``param``."""
+    return momentum_of(param, name, optimizer).abs()
 
 
 def random_scores(param: torch.Tensor, name: str, optimizer: object, generator: torch.Generator) -> torch.Tensor:
@@ -96,12 +106,17 @@ class GrowCriterion:
             ``"update_steps"`` (read at topology updates only) or ``"every_step"`` (accumulated
             from every step, like momentum). The training-FLOPs ledger counts that cost.
         needs_momentum: the optimizer must keep a first-moment buffer (checked at construction).
+        magnitude_of: optional ``magnitude_of(param, name, optimizer)``, for a score that is exactly
+            ``|t|`` of a tensor the criterion can name (the gradient, the momentum): the update then
+            reads magnitudes into reusable scratch memory instead of a fresh float copy per layer.
+            It must agree with ``score`` (``score(...) == magnitude_of(...).abs()``).
     """
 
     name: str
     score: ScoreFunction
     dense_gradient: str = "update_steps"
     needs_momentum: bool = False
+    magnitude_of: Optional[Callable[[torch.Tensor, str, Optional[torch.optim.Optimizer]], torch.Tensor]] = None
 
     def __post_init__(self) -> None:
         if self.dense_gradient not in DENSE_GRADIENT_NEEDS:
@@ -166,6 +181,8 @@ def require_momentum(optimizer: Optional[torch.optim.Optimizer]) -> None:
         )
 
 
-register_grow_criterion(GrowCriterion("gradient", gradient_scores, dense_gradient="update_steps"))
-register_grow_criterion(GrowCriterion("momentum", momentum_scores, dense_gradient="every_step", needs_momentum=True))
+register_grow_criterion(GrowCriterion("gradient", gradient_scores, dense_gradient="update_steps",
+                                      magnitude_of=dense_gradient))
+register_grow_criterion(GrowCriterion("momentum", momentum_scores, dense_gradient="every_step", needs_momentum=True,
+                                      magnitude_of=momentum_of))
 register_grow_criterion(GrowCriterion("random", random_scores, dense_gradient="never"))

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .topk import scratch
+from .workers import layer_map, on_cpu
 
 _BIT_VALUES = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
@@ -45,8 +46,9 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def zero_outside(tensors: Sequence[torch.Tensor], mask: torch.Tensor) -> None:
-    """``t.mul_(mask)`` for every tensor in ``tensors`` (all shaped like ``mask``), bit for bit.
+def zero_outside(tensors: Sequence[torch.Tensor], mask: torch.Tensor, also: Optional[torch.Tensor] = None) -> None:
+    """``t.mul_(mask)`` for every tensor in ``tensors`` (all shaped like ``mask``), bit for bit; with
+    ``also`` (flat int64 positions), the mask is taken as ``False`` at those positions too.
 
     Multiplying by a bool tensor runs a slow mixed-dtype kernel; the mask is instead converted
     once (per dtype) into a reusable float buffer (1.0 / 0.0, so every product is the same as with the bool:
@@ -56,10 +58,25 @@ def zero_outside(tensors: Sequence[torch.Tensor], mask: torch.Tensor) -> None:
     converted: dict[torch.dtype, torch.Tensor] = {}
     for t in tensors:
         if t.dtype not in converted:
-            buf = scratch(mask.numel(), t.dtype, mask.device, slot=3).view(mask.shape)
+            buf = scratch(mask.numel(), t.dtype, mask.device, slot=3)
             # From the uint8 view: converting bool to float is ~6x slower in torch than uint8 to float.
-            converted[t.dtype] = buf.copy_(mask.view(torch.uint8) if mask.dtype == torch.bool else mask)
+            buf.view(mask.shape).copy_(mask.view(torch.uint8) if mask.dtype == torch.bool else mask)
+            if also is not None and also.numel():
+                buf.index_fill_(0, also, 0.0)
+            converted[t.dtype] = buf.view(mask.shape)
         t.mul_(converted[t.dtype])
+
+
+def set_bits(packed: torch.Tensor, positions: torch.Tensor) -> None:
+    """``packed |= pack_bits(m)`` in place, for the mask ``m`` set exactly at flat ``positions``
+    (distinct), touching only their bytes."""
+    if positions.numel() == 0:
+        return
+    byte = positions // 8
+    bit = torch.bitwise_left_shift(torch.ones_like(positions), positions % 8).to(torch.uint8)
+    fresh = (packed[byte] & bit) == 0
+    # Distinct positions in one byte are distinct bits, none set yet: their sum is their OR.
+    packed.index_put_((byte[fresh],), bit[fresh], accumulate=True)
 
 
 def popcount(packed: torch.Tensor) -> int:
@@ -213,19 +230,27 @@ class MaskedParameters:
         """Make weights and optimizer state agree with the current masks, in one pass per layer.
 
         Weights outside the mask, and the ``reset`` positions of each layer (regrown weights that
-        start afresh), become zero. Optimizer state is zeroed at the same places; with
-        ``mask_optimizer_state=False`` only ``reset`` positions are, so inactive weights keep
-        accumulating momentum (SNFS).
+        start afresh: a mask, or flat int64 positions), become zero. Optimizer state is zeroed at the
+        same places; with ``mask_optimizer_state=False`` only ``reset`` positions are, so inactive
+        weights keep accumulating momentum (SNFS).
         """
-        for i, (param, mask) in enumerate(zip(self._params, self._masks)):
-            if reset[i] is None and self._counts[i] == self._sizes[i]:
-                continue
-            keep = mask if reset[i] is None else mask & ~reset[i]
+        def install(i: int) -> None:
+            param, mask, positions = self._params[i], self._masks[i], reset[i]
+            if positions is None and self._counts[i] == self._sizes[i]:
+                return
+            if positions is not None and positions.dtype == torch.bool:  # a mask: fold it into the keep mask
+                mask, positions = mask & ~positions, None
             states = [self._local(buf) for buf in self._state_tensors(param)]
-            zero_outside([self._local(param), *states] if self._mask_optimizer_state else [self._local(param)], keep)
-            if not self._mask_optimizer_state and reset[i] is not None:
+            tensors = [self._local(param), *states]
+            zero_outside(tensors if self._mask_optimizer_state else tensors[:1], mask, also=positions)
+            if not self._mask_optimizer_state and reset[i] is not None:  # SNFS: state zeroed at reset only
                 for buf in states:
-                    buf.masked_fill_(reset[i], 0.0)
+                    if positions is None:
+                        buf.masked_fill_(reset[i], 0.0)
+                    else:
+                        buf.view(-1).index_fill_(0, positions, 0.0)
+
+        layer_map(install, len(self._params), on_cpu(self._masks))
 
     @torch.no_grad()
     def _install_exactly(self, masks: Sequence[torch.Tensor]) -> None:

@@ -49,7 +49,7 @@ from .criteria import require_momentum
 from .config import SparsityConfig
 from .coverage import Coverage, log_coverage
 from .errors import short_repr
-from .masking import MaskedParameters, pack_bits
+from .masking import MaskedParameters, pack_bits, set_bits
 from .ranks import RankChecks
 from .schedule_check import schedule_warnings
 from .schedules import DropFractionSchedule, PruningSchedule
@@ -267,23 +267,27 @@ class Sparsifier(RankChecks, MaskedParameters):
                 self.verify_masks()
             return report
         reset: list[Optional[torch.Tensor]] = [None] * len(self._params)
-        changed: set[int] = set()
-        if self._updater.is_prune_step(step):
-            changed |= self._set_topology(self._updater.prune(
+        if self._updater.is_prune_step(step):  # pruning only removes positions: nothing new explored
+            self._set_topology(self._updater.prune(
                 step, self._params, self._masks, self._counts, self._init_counts, self._final_counts
             ), report, pruning=True)
         if self._updater.is_regrowth_step(step):
             regrowth = self._updater.drop_and_grow(
                 step, self._names, self._params, self._masks, self._counts, self._optimizer, report
             )
-            changed |= self._set_topology(regrowth.masks, report, pruning=False)
+            regrown = self._set_topology(regrowth.masks, report, pruning=False)
             reset = regrowth.reset
+            if self._ever_active is not None:
+                for i in sorted(regrown):  # a layer the update left alone adds no new position
+                    grown = None if regrowth.grown is None else regrowth.grown[i]
+                    # Setting bits one by one pays only for a few positions; else pack the mask.
+                    if grown is None or 32 * grown.numel() > self._masks[i].numel():
+                        self._ever_active[i] |= pack_bits(self._masks[i])
+                    else:
+                        set_bits(self._ever_active[i], grown)
         self._install(reset)
         for key in ("pruned", "dropped", "regrown"):
             setattr(report, key, sum(v[key] for v in report.layers.values()))
-        if self._ever_active is not None:
-            for i in sorted(changed):  # a layer the update left alone adds no new position
-                self._ever_active[i] |= pack_bits(self._masks[i])
         report.density = self.density()
         self._last_update = report
         if self.distributed:

@@ -30,6 +30,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .workers import layer_map, on_cpu
+
 # Below this many entries a full kthvalue is cheap; above it, selection brackets the threshold.
 _BRACKET_MIN_SIZE = 1 << 16
 _MAX_SAMPLE_SIZE = 1 << 16
@@ -39,8 +41,6 @@ _MIN_VALID_SAMPLE = 2048
 _COMPACT_BELOW = 0.125
 # Thresholds within this fraction of either end use a one-sided band.
 _ONE_SIDED = 0.05
-# Bands smaller than this are selected by the plain definition (one kthvalue), larger ones recurse.
-_PLAIN_BAND = 1 << 20
 
 Loader = Callable[[], torch.Tensor]
 Gatherer = Callable[[torch.Tensor], torch.Tensor]
@@ -113,7 +113,7 @@ def select_top(scores: torch.Tensor, k: int, generator: Optional[torch.Generator
     n = flat.numel()
     if n < _BRACKET_MIN_SIZE or k <= 0 or k >= n:
         return select_top_plain(scores, k, generator)
-    out = select_top_segments([lambda: flat], [lambda i: flat[i.to(flat.device)]], [None], [n], k, generator,
+    out = select_top_segments([lambda: flat], [lambda i: flat.index_select(0, i.to(flat.device))], [None], [n], k, generator,
                               sentinel=None)
     return out[0].view_as(scores)
 
@@ -126,6 +126,8 @@ def select_top_segments(
     k: int,
     generator: Optional[torch.Generator],
     sentinel: Optional[float] = -1.0,
+    competitors: Optional[Sequence[int]] = None,
+    as_index: bool = False,
 ) -> list[torch.Tensor]:
     """Exactly ``select_top(cat(where(valid_i, values_i, sentinel)), k, generator).split(sizes)``.
 
@@ -135,32 +137,42 @@ def select_top_segments(
     or ``None`` when all compete) marks the entries that compete; the others score ``sentinel``
     (which may be ``None`` only when every ``valids[i]`` is ``None``).
 
+    Args:
+        competitors: the number of ``True`` entries of each ``valids[i]``, when the caller knows
+            them (saves a counting pass per segment); counted otherwise.
+        as_index: return the flat positions of the selected entries (int64, in no particular
+            order) instead of masks: cheaper when few are selected, since a selection near the
+            top of the order is then read from the thin band alone, without a mask pass.
+
     Returns:
-        One flat ``torch.bool`` mask per segment.
+        One flat ``torch.bool`` mask per segment (or one index tensor, with ``as_index``).
     """
     n = sum(sizes)
     if n < _BRACKET_MIN_SIZE or k <= 0 or k >= n:
-        return _definition(loads, valids, sizes, k, generator, sentinel)
-    m = sum(size if v is None else int(torch.count_nonzero(v)) for v, size in zip(valids, sizes))
+        return _definition(loads, valids, sizes, k, generator, sentinel, as_index)
+    if competitors is None:
+        competitors = [size if v is None else int(torch.count_nonzero(v)) for v, size in zip(valids, sizes)]
+    m = sum(competitors)
     # k >= competitors: the threshold is the sentinel itself or the least competitor (rare).
     # Otherwise every shortcut returns None where it cannot prove it matches the definition.
     out = None
     if k < m:
         if m < _COMPACT_BELOW * n:  # few competitors (a sparse layer's active weights): gather them
-            out = _compacted(gathers, valids, sizes, k, generator, sentinel)
+            out = _compacted(gathers, valids, sizes, k, generator, sentinel, as_index)
         else:
-            out = _bracketed(loads, gathers, valids, sizes, m, k, generator, sentinel)
-    return out if out is not None else _definition(loads, valids, sizes, k, generator, sentinel)
+            out = _bracketed(loads, gathers, valids, sizes, m, k, generator, sentinel, as_index)
+    return out if out is not None else _definition(loads, valids, sizes, k, generator, sentinel, as_index)
 
 
-def _definition(loads, valids, sizes, k, generator, sentinel) -> list[torch.Tensor]:
+def _definition(loads, valids, sizes, k, generator, sentinel, as_index=False) -> list[torch.Tensor]:
     """The plain definition on the concatenated, sentinel-filled scores (small or rare cases)."""
     parts = []
     for load, valid in zip(loads, valids):
         values = load()
         parts.append(values.clone() if valid is None else torch.where(valid, values, sentinel))
     keep = select_top_plain(torch.cat(parts) if len(parts) > 1 else parts[0], k, generator)
-    return list(keep.split(list(sizes))) if len(parts) > 1 else [keep]
+    masks = list(keep.split(list(sizes))) if len(parts) > 1 else [keep]
+    return [m.nonzero().squeeze(1) for m in masks] if as_index else masks
 
 
 def _sample(gathers, valids, sizes, k) -> torch.Tensor:
@@ -175,18 +187,18 @@ def _sample(gathers, valids, sizes, k) -> torch.Tensor:
         local = torch.randint(seg, (-(-size * seg // n),), generator=sampler)  # proportional share
         values = gather(local)
         if valid is not None:
-            values = values[valid[local.to(valid.device)]]
+            values = values[valid.index_select(0, local.to(valid.device))]
         parts.append(values.to(parts[0].device if parts else values.device))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def _bracketed(loads, gathers, valids, sizes, m, k, generator, sentinel) -> Optional[list[torch.Tensor]]:
+def _bracketed(loads, gathers, valids, sizes, m, k, generator, sentinel, as_index=False) -> Optional[list[torch.Tensor]]:
     """Exact selection through a sampled bracket (``m`` competitors, ``0 < k < m``); ``None`` when it
     misses (then the caller falls back to the definition)."""
     sample = _sample(gathers, valids, sizes, k)
     s = sample.numel()
     if s < _MIN_VALID_SAMPLE:
-        return _compacted(gathers, valids, sizes, k, generator, sentinel)
+        return _compacted(gathers, valids, sizes, k, generator, sentinel, as_index)
     p = k / m
     # Rank of the threshold in the sample, widened by ~8 binomial standard deviations each side;
     # rank r (0-based, descending) is the (s - r)-th smallest.
@@ -204,7 +216,7 @@ def _bracketed(loads, gathers, valids, sizes, m, k, generator, sentinel) -> Opti
     if sentinel is not None and ((hi is not None and hi < sentinel) or (lo is not None and lo <= sentinel)):
         return None  # the threshold may reach the sentinel: the non-competing entries would count
     marks, band_index, band_values = _band_pass(loads, valids, hi, lo)
-    n_above = sum(int(torch.count_nonzero(a)) for a in marks)
+    n_above = sum(int(torch.count_nonzero(a)) for a in marks if a is not None)
     need = k - n_above
     values = band_values[0] if len(band_values) == 1 else torch.cat([v.to(band_values[0].device) for v in band_values])
     if need < 0:
@@ -212,11 +224,10 @@ def _bracketed(loads, gathers, valids, sizes, m, k, generator, sentinel) -> Opti
     if values.numel() >= need:
         # The threshold t is inside the band (or above hi when need == 0): select there. With a
         # lower bracket, t > lo > sentinel; without one, check that t is above the sentinel.
-        chosen = _select_band(values, need, generator)
+        chosen = _select_band(values, need, generator, sum(sizes))
         if sentinel is not None and lo is None and need > 0 and not bool(values[chosen].min() > sentinel):
             return None
-        _mark(marks, band_index, chosen)
-        return marks
+        return _finish(marks, band_index, chosen, sizes, as_index)
     if lo is None:
         return None
     # Fewer than k entries above lo: the threshold is lo itself, tied with a mass of entries (zeros).
@@ -225,7 +236,7 @@ def _bracketed(loads, gathers, valids, sizes, m, k, generator, sentinel) -> Opti
     n_ties = sum(t.numel() for t in ties)
     if n_above + values.numel() + n_ties < k:
         return None
-    _mark(marks, band_index, torch.ones(values.numel(), dtype=torch.bool))
+    _mark(marks, band_index, torch.ones(values.numel(), dtype=torch.bool), sizes)
     keep = need - values.numel()
     # As in the definition: the lowest indices without a generator; randperm only if some tie loses.
     chosen = torch.zeros(n_ties, dtype=torch.bool)
@@ -233,18 +244,16 @@ def _bracketed(loads, gathers, valids, sizes, m, k, generator, sentinel) -> Opti
         chosen[:keep] = True
     else:
         chosen[torch.randperm(n_ties, generator=generator)[:keep]] = True
-    _mark(marks, ties, chosen)
-    return marks
+    return _finish(marks, ties, chosen, sizes, as_index)
 
 
-def _band_pass(loads, valids, hi, lo) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """One pass per segment: marks of the entries above ``hi``, and index and value of those in (lo, hi]."""
-    marks, band_index, band_values = [], [], []
-    for load, valid in zip(loads, valids):
-        values = load()
-        if hi is None:
-            above = torch.zeros(values.shape, dtype=torch.bool, device=values.device)
-        else:
+def _band_pass(loads, valids, hi, lo) -> tuple[list[Optional[torch.Tensor]], list[torch.Tensor], list[torch.Tensor]]:
+    """One pass per segment: marks of the entries above ``hi`` (``None`` without ``hi``), and index
+    and value of those in (lo, hi]. Segments run on the layer threads (:mod:`granet.workers`)."""
+    def segment(i: int) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+        values, valid = loads[i](), valids[i]
+        above = None
+        if hi is not None:
             above = torch.gt(values, hi.to(values.device))
             if valid is not None:
                 above &= valid
@@ -253,41 +262,72 @@ def _band_pass(loads, valids, hi, lo) -> tuple[list[torch.Tensor], list[torch.Te
             torch.logical_not(above, out=band)
         else:
             torch.gt(values, lo.to(values.device), out=band)
-            if hi is not None:
+            if above is not None:
                 band ^= above  # above is inside (lo, inf): remove it
         if valid is not None:
             band &= valid
-        index = band.nonzero().squeeze(1)
-        marks.append(above)
-        band_index.append(index)
-        band_values.append(values[index])
-    return marks, band_index, band_values
+        index = _nonzero(band)
+        return above, index, values.index_select(0, index)
+
+    cpu = on_cpu([hi, lo, *valids])
+    marks, band_index, band_values = zip(*layer_map(segment, len(loads), cpu)) if loads else ((), (), ())
+    return list(marks), list(band_index), list(band_values)
 
 
-def _mark(marks: list[torch.Tensor], index: list[torch.Tensor], chosen: torch.Tensor) -> None:
-    """Set ``marks[i][index[i][c]]`` for the chosen entries ``c`` of the concatenated indices."""
-    for mark, idx, pick in zip(marks, index, chosen.split([i.numel() for i in index])):
+def _nonzero(flags: torch.Tensor) -> torch.Tensor:
+    """Positions of the set entries of a flat bool tensor."""
+    return flags.nonzero().squeeze(1)
+
+
+def _finish(marks, index, chosen, sizes, as_index) -> list[torch.Tensor]:
+    """Masks (or positions) of the entries above the band plus the ``chosen`` ones of ``index``."""
+    if as_index and all(mark is None for mark in marks):  # every selected entry is in the band
+        return [idx[pick.to(idx.device)] for idx, pick in zip(index, chosen.split([i.numel() for i in index]))]
+    _mark(marks, index, chosen, sizes)
+    return [_nonzero(mark) for mark in marks] if as_index else marks
+
+
+def _mark(marks: list[Optional[torch.Tensor]], index: list[torch.Tensor], chosen: torch.Tensor,
+          sizes: Sequence[int]) -> None:
+    """Set ``marks[i][index[i][c]]`` for the chosen entries ``c`` of the concatenated indices
+    (a missing mark starts all ``False``)."""
+    for i, (idx, pick) in enumerate(zip(index, chosen.split([i.numel() for i in index]))):
+        if marks[i] is None:
+            marks[i] = torch.zeros(sizes[i], dtype=torch.bool, device=idx.device)
         if idx.numel():
-            mark[idx[pick.to(idx.device)]] = True
+            marks[i].index_fill_(0, idx[pick.to(idx.device)], True)
 
 
-def _select_band(values: torch.Tensor, k: int, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Top-k of a gathered band or competitor list: one kthvalue when small, else bracketed again."""
-    if values.numel() < _PLAIN_BAND:
+def _select_band(values: torch.Tensor, k: int, generator: Optional[torch.Generator], parent: int) -> torch.Tensor:
+    """Top-k of a band or competitor list gathered from ``parent`` entries: one kthvalue when small
+    or hardly thinner than its parent (a mass of ties), else bracketed again."""
+    if values.numel() < _BRACKET_MIN_SIZE or 2 * values.numel() > parent:
         return select_top_plain(values, k, generator)
     return select_top(values, k, generator)
 
 
-def _compacted(gathers, valids, sizes, k, generator, sentinel) -> Optional[list[torch.Tensor]]:
+def _compacted(gathers, valids, sizes, k, generator, sentinel, as_index=False) -> Optional[list[torch.Tensor]]:
     """Few competitors: gather them (index order), select among them, scatter back."""
-    index = [torch.arange(size) if v is None else v.nonzero().squeeze(1) for v, size in zip(valids, sizes)]
+    index = [torch.arange(size) if v is None else _nonzero(v) for v, size in zip(valids, sizes)]
     gathered = [gather(i) for gather, i in zip(gathers, index)]
     values = gathered[0] if len(gathered) == 1 else torch.cat([g.to(gathered[0].device) for g in gathered])
     if k >= values.numel():
         return None  # the threshold is the sentinel (or the least competitor): left to the definition
-    chosen = _select_band(values, k, generator)
+    chosen = _select_band(values, k, generator, sum(sizes))
     if sentinel is not None and not bool(values.min() > sentinel) and not bool(values[chosen].min() > sentinel):
         return None
-    marks = [torch.zeros(size, dtype=torch.bool, device=g.device) for size, g in zip(sizes, gathered)]
-    _mark(marks, [i.to(g.device) for i, g in zip(index, gathered)], chosen)
+    index = [i.to(g.device) for i, g in zip(index, gathered)]
+    picks = chosen.split([i.numel() for i in index])
+    if as_index:
+        return [idx[pick.to(idx.device)] for idx, pick in zip(index, picks)]
+    marks = []
+    for valid, idx, pick, size in zip(valids, index, picks, sizes):
+        pick = pick.to(idx.device)
+        if valid is not None and 2 * k > values.numel():
+            mark = valid.clone()  # most competitors are chosen: clear the others
+            mark.index_fill_(0, idx[~pick], False)
+        else:
+            mark = torch.zeros(size, dtype=torch.bool, device=idx.device)
+            mark.index_fill_(0, idx[pick], True)
+        marks.append(mark)
     return marks

@@ -100,34 +100,48 @@ def prune_global(
     return [k.view(p.shape).to(p.device) for k, p in zip(out, params)]
 
 
-def keep_largest(param: torch.Tensor, mask: torch.Tensor, keep: int, generator: torch.Generator) -> torch.Tensor:
+def keep_largest(param: torch.Tensor, mask: torch.Tensor, keep: int, generator: torch.Generator,
+                 active: Optional[int] = None) -> torch.Tensor:
     """The ``keep`` largest-magnitude active weights of one layer (layer-wise pruning and the drop).
 
     Exactly ``select_top(active_magnitudes(param, mask), keep, generator)``, without the float copy.
+    ``active``: the number of active weights, when the caller knows it (saves a counting pass).
     """
     w = param.detach().reshape(-1)
     if w.numel() < _BRACKET_MIN_SIZE:  # small layers: the plain definition is cheapest
         return select_top(active_magnitudes(param, mask), keep, generator)
     out = select_top_segments([_magnitudes(w)], [_gather_magnitudes(w)], [mask.reshape(-1)], [w.numel()],
-                              keep, generator)
+                              keep, generator, competitors=None if active is None else [active])
     return out[0].view(param.shape)
 
 
-def grow_layer(scores: torch.Tensor, kept: torch.Tensor, n_grow: int, generator: torch.Generator) -> torch.Tensor:
-    """The ``n_grow`` highest-scoring positions outside ``kept`` (the mask after the drop).
+def grow_positions(scores: torch.Tensor, kept: torch.Tensor, n_grow: int, generator: torch.Generator,
+                   free: Optional[int] = None, magnitude: bool = False) -> torch.Tensor:
+    """Flat positions (int64, in no particular order) of the ``n_grow`` highest-scoring entries
+    outside ``kept`` (the mask after the drop); the scores are ``|scores|`` with ``magnitude``.
 
     Candidates are all positions inactive after the drop (just-dropped ones included, as in RigL);
-    everything else scores -1, below any score, and is never picked. Computed as
-    ``select_top(torch.where(kept, -1.0, scores), n_grow, generator)`` without the float copy.
+    everything else scores -1, below any score, and is never picked: the positions set in
+    ``select_top(torch.where(kept, -1.0, scores), n_grow, generator)``, computed without a float
+    copy or a pass over a mask. ``free``: the number of candidates, when the caller knows it.
     """
-    if scores.numel() < _BRACKET_MIN_SIZE:
-        return select_top(torch.where(kept, -1.0, scores), n_grow, generator)
     flat = scores.detach().reshape(-1)
-    free = scratch(flat.numel(), torch.bool, flat.device, slot=2)  # the candidates, ~kept
-    torch.logical_not(kept.reshape(-1), out=free)
-    out = select_top_segments([lambda: flat], [lambda i: flat[i.to(flat.device)]], [free], [flat.numel()],
-                              n_grow, generator)
-    return out[0].view(scores.shape)
+    if flat.numel() < _BRACKET_MIN_SIZE:
+        values = flat.abs() if magnitude else flat
+        return select_top(torch.where(kept.reshape(-1), -1.0, values), n_grow, generator).nonzero().squeeze(1)
+    candidates = scratch(flat.numel(), torch.bool, flat.device, slot=2)  # ~kept
+    torch.logical_not(kept.reshape(-1), out=candidates)
+    load = _magnitudes(flat) if magnitude else (lambda: flat)
+    gather = _gather_magnitudes(flat) if magnitude else (lambda i: flat.index_select(0, i.to(flat.device)))
+    return select_top_segments([load], [gather], [candidates], [flat.numel()], n_grow, generator,
+                               competitors=None if free is None else [free], as_index=True)[0]
+
+
+def grow_layer(scores: torch.Tensor, kept: torch.Tensor, n_grow: int, generator: torch.Generator) -> torch.Tensor:
+    """:func:`grow_positions` as a mask shaped like ``scores``."""
+    grown = torch.zeros(kept.numel(), dtype=torch.bool, device=kept.device)
+    grown[grow_positions(scores, kept, n_grow, generator)] = True
+    return grown.view(scores.shape)
 
 
 def _magnitudes(w: torch.Tensor):
@@ -139,7 +153,7 @@ def _magnitudes(w: torch.Tensor):
 
 def _gather_magnitudes(w: torch.Tensor):
     """``|w|`` at a few flat indices."""
-    return lambda index: w[index.to(w.device)].abs()
+    return lambda index: w.index_select(0, index.to(w.device)).abs_()
 
 
 def momentum_shares(

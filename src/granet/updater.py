@@ -35,6 +35,7 @@ from .criteria import GrowCriterion, get_grow_criterion, seeded_generator
 from .distributions import allocate_counts, layer_counts
 from .schedules import DropFractionSchedule, PruningSchedule
 from .topology import UpdateReport
+from .workers import layer_map, on_cpu
 
 
 @dataclass
@@ -44,11 +45,15 @@ class Regrowth:
     Attributes:
         masks: per layer, the mask after the drop and regrowth.
         reset: per layer, the regrown positions that start afresh (zero value and optimizer
-            state), ``None`` where the layer was left alone.
+            state), ``None`` where the layer was left alone: a mask shaped like the layer, or the
+            flat positions (int64).
+        grown: per layer, the flat positions regrown (``None``: left alone), when known; the
+            exploration record then sets their bits instead of packing the whole mask.
     """
 
     masks: list[torch.Tensor]
     reset: list[Optional[torch.Tensor]]
+    grown: Optional[list[Optional[torch.Tensor]]] = None
 
 
 class TopologyUpdater:
@@ -154,14 +159,16 @@ class TopologyUpdater:
             if target is None:
                 return list(masks)
             return topology.prune_global(params, masks, target, seeded_generator(seed, "prune", step))
-        new_masks = []
-        for i, (p, m) in enumerate(zip(params, masks)):
-            target = round(self.pruning.interpolate(step, init_counts[i], final_counts[i]))
+        pruning = self.pruning
+
+        def prune_layer(i: int) -> torch.Tensor:
+            target = round(pruning.interpolate(step, init_counts[i], final_counts[i]))
             if counts[i] <= target:
-                new_masks.append(m)
-                continue
-            new_masks.append(topology.keep_largest(p, m, target, seeded_generator(seed, "prune", step, i)))
-        return new_masks
+                return masks[i]
+            return topology.keep_largest(params[i], masks[i], target, seeded_generator(seed, "prune", step, i),
+                                         active=counts[i])
+
+        return layer_map(prune_layer, len(params), on_cpu(params))
 
     def drop_and_grow(
         self,
@@ -183,29 +190,44 @@ class TopologyUpdater:
         seed = self.config.seed
         fraction = self.drop_fraction(step)
         report.drop_fraction = fraction
-        kept_masks: list[Optional[torch.Tensor]] = []
-        drops: list[int] = []
-        for i, (p, m) in enumerate(zip(params, masks)):
-            n_drop = int(fraction * counts[i])  # floor, as in RigL
-            if counts[i] == p.numel() or n_drop == 0:
-                kept_masks.append(None)  # dense layers and tiny ones are left alone
-                drops.append(0)
-                continue
-            kept_masks.append(topology.keep_largest(p, m, counts[i] - n_drop, seeded_generator(seed, "drop", step, i)))
-            drops.append(n_drop)
+        drops = [0 if counts[i] == p.numel() else int(fraction * counts[i]) for i, p in enumerate(params)]  # floor, as in RigL
+
+        def drop(i: int) -> Optional[torch.Tensor]:  # dense layers and tiny ones are left alone
+            if drops[i] == 0:
+                return None
+            return topology.keep_largest(params[i], masks[i], counts[i] - drops[i],
+                                         seeded_generator(seed, "drop", step, i), active=counts[i])
+
+        kept_masks = layer_map(drop, len(params), on_cpu(params))
         if self.config.redistribute == "none":
             grows = list(drops)
         else:
             grows = topology.momentum_shares(params, optimizer, kept_masks, drops)
-        result = Regrowth(masks=list(masks), reset=[None] * len(params))
-        for i, (p, kept) in enumerate(zip(params, kept_masks)):
-            if kept is None:
+        result = Regrowth(masks=list(masks), reset=[None] * len(params), grown=[None] * len(params))
+        def grow(i: int) -> Optional[torch.Tensor]:
+            if kept_masks[i] is None:
+                return None
+            return self._grow(params[i], names[i], optimizer, seeded_generator(seed, "grow", step, i), kept_masks[i],
+                              grows[i], params[i].numel() - counts[i] + drops[i])
+
+        all_grown = layer_map(grow, len(params), on_cpu(params))
+        for i, (kept, grown) in enumerate(zip(kept_masks, all_grown)):
+            if kept is None or grown is None:
                 continue
-            gen = seeded_generator(seed, "grow", step, i)
-            scores = self.grow.score(p, names[i], optimizer, gen)
-            grown = topology.grow_layer(scores.to(p.dtype), kept, grows[i], gen)
             layer = report.layers[names[i]]
             layer["dropped"], layer["regrown"] = drops[i], grows[i]
-            result.reset[i] = grown & ~masks[i] if self.config.reinit_regrown == "new" else grown
-            result.masks[i] = kept | grown
+            old = masks[i].reshape(-1)
+            result.reset[i] = grown[~old.index_select(0, grown)] if self.config.reinit_regrown == "new" else grown
+            new = kept.clone() if kept is masks[i] else kept  # a fresh mask: filled in place
+            new.view(-1).index_fill_(0, grown, True)
+            result.masks[i], result.grown[i] = new, grown
         return result
+
+    def _grow(self, param: torch.Tensor, name: str, optimizer: Optional[torch.optim.Optimizer],
+              generator: torch.Generator, kept: torch.Tensor, n_grow: int, free: int) -> torch.Tensor:
+        """Flat positions of the ``n_grow`` best candidates outside ``kept`` by the grow score."""
+        source = None if self.grow.magnitude_of is None else self.grow.magnitude_of(param, name, optimizer)
+        if source is not None and source.dtype == param.dtype and source.shape == param.shape:
+            return topology.grow_positions(source, kept, n_grow, generator, free=free, magnitude=True)
+        scores = self.grow.score(param, name, optimizer, generator)
+        return topology.grow_positions(scores.to(param.dtype), kept, n_grow, generator, free=free)
