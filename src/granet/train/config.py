@@ -437,6 +437,6 @@ def check_resume_compatible(saved: dict[str, Any], config: Any, source: str = "t
         raise ConfigError(f"cannot resume: the config differs from the run's ({details})")
 
 
-__all__ = ["TrainConfig", "load_config", "resume_config", "check_resume_compatible", "check_threads", "read_yaml_mapping",
-           "SPARSITY_KEYS", "EMBEDDED_RECIPE", "DEFAULT_DENSITY", "TRAINING_METHODS", "LTH_KEYS", "STEP_KEYS",
-           "DEFAULT_LTH_ROUNDS"]
+__all__ = ["TrainConfig", "load_config", "resume_config", "check_resume_compatible", "check_threads",
+           "read_yaml_mapping", "SPARSITY_KEYS", "EMBEDDED_RECIPE", "DEFAULT_DENSITY", "TRAINING_METHODS", "LTH_KEYS",
+           "STEP_KEYS", "DEFAULT_LTH_ROUNDS"]
