@@ -168,12 +168,26 @@ def plot(table: dict[tuple[str, float], dict[str, Any]], path: Path, title: str)
     fig.savefig(path, dpi=120)
 
 
+def _positive_int(text: str) -> int:
+    """argparse type of ``--threads``: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", choices=(*SETTINGS, "all"), default="all")
     parser.add_argument("--seeds", type=int, default=5, help="seeds per (method, density)")
     parser.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.05, 0.02, 0.01])
     parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: CPU cores)")
+    parser.add_argument("--threads", type=_positive_int, default=1,
+                        help="torch threads of every run, the same for any --workers (default 1); results are "
+                             "bit-reproducible only at the same thread count, recorded in each summary.json")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
     parser.add_argument("--epochs", type=int, default=None, help="override the settings' epochs (smoke tests)")
     parser.add_argument("--methods", nargs="+", default=None, help="only these methods (dense included only if named)")
@@ -190,7 +204,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         config.method, config.density, config.seed, summary["test_accuracy"],
                         time.perf_counter() - start)
 
-        summaries = run_many(configs, args.workers, on_done=progress)
+        summaries = run_many(configs, args.workers, on_done=progress, threads=args.threads)
         table = aggregate(summaries)
         runs = load_runs([c.out for c in configs])
         write_report(runs, root / "report", plots=False)

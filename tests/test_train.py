@@ -20,7 +20,8 @@ from granet.train import TrainConfig, load_config, lr_factor, train
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("plasticity_"))
 SUMMARY_KEYS = {"method", "model", "dataset", "seed", "target_density", "sparsity", "layer_density",
-                "best_val_accuracy", "test_accuracy", "steps", "wall_time_s", "train_flops", "inference_flops"}
+                "best_val_accuracy", "test_accuracy", "steps", "wall_time_s", "train_flops", "inference_flops",
+                "threads"}
 METRIC_KEYS = {"epoch", "step", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "density",
                "sparsity", "exploration_rate", "train_flops", "time_s"}
 

@@ -46,6 +46,7 @@ from .stats import figure
 from .sweep import run_many, run_to_completion
 from .errors import ConfigError
 from .train import TrainConfig
+from .train.config import check_threads
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ class PlasticityConfig:
             0.005 over the schedule, so late pruning regenerates few connections.
         update_interval: steps between regenerations when ``periodic``.
         workers: parallel trial processes (default: one per CPU core, at most 4).
+        threads: torch threads of the dense run and of every trial (unless ``train`` sets ``threads``),
+            the same whatever ``workers`` is: results are bit-reproducible only at the same count.
         out: the study directory.
     """
 
@@ -84,6 +87,7 @@ class PlasticityConfig:
     drop_fraction: Optional[float] = None
     update_interval: int = 20
     workers: Optional[int] = None
+    threads: int = 1
     out: str = "runs/plasticity"
 
     def validate(self) -> None:
@@ -100,6 +104,7 @@ class PlasticityConfig:
             raise ConfigError(f"unknown regeneration {self.regeneration!r}; valid: once, periodic")
         if self.drop_fraction is not None and not 0.0 < self.drop_fraction < 1.0:
             raise ConfigError(f"drop_fraction must be in (0, 1), got {self.drop_fraction}")
+        check_threads(self.threads, optional=False)
 
 
 def load_study_config(path: Optional[str], overrides: dict[str, Any]) -> PlasticityConfig:
@@ -186,6 +191,8 @@ def run_study(study: PlasticityConfig) -> list[dict[str, Any]]:
     (root / "study.yaml").write_text(yaml.safe_dump(dataclasses.asdict(study), sort_keys=False))
     dense_config = TrainConfig.from_dict(dict(study.train, method="dense", keep_checkpoints=list(study.prune_epochs),
                                               out=str(root / "dense")))
+    if dense_config.threads is None:  # the trials' count (run_many), so the dense run is as reproducible
+        dense_config = dataclasses.replace(dense_config, threads=study.threads)
     logger.info("dense run (%d epochs) -> %s", dense_config.epochs, dense_config.out)
     dense = run_to_completion(dense_config)
     missing = [e for e in study.prune_epochs if not (root / "dense" / f"checkpoint_epoch{e}.pt").exists()]
@@ -198,7 +205,7 @@ def run_study(study: PlasticityConfig) -> list[dict[str, Any]]:
         logger.info("trial %d/%d: %s test accuracy %.4f", i + 1, len(trials), trials[i][0]["name"],
                     summary["test_accuracy"])
 
-    summaries = run_many([c for _, c in trials], study.workers, on_done=progress)
+    summaries = run_many([c for _, c in trials], study.workers, on_done=progress, threads=study.threads)
     schedule = TrainConfig.from_dict(dict(study.train, method="dense"))
     decays = [m * schedule.epochs if m <= 1 else m for m in schedule.milestones] if schedule.lr_schedule == "multistep" else []
     rows = []

@@ -115,6 +115,7 @@ class RunSummary:
     dense_inference_flops: Optional[float] = None
     device: str = "cpu"
     world_size: int = 1
+    threads: Optional[int] = None  # torch intra-op threads per process (results depend on it)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -3,6 +3,10 @@
 Each configuration is an independent run directory. A run whose ``summary.json`` exists is read,
 not retrained; one with a ``checkpoint.pt`` is resumed; one that never finished an epoch is started
 again. Used by ``granet plasticity`` and ``benchmarks/compare_methods.py``.
+
+Every run gets a fixed torch thread count (its config's ``threads``, else :func:`run_many`'s
+``threads``, default 1), whether it runs in this process or in a worker: the count changes the order
+of float sums, so it must not depend on how many runs go in parallel.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .train import TrainConfig, train
+from .train.config import check_threads
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +38,7 @@ def run_to_completion(config: TrainConfig) -> dict[str, Any]:
 
 
 def _worker(config: TrainConfig) -> dict[str, Any]:
-    """Process-pool entry: one thread per run so that parallel runs share the cores fairly."""
-    import torch
-
-    torch.set_num_threads(1)
+    """Process-pool entry (the run sets its own thread count, see :func:`run_many`)."""
     logging.basicConfig(level=logging.WARNING)
     return run_to_completion(config)
 
@@ -50,20 +52,27 @@ def run_many(
     configs: Sequence[TrainConfig],
     workers: Optional[int] = None,
     on_done: Optional[Callable[[int, TrainConfig, dict[str, Any]], None]] = None,
+    threads: int = 1,
 ) -> list[dict[str, Any]]:
     """Run every config (skipping finished ones) and return their summaries in order.
 
     Args:
         configs: training configurations, each with its own ``out`` directory.
         workers: parallel processes (default :func:`default_workers`); 1 runs in this process.
-        on_done: called as ``on_done(index, config, summary)`` when a run finishes.
+        on_done: called as ``on_done(index, config, summary)`` (the config as run) when a run finishes.
+        threads: torch threads of every run whose config leaves ``threads`` unset, in this process and
+            in the workers alike, so results do not depend on ``workers``. Keep ``workers × threads``
+            at most the number of cores.
     """
+    check_threads(threads, "run_many: threads", optional=False)
+    configs = [c if c.threads is not None else dataclasses.replace(c, threads=threads) for c in configs]
     outs = [c.out for c in configs]
     if any(o is None for o in outs) or len(set(outs)) != len(outs):
         raise ValueError("every configuration needs its own out directory")
     done = sum((Path(c.out) / "summary.json").exists() for c in configs)
     workers = workers or default_workers()
-    logger.info("%d runs (%d already done), %d worker process(es)", len(configs), done, workers)
+    logger.info("%d runs (%d already done), %d worker process(es), %d thread(s) per run unless its config says",
+                len(configs), done, workers, threads)
     summaries: list[dict[str, Any]] = []
     if workers > 1 and len(configs) - done > 1:
         ctx = multiprocessing.get_context("spawn")

@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--regeneration", choices=("once", "periodic"), default=argparse.SUPPRESS)
     parser.add_argument("--drop-fraction", type=float, dest="drop_fraction", default=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=argparse.SUPPRESS, help="parallel trial processes")
+    parser.add_argument("--threads", type=int, default=argparse.SUPPRESS,
+                        help="torch threads of the dense run and of every trial (default 1), the same for any "
+                             "--workers: results are bit-reproducible only at the same thread count")
     parser.add_argument("--out", default=argparse.SUPPRESS, help="study directory (default runs/plasticity)")
     parser.add_argument("--model", default=argparse.SUPPRESS, help="model of the dense run")
     parser.add_argument("--dataset", default=argparse.SUPPRESS, help="dataset of the dense run")

@@ -43,6 +43,10 @@ _HELP = {
     "amp": "mixed precision: auto (fp16 on CUDA), off, fp16 or bf16",
     "channels_last": "channels-last memory format: auto (on for CUDA), on, off",
     "workers": "DataLoader worker processes",
+    "threads": "torch intra-op threads of each training process (default: torch's current setting, usually "
+               "one per core); the count changes the order of float sums, so a run is bit-reproducible only "
+               "at the same thread count. summary.json and config.yaml record the count used; --resume "
+               "keeps the run's count unless given (a different one is allowed, with a warning)",
     "out": "run directory (default runs/<dataset>-<model>-<method>-d<density>-s<seed>); must not hold another run",
     "resume": "continue the interrupted run in this directory (with its checkpoint's config)",
     "overwrite": "replace the run files in --out if it already holds a run",

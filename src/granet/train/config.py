@@ -46,10 +46,12 @@ STEP_KEYS = (*STEP_FIELDS, "lth_rewind")
 #: Pruning rounds of ``lth`` when none are given (4 trainings).
 DEFAULT_LTH_ROUNDS = 3
 
-# Keys that may differ between a run and its resumption (they do not change the result).
+# Keys that may differ between a run and its resumption (they do not change the result). ``threads``
+# is the exception that is allowed anyway: it is a runtime setting of the machine the run continues on,
+# but it changes the order of float sums, so :func:`granet.train.train` warns when it differs.
 RESUMABLE_DIFFERENCES = frozenset({
     "device", "workers", "progress", "resume", "out", "data_dir", "download", "overwrite", "dist_timeout",
-    "tensorboard", "fsdp",
+    "tensorboard", "fsdp", "threads",
 })
 
 
@@ -110,6 +112,7 @@ class _Tail:
     amp: str = "auto"
     channels_last: str = "auto"
     workers: int = 0
+    threads: Optional[int] = None
     out: Optional[str] = None
     resume: Optional[str] = None
     overwrite: bool = False
@@ -283,6 +286,7 @@ def _check_ranges(config: Any) -> None:
         raise ConfigError(f"max_steps must be a positive integer, got {config.max_steps!r}")
     if config.workers < 0:
         raise ConfigError(f"workers must be >= 0, got {config.workers}")
+    check_threads(config.threads)
     # (name, low, high, low inclusive): every bound is a property of the quantity, e.g. momentum < 1.
     for name, lo, hi, lo_ok in (("lr", 0.0, math.inf, False), ("weight_decay", 0.0, math.inf, True),
                                 ("momentum", 0.0, 1.0, True), ("label_smoothing", 0.0, 1.0, True),
@@ -300,6 +304,14 @@ def _check_ranges(config: Any) -> None:
     if config.method == "dense" and config.density not in (None, 1, 1.0):
         raise ConfigError(f"method 'dense' trains at density 1; density={config.density} would be ignored "
                           f"(choose a sparse method, e.g. --method granet)")
+
+
+def check_threads(threads: Any, name: str = "threads", optional: bool = True) -> None:
+    """``threads`` is an int >= 1 (torch intra-op threads), or ``None`` if ``optional``; raises :class:`ConfigError`."""
+    if threads is None and optional:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"{name} must be a positive integer (torch intra-op threads per process), got {threads!r}")
 
 
 def _check_schedule(config: Any) -> None:
@@ -425,6 +437,6 @@ def check_resume_compatible(saved: dict[str, Any], config: Any, source: str = "t
         raise ConfigError(f"cannot resume: the config differs from the run's ({details})")
 
 
-__all__ = ["TrainConfig", "load_config", "resume_config", "check_resume_compatible", "read_yaml_mapping",
-           "SPARSITY_KEYS", "EMBEDDED_RECIPE", "DEFAULT_DENSITY", "TRAINING_METHODS", "LTH_KEYS", "STEP_KEYS",
-           "DEFAULT_LTH_ROUNDS"]
+__all__ = ["TrainConfig", "load_config", "resume_config", "check_resume_compatible", "check_threads",
+           "read_yaml_mapping", "SPARSITY_KEYS", "EMBEDDED_RECIPE", "DEFAULT_DENSITY", "TRAINING_METHODS", "LTH_KEYS",
+           "STEP_KEYS", "DEFAULT_LTH_ROUNDS"]

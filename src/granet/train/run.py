@@ -24,11 +24,12 @@ from ..flops import inference_flops, inference_flops_relative
 from ..rundir import (CHECKPOINT_FILE, CONFIG_FILE, COVERAGE_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE, RunSummary,
                       atomic_write_text, prepare_run_dir, write_status)
 from .checkpoint import load_file, read_checkpoint
-from .config import LTH_KEYS, SPARSITY_KEYS, TrainConfig, check_resume_compatible, read_yaml_mapping, resume_config
+from .config import (LTH_KEYS, SPARSITY_KEYS, TrainConfig, check_resume_compatible, check_threads, read_yaml_mapping,
+                     resume_config)
 from .loop import Trainer
 from .parts import build_model, evaluate, load_data
 from .lottery_run import LotteryTrainer
-from .runtime import Dist, SignalGuard, resolve_device
+from .runtime import Dist, SignalGuard, intra_op_threads, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,12 @@ def resume_point(run_dir: str, overrides: dict[str, Any]) -> tuple[Any, Optional
 def train(config: Any, checkpoint: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Run (or, with ``config.resume``, continue) a training run and return its summary.
 
+    The run uses ``config.threads`` torch intra-op threads (``None``: the process's current count; on
+    a resume, the count the run was started with) and gives the process its previous count back when
+    it ends, also on an error. Every rank of a ``torchrun`` job sets the same count. The count in
+    effect is recorded in ``config.yaml``, the checkpoints and ``summary.json``: float sums, and so
+    the results, are bit-reproducible only at the same thread count.
+
     Args:
         config: the run's :class:`TrainConfig`.
         checkpoint: the run's checkpoint when already read (see :func:`resume_point`); by default
@@ -95,12 +102,30 @@ def train(config: Any, checkpoint: Optional[dict[str, Any]] = None) -> dict[str,
     if state is None and resuming and (out / CHECKPOINT_FILE).is_file():
         state = read_checkpoint(out / CHECKPOINT_FILE)
     if state is not None:
-        # Sparsity keys left unset (None = the method's preset) take the values the run resolved them to.
-        saved = state["config"]
-        keys = ("density", *SPARSITY_KEYS, *LTH_KEYS)
-        unset = {k: saved[k] for k in keys if getattr(config, k) is None and k in saved}
-        config = TrainConfig.from_dict(unset, base=config)
-        check_resume_compatible(saved, config, "the checkpoint")
+        config = _resumed_config(config, state["config"])
+    check_threads(config.threads)  # also for configs built without validate() (the sweeps)
+    with intra_op_threads(config.threads) as threads:
+        return _run(dataclasses.replace(config, threads=threads), out, state)
+
+
+def _resumed_config(config: Any, saved: dict[str, Any]) -> Any:
+    """``config`` with the keys it leaves unset taken from the checkpoint's ``saved`` config, checked against it."""
+    # Sparsity keys left unset (None = the method's preset) take the values the run resolved them to;
+    # an unset thread count takes the run's own, so a plain resume continues bit-exactly.
+    keys = ("density", *SPARSITY_KEYS, *LTH_KEYS, "threads")
+    unset = {k: saved[k] for k in keys if getattr(config, k) is None and saved.get(k) is not None}
+    config = TrainConfig.from_dict(unset, base=config)
+    check_resume_compatible(saved, config, "the checkpoint")
+    if saved.get("threads") is not None and config.threads != saved["threads"]:
+        logger.warning("threads: the run so far used %d torch thread(s), it continues with %d; float sums change "
+                       "order, so the result will not be bit-identical to an uninterrupted run",
+                       saved["threads"], config.threads)
+    return config
+
+
+def _run(config: Any, out: Path, state: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """Train (or continue) the run in ``out`` with a checked config; see :func:`train`."""
+    resuming = config.resume is not None
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if main_rank and state is None:
         prepare_run_dir(out, overwrite=config.overwrite or resuming)
@@ -188,6 +213,7 @@ def _finish(trainer: Trainer) -> dict[str, Any]:
         inference_flops=inference_flops_relative(trainer.layer_flops, layer_density),
         train_flops_total=trainer.ledger.total, inference_flops_total=inference_flops(trainer.layer_flops, layer_density),
         dense_inference_flops=trainer.layer_flops.dense, device=str(trainer.device), world_size=trainer.dist.world_size,
+        threads=cfg.threads,
     )
     fields.update(trainer.summary_overrides())
     summary = RunSummary(**fields).to_dict()

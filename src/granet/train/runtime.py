@@ -55,6 +55,23 @@ def setup_distributed(device: torch.device, timeout_s: float) -> Dist:
     return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", 0)))
 
 
+@contextlib.contextmanager
+def intra_op_threads(threads: Optional[int]) -> Iterator[int]:
+    """Run the block with ``threads`` torch intra-op threads (``None``: as set); yields the count in effect.
+
+    The previous count is restored on leaving, also on an exception, because the setting is
+    process-wide and :func:`granet.train.train` may be one of many runs in a process (the sweeps).
+    """
+    previous = torch.get_num_threads()
+    if threads is not None and threads != previous:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+
+
 def resolve_device(spec: str) -> torch.device:
     """``auto`` → the process's CUDA device if there is one, else CPU; otherwise as given."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -200,6 +217,6 @@ class SignalGuard:
             raise Interrupted(name)
 
 
-__all__ = ["Dist", "setup_distributed", "resolve_device", "seed_everything", "epoch_order", "build_optimizer",
-           "lr_factor", "milestone_step", "amp_mode", "autocast", "progress_enabled", "SignalGuard",
+__all__ = ["Dist", "setup_distributed", "intra_op_threads", "resolve_device", "seed_everything", "epoch_order",
+           "build_optimizer", "lr_factor", "milestone_step", "amp_mode", "autocast", "progress_enabled", "SignalGuard",
            "DEFAULT_MILESTONES"]
