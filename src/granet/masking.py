@@ -252,6 +252,22 @@ class MaskedParameters:
 
         layer_map(install, len(self._params), on_cpu(self._masks))
 
+    def _explore(self, layers: list[int], grown: Optional[list[Optional[torch.Tensor]]]) -> None:
+        """Add the regrown positions of ``layers`` to the exploration record (a layer the update
+        left alone adds no new position): bit by bit for a few positions, else the packed mask."""
+        assert self._ever_active is not None
+        ever = self._ever_active
+
+        def explore(j: int) -> None:
+            i = layers[j]
+            positions = None if grown is None else grown[i]
+            if positions is None or 32 * positions.numel() > self._masks[i].numel():
+                ever[i] |= pack_bits(self._masks[i])
+            else:
+                set_bits(ever[i], positions)
+
+        layer_map(explore, len(layers), on_cpu(self._masks))
+
     @torch.no_grad()
     def _install_exactly(self, masks: Sequence[torch.Tensor]) -> None:
         """Adopt ``masks`` (copies): zero weights and optimizer state outside them, mark them explored."""

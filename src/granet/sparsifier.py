@@ -49,7 +49,7 @@ from .criteria import require_momentum
 from .config import SparsityConfig
 from .coverage import Coverage, log_coverage
 from .errors import short_repr
-from .masking import MaskedParameters, pack_bits, set_bits
+from .masking import MaskedParameters, pack_bits
 from .ranks import RankChecks
 from .schedule_check import schedule_warnings
 from .schedules import DropFractionSchedule, PruningSchedule
@@ -278,13 +278,7 @@ class Sparsifier(RankChecks, MaskedParameters):
             regrown = self._set_topology(regrowth.masks, report, pruning=False)
             reset = regrowth.reset
             if self._ever_active is not None:
-                for i in sorted(regrown):  # a layer the update left alone adds no new position
-                    grown = None if regrowth.grown is None else regrowth.grown[i]
-                    # Setting bits one by one pays only for a few positions; else pack the mask.
-                    if grown is None or 32 * grown.numel() > self._masks[i].numel():
-                        self._ever_active[i] |= pack_bits(self._masks[i])
-                    else:
-                        set_bits(self._ever_active[i], grown)
+                self._explore(sorted(regrown), regrowth.grown)
         self._install(reset)
         for key in ("pruned", "dropped", "regrown"):
             setattr(report, key, sum(v[key] for v in report.layers.values()))

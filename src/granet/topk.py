@@ -308,8 +308,11 @@ def _select_band(values: torch.Tensor, k: int, generator: Optional[torch.Generat
 
 def _compacted(gathers, valids, sizes, k, generator, sentinel, as_index=False) -> Optional[list[torch.Tensor]]:
     """Few competitors: gather them (index order), select among them, scatter back."""
-    index = [torch.arange(size) if v is None else _nonzero(v) for v, size in zip(valids, sizes)]
-    gathered = [gather(i) for gather, i in zip(gathers, index)]
+    def collect(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.arange(sizes[i]) if valids[i] is None else _nonzero(valids[i])
+        return idx, gathers[i](idx)
+
+    index, gathered = (list(t) for t in zip(*layer_map(collect, len(sizes), on_cpu(valids))))
     values = gathered[0] if len(gathered) == 1 else torch.cat([g.to(gathered[0].device) for g in gathered])
     if k >= values.numel():
         return None  # the threshold is the sentinel (or the least competitor): left to the definition
@@ -320,14 +323,10 @@ def _compacted(gathers, valids, sizes, k, generator, sentinel, as_index=False) -
     picks = chosen.split([i.numel() for i in index])
     if as_index:
         return [idx[pick.to(idx.device)] for idx, pick in zip(index, picks)]
-    marks = []
-    for valid, idx, pick, size in zip(valids, index, picks, sizes):
-        pick = pick.to(idx.device)
+    def scatter(i: int) -> torch.Tensor:
+        valid, idx, pick = valids[i], index[i], picks[i].to(index[i].device)
         if valid is not None and 2 * k > values.numel():
-            mark = valid.clone()  # most competitors are chosen: clear the others
-            mark.index_fill_(0, idx[~pick], False)
-        else:
-            mark = torch.zeros(size, dtype=torch.bool, device=idx.device)
-            mark.index_fill_(0, idx[pick], True)
-        marks.append(mark)
-    return marks
+            return valid.clone().index_fill_(0, idx[~pick], False)  # most are chosen: clear the others
+        return torch.zeros(sizes[i], dtype=torch.bool, device=idx.device).index_fill_(0, idx[pick], True)
+
+    return layer_map(scatter, len(sizes), on_cpu(valids))
