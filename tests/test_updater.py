@@ -58,10 +58,29 @@ def test_drop_and_grow_resets_only_newly_active_positions() -> None:
     # Drop the two smallest active (0.1 at 1 and 0.2 at 5); regrow the two largest |g| among the
     # inactive-after-drop positions: 9.0 at 5 (just dropped: keeps its value, not reset) and 5.0 at 2.
     assert result.masks[0].tolist() == [True, False, True, False, True, True, False, False]
-    assert result.reset[0].tolist() == [2]  # flat positions
-    assert sorted(result.grown[0].tolist()) == [2, 5]
+    # 2 of 8 entries regrown: a mask (positions are for regrowing under 1/16 of a layer)
+    assert result.reset[0].tolist() == [False, False, True, False, False, False, False, False]
+    assert result.grown[0] is None
     assert report.layers["w"] == {"pruned": 0, "dropped": 2, "regrown": 2}
     assert report.drop_fraction == fraction
+
+
+def test_drop_and_grow_gives_positions_when_few_are_regrown() -> None:
+    cfg = method_config("rigl", density=0.5, update_interval=1, drop_fraction=0.5, drop_decay="constant",
+                        regrow_start=0, regrow_end=100, total_steps=100)
+    updater = TopologyUpdater(cfg)
+    # 64 weights, 4 active: drop 2, regrow 2 (2 * 16 < 64: positions).
+    weight = torch.nn.Parameter(torch.zeros(64))
+    weight.data[[0, 10, 20, 30]] = torch.tensor([0.9, 0.1, 0.8, 0.2])
+    weight.grad = torch.zeros(64)
+    weight.grad[[10, 40, 41]] = torch.tensor([9.0, 5.0, 0.5])
+    mask = torch.zeros(64, dtype=torch.bool)
+    mask[[0, 10, 20, 30]] = True
+    result = updater.drop_and_grow(1, ["w"], [weight], [mask], [4], None, _report(["w"]))
+    # Drop 0.1 at 10 and 0.2 at 30; regrow 9.0 at 10 (just dropped: not reset) and 5.0 at 40.
+    assert result.masks[0].nonzero().squeeze(1).tolist() == [0, 10, 20, 40]
+    assert sorted(result.grown[0].tolist()) == [10, 40]
+    assert result.reset[0].tolist() == [40]  # flat positions, only the newly active one
 
 
 def test_dense_gradient_needs_follow_the_grow_criterion() -> None:

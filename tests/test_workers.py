@@ -82,3 +82,19 @@ def test_updates_are_identical_on_one_and_two_threads():
     assert all(torch.equal(a, b) for a, b in zip(masks_1, masks_2))
     assert all(torch.equal(a, b) for a, b in zip(weights_1, weights_2))
     assert [int(m.sum()) for m in masks_1] == counts_1
+
+
+def test_scratch_is_per_thread_and_counted_over_all_threads(two_threads):
+    from granet import topk
+
+    topk.release_scratch()
+    assert topk.scratch_bytes() == 0
+
+    def use(i: int) -> str:
+        topk.scratch(4096, torch.float32, torch.device("cpu"), slot=7)
+        return threading.current_thread().name
+
+    threads = set(workers.layer_map(use, 8, cpu=True))
+    assert topk.scratch_bytes() == 4096 * 4 * len(threads)
+    topk.release_scratch()
+    assert topk.scratch_bytes() == 0

@@ -26,6 +26,7 @@ allocations of that size cost more in page faults than the work done in them.
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -46,13 +47,26 @@ Loader = Callable[[], torch.Tensor]
 Gatherer = Callable[[torch.Tensor], torch.Tensor]
 
 
+class _Buffers(dict):
+    """One thread's buffers, keyed by (dtype, device, slot): a dict that can be weakly referenced,
+    hashed and compared by identity (for the weak set of all threads' buffers)."""
+
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+
+
 class _ScratchBuffers(threading.local):
-    """Per-thread reusable buffers, keyed by (dtype, device, slot)."""
+    """Per-thread reusable buffers; every live thread's are also in ``_ALL_BUFFERS`` (weakly: they
+    are freed with their thread) for the memory accounting."""
 
     def __init__(self) -> None:
-        self.buffers: dict[tuple[torch.dtype, torch.device, int], torch.Tensor] = {}
+        self.buffers = _Buffers()
+        with _ALL_LOCK:
+            _ALL_BUFFERS.add(self.buffers)
 
 
+_ALL_BUFFERS: "weakref.WeakSet[_Buffers]" = weakref.WeakSet()
+_ALL_LOCK = threading.Lock()
 _SCRATCH = _ScratchBuffers()
 
 
@@ -68,13 +82,17 @@ def scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int = 0)
 
 
 def scratch_bytes() -> int:
-    """Bytes held by this thread's scratch buffers (for memory accounting)."""
-    return sum(b.numel() * b.element_size() for b in _SCRATCH.buffers.values())
+    """Bytes held by the scratch buffers of every thread (the caller's and the layer threads')."""
+    with _ALL_LOCK:
+        return sum(b.numel() * b.element_size() for buffers in _ALL_BUFFERS for b in list(buffers.values()))
 
 
 def release_scratch() -> None:
-    """Free this thread's scratch buffers (they are re-created on demand)."""
-    _SCRATCH.buffers.clear()
+    """Free the scratch buffers of every thread (they are re-created on demand); call it between
+    updates, not during one."""
+    with _ALL_LOCK:
+        for buffers in _ALL_BUFFERS:
+            buffers.clear()
 
 
 def select_top_plain(scores: torch.Tensor, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -125,23 +125,27 @@ def grow_positions(scores: torch.Tensor, kept: torch.Tensor, n_grow: int, genera
     ``select_top(torch.where(kept, -1.0, scores), n_grow, generator)``, computed without a float
     copy or a pass over a mask. ``free``: the number of candidates, when the caller knows it.
     """
+    return _grow(scores, kept, n_grow, generator, free, magnitude, as_index=True)
+
+
+def grow_layer(scores: torch.Tensor, kept: torch.Tensor, n_grow: int, generator: torch.Generator,
+               free: Optional[int] = None, magnitude: bool = False) -> torch.Tensor:
+    """:func:`grow_positions` as a mask shaped like ``scores`` (cheaper when many are regrown)."""
+    return _grow(scores, kept, n_grow, generator, free, magnitude, as_index=False).view(scores.shape)
+
+
+def _grow(scores, kept, n_grow, generator, free, magnitude, as_index) -> torch.Tensor:
     flat = scores.detach().reshape(-1)
     if flat.numel() < _BRACKET_MIN_SIZE:
         values = flat.abs() if magnitude else flat
-        return select_top(torch.where(kept.reshape(-1), -1.0, values), n_grow, generator).nonzero().squeeze(1)
+        grown = select_top(torch.where(kept.reshape(-1), -1.0, values), n_grow, generator)
+        return grown.nonzero().squeeze(1) if as_index else grown
     candidates = scratch(flat.numel(), torch.bool, flat.device, slot=2)  # ~kept
     torch.logical_not(kept.reshape(-1), out=candidates)
     load = _magnitudes(flat) if magnitude else (lambda: flat)
     gather = _gather_magnitudes(flat) if magnitude else (lambda i: flat.index_select(0, i.to(flat.device)))
     return select_top_segments([load], [gather], [candidates], [flat.numel()], n_grow, generator,
-                               competitors=None if free is None else [free], as_index=True)[0]
-
-
-def grow_layer(scores: torch.Tensor, kept: torch.Tensor, n_grow: int, generator: torch.Generator) -> torch.Tensor:
-    """:func:`grow_positions` as a mask shaped like ``scores``."""
-    grown = torch.zeros(kept.numel(), dtype=torch.bool, device=kept.device)
-    grown[grow_positions(scores, kept, n_grow, generator)] = True
-    return grown.view(scores.shape)
+                               competitors=None if free is None else [free], as_index=as_index)[0]
 
 
 def _magnitudes(w: torch.Tensor):

@@ -38,6 +38,10 @@ from .topology import UpdateReport
 from .workers import layer_map, on_cpu
 
 
+# Regrowth of fewer than 1/_POSITIONS_BELOW of a layer's entries is handled as positions, more as a mask.
+_POSITIONS_BELOW = 16
+
+
 @dataclass
 class Regrowth:
     """The result of one drop-and-regrow phase.
@@ -216,6 +220,10 @@ class TopologyUpdater:
                 continue
             layer = report.layers[names[i]]
             layer["dropped"], layer["regrown"] = drops[i], grows[i]
+            if grown.dtype == torch.bool:  # a mask (many regrown)
+                result.reset[i] = grown & ~masks[i] if self.config.reinit_regrown == "new" else grown
+                result.masks[i] = kept | grown
+                continue
             old = masks[i].reshape(-1)
             result.reset[i] = grown[~old.index_select(0, grown)] if self.config.reinit_regrown == "new" else grown
             new = kept.clone() if kept is masks[i] else kept  # a fresh mask: filled in place
@@ -225,9 +233,11 @@ class TopologyUpdater:
 
     def _grow(self, param: torch.Tensor, name: str, optimizer: Optional[torch.optim.Optimizer],
               generator: torch.Generator, kept: torch.Tensor, n_grow: int, free: int) -> torch.Tensor:
-        """Flat positions of the ``n_grow`` best candidates outside ``kept`` by the grow score."""
+        """The ``n_grow`` best candidates outside ``kept`` by the grow score: flat positions when
+        few are regrown, a mask shaped like ``param`` when many are (positions then cost more)."""
+        grow = topology.grow_positions if n_grow * _POSITIONS_BELOW < param.numel() else topology.grow_layer
         source = None if self.grow.magnitude_of is None else self.grow.magnitude_of(param, name, optimizer)
         if source is not None and source.dtype == param.dtype and source.shape == param.shape:
-            return topology.grow_positions(source, kept, n_grow, generator, free=free, magnitude=True)
+            return grow(source, kept, n_grow, generator, free=free, magnitude=True)
         scores = self.grow.score(param, name, optimizer, generator)
-        return topology.grow_positions(scores.to(param.dtype), kept, n_grow, generator, free=free)
+        return grow(scores.to(param.dtype), kept, n_grow, generator, free=free)
