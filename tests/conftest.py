@@ -2,7 +2,17 @@
 share the machine's cores instead of oversubscribing them."""
 import os
 
+import pytest
 import torch
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def two_threads():
+    """torch on two intra-op threads for one test (the code paths that use several threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)

@@ -186,14 +186,6 @@ class _ThreadRecordingLinear(SparseLinear):
         return super()._mv(v)
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_vector_threads_apply_only_inside_the_one_row_product(two_threads):
     dense = _sparsify(nn.Linear(32, 16), 0.1, seed=0)
     layer = _ThreadRecordingLinear(dense.weight, dense.bias, vector_threads=1)

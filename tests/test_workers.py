@@ -11,14 +11,6 @@ import granet
 from granet import workers
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_layer_map_keeps_order_and_uses_the_pool(two_threads):
     names = workers.layer_map(lambda i: (i, threading.current_thread().name), 40, cpu=True)
     assert [i for i, _ in names] == list(range(40))
