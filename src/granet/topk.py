@@ -19,9 +19,12 @@ once (a global threshold over all layers) without concatenating them:
    over them is the one the definition draws.
 
 Sparse layers take a shorter way: when fewer than 1/8 of the entries compete, they are gathered
-(index order) and selected among directly. Scratch memory (:func:`scratch`) is a few buffers the
-size of the largest tensor seen, per thread, dtype and device, reused across calls: fresh
-allocations of that size cost more in page faults than the work done in them.
+(index order) and selected among directly. The passes over several segments run on the layer
+threads of :mod:`granet.workers`. With ``as_index`` the result is the selected positions instead of
+masks: a selection at the top end (regrowth) is then read off the band without any mask pass.
+Scratch memory (:func:`scratch`) is a few buffers the size of the largest tensor seen, per thread,
+dtype and device, reused across calls: fresh allocations of that size cost more in page faults
+than the work done in them.
 """
 from __future__ import annotations
 
@@ -131,8 +134,8 @@ def select_top(scores: torch.Tensor, k: int, generator: Optional[torch.Generator
     n = flat.numel()
     if n < _BRACKET_MIN_SIZE or k <= 0 or k >= n:
         return select_top_plain(scores, k, generator)
-    out = select_top_segments([lambda: flat], [lambda i: flat.index_select(0, i.to(flat.device))], [None], [n], k, generator,
-                              sentinel=None)
+    out = select_top_segments([lambda: flat], [lambda i: flat.index_select(0, i.to(flat.device))], [None], [n], k,
+                              generator, sentinel=None)
     return out[0].view_as(scores)
 
 

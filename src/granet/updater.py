@@ -194,9 +194,10 @@ class TopologyUpdater:
         seed = self.config.seed
         fraction = self.drop_fraction(step)
         report.drop_fraction = fraction
-        drops = [0 if counts[i] == p.numel() else int(fraction * counts[i]) for i, p in enumerate(params)]  # floor, as in RigL
+        # floor, as in RigL; dense layers (and tiny ones, n_drop = 0) are left alone
+        drops = [0 if counts[i] == p.numel() else int(fraction * counts[i]) for i, p in enumerate(params)]
 
-        def drop(i: int) -> Optional[torch.Tensor]:  # dense layers and tiny ones are left alone
+        def drop(i: int) -> Optional[torch.Tensor]:
             if drops[i] == 0:
                 return None
             return topology.keep_largest(params[i], masks[i], counts[i] - drops[i],
@@ -207,29 +208,32 @@ class TopologyUpdater:
             grows = list(drops)
         else:
             grows = topology.momentum_shares(params, optimizer, kept_masks, drops)
-        result = Regrowth(masks=list(masks), reset=[None] * len(params), grown=[None] * len(params))
+
         def grow(i: int) -> Optional[torch.Tensor]:
             if kept_masks[i] is None:
                 return None
             return self._grow(params[i], names[i], optimizer, seeded_generator(seed, "grow", step, i), kept_masks[i],
                               grows[i], params[i].numel() - counts[i] + drops[i])
 
-        all_grown = layer_map(grow, len(params), on_cpu(params))
-        for i, (kept, grown) in enumerate(zip(kept_masks, all_grown)):
-            if kept is None or grown is None:
-                continue
-            layer = report.layers[names[i]]
-            layer["dropped"], layer["regrown"] = drops[i], grows[i]
-            if grown.dtype == torch.bool:  # a mask (many regrown)
-                result.reset[i] = grown & ~masks[i] if self.config.reinit_regrown == "new" else grown
-                result.masks[i] = kept | grown
-                continue
-            old = masks[i].reshape(-1)
-            result.reset[i] = grown[~old.index_select(0, grown)] if self.config.reinit_regrown == "new" else grown
-            new = kept.clone() if kept is masks[i] else kept  # a fresh mask: filled in place
-            new.view(-1).index_fill_(0, grown, True)
-            result.masks[i], result.grown[i] = new, grown
+        result = Regrowth(masks=list(masks), reset=[None] * len(params), grown=[None] * len(params))
+        for i, (kept, grown) in enumerate(zip(kept_masks, layer_map(grow, len(params), on_cpu(params)))):
+            if kept is not None and grown is not None:
+                report.layers[names[i]].update(dropped=drops[i], regrown=grows[i])
+                self._combine(result, i, masks[i], kept, grown)
         return result
+
+    def _combine(self, result: Regrowth, i: int, old: torch.Tensor, kept: torch.Tensor, grown: torch.Tensor) -> None:
+        """Layer ``i``'s new mask and reset positions from the mask after the drop and the regrown
+        ones (a mask, or flat positions, which also go to ``result.grown``)."""
+        fresh_only = self.config.reinit_regrown == "new"
+        if grown.dtype == torch.bool:  # a mask (many regrown)
+            result.reset[i] = grown & ~old if fresh_only else grown
+            result.masks[i] = kept | grown
+            return
+        result.reset[i] = grown[~old.reshape(-1).index_select(0, grown)] if fresh_only else grown
+        new = kept.clone() if kept is old else kept  # a fresh mask: filled in place
+        new.view(-1).index_fill_(0, grown, True)
+        result.masks[i], result.grown[i] = new, grown
 
     def _grow(self, param: torch.Tensor, name: str, optimizer: Optional[torch.optim.Optimizer],
               generator: torch.Generator, kept: torch.Tensor, n_grow: int, free: int) -> torch.Tensor:

@@ -66,8 +66,9 @@ def layer_map(fn: Callable[[int], T], n: int, cpu: bool) -> list[T]:
     """``[fn(i) for i in range(n)]``, on the layer threads when ``cpu`` (the work is on CPU tensors).
 
     Runs in order on the calling thread when ``cpu`` is false, when torch uses one thread, and
-    inside a layer thread (pools never nest: a layer thread waiting for its own pool could deadlock). Grad mode, which is
-    per thread, is carried over; the first exception raised by ``fn`` is re-raised here.
+    inside a layer thread (pools never nest: a layer thread waiting for its own pool could
+    deadlock). Grad mode, which is per thread, is carried over; the first exception raised by
+    ``fn`` is re-raised here.
     """
     threads = torch.get_num_threads()
     if not cpu or threads < 2 or n < 2 or getattr(_inside, "layer_thread", False):
