@@ -250,7 +250,7 @@ class MaskedParameters:
                     else:
                         buf.view(-1).index_fill_(0, positions, 0.0)
 
-        layer_map(install, len(self._params), on_cpu(self._masks))
+        layer_map(install, len(self._params), on_cpu(self._masks), costs=self._sizes)
 
     def _explore(self, layers: list[int], grown: Optional[list[Optional[torch.Tensor]]]) -> None:
         """Add the regrown positions of ``layers`` to the exploration record (a layer the update
@@ -266,7 +266,7 @@ class MaskedParameters:
             else:
                 set_bits(ever[i], positions)
 
-        layer_map(explore, len(layers), on_cpu(self._masks))
+        layer_map(explore, len(layers), on_cpu(self._masks), costs=[self._sizes[i] for i in layers])
 
     @torch.no_grad()
     def _install_exactly(self, masks: Sequence[torch.Tensor]) -> None:

@@ -236,7 +236,7 @@ def _bracketed(loads, gathers, valids, sizes, m, k, generator, sentinel, as_inde
     lo = sample.kthvalue(s - lo_rank).values if lo_rank < s else None
     if sentinel is not None and ((hi is not None and hi < sentinel) or (lo is not None and lo <= sentinel)):
         return None  # the threshold may reach the sentinel: the non-competing entries would count
-    marks, band_index, band_values = _band_pass(loads, valids, hi, lo)
+    marks, band_index, band_values = _band_pass(loads, valids, sizes, hi, lo)
     n_above = sum(int(torch.count_nonzero(a)) for a in marks if a is not None)
     need = k - n_above
     values = band_values[0] if len(band_values) == 1 else torch.cat([v.to(band_values[0].device) for v in band_values])
@@ -268,7 +268,7 @@ def _bracketed(loads, gathers, valids, sizes, m, k, generator, sentinel, as_inde
     return _finish(marks, ties, chosen, sizes, as_index)
 
 
-def _band_pass(loads, valids, hi, lo) -> tuple[list[Optional[torch.Tensor]], list[torch.Tensor], list[torch.Tensor]]:
+def _band_pass(loads, valids, sizes, hi, lo) -> tuple[list[Optional[torch.Tensor]], list[torch.Tensor], list[torch.Tensor]]:
     """One pass per segment: marks of the entries above ``hi`` (``None`` without ``hi``), and index
     and value of those in (lo, hi]. Segments run on the layer threads (:mod:`granet.workers`)."""
     def segment(i: int) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -291,7 +291,7 @@ def _band_pass(loads, valids, hi, lo) -> tuple[list[Optional[torch.Tensor]], lis
         return above, index, values.index_select(0, index)
 
     cpu = on_cpu([hi, lo, *valids])
-    marks, band_index, band_values = zip(*layer_map(segment, len(loads), cpu)) if loads else ((), (), ())
+    marks, band_index, band_values = zip(*layer_map(segment, len(loads), cpu, costs=sizes)) if loads else ((), (), ())
     return list(marks), list(band_index), list(band_values)
 
 
@@ -333,7 +333,7 @@ def _compacted(gathers, valids, sizes, k, generator, sentinel, as_index=False) -
         idx = torch.arange(sizes[i]) if valids[i] is None else _nonzero(valids[i])
         return idx, gathers[i](idx)
 
-    index, gathered = (list(t) for t in zip(*layer_map(collect, len(sizes), on_cpu(valids))))
+    index, gathered = (list(t) for t in zip(*layer_map(collect, len(sizes), on_cpu(valids), costs=sizes)))
     values = gathered[0] if len(gathered) == 1 else torch.cat([g.to(gathered[0].device) for g in gathered])
     if k >= values.numel():
         return None  # the threshold is the sentinel (or the least competitor): left to the definition
@@ -350,4 +350,4 @@ def _compacted(gathers, valids, sizes, k, generator, sentinel, as_index=False) -
             return valid.clone().index_fill_(0, idx[~pick], False)  # most are chosen: clear the others
         return torch.zeros(sizes[i], dtype=torch.bool, device=idx.device).index_fill_(0, idx[pick], True)
 
-    return layer_map(scatter, len(sizes), on_cpu(valids))
+    return layer_map(scatter, len(sizes), on_cpu(valids), costs=sizes)

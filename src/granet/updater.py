@@ -172,7 +172,7 @@ class TopologyUpdater:
             return topology.keep_largest(params[i], masks[i], target, seeded_generator(seed, "prune", step, i),
                                          active=counts[i])
 
-        return layer_map(prune_layer, len(params), on_cpu(params))
+        return layer_map(prune_layer, len(params), on_cpu(params), costs=[p.numel() for p in params])
 
     def drop_and_grow(
         self,
@@ -203,28 +203,28 @@ class TopologyUpdater:
             return topology.keep_largest(params[i], masks[i], counts[i] - drops[i],
                                          seeded_generator(seed, "drop", step, i), active=counts[i])
 
-        kept_masks = layer_map(drop, len(params), on_cpu(params))
-        if self.config.redistribute == "none":
-            grows = list(drops)
-        else:
-            grows = topology.momentum_shares(params, optimizer, kept_masks, drops)
-
-        def grow(i: int) -> Optional[torch.Tensor]:
-            if kept_masks[i] is None:
-                return None
-            return self._grow(params[i], names[i], optimizer, seeded_generator(seed, "grow", step, i), kept_masks[i],
-                              grows[i], params[i].numel() - counts[i] + drops[i])
+        def grow(i: int, kept: Optional[torch.Tensor], n_grow: int) -> None:
+            if kept is None:
+                return
+            grown = self._grow(params[i], names[i], optimizer, seeded_generator(seed, "grow", step, i), kept,
+                               n_grow, params[i].numel() - counts[i] + drops[i])
+            report.layers[names[i]].update(dropped=drops[i], regrown=n_grow)
+            self._combine(result, i, masks[i], kept, grown)
 
         result = Regrowth(masks=list(masks), reset=[None] * len(params), grown=[None] * len(params))
-        for i, (kept, grown) in enumerate(zip(kept_masks, layer_map(grow, len(params), on_cpu(params)))):
-            if kept is not None and grown is not None:
-                report.layers[names[i]].update(dropped=drops[i], regrown=grows[i])
-                self._combine(result, i, masks[i], kept, grown)
+        cpu, sizes = on_cpu(params), [p.numel() for p in params]
+        if self.config.redistribute == "none":  # each layer regrows what it dropped: one task per layer
+            layer_map(lambda i: grow(i, drop(i), drops[i]), len(params), cpu, costs=sizes)
+        else:  # the regrowth shares need every layer's drop first
+            kept_masks = layer_map(drop, len(params), cpu, costs=sizes)
+            grows = topology.momentum_shares(params, optimizer, kept_masks, drops)
+            layer_map(lambda i: grow(i, kept_masks[i], grows[i]), len(params), cpu, costs=sizes)
         return result
 
     def _combine(self, result: Regrowth, i: int, old: torch.Tensor, kept: torch.Tensor, grown: torch.Tensor) -> None:
         """Layer ``i``'s new mask and reset positions from the mask after the drop and the regrown
-        ones (a mask, or flat positions, which also go to ``result.grown``)."""
+        ones (a mask, or flat positions, which also go to ``result.grown``). Called on the layer
+        threads: it writes entry ``i`` of the result only."""
         fresh_only = self.config.reinit_regrown == "new"
         if grown.dtype == torch.bool:  # a mask (many regrown)
             result.reset[i] = grown & ~old if fresh_only else grown

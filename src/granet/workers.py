@@ -62,9 +62,11 @@ def on_cpu(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
     return all(t is None or t.device.type == "cpu" for t in tensors)
 
 
-def layer_map(fn: Callable[[int], T], n: int, cpu: bool) -> list[T]:
+def layer_map(fn: Callable[[int], T], n: int, cpu: bool, costs: Optional[Sequence[int]] = None) -> list[T]:
     """``[fn(i) for i in range(n)]``, on the layer threads when ``cpu`` (the work is on CPU tensors).
 
+    ``costs`` (e.g. layer sizes) orders the work largest first, so that a large layer does not
+    start last and leave the other threads idle; results come back in index order either way.
     Runs in order on the calling thread when ``cpu`` is false, when torch uses one thread, and
     inside a layer thread (pools never nest: a layer thread waiting for its own pool could
     deadlock). Grad mode, which is per thread, is carried over; the first exception raised by
@@ -80,4 +82,6 @@ def layer_map(fn: Callable[[int], T], n: int, cpu: bool) -> list[T]:
         with torch.set_grad_enabled(grad):
             return fn(i)
 
-    return list(_get_pool(size, max(1, threads // size)).map(call, range(n)))
+    order = list(range(n)) if costs is None else sorted(range(n), key=lambda i: -costs[i])
+    futures = {i: _get_pool(size, max(1, threads // size)).submit(call, i) for i in order}
+    return [futures[i].result() for i in range(n)]
