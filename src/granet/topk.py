@@ -236,8 +236,7 @@ def _bracketed(loads, gathers, valids, sizes, m, k, generator, sentinel, as_inde
     lo = sample.kthvalue(s - lo_rank).values if lo_rank < s else None
     if sentinel is not None and ((hi is not None and hi < sentinel) or (lo is not None and lo <= sentinel)):
         return None  # the threshold may reach the sentinel: the non-competing entries would count
-    marks, band_index, band_values = _band_pass(loads, valids, sizes, hi, lo)
-    n_above = sum(int(torch.count_nonzero(a)) for a in marks if a is not None)
+    marks, n_above, band_index, band_values = _band_pass(loads, valids, sizes, hi, lo)
     need = k - n_above
     values = band_values[0] if len(band_values) == 1 else torch.cat([v.to(band_values[0].device) for v in band_values])
     if need < 0:
@@ -268,10 +267,12 @@ def _bracketed(loads, gathers, valids, sizes, m, k, generator, sentinel, as_inde
     return _finish(marks, ties, chosen, sizes, as_index)
 
 
-def _band_pass(loads, valids, sizes, hi, lo) -> tuple[list[Optional[torch.Tensor]], list[torch.Tensor], list[torch.Tensor]]:
-    """One pass per segment: marks of the entries above ``hi`` (``None`` without ``hi``), and index
-    and value of those in (lo, hi]. Segments run on the layer threads (:mod:`granet.workers`)."""
-    def segment(i: int) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+def _band_pass(loads, valids, sizes, hi, lo) -> tuple[list[Optional[torch.Tensor]], int, list[torch.Tensor],
+                                                      list[torch.Tensor]]:
+    """One pass per segment: marks of the entries above ``hi`` (``None`` without ``hi``), their
+    total count, and index and value of those in (lo, hi]. Segments run on the layer threads
+    (:mod:`granet.workers`)."""
+    def segment(i: int) -> tuple[Optional[torch.Tensor], int, torch.Tensor, torch.Tensor]:
         values, valid = loads[i](), valids[i]
         above = None
         if hi is not None:
@@ -288,11 +289,11 @@ def _band_pass(loads, valids, sizes, hi, lo) -> tuple[list[Optional[torch.Tensor
         if valid is not None:
             band &= valid
         index = _nonzero(band)
-        return above, index, values.index_select(0, index)
+        return above, 0 if above is None else int(torch.count_nonzero(above)), index, values.index_select(0, index)
 
     cpu = on_cpu([hi, lo, *valids])
-    marks, band_index, band_values = zip(*layer_map(segment, len(loads), cpu, costs=sizes)) if loads else ((), (), ())
-    return list(marks), list(band_index), list(band_values)
+    marks, counts, band_index, band_values = zip(*layer_map(segment, len(loads), cpu, costs=sizes))
+    return list(marks), sum(counts), list(band_index), list(band_values)
 
 
 def _nonzero(flags: torch.Tensor) -> torch.Tensor:
