@@ -90,3 +90,12 @@ def test_scratch_is_per_thread_and_counted_over_all_threads(two_threads):
     assert topk.scratch_bytes() == 4096 * 4 * len(threads)
     topk.release_scratch()
     assert topk.scratch_bytes() == 0
+
+
+def test_changing_the_thread_count_starts_a_new_pool_and_keeps_working(two_threads):
+    assert workers.layer_map(lambda i: torch.get_num_threads(), 3, cpu=True) == [1, 1, 1]
+    torch.set_num_threads(4)  # 4 layer threads of 1 intra-op thread each
+    names = workers.layer_map(lambda i: (torch.get_num_threads(), threading.current_thread().name), 8, cpu=True)
+    assert {t for t, _ in names} == {1} and all(n.startswith("granet-layer") for _, n in names)
+    torch.set_num_threads(2)
+    assert workers.layer_map(lambda i: i * i, 5, cpu=True, costs=[1, 5, 2, 4, 3]) == [0, 1, 4, 9, 16]

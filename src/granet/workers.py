@@ -44,8 +44,8 @@ def _get_pool(size: int, intra: int) -> ThreadPoolExecutor:
     global _pool, _pool_key
     with _lock:
         if _pool is None or _pool_key != (size, intra):
-            if _pool is not None:
-                _pool.shutdown(wait=False)
+            # The old pool is only dropped, not shut down: a caller may still be submitting to it;
+            # its threads exit once it is garbage-collected and its queue is empty.
             _pool = ThreadPoolExecutor(size, thread_name_prefix="granet-layer",
                                        initializer=_start_layer_thread, initargs=(intra,))
             _pool_key = (size, intra)
@@ -83,5 +83,6 @@ def layer_map(fn: Callable[[int], T], n: int, cpu: bool, costs: Optional[Sequenc
             return fn(i)
 
     order = list(range(n)) if costs is None else sorted(range(n), key=lambda i: -costs[i])
-    futures = {i: _get_pool(size, max(1, threads // size)).submit(call, i) for i in order}
+    pool = _get_pool(size, max(1, threads // size))
+    futures = {i: pool.submit(call, i) for i in order}
     return [futures[i].result() for i in range(n)]
