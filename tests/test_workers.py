@@ -99,3 +99,13 @@ def test_changing_the_thread_count_starts_a_new_pool_and_keeps_working(two_threa
     assert {t for t, _ in names} == {1} and all(n.startswith("granet-layer") for _, n in names)
     torch.set_num_threads(2)
     assert workers.layer_map(lambda i: i * i, 5, cpu=True, costs=[1, 5, 2, 4, 3]) == [0, 1, 4, 9, 16]
+
+
+def test_threads_started_later_keep_the_callers_count(two_threads):
+    torch.set_num_threads(3)  # a new pool: its threads start during this call
+    workers.layer_map(lambda i: i, 3, cpu=True)
+    seen = []
+    later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    later.start()
+    later.join()
+    assert seen == [3] and torch.get_num_threads() == 3

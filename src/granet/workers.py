@@ -54,6 +54,10 @@ def _get_pool(size: int, intra: int) -> ThreadPoolExecutor:
 
 def _start_layer_thread(intra: int) -> None:
     _inside.layer_thread = True
+    # torch sets a thread's intra-op count lazily, from the process-wide value, at its first use;
+    # trigger that first, so that a later change of the process-wide value (another thread calling
+    # torch.set_num_threads) cannot override the count set here.
+    torch.get_num_threads()
     torch.set_num_threads(intra)
 
 
@@ -85,4 +89,9 @@ def layer_map(fn: Callable[[int], T], n: int, cpu: bool, costs: Optional[Sequenc
     order = list(range(n)) if costs is None else sorted(range(n), key=lambda i: -costs[i])
     pool = _get_pool(size, max(1, threads // size))
     futures = {i: pool.submit(call, i) for i in order}
-    return [futures[i].result() for i in range(n)]
+    try:
+        return [futures[i].result() for i in range(n)]
+    finally:
+        # A layer thread that just started set torch's process-wide count (the one threads started
+        # later begin with) to its own: put back this thread's, which is unchanged.
+        torch.set_num_threads(threads)
