@@ -351,3 +351,31 @@ def test_granet_drop_fraction_decays_over_the_whole_run_when_t0_is_late(method):
         if report is not None:
             fractions[report.step] = report.drop_fraction
     assert fractions == {t: closed_form(t) for t in range(10, T, 10)}
+
+
+def _snfs_run(channels_last: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 64, 3), nn.ReLU(), nn.Conv2d(64, 128, 3), nn.Flatten(), nn.LazyLinear(10))
+    model(torch.randn(2, 16, 8, 8))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    s = granet.create_sparsifier("snfs", model, opt, density=0.05, total_steps=8, update_interval=2)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(8):
+        x, y = torch.randn(4, 16, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        s.step()
+    return list(s.masks.values()), [opt.state[p]["momentum_buffer"].contiguous() for p in s.params]
+
+
+def test_snfs_resets_momentum_at_regrown_positions_in_channels_last_state():
+    masks_a, moms_a = _snfs_run(channels_last=False)
+    masks_b, moms_b = _snfs_run(channels_last=True)
+    assert all(torch.equal(a, b) for a, b in zip(masks_a, masks_b))
+    # Regrown weights start with zero momentum in both layouts (SNFS keeps the rest of the state).
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(moms_a, moms_b))

@@ -109,3 +109,4 @@ def test_threads_started_later_keep_the_callers_count(two_threads):
     later.start()
     later.join()
     assert seen == [3] and torch.get_num_threads() == 3
+

@@ -247,8 +247,11 @@ class MaskedParameters:
                 for buf in states:
                     if positions is None:
                         buf.masked_fill_(reset[i], 0.0)
-                    else:
+                    elif buf.is_contiguous():
                         buf.view(-1).index_fill_(0, positions, 0.0)
+                    else:  # e.g. channels_last state: positions are in logical (row-major) order
+                        at = torch.zeros(buf.numel(), dtype=torch.bool, device=buf.device)
+                        buf.masked_fill_(at.index_fill_(0, positions, True).view(buf.shape), 0.0)
 
         layer_map(install, len(self._params), on_cpu(self._masks), costs=self._sizes)
 
