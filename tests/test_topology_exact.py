@@ -4,7 +4,8 @@ The oracle is ``tests/frozen_topology.py``: full ``kthvalue`` threshold, ``randp
 over tied positions in index order, float score copies. Inputs are random, with heavy ties (zeros,
 few distinct values, -1 "inactive" scores), on both sides of the sampled-bracket size threshold.
 The last test runs the real sparsifier for every dynamic method and checks each update against the
-frozen copy of the update algorithm, state injected at every update.
+frozen copy of the update algorithm, state injected at every update. Every test runs twice: with the
+native kernels of ``granet.native`` (where they build) and with torch operations only.
 """
 from __future__ import annotations
 
@@ -14,12 +15,20 @@ from torch import nn
 
 import frozen_topology as ref
 import granet
-from granet import criteria, topology
+from granet import criteria, native, topology
 from granet.criteria import seeded_generator
 from granet.masking import pack_bits, set_bits, zero_outside
 from granet.topk import select_top_segments
 
 BELOW, ABOVE = 5_000, (1 << 16) + 37  # either side of the bracketed path's size threshold
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def kernels(request):
+    """Run the test with the native selection kernels and with torch operations only."""
+    before = native.set_enabled(request.param == "native")
+    yield request.param
+    native.set_enabled(before)
 
 
 def _scores(kind: str, n: int, seed: int) -> torch.Tensor:

@@ -34,6 +34,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from . import native
 from .workers import layer_map, on_cpu
 
 # Below this many entries a full kthvalue is cheap; above it, selection brackets the threshold.
@@ -48,6 +49,37 @@ _ONE_SIDED = 0.05
 
 Loader = Callable[[], torch.Tensor]
 Gatherer = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Scores:
+    """One segment's scores for :func:`select_top_segments`: a tensor, or its magnitudes with
+    ``absolute`` (no float copy of them is kept).
+
+    Called, it loads the flat scores (``|x|`` into float scratch memory, valid until the next
+    load); :meth:`gather` reads them at a few positions. Passed as a loader, it also lets the
+    selection passes run the fused kernels of :mod:`granet.native` on the tensor itself.
+    """
+
+    __slots__ = ("flat", "absolute")
+
+    def __init__(self, tensor: torch.Tensor, absolute: bool = False) -> None:
+        self.flat = tensor.detach().reshape(-1)
+        self.absolute = absolute
+
+    def __call__(self) -> torch.Tensor:
+        if not self.absolute:
+            return self.flat
+        return torch.abs(self.flat, out=scratch(self.flat.numel(), self.flat.dtype, self.flat.device, slot=0))
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """The scores at flat ``index`` (on the tensor's device)."""
+        values = self.flat.index_select(0, index.to(self.flat.device))
+        return values.abs_() if self.absolute else values
+
+
+def _native(load: Loader, *masks: Optional[torch.Tensor]) -> Optional[Scores]:
+    """``load`` when the fused kernels can run on it and ``masks``, else ``None``."""
+    return load if isinstance(load, Scores) and native.supports(load.flat, *masks) else None
 
 
 class _Buffers(dict):
@@ -107,7 +139,7 @@ def select_top_plain(scores: torch.Tensor, k: int, generator: Optional[torch.Gen
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
     # kthvalue(j) is the j-th smallest, so the k-th largest is the (n - k + 1)-th smallest.
-    threshold = flat.kthvalue(n - k + 1).values
+    threshold = _kth_smallest(flat, n - k + 1)
     mask = flat >= threshold
     extra = int(torch.count_nonzero(mask)) - k
     if extra > 0:  # ties at the threshold: keep only as many of them as there are slots left
@@ -117,6 +149,15 @@ def select_top_plain(scores: torch.Tensor, k: int, generator: Optional[torch.Gen
             ties = ties[torch.randperm(ties.numel(), generator=generator).to(ties.device)]
         mask[ties[keep:]] = False
     return mask.view_as(scores)
+
+
+def _kth_smallest(flat: torch.Tensor, j: int) -> torch.Tensor:
+    """``flat.kthvalue(j).values`` (a native quickselect where :mod:`granet.native` takes ``flat``)."""
+    if native.supports(flat) and flat.dtype == torch.float32:
+        value = native.kth_smallest(flat, j)
+        if value is not None:
+            return value
+    return flat.kthvalue(j).values
 
 
 def select_top(scores: torch.Tensor, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -134,8 +175,8 @@ def select_top(scores: torch.Tensor, k: int, generator: Optional[torch.Generator
     n = flat.numel()
     if n < _BRACKET_MIN_SIZE or k <= 0 or k >= n:
         return select_top_plain(scores, k, generator)
-    out = select_top_segments([lambda: flat], [lambda i: flat.index_select(0, i.to(flat.device))], [None], [n], k,
-                              generator, sentinel=None)
+    source = Scores(flat)
+    out = select_top_segments([source], [source.gather], [None], [n], k, generator, sentinel=None)
     return out[0].view_as(scores)
 
 
@@ -179,9 +220,9 @@ def select_top_segments(
     out = None
     if k < m:
         if m < _COMPACT_BELOW * n:  # few competitors (a sparse layer's active weights): gather them
-            out = _compacted(gathers, valids, sizes, k, generator, sentinel, as_index)
+            out = _compacted(loads, gathers, valids, sizes, competitors, k, generator, sentinel, as_index)
         else:
-            out = _bracketed(loads, gathers, valids, sizes, m, k, generator, sentinel, as_index)
+            out = _bracketed(loads, gathers, valids, sizes, competitors, k, generator, sentinel, as_index)
     return out if out is not None else _definition(loads, valids, sizes, k, generator, sentinel, as_index)
 
 
@@ -213,13 +254,14 @@ def _sample(gathers, valids, sizes, k) -> torch.Tensor:
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def _bracketed(loads, gathers, valids, sizes, m, k, generator, sentinel, as_index=False) -> Optional[list[torch.Tensor]]:
-    """Exact selection through a sampled bracket (``m`` competitors, ``0 < k < m``); ``None`` when it
-    misses (then the caller falls back to the definition)."""
+def _bracketed(loads, gathers, valids, sizes, competitors, k, generator, sentinel,
+               as_index=False) -> Optional[list[torch.Tensor]]:
+    """Exact selection through a sampled bracket (``sum(competitors)`` of them, ``0 < k <`` that);
+    ``None`` when it misses (then the caller falls back to the definition)."""
     sample = _sample(gathers, valids, sizes, k)
-    s = sample.numel()
+    s, m = sample.numel(), sum(competitors)
     if s < _MIN_VALID_SAMPLE:
-        return _compacted(gathers, valids, sizes, k, generator, sentinel, as_index)
+        return _compacted(loads, gathers, valids, sizes, competitors, k, generator, sentinel, as_index)
     p = k / m
     # Rank of the threshold in the sample, widened by ~8 binomial standard deviations each side;
     # rank r (0-based, descending) is the (s - r)-th smallest.
@@ -232,11 +274,15 @@ def _bracketed(loads, gathers, valids, sizes, m, k, generator, sentinel, as_inde
         hi_rank = -1
     elif p > 1 - _ONE_SIDED:
         lo_rank = s
-    hi = sample.kthvalue(s - hi_rank).values if hi_rank >= 0 else None
-    lo = sample.kthvalue(s - lo_rank).values if lo_rank < s else None
+    hi = _kth_smallest(sample, s - hi_rank) if hi_rank >= 0 else None
+    lo = _kth_smallest(sample, s - lo_rank) if lo_rank < s else None
     if sentinel is not None and ((hi is not None and hi < sentinel) or (lo is not None and lo <= sentinel)):
         return None  # the threshold may reach the sentinel: the non-competing entries would count
-    marks, n_above, band_index, band_values = _band_pass(loads, valids, sizes, hi, lo)
+    # The band's expected share of each segment's competitors (a guess for the native kernel's output).
+    share = (min(lo_rank, s) - max(hi_rank, 0)) / s
+    capacities = [int(1.5 * share * c) + 1024 for c in competitors]
+    marks, above_counts, band_index, band_values = _band_pass(loads, valids, sizes, hi, lo, capacities)
+    n_above = sum(above_counts)
     need = k - n_above
     values = band_values[0] if len(band_values) == 1 else torch.cat([v.to(band_values[0].device) for v in band_values])
     if need < 0:
@@ -247,7 +293,7 @@ def _bracketed(loads, gathers, valids, sizes, m, k, generator, sentinel, as_inde
         chosen = _select_band(values, need, generator, sum(sizes))
         if sentinel is not None and lo is None and need > 0 and not bool(values[chosen].min() > sentinel):
             return None
-        return _finish(marks, band_index, chosen, sizes, as_index)
+        return _finish(marks, above_counts, band_index, chosen, sizes, as_index)
     if lo is None:
         return None
     # Fewer than k entries above lo: the threshold is lo itself, tied with a mass of entries (zeros).
@@ -264,15 +310,22 @@ def _bracketed(loads, gathers, valids, sizes, m, k, generator, sentinel, as_inde
         chosen[:keep] = True
     else:
         chosen[torch.randperm(n_ties, generator=generator)[:keep]] = True
-    return _finish(marks, ties, chosen, sizes, as_index)
+    return _finish(marks, None, ties, chosen, sizes, as_index)
 
 
-def _band_pass(loads, valids, sizes, hi, lo) -> tuple[list[Optional[torch.Tensor]], int, list[torch.Tensor],
-                                                      list[torch.Tensor]]:
+def _band_pass(loads, valids, sizes, hi, lo, capacities) -> tuple[list[Optional[torch.Tensor]], list[int],
+                                                                  list[torch.Tensor], list[torch.Tensor]]:
     """One pass per segment: marks of the entries above ``hi`` (``None`` without ``hi``), their
-    total count, and index and value of those in (lo, hi]. Segments run on the layer threads
-    (:mod:`granet.workers`)."""
+    counts, and index and value of those in (lo, hi]. Segments run on the layer threads
+    (:mod:`granet.workers`), as one fused kernel each where :mod:`granet.native` can take them."""
     def segment(i: int) -> tuple[Optional[torch.Tensor], int, torch.Tensor, torch.Tensor]:
+        source = _native(loads[i], valids[i])
+        if source is not None:
+            above = None if hi is None else torch.empty(sizes[i], dtype=torch.bool)
+            n_above, index, values = native.band(source.flat, source.absolute, valids[i], False,
+                                                 None if hi is None else float(hi), None if lo is None else float(lo),
+                                                 above, capacities[i])
+            return above, n_above, index, values
         values, valid = loads[i](), valids[i]
         above = None
         if hi is not None:
@@ -293,7 +346,7 @@ def _band_pass(loads, valids, sizes, hi, lo) -> tuple[list[Optional[torch.Tensor
 
     cpu = on_cpu([hi, lo, *valids])
     marks, counts, band_index, band_values = zip(*layer_map(segment, len(loads), cpu, costs=sizes))
-    return list(marks), sum(counts), list(band_index), list(band_values)
+    return list(marks), list(counts), list(band_index), list(band_values)
 
 
 def _nonzero(flags: torch.Tensor) -> torch.Tensor:
@@ -301,23 +354,31 @@ def _nonzero(flags: torch.Tensor) -> torch.Tensor:
     return flags.nonzero().squeeze(1)
 
 
-def _finish(marks, index, chosen, sizes, as_index) -> list[torch.Tensor]:
-    """Masks (or positions) of the entries above the band plus the ``chosen`` ones of ``index``."""
+def _finish(marks, above_counts, index, chosen, sizes, as_index) -> list[torch.Tensor]:
+    """Masks (or positions) of the entries above the band (``above_counts`` of them per segment,
+    when known) plus the ``chosen`` ones of ``index``."""
     if as_index and all(mark is None for mark in marks):  # every selected entry is in the band
         return [idx[pick.to(idx.device)] for idx, pick in zip(index, chosen.split([i.numel() for i in index]))]
     _mark(marks, index, chosen, sizes)
-    return [_nonzero(mark) for mark in marks] if as_index else marks
+    if not as_index:
+        return marks
+    if above_counts is None or not native.supports(*marks):
+        return [_nonzero(mark) for mark in marks]
+    picked = [int(p.sum()) for p in chosen.split([i.numel() for i in index])]
+    return [native.compact(mark, n + p)[0] for mark, n, p in zip(marks, above_counts, picked)]
 
 
 def _mark(marks: list[Optional[torch.Tensor]], index: list[torch.Tensor], chosen: torch.Tensor,
           sizes: Sequence[int]) -> None:
     """Set ``marks[i][index[i][c]]`` for the chosen entries ``c`` of the concatenated indices
-    (a missing mark starts all ``False``)."""
+    (a missing mark starts all ``False``). The marks are ``False`` at every index (band and tie
+    positions are never above the band), so writing ``chosen`` there is the same, and a scatter
+    of all of them is several times faster than selecting the chosen ones first."""
     for i, (idx, pick) in enumerate(zip(index, chosen.split([i.numel() for i in index]))):
         if marks[i] is None:
             marks[i] = torch.zeros(sizes[i], dtype=torch.bool, device=idx.device)
         if idx.numel():
-            marks[i].index_fill_(0, idx[pick.to(idx.device)], True)
+            marks[i].scatter_(0, idx, pick.to(idx.device))
 
 
 def _select_band(values: torch.Tensor, k: int, generator: Optional[torch.Generator], parent: int) -> torch.Tensor:
@@ -328,10 +389,17 @@ def _select_band(values: torch.Tensor, k: int, generator: Optional[torch.Generat
     return select_top(values, k, generator)
 
 
-def _compacted(gathers, valids, sizes, k, generator, sentinel, as_index=False) -> Optional[list[torch.Tensor]]:
+def _compacted(loads, gathers, valids, sizes, competitors, k, generator, sentinel,
+               as_index=False) -> Optional[list[torch.Tensor]]:
     """Few competitors: gather them (index order), select among them, scatter back."""
     def collect(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.arange(sizes[i]) if valids[i] is None else _nonzero(valids[i])
+        if valids[i] is None:
+            idx = torch.arange(sizes[i])
+            return idx, gathers[i](idx)
+        source = _native(loads[i], valids[i])
+        if source is not None:  # positions and values in one pass
+            return native.compact(valids[i], competitors[i], x=source.flat, absolute=source.absolute)
+        idx = _nonzero(valids[i])
         return idx, gathers[i](idx)
 
     index, gathered = (list(t) for t in zip(*layer_map(collect, len(sizes), on_cpu(valids), costs=sizes)))
@@ -346,9 +414,7 @@ def _compacted(gathers, valids, sizes, k, generator, sentinel, as_index=False) -
     if as_index:
         return [idx[pick.to(idx.device)] for idx, pick in zip(index, picks)]
     def scatter(i: int) -> torch.Tensor:
-        valid, idx, pick = valids[i], index[i], picks[i].to(index[i].device)
-        if valid is not None and 2 * k > values.numel():
-            return valid.clone().index_fill_(0, idx[~pick], False)  # most are chosen: clear the others
-        return torch.zeros(sizes[i], dtype=torch.bool, device=idx.device).index_fill_(0, idx[pick], True)
+        idx = index[i]
+        return torch.zeros(sizes[i], dtype=torch.bool, device=idx.device).scatter_(0, idx, picks[i].to(idx.device))
 
     return layer_map(scatter, len(sizes), on_cpu(valids), costs=sizes)

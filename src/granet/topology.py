@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from .criteria import active_magnitudes, momentum_buffer, seeded_generator, select_top
-from .topk import _BRACKET_MIN_SIZE, scratch, select_top_segments
+from .topk import _BRACKET_MIN_SIZE, Scores, scratch, select_top_segments
 from .distributions import allocate_counts, get_distribution, layer_counts
 
 
@@ -92,10 +92,10 @@ def prune_global(
     Exactly ``select_top(cat(active_magnitudes(p, m)), target, generator)`` split per layer, computed
     layer by layer (no concatenated copy: scratch is O(largest layer)).
     """
-    flats = [p.detach().reshape(-1) for p in params]
+    scores = [Scores(p, absolute=True) for p in params]
     out = select_top_segments(
-        [_magnitudes(w) for w in flats], [_gather_magnitudes(w) for w in flats],
-        [m.reshape(-1) for m in masks], [w.numel() for w in flats], target, generator,
+        scores, [s.gather for s in scores], [m.reshape(-1) for m in masks], [p.numel() for p in params], target,
+        generator,
     )
     return [k.view(p.shape).to(p.device) for k, p in zip(out, params)]
 
@@ -107,10 +107,10 @@ def keep_largest(param: torch.Tensor, mask: torch.Tensor, keep: int, generator: 
     Exactly ``select_top(active_magnitudes(param, mask), keep, generator)``, without the float copy.
     ``active``: the number of active weights, when the caller knows it (saves a counting pass).
     """
-    w = param.detach().reshape(-1)
-    if w.numel() < _BRACKET_MIN_SIZE:  # small layers: the plain definition is cheapest
+    if param.numel() < _BRACKET_MIN_SIZE:  # small layers: the plain definition is cheapest
         return select_top(active_magnitudes(param, mask), keep, generator)
-    out = select_top_segments([_magnitudes(w)], [_gather_magnitudes(w)], [mask.reshape(-1)], [w.numel()],
+    w = Scores(param, absolute=True)
+    out = select_top_segments([w], [w.gather], [mask.reshape(-1)], [param.numel()],
                               keep, generator, competitors=None if active is None else [active])
     return out[0].view(param.shape)
 
@@ -142,22 +142,9 @@ def _grow(scores, kept, n_grow, generator, free, magnitude, as_index) -> torch.T
         return grown.nonzero().squeeze(1) if as_index else grown
     candidates = scratch(flat.numel(), torch.bool, flat.device, slot=2)  # ~kept
     torch.logical_not(kept.reshape(-1), out=candidates)
-    load = _magnitudes(flat) if magnitude else (lambda: flat)
-    gather = _gather_magnitudes(flat) if magnitude else (lambda i: flat.index_select(0, i.to(flat.device)))
-    return select_top_segments([load], [gather], [candidates], [flat.numel()], n_grow, generator,
+    source = Scores(flat, absolute=magnitude)
+    return select_top_segments([source], [source.gather], [candidates], [flat.numel()], n_grow, generator,
                                competitors=None if free is None else [free], as_index=as_index)[0]
-
-
-def _magnitudes(w: torch.Tensor):
-    """Loader of ``|w|`` into the float scratch buffer (valid until the next load)."""
-    def load() -> torch.Tensor:
-        return torch.abs(w, out=scratch(w.numel(), w.dtype, w.device, slot=0))
-    return load
-
-
-def _gather_magnitudes(w: torch.Tensor):
-    """``|w|`` at a few flat indices."""
-    return lambda index: w.index_select(0, index.to(w.device)).abs_()
 
 
 def momentum_shares(
