@@ -113,33 +113,35 @@ static inline uint32_t float_key(float f) {
 
 /* The j-th smallest (1-based, 1 <= j <= n) of x[0..n), as torch.kthvalue, by a radix select on
    the keys: three counting passes of 11, 11 and 10 bits, each over the entries that share the
-   bits found so far (no data-dependent swaps, ties cost nothing). NaN when x holds a NaN (the
+   bits found so far (no data-dependent swaps, ties cost nothing; n < 2^32). NaN when x holds a NaN (the
    caller then leaves it to torch, which orders NaN last). -0.0 and 0.0 compare equal everywhere
    the result is used, so either may be returned for a tie between them. */
 float granet_kth_f32(const float* x, int64_t n, int64_t j) {
     static const int shifts[3] = {21, 10, 0}, widths[3] = {11, 11, 10};
-    int64_t hist[2048];
+    uint32_t hist[2048];
     uint32_t prefix = 0, fixed = 0;
     int64_t rank = j - 1;
     for (int pass = 0; pass < 3; pass++) {
         int shift = shifts[pass];
-        uint32_t bins = 1u << widths[pass];
-        memset(hist, 0, sizeof(int64_t) * bins);
+        uint32_t bins = 1u << widths[pass], low = bins - 1;
+        memset(hist, 0, sizeof(uint32_t) * bins);
         if (pass == 0) {
+            int nan = 0;
             for (int64_t i = 0; i < n; i++) {
-                if (x[i] != x[i]) return NAN;
+                nan |= x[i] != x[i];
                 hist[float_key(x[i]) >> shift]++;
             }
+            if (nan) return NAN;
         } else {
             for (int64_t i = 0; i < n; i++) {
                 uint32_t key = float_key(x[i]);
-                if ((key & fixed) == prefix) hist[(key >> shift) & (bins - 1)]++;
+                if ((key & fixed) == prefix) hist[(key >> shift) & low]++;
             }
         }
         uint32_t b = 0;
-        while (rank >= hist[b]) rank -= hist[b++];
+        while (rank >= (int64_t)hist[b]) rank -= hist[b++];
         prefix |= b << shift;
-        fixed |= (bins - 1) << shift;
+        fixed |= low << shift;
     }
     uint32_t u = (prefix & 0x80000000u) ? (prefix & 0x7FFFFFFFu) : ~prefix;
     float out;
@@ -282,7 +284,7 @@ def kth_smallest(x: torch.Tensor, j: int) -> Optional[torch.Tensor]:
     """``x.kthvalue(j).values`` of flat float32 ``x`` (``1 <= j <= numel``) as a 0-d tensor, or
     ``None`` when ``x`` holds a NaN (check :func:`supports` first)."""
     lib = library()
-    assert lib is not None and 1 <= j <= x.numel()
+    assert lib is not None and 1 <= j <= x.numel() < 1 << 32
     value = lib.granet_kth_f32(x.data_ptr(), x.numel(), j)
     return None if value != value else torch.tensor(value, dtype=torch.float32)
 

@@ -85,17 +85,19 @@ def gradients_finite(params: Sequence[torch.Tensor]) -> bool:
 
 
 def prune_global(
-    params: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], target: int, generator: torch.Generator
+    params: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], target: int, generator: torch.Generator,
+    counts: Optional[Sequence[int]] = None,
 ) -> list[torch.Tensor]:
     """Keep the ``target`` largest-magnitude active weights over all layers (one threshold).
 
     Exactly ``select_top(cat(active_magnitudes(p, m)), target, generator)`` split per layer, computed
-    layer by layer (no concatenated copy: scratch is O(largest layer)).
+    layer by layer (no concatenated copy: scratch is O(largest layer)). ``counts``: the active
+    weights of each layer, when the caller knows them (saves a counting pass).
     """
     scores = [Scores(p, absolute=True) for p in params]
     out = select_top_segments(
         scores, [s.gather for s in scores], [m.reshape(-1) for m in masks], [p.numel() for p in params], target,
-        generator,
+        generator, competitors=counts,
     )
     return [k.view(p.shape).to(p.device) for k, p in zip(out, params)]
 

@@ -162,7 +162,7 @@ class TopologyUpdater:
             target = self.global_prune_target(step, params, counts)
             if target is None:
                 return list(masks)
-            return topology.prune_global(params, masks, target, seeded_generator(seed, "prune", step))
+            return topology.prune_global(params, masks, target, seeded_generator(seed, "prune", step), counts)
         pruning = self.pruning
 
         def prune_layer(i: int) -> torch.Tensor:
