@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from granet import native
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -28,7 +30,9 @@ def test_quick_run_reports_every_measure(tmp_path, capsys):
     bench = _load()
     assert bench.main(["--quick", "--json", str(tmp_path / "r.json")]) == 0
     results = json.loads((tmp_path / "r.json").read_text())
-    assert [u["model"] for u in results["update_cost"]] == ["resnet20 (CIFAR)", "synthetic Linear stack"]
+    kernels = ("native", "torch") if native.library() is not None else ("torch",)  # both where a compiler is
+    assert [(u["model"], u["kernels"]) for u in results["update_cost"]] == [
+        (model, kernel) for model in ("resnet20 (CIFAR)", "synthetic Linear stack") for kernel in kernels]
     for u in results["update_cost"]:
         assert u["mask_bytes_per_weight"] == 1.0
         for kind in ("prune_regrow", "regrow_only"):
@@ -36,10 +40,20 @@ def test_quick_run_reports_every_measure(tmp_path, capsys):
             assert r["updates"] >= 1 and r["update_s"] > 0 and r["naive_s"] > 0
             assert r["per_dense_step"] == r["update_s"] / u["dense_step_s"]
             assert r["naive_per_update"] == r["naive_s"] / r["update_s"]
-    mlp = results["update_cost"][1]
+    mlp = results["update_cost"][len(kernels)]
     assert mlp["sparsified_weights"] == 4 * 512 * 512 and mlp["largest_layer"] == 512 * 512
     assert mlp["exploration_bytes_per_weight"] == 0.125
-    assert results["step_overhead"]["blocks"] == 2
+    overhead = results["step_overhead"]
+    assert overhead["blocks"] == 2 and overhead["kernels"] == kernels[0]
+    assert overhead["direct_ratio"] == 1 + overhead["sparsifier_step_s"] / overhead["dense_step_s"]
     table = capsys.readouterr().out
-    assert "| synthetic Linear stack (1,048,576 w) | prune + regrow |" in table
+    assert f"| synthetic Linear stack (1,048,576 w) | prune + regrow, {kernels[0]} |" in table
+    assert "| synthetic Linear stack (1,048,576 w) | regrow only, torch |" in table
     assert "step overhead (GraNet / dense, resnet20 (CIFAR), batch 16, 32x32)" in table
+
+
+def test_kernels_option_is_validated(capsys):
+    bench = _load()
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--kernels", "native,fast"])
+    assert "--kernels takes a comma-separated subset of native,torch, got 'native,fast'" in capsys.readouterr().err
