@@ -3,7 +3,7 @@
 Every figure is a ratio of two timings taken in the same run on the same machine (medians of
 repeats, the two sides interleaved), so it does not depend on how fast or how busy the machine is::
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_engine.py            # full run (~13 min, 2 cores)
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_engine.py            # full run (~9 min, 2 cores)
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_engine.py --quick    # small models, smoke test
 
 Measured (issue: fast topology updates):
@@ -330,7 +330,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     keep = [("cnn" in parts), ("synthetic" in parts)]
     models = [m for m, k in zip(models, keep) if k]
     updates = [u for u, k in zip(updates, keep) if k]
-    kernels = _kernels(parser, args.kernels)
+    kernels = _kernels(parser, args.kernels)  # builds the native kernels (once, ~0.4 s) before any timing
     bandwidth = copy_bandwidth(64 if args.quick else 256)
     results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick,
                "copy_bandwidth_bytes_per_s": bandwidth, "update_cost": []}
