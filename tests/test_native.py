@@ -106,6 +106,39 @@ def test_compact_rejects_a_wrong_count():
         native.compact(mask, 2)
 
 
+@pytest.mark.parametrize("n", SIZES)
+def test_zero_outside_equals_multiplying_by_the_float_mask(n):
+    g = torch.Generator().manual_seed(n)
+    mask = torch.rand(n, generator=g) < 0.3
+    also = torch.randperm(n, generator=g)[: n // 5]
+    tensors = [_values(n, seed=n + c) for c in range(3)]
+    if n:
+        tensors[0][0] = float("nan")
+    for positions in (None, also):
+        keep = mask.float()
+        if positions is not None:
+            keep[positions] = 0.0
+        want = [t * keep for t in tensors]
+        got = [t.clone() for t in tensors]
+        native.zero_outside(got, mask, positions)
+        assert all(_bits(a) == _bits(b) for a, b in zip(got, want)), positions is None  # -0.0 and NaN too
+        # granet.masking.zero_outside gives the same bits with and without the kernel
+        for flag in (True, False):
+            again = [t.clone() for t in tensors]
+            _with_native(flag, granet.masking.zero_outside, again, mask, also=positions)
+            assert all(_bits(a) == _bits(b) for a, b in zip(again, want)), flag
+
+
+def test_zero_outside_leaves_other_dtypes_and_layouts_to_torch():
+    mask = torch.rand(4, 3, 5, 5, generator=torch.Generator().manual_seed(0)) < 0.5
+    weight = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)
+    half = torch.randn(4, 3, 5, 5).half()
+    want = [weight * mask, half * mask]
+    granet.masking.zero_outside([weight, half], mask)
+    assert torch.equal(weight, want[0]) and torch.equal(half, want[1])
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("n", [1, 2, 7, 257, 10_007])
 def test_kth_smallest_equals_kthvalue(n):
     for seed, kind in enumerate(("ties", "continuous", "constant")):

@@ -149,6 +149,25 @@ float granet_kth_f32(const float* x, int64_t n, int64_t j) {
     return out;
 }
 
+/* x *= (float)mask for each of the count tensors (one read of the mask per block, shared by all
+   of them), then x *= 0.0f at the n_also flat positions also: the same bits as multiplying by
+   the mask converted to 1.0 / 0.0 with those positions cleared. */
+void granet_zero_outside_f32(const uint8_t* mask, int64_t n, float* const* tensors, int count,
+                             const int64_t* also, int64_t n_also) {
+    float keep[BLOCK];
+    for (int64_t s = 0; s < n; s += BLOCK) {
+        int64_t m = n - s < BLOCK ? n - s : BLOCK;
+        for (int64_t i = 0; i < m; i++) keep[i] = (float)mask[s + i];
+        for (int c = 0; c < count; c++) {
+            float* x = tensors[c] + s;
+            for (int64_t i = 0; i < m; i++) x[i] *= keep[i];
+        }
+    }
+    for (int64_t j = 0; j < n_also; j++) {
+        for (int c = 0; c < count; c++) tensors[c][also[j]] *= 0.0f;
+    }
+}
+
 /* Positions of the set entries of a bool mask (of the clear ones with invert) and, where x is
    not NULL, x (|x| with absolute) there. Returns their number. */
 int64_t granet_compact_f32(const uint8_t* mask, int64_t n, int invert, const float* x, int absolute,
@@ -235,6 +254,8 @@ def _declare(lib: ctypes.CDLL) -> None:
                                     ctypes.POINTER(i64), ptr, ptr, i64]
     lib.granet_kth_f32.restype = f32
     lib.granet_kth_f32.argtypes = [ptr, i64, i64]
+    lib.granet_zero_outside_f32.restype = None
+    lib.granet_zero_outside_f32.argtypes = [ptr, i64, ctypes.POINTER(ctypes.c_void_p), c_int, ptr, i64]
     lib.granet_compact_f32.restype = i64
     lib.granet_compact_f32.argtypes = [ptr, i64, c_int, ptr, c_int, ptr, ptr, i64]
 
@@ -287,6 +308,18 @@ def kth_smallest(x: torch.Tensor, j: int) -> Optional[torch.Tensor]:
     assert lib is not None and 1 <= j <= x.numel() < 1 << 32
     value = lib.granet_kth_f32(x.data_ptr(), x.numel(), j)
     return None if value != value else torch.tensor(value, dtype=torch.float32)
+
+
+def zero_outside(tensors: list[torch.Tensor], mask: torch.Tensor, also: Optional[torch.Tensor] = None) -> None:
+    """``t.mul_(mask)`` for every float32 tensor in ``tensors`` (contiguous, shaped like the bool
+    ``mask``), and ``t.view(-1)[also] *= 0`` for the flat int64 positions ``also``: one pass that
+    reads the mask once for all tensors (check :func:`supports` first)."""
+    lib = library()
+    assert lib is not None and all(t.numel() == mask.numel() for t in tensors)
+    pointers = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+    positions = None if also is None else also.contiguous()
+    lib.granet_zero_outside_f32(mask.data_ptr(), mask.numel(), pointers, len(tensors), _ptr(positions),
+                                0 if positions is None else positions.numel())
 
 
 def compact(mask: torch.Tensor, count: int, invert: bool = False, x: Optional[torch.Tensor] = None,
