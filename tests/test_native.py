@@ -129,6 +129,15 @@ def test_zero_outside_equals_multiplying_by_the_float_mask(n):
             assert all(_bits(a) == _bits(b) for a, b in zip(again, want)), flag
 
 
+def test_zero_outside_counts_as_an_in_place_write_for_autograd():
+    w = torch.randn(6, 5, requires_grad=True)
+    out = (w * w).sum()  # saves w for backward
+    with torch.no_grad():
+        native.zero_outside([w], torch.rand(6, 5, generator=torch.Generator().manual_seed(0)) < 0.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+
+
 def test_zero_outside_leaves_other_dtypes_and_layouts_to_torch():
     mask = torch.rand(4, 3, 5, 5, generator=torch.Generator().manual_seed(0)) < 0.5
     weight = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)

@@ -26,6 +26,7 @@ import time
 from typing import Optional
 
 import torch
+from torch.autograd.graph import increment_version
 
 logger = logging.getLogger(__name__)
 
@@ -320,6 +321,8 @@ def zero_outside(tensors: list[torch.Tensor], mask: torch.Tensor, also: Optional
     positions = None if also is None else also.contiguous()
     lib.granet_zero_outside_f32(mask.data_ptr(), mask.numel(), pointers, len(tensors), _ptr(positions),
                                 0 if positions is None else positions.numel())
+    for t in tensors:  # as torch's own in-place ops do: autograd then sees the write
+        increment_version(t)
 
 
 def compact(mask: torch.Tensor, count: int, invert: bool = False, x: Optional[torch.Tensor] = None,
