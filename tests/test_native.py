@@ -235,3 +235,23 @@ def test_without_a_compiler_the_torch_path_runs_and_says_so(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "777"]
     assert "native selection kernels unavailable (no C compiler found); using torch operations" in out.stderr
+
+
+def test_a_noexec_temporary_directory_falls_back_to_the_users_cache(tmp_path):
+    """Clusters often mount /tmp noexec: the library is then built under ~/.cache/granet."""
+    mount = tmp_path / "noexec"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "noexec,size=16m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs a noexec mount (root)")
+    try:
+        code = ("import logging; logging.basicConfig(level=logging.DEBUG); from granet import native; "
+                "print(native.library() is not None)")
+        out = _python(code, {"TMPDIR": str(mount), "HOME": str(tmp_path / "home"), "XDG_RUNTIME_DIR": ""})
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["True"]
+        assert f"native selection kernels built in {tmp_path / 'home' / '.cache' / 'granet'}" in out.stderr
+        assert os.listdir(mount) == [] and os.listdir(tmp_path / "home" / ".cache" / "granet") == []
+        assert (tmp_path / "home" / ".cache" / "granet").stat().st_mode & 0o777 == 0o700
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)

@@ -5,8 +5,8 @@ bracket values, mask, count, and compact the few entries in the band with ``nonz
 operations these are seven passes and a slow compaction (``nonzero`` costs about 1 ns per entry on
 one core); fused, they are one pass at a fraction of the cost. The kernels here are that fusion,
 in plain C (no torch headers), compiled on first use with the system C compiler (``$CC``, else
-``cc``/``gcc``/``clang``) into a private temporary directory, loaded with :mod:`ctypes` and the
-file deleted at once. Nothing is compiled at install time and nothing is cached on disk.
+``cc``/``gcc``/``clang``) into a fresh private temporary directory, loaded with :mod:`ctypes` and
+the directory deleted at once. Nothing is compiled at install time and nothing is cached on disk.
 
 Without a compiler, or with ``GRANET_NATIVE=0`` in the environment, :mod:`granet.topk` runs the
 torch operations instead. Both give the same bits: every output is defined by the torch expression
@@ -223,28 +223,54 @@ def _compilers() -> list[str]:
 
 
 def _build() -> Optional[ctypes.CDLL]:
-    """Compile and load the kernels; ``None`` (logged once) when that is not possible here."""
+    """Compile and load the kernels; ``None`` (logged once) when that is not possible here.
+
+    The system temporary directory comes first; where it does not allow loading a library (a
+    ``noexec`` mount, common on clusters), ``$XDG_RUNTIME_DIR`` and then ``~/.cache/granet`` (mode
+    0700) hold the fresh private directory instead.
+    """
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="granet-native-") as tmp:
-        source, target = os.path.join(tmp, "kernels.c"), os.path.join(tmp, "kernels.so")
-        with open(source, "w") as f:
-            f.write(_SOURCE)
-        errors = []
-        for cc in _compilers():
-            # -march=native: the library runs only on the machine that builds it (never cached).
-            for flags in (["-O3", "-march=native"], ["-O3"]):
-                try:
-                    subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", target, source],
-                                   check=True, capture_output=True, timeout=120)
-                    lib = ctypes.CDLL(target)  # mapped: the file may go with the directory
-                except (OSError, subprocess.SubprocessError) as e:
-                    errors.append(f"{cc} {' '.join(flags)}: {e}")
-                    continue
-                _declare(lib)
-                logger.debug("native selection kernels built with %s in %.2f s", cc, time.perf_counter() - start)
+    compilers, errors = _compilers(), []
+    if compilers:
+        for parent in _build_parents():
+            lib = _build_in(parent, compilers, errors)
+            if lib is not None:
+                logger.debug("native selection kernels built in %s in %.2f s", parent, time.perf_counter() - start)
                 return lib
     logger.info("native selection kernels unavailable (%s); using torch operations",
                 "; ".join(errors) if errors else "no C compiler found")
+    return None
+
+
+def _build_parents() -> list[str]:
+    parents = [tempfile.gettempdir(), os.environ.get("XDG_RUNTIME_DIR", ""),
+               os.path.join(os.path.expanduser("~"), ".cache", "granet")]
+    return list(dict.fromkeys(p for p in parents if p))
+
+
+def _build_in(parent: str, compilers: list[str], errors: list[str]) -> Optional[ctypes.CDLL]:
+    """The kernels built in a fresh private directory under ``parent`` (deleted before returning),
+    or ``None`` with the reasons appended to ``errors``."""
+    try:
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="granet-native-", dir=parent) as tmp:
+            source, target = os.path.join(tmp, "kernels.c"), os.path.join(tmp, "kernels.so")
+            with open(source, "w") as f:
+                f.write(_SOURCE)
+            for cc in compilers:
+                # -march=native: the library runs only on the machine that builds it (never cached).
+                for flags in (["-O3", "-march=native"], ["-O3"]):
+                    try:
+                        subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", target, source],
+                                       check=True, capture_output=True, timeout=120)
+                    except (OSError, subprocess.SubprocessError) as e:
+                        errors.append(f"{cc} {' '.join(flags)}: {e}")
+                        continue
+                    lib = ctypes.CDLL(target)  # mapped: the file may go with the directory
+                    _declare(lib)
+                    return lib
+    except OSError as e:  # the directory is not writable, or libraries cannot be loaded from it
+        errors.append(f"{parent}: {e}")
     return None
 
 
