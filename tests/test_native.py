@@ -225,6 +225,11 @@ def test_build_leaves_no_files_and_the_environment_switch_turns_it_off(tmp_path)
     assert out.stdout.split() == ["True", "[]"]
     off = _python(code, {"TMPDIR": str(tmp_path), "GRANET_NATIVE": "0"})
     assert off.stdout.split() == ["False", "[]"]
+    assert _python(code, {"TMPDIR": str(tmp_path), "GRANET_NATIVE": " Off "}).stdout.split() == ["False", "[]"]
+    bad = _python(code, {"TMPDIR": str(tmp_path), "GRANET_NATIVE": "maybe"})
+    assert bad.stdout.split() == ["True", "[]"]
+    assert ("GRANET_NATIVE='maybe' is not one of 1/0, true/false, yes/no, on/off: the native kernels stay on"
+            in bad.stderr)
 
 
 def test_without_a_compiler_the_torch_path_runs_and_says_so(tmp_path):

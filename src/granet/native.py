@@ -191,7 +191,19 @@ int64_t granet_compact_f32(const uint8_t* mask, int64_t n, int invert, const flo
 _lock = threading.Lock()
 _library: Optional[ctypes.CDLL] = None
 _built = False
-_enabled = os.environ.get("GRANET_NATIVE", "1").strip() not in ("0", "false", "no", "off")
+_SWITCH = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _from_environment() -> bool:
+    value = os.environ.get("GRANET_NATIVE", "1")
+    if value.strip().lower() not in _SWITCH:
+        logger.warning("GRANET_NATIVE=%r is not one of 1/0, true/false, yes/no, on/off: the native kernels stay on",
+                       value)
+        return True
+    return _SWITCH[value.strip().lower()]
+
+
+_enabled = _from_environment()
 
 
 def set_enabled(flag: bool) -> bool:
