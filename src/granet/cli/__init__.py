@@ -12,6 +12,10 @@
 
 Every configuration key is also a flag (prune_end -> --prune-end); a key that does not
 exist is an error, never silently ignored. Errors in user input are reported as one line.
+
+Environment: GRANET_DATA_MIRROR points dataset downloads at a mirror; GRANET_NATIVE=0 turns off
+the fused C kernels of topology updates (built on first use with the system C compiler; the
+torch operations that replace them give the same results, more slowly).
 """
 from __future__ import annotations
 
