@@ -14,6 +14,8 @@ Measured (issue: fast topology updates):
   (target <= 0.1 for the ResNet-50), (c) / the same update written the way research code does it
   (float masks, ``torch.sort`` / ``topk`` over everything, per-layer Python loops; target >= 10x),
   and (d) / the memory-bandwidth floor: the bytes an update must move at the measured copy bandwidth.
+* **every method**: one update of each dynamic method (GraNet, GraNet-ST, GMP, RigL, SET, SNFS)
+  on the ResNet-50 / the dense step, with the native kernels and with torch operations only.
 * **memory**: mask bytes per sparsified weight (target <= 1), selection scratch / largest layer.
 * **step overhead**: GraNet step (masks re-applied to weights and optimizer state every step,
   one update per 100 steps amortised) / dense step, ResNet-20, batch 128 (target <= 1.02): as
@@ -221,6 +223,43 @@ def _update_summary(name, sparsifier, dense, ours, naive, rss_growth, bandwidth,
     return out
 
 
+# ---------------------------------------------------------------------------- every method
+
+#: Dynamic methods and their update kind: the pruning ones prune at every timed update.
+METHOD_UPDATES = ("granet", "granet-st", "gmp", "rigl", "set", "snfs")
+
+
+def method_updates(build: Callable[[], nn.Module], dense_s: float, updates: int) -> list[dict]:
+    """One topology update of each dynamic method on the model ``build`` makes, in steady state
+    (median over ``updates``, the first update left out), / the dense step ``dense_s``.
+
+    Every step is an update (the pruning methods prune at each one). The gradients are random
+    (timing does not depend on them), so no training step is run between updates.
+    """
+    out = []
+    for method in METHOD_UPDATES:
+        torch.manual_seed(0)
+        model = build()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        total = 4 * updates + 4
+        sparsifier = granet.create_sparsifier(method, model, opt, density=0.1, total_steps=total, update_interval=1,
+                                              prune_end=total, regrow_end=total)
+        params = [p for p in model.parameters() if p.requires_grad]
+        times = []
+        for t in range(updates + 1):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+            elapsed = _timed(sparsifier.step)
+            if t > 0:
+                times.append(elapsed)
+        median = statistics.median(times)
+        out.append({"method": method, "update_s": median, "per_dense_step": median / dense_s,
+                    "updates": len(times), "density_after": sparsifier.density()})
+        topk.release_scratch()
+    return out
+
+
 # ---------------------------------------------------------------------------- step overhead
 
 
@@ -289,6 +328,17 @@ def _print_table(results: dict) -> None:
               f"{u['scratch_bytes_per_largest_layer_weight']:.1f} B per weight of the largest layer"
               + ("" if rss is None else f"; peak RSS growth during a later update {rss:.2f} B/weight (indicative:"
                                          " the allocator reuses freed memory)"))
+    m = results.get("methods")
+    if m is not None:
+        kernels = list(m["updates"])
+        print(f"\none update of each method, {m['model']} (every update prunes for granet, granet-st, gmp), "
+              f"/ dense step b8 ({m['dense_step_s'] * 1e3:.0f} ms):")
+        print("| method | " + " | ".join(kernels) + " |")
+        print("|---|" + "---|" * len(kernels))
+        for i, row in enumerate(m["updates"][kernels[0]]):
+            cells = [f"{m['updates'][k][i]['update_s'] * 1e3:.0f} ms ({m['updates'][k][i]['per_dense_step']:.3f})"
+                     for k in kernels]
+            print(f"| {row['method']} | " + " | ".join(cells) + " |")
     o = results.get("step_overhead")
     if o is None:
         return
@@ -303,8 +353,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small models, few repeats (smoke test)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    parser.add_argument("--parts", default="cnn,synthetic,step",
-                        help="comma-separated subset of cnn (ResNet-50 updates), synthetic (Linear stack), step")
+    parser.add_argument("--parts", default="cnn,methods,synthetic,step",
+                        help="comma-separated subset of cnn (ResNet-50 GraNet updates), methods (every dynamic "
+                             "method's update on the ResNet-50), synthetic (Linear stack), step")
     parser.add_argument("--kernels", default=None,
                         help="comma-separated subset of native (granet.native's fused selection kernels) and torch "
                              "(torch operations only, as without a C compiler) to time updates with; default: both "
@@ -325,8 +376,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                    (torch.randn(8, 4096, generator=g), torch.randint(0, 4096, (8,), generator=g)))]
         updates, steps, block, step_batch = [5, 2], 200, 20, 128
     parts = set(args.parts.split(","))
-    if not parts or parts - {"cnn", "synthetic", "step"}:
-        parser.error(f"--parts takes a comma-separated subset of cnn,synthetic,step, got {args.parts!r}")
+    if not parts or parts - {"cnn", "methods", "synthetic", "step"}:
+        parser.error(f"--parts takes a comma-separated subset of cnn,methods,synthetic,step, got {args.parts!r}")
+    cnn_name, cnn_build, cnn_batch = models[0]
     keep = [("cnn" in parts), ("synthetic" in parts)]
     models = [m for m, k in zip(models, keep) if k]
     updates = [u for u, k in zip(updates, keep) if k]
@@ -345,6 +397,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 logger.info("%s", json.dumps(results["update_cost"][-1]))
                 topk.release_scratch()
         logging.getLogger("granet").setLevel(logging.ERROR)  # schedule warnings of the short runs
+        if "methods" in parts:
+            results["methods"] = _methods_part(cnn_name, cnn_build, cnn_batch, kernels, 2 if args.quick else 5)
         native.set_enabled(kernels[0] == "native")
         if "step" in parts:
             results["step_overhead"] = dict(step_overhead(steps, block, step_batch), kernels=kernels[0])
@@ -354,6 +408,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
+
+
+def _methods_part(name: str, build: Callable[[], nn.Module], batch: tuple[torch.Tensor, torch.Tensor],
+                  kernels: list[str], updates: int) -> dict:
+    """Every dynamic method's update on the ``cnn`` model, with each kernel choice."""
+    torch.manual_seed(0)
+    model = build()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    dense_s = statistics.median(_train_step(model, opt, *batch) for _ in range(4))
+    del model, opt
+    out = {"model": name, "dense_step_s": dense_s, "updates": {}}
+    for kernel in kernels:
+        native.set_enabled(kernel == "native")
+        out["updates"][kernel] = method_updates(build, dense_s, updates)
+        logger.info("%s", json.dumps(out["updates"][kernel]))
+    return out
 
 
 def _kernels(parser: argparse.ArgumentParser, value: Optional[str]) -> list[str]:

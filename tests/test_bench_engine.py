@@ -43,6 +43,16 @@ def test_quick_run_reports_every_measure(tmp_path, capsys):
     mlp = results["update_cost"][len(kernels)]
     assert mlp["sparsified_weights"] == 4 * 512 * 512 and mlp["largest_layer"] == 512 * 512
     assert mlp["exploration_bytes_per_weight"] == 0.125
+    methods = results["methods"]
+    assert methods["model"] == "resnet20 (CIFAR)" and list(methods["updates"]) == list(kernels)
+    for rows in methods["updates"].values():
+        assert [r["method"] for r in rows] == list(bench.METHOD_UPDATES)
+        for r in rows:
+            assert r["updates"] == 2 and r["per_dense_step"] == r["update_s"] / methods["dense_step_s"]
+            if r["method"] in ("rigl", "set", "snfs"):  # constant density, exact counts
+                assert abs(r["density_after"] - 0.1) < 1e-5, r
+            else:  # pruned at every update, still on the way to 0.1
+                assert 0.1 < r["density_after"] < 1.0, r
     overhead = results["step_overhead"]
     assert overhead["blocks"] == 2 and overhead["kernels"] == kernels[0]
     assert overhead["direct_ratio"] == 1 + overhead["sparsifier_step_s"] / overhead["dense_step_s"]
@@ -50,6 +60,7 @@ def test_quick_run_reports_every_measure(tmp_path, capsys):
     assert f"| synthetic Linear stack (1,048,576 w) | prune + regrow, {kernels[0]} |" in table
     assert "| synthetic Linear stack (1,048,576 w) | regrow only, torch |" in table
     assert "step overhead (GraNet / dense, resnet20 (CIFAR), batch 16, 32x32)" in table
+    assert "| snfs | " in table
 
 
 def test_kernels_option_is_validated(capsys):
