@@ -165,6 +165,10 @@ def test_momentum_shares_and_random_masks_equal_definition():
     assert topology.momentum_shares(params, opt, kept, [50, 30]) == ref.momentum_shares(params, opt, kept, [50, 30])
     assert topology.momentum_shares(params, opt, [None, kept[1]], [0, 30]) == ref.momentum_shares(
         params, opt, [None, kept[1]], [0, 30])
+    # Known counts (the native gather of |m|): the same shares; drops sized so that rounding decides.
+    counts = [int(k.sum()) for k in kept]
+    for drops in ([50, 30], [7, 93], [1, 0]):
+        assert topology.momentum_shares(params, opt, kept, drops, counts) == ref.momentum_shares(params, opt, kept, drops)
     big = [torch.empty(300, 260), torch.empty(16, 3, 3, 3), torch.empty(10, 300)]
     for distribution in ("erk", "uniform", "global"):
         got = topology.random_masks(big, distribution, 0.2, seed=4)

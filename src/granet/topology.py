@@ -13,7 +13,9 @@ from typing import Optional, Sequence
 import torch
 
 from .criteria import active_magnitudes, momentum_buffer, seeded_generator, select_top
+from . import native
 from .topk import _BRACKET_MIN_SIZE, Scores, scratch, select_top_segments
+from .workers import layer_map, on_cpu
 from .distributions import allocate_counts, get_distribution, layer_counts
 
 
@@ -154,23 +156,36 @@ def momentum_shares(
     optimizer: Optional[torch.optim.Optimizer],
     kept_masks: Sequence[Optional[torch.Tensor]],
     drops: Sequence[int],
+    kept_counts: Optional[Sequence[int]] = None,
 ) -> list[int]:
     """SNFS's redistribution: split ``sum(drops)`` regrowths between layers by mean momentum.
 
     A layer's weight is the mean ``|momentum|`` of its kept weights; it can regrow at most its
     inactive positions after the drop. Layers left alone (``kept_masks[i] is None``) get 0.
+    ``kept_counts``: the active entries of each kept mask, when the caller knows them (saves a
+    counting pass). The layers run on the layer threads.
     """
     layers = [i for i, k in enumerate(kept_masks) if k is not None]
-    weights, capacities = [], []
-    for i in layers:
+
+    def weight_and_capacity(j: int) -> tuple[float, int]:
+        i = layers[j]
         kept = kept_masks[i]
         assert kept is not None
+        count = int(torch.count_nonzero(kept)) if kept_counts is None else kept_counts[i]
         buf = momentum_buffer(params[i], optimizer)
-        # |m| of the kept entries only (same values, same order, so the same mean as a full |m|).
-        mean = float(buf[kept].abs().mean()) if buf is not None and bool(kept.any()) else 0.0
-        weights.append(mean if math.isfinite(mean) else 0.0)
-        capacities.append(params[i].numel() - int(torch.count_nonzero(kept)))
-    shares = allocate_counts(sum(drops), weights, capacities)
+        mean = 0.0
+        if buf is not None and count > 0:
+            # |m| of the kept entries only, in index order (the same values in the same order as
+            # ``buf[kept].abs()``, so the same mean bit for bit), gathered in one pass where it can.
+            if kept_counts is not None and native.supports(buf, kept) and buf.dtype == torch.float32:
+                kept_values = native.compact(kept.reshape(-1), count, x=buf.reshape(-1), absolute=True)[1]
+            else:
+                kept_values = buf[kept].abs()
+            mean = float(kept_values.mean())
+        return (mean if math.isfinite(mean) else 0.0), params[i].numel() - count
+
+    pairs = layer_map(weight_and_capacity, len(layers), on_cpu(list(kept_masks)), costs=[params[i].numel() for i in layers])
+    shares = allocate_counts(sum(drops), [w for w, _ in pairs], [c for _, c in pairs])
     out = [0] * len(drops)
     for i, share in zip(layers, shares):
         out[i] = share

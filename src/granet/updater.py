@@ -217,7 +217,8 @@ class TopologyUpdater:
             layer_map(lambda i: grow(i, drop(i), drops[i]), len(params), cpu, costs=sizes)
         else:  # the regrowth shares need every layer's drop first
             kept_masks = layer_map(drop, len(params), cpu, costs=sizes)
-            grows = topology.momentum_shares(params, optimizer, kept_masks, drops)
+            kept_counts = [counts[i] - drops[i] for i in range(len(params))]
+            grows = topology.momentum_shares(params, optimizer, kept_masks, drops, kept_counts)
             layer_map(lambda i: grow(i, kept_masks[i], grows[i]), len(params), cpu, costs=sizes)
         return result
 
