@@ -57,8 +57,7 @@ def zero_outside(tensors: Sequence[torch.Tensor], mask: torch.Tensor, also: Opti
     own dtype, several times faster on large layers. Float32 CPU tensors go through one native pass
     instead (:mod:`granet.native`: the mask read once for all tensors, the same bits).
     """
-    if (mask.dtype == torch.bool and all(t.dtype == torch.float32 for t in tensors)
-            and (also is None or also.device.type == "cpu") and native.supports(mask, *tensors)):
+    if (also is None or also.device.type == "cpu") and native.supports(tensors, [mask]):
         native.zero_outside(list(tensors), mask, also)  # one pass, the mask read once
         return
     converted: dict[torch.dtype, torch.Tensor] = {}
@@ -210,11 +209,8 @@ class MaskedParameters:
         self._follow_param_devices()
 
         def apply(i: int) -> None:
-            p, m = self._params[i], self._masks[i]
-            if self._counts[i] == self._sizes[i]:
-                return  # fully dense layer: nothing to zero
-            local = [self._local(t) for t in ([p, *self._state_tensors(p)] if self._mask_optimizer_state else [p])]
-            zero_outside(local, m)
+            if self._counts[i] < self._sizes[i]:  # a fully dense layer has nothing to zero
+                zero_outside(self._masked_tensors(self._params[i]), self._masks[i])
 
         layer_map(apply, len(self._params), on_cpu(self._masks), costs=self._sizes)
 
@@ -225,6 +221,12 @@ class MaskedParameters:
                 self._masks[i] = m.to(p.device)
                 if self._ever_active is not None:
                     self._ever_active[i] = self._ever_active[i].to(p.device)
+
+    def _masked_tensors(self, param: torch.Tensor) -> list[torch.Tensor]:
+        """What the mask zeroes: the weight (its local shard when sharded), and its optimizer state
+        unless ``mask_optimizer_state=False``."""
+        states = self._state_tensors(param) if self._mask_optimizer_state else []
+        return [self._local(t) for t in (param, *states)]
 
     def _state_tensors(self, param: torch.Tensor) -> list[torch.Tensor]:
         """Optimizer state tensors shaped like ``param`` (momentum, Adam moments, ...)."""
@@ -250,11 +252,9 @@ class MaskedParameters:
                 return
             if positions is not None and positions.dtype == torch.bool:  # a mask: fold it into the keep mask
                 mask, positions = mask & ~positions, None
-            states = [self._local(buf) for buf in self._state_tensors(param)]
-            tensors = [self._local(param), *states]
-            zero_outside(tensors if self._mask_optimizer_state else tensors[:1], mask, also=positions)
+            zero_outside(self._masked_tensors(param), mask, also=positions)
             if not self._mask_optimizer_state and reset[i] is not None:  # SNFS: state zeroed at reset only
-                for buf in states:
+                for buf in (self._local(t) for t in self._state_tensors(param)):
                     if positions is None:
                         buf.masked_fill_(reset[i], 0.0)
                     elif buf.is_contiguous():

@@ -23,7 +23,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch.autograd.graph import increment_version
@@ -299,13 +299,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.granet_compact_f32.argtypes = [ptr, i64, c_int, ptr, c_int, ptr, ptr, i64]
 
 
-def supports(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether the kernels can take these tensors (CPU, contiguous, float32 or bool; ``None``
-    entries skipped) and are available."""
-    for t in tensors:
-        if t is not None and (t.device.type != "cpu" or not t.is_contiguous()
-                              or t.dtype not in (torch.float32, torch.bool)):
-            return False
+def supports(values: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]] = ()) -> bool:
+    """Whether the kernels are available and can take these float32 ``values`` and bool ``masks``
+    (CPU, contiguous; ``None`` masks skipped)."""
+    for tensors, dtype in ((values, torch.float32), (masks, torch.bool)):
+        for t in tensors:
+            if t is not None and (t.device.type != "cpu" or not t.is_contiguous() or t.dtype != dtype):
+                return False
     return library() is not None
 
 

@@ -79,7 +79,7 @@ class Scores:
 
 def _native(load: Loader, *masks: Optional[torch.Tensor]) -> Optional[Scores]:
     """``load`` when the fused kernels can run on it and ``masks``, else ``None``."""
-    return load if isinstance(load, Scores) and native.supports(load.flat, *masks) else None
+    return load if isinstance(load, Scores) and native.supports([load.flat], masks) else None
 
 
 class _Buffers(dict):
@@ -154,7 +154,7 @@ def select_top_plain(scores: torch.Tensor, k: int, generator: Optional[torch.Gen
 def _kth_smallest(flat: torch.Tensor, j: int) -> torch.Tensor:
     """``flat.kthvalue(j).values`` (a native radix select where :mod:`granet.native` takes ``flat``:
     about 3 ns per entry, where torch's takes about 13 above 32K entries)."""
-    if flat.dtype == torch.float32 and flat.numel() < 1 << 32 and native.supports(flat):
+    if flat.numel() < 1 << 32 and native.supports([flat]):
         value = native.kth_smallest(flat, j)
         if value is not None:
             return value
@@ -363,7 +363,7 @@ def _finish(marks, above_counts, index, chosen, sizes, as_index) -> list[torch.T
     _mark(marks, index, chosen, sizes)
     if not as_index:
         return marks
-    if above_counts is None or not native.supports(*marks):
+    if above_counts is None or not native.supports([], marks):
         return [_nonzero(mark) for mark in marks]
     picked = [int(p.sum()) for p in chosen.split([i.numel() for i in index])]
     return [native.compact(mark, n + p)[0] for mark, n, p in zip(marks, above_counts, picked)]

@@ -177,7 +177,7 @@ def momentum_shares(
         if buf is not None and count > 0:
             # |m| of the kept entries only, in index order (the same values in the same order as
             # ``buf[kept].abs()``, so the same mean bit for bit), gathered in one pass where it can.
-            if kept_counts is not None and native.supports(buf, kept) and buf.dtype == torch.float32:
+            if kept_counts is not None and native.supports([buf], [kept]):
                 kept_values = native.compact(kept.reshape(-1), count, x=buf.reshape(-1), absolute=True)[1]
             else:
                 kept_values = buf[kept].abs()
