@@ -7,6 +7,7 @@ MOMENT is one of
     after_checkpoint   checkpoint.pt was just renamed (model.pt and the metrics line not written yet)
     model_tmp          a model.pt.tmp is written but not renamed (first one at or after EPOCH)
     after_metrics      the epoch's metrics line was just appended
+    kept_tmp           the copy checkpoint_epochEPOCH.pt.tmp (--keep-checkpoints) is written but not renamed
 The process dies like a power cut: no handler, no cleanup.
 """
 import os
@@ -38,6 +39,8 @@ def _patched_replace(src, dst):
             _die()
         return
     if name == "model.pt" and MOMENT == "model_tmp" and _checkpoints >= EPOCH:
+        _die()
+    if name == f"checkpoint_epoch{EPOCH}.pt" and MOMENT == "kept_tmp":
         _die()
     _replace(src, dst)
 

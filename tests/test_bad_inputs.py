@@ -1,5 +1,6 @@
 """Bad input, as a new user or a hostile environment would give it: one line naming the problem,
 exit status 2, no traceback, nothing executed from a loaded file, no file of an earlier run lost."""
+import json
 import os
 import pickle
 import resource
@@ -85,6 +86,15 @@ FLAG_CASES = [
     (["--dataset", "synthetic", "--dataset-options", "colour=red"], "colour"),
     (["--colour", "red"], "unrecognized arguments: --colour red"),
     (["--device", "tpu:7"], "invalid device 'tpu:7'"),
+    (["--density", "1e-9"], "density 1e-09 keeps no weight: 1e-09 x 50,200 sparsified weights rounds to 0 (the "
+                            "lowest usable density here is 1.99e-05)"),
+    (["--keep-checkpoints", "1000"], "keep_checkpoints [1000]: the run has 1 epochs, so no checkpoint of those "
+                                     "epochs would ever be written"),
+    (["--seed", "100000000000000000000"], "seed must be an integer in [0, 2^32), got 100000000000000000000"),
+    (["--seed", "-1"], "seed must be an integer in [0, 2^32), got -1"),
+    (["--dataset", "synthetic", "--dataset-options", "num_test=1000000000"],
+     "synthetic dataset option num_test=1,000,000,000 with 3x32x32 images is 3,072,000,000,000 pixel values; a split "
+     "is limited to 268,435,456 (2^28)"),
 ]
 
 
@@ -92,7 +102,7 @@ FLAG_CASES = [
 def test_bad_flag(args, fragment, tmp_path, capsys):
     code, err = run_cli(["train", *FAST, *args, "--out", str(tmp_path / "run")], capsys)
     assert_one_line(code, err, fragment)
-    assert not (tmp_path / "run" / "config.yaml").exists()
+    assert not (tmp_path / "run").exists()  # a refused run leaves no directory behind
 
 
 # ---------------------------------------------------------------------------- YAML files
@@ -286,6 +296,9 @@ def test_full_disk_while_checkpointing(tmp_path):
     assert err[-1] == f"granet: error: cannot write {run / 'checkpoint.pt'}: File too large"
     assert "Traceback" not in proc.stderr
     assert not list(run.glob("*.tmp"))
+    status = json.loads((run / "status.json").read_text())  # says how the run ended, not "running"
+    assert status == {"state": "failed", "epoch": 0, "checkpoint_epoch": None, "error": "RunDirError",
+                      "message": f"cannot write {run / 'checkpoint.pt'}: File too large"}
 
 
 def test_full_disk_on_resume_keeps_the_previous_checkpoint(tmp_path):
@@ -327,3 +340,144 @@ def test_malicious_cifar_pickle(tmp_path, capsys):
                          str(tmp_path / "data"), "--out", str(tmp_path / "run")], capsys)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------- resource bombs and crafted state
+
+# 432 bytes that describe 9^9 (387 million) strings through nested aliases.
+YAML_BOMB = "\n".join(
+    ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    + [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(8)]
+    + ["density: *i"]) + "\n"
+
+
+def _peak_python_memory(call):
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        result = call()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return result, peak
+
+
+def test_yaml_alias_bomb_in_a_config_file(tmp_path, capsys):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(YAML_BOMB)
+    assert len(YAML_BOMB) < 500
+    (code, err), peak = _peak_python_memory(lambda: run_cli(["train", "--config", str(path)], capsys))
+    assert_one_line(code, err, f"config file {path} expands to 926,177,115 values through its aliases (more than "
+                               f"100,000); write the values out instead of nesting aliases")
+    assert peak < 20 * 2**20  # the expansion is counted, never built
+
+
+def test_yaml_alias_bomb_in_a_flag_value(tmp_path, capsys):
+    value = "{" + YAML_BOMB.replace("\n", ", ").rstrip(", ").replace("density: *i", "n: *i") + "}"
+    code, err = run_cli(["train", *FAST, "--dataset", "synthetic", "--dataset-options", f"opts={value}",
+                         "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "expands to" in err and len(err) < 400, err
+
+
+def test_self_referencing_yaml(tmp_path, capsys):
+    path = tmp_path / "loop.yaml"
+    path.write_text("keep_dense: &a [*a]\n")
+    code, err = run_cli(["train", "--config", str(path)], capsys)
+    assert_one_line(code, err, f"config file {path} refers to itself through an alias: it has no finite value")
+
+
+def test_yaml_alias_bomb_in_a_run_directory_given_to_report(finished_run, tmp_path, capsys):
+    run = _copy_run(finished_run, tmp_path / "run")
+    (run / "config.yaml").write_text(YAML_BOMB)
+    (code, err), peak = _peak_python_memory(lambda: run_cli(["report", str(run), "--out", str(tmp_path / "r")], capsys))
+    assert code == 2 and err.count("\n") == 1 and f"{run / 'config.yaml'} expands to 926,177,115 values" in err, err
+    assert peak < 20 * 2**20
+
+
+def test_large_value_in_an_error_message_is_cut(tmp_path, capsys):
+    path = tmp_path / "big.yaml"
+    path.write_text("epochs: [" + ", ".join(["1"] * 50_000) + "]\n")
+    code, err = run_cli(["train", "--config", str(path)], capsys)
+    assert_one_line(code, err, "epochs must be an integer, got <list of 50000 items>")
+
+
+def test_evaluate_model_asking_for_huge_synthetic_data(finished_run, tmp_path, capsys):
+    run = _copy_run(finished_run, tmp_path / "run")
+    artifact = torch.load(run / "model.pt", weights_only=True)
+    artifact["config"].update(dataset="synthetic", dataset_options={"num_test": 10**9, "image_size": 8,
+                                                                    "in_channels": 1})
+    torch.save(artifact, run / "model.pt")
+    (code, err), peak = _peak_python_memory(lambda: run_cli(["evaluate", str(run)], capsys))
+    assert_one_line(code, err, "synthetic dataset option num_test=1,000,000,000 with 1x8x8 images is "
+                               "64,000,000,000 pixel values; a split is limited to 268,435,456 (2^28)")
+
+
+def _craft(path: Path, edit) -> None:
+    state = torch.load(path, weights_only=True)
+    edit(state)
+    torch.save(state, path)
+
+
+CRAFTED = [
+    ("rng state of 3 bytes", lambda s: s["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)),
+     "the saved RNG state is torch.uint8 (3,), not a torch RNG state"),
+    ("progress epoch 'x'", lambda s: s["progress"].update(epoch="x"), "progress.epoch must be an int >= 0, got 'x'"),
+    ("progress step -1", lambda s: s["progress"].update(step=-1), "progress.step must be an int >= 0, got -1"),
+    ("best epoch after the run", lambda s: s["progress"].update(best_epoch=99),
+     "progress.best_epoch must be an epoch of the run or None, got 99"),
+    ("ever_active of a wrong size",
+     lambda s: s["sparsifier"]["ever_active"].update({k: torch.zeros(3, dtype=torch.uint8)
+                                                      for k in s["sparsifier"]["ever_active"]}),
+     "ever_active of layers.0.weight is torch.uint8 (3,), expected uint8 (2400,) (8 weights per byte)"),
+    ("ever_active not a mapping", lambda s: s["sparsifier"].update(ever_active=[1, 2]),
+     "sparsifier state has an invalid ever_active entry"),
+    ("init_counts too large", lambda s: s["sparsifier"].update(init_counts=[10**9] * len(s["sparsifier"]["init_counts"])),
+     "sparsifier state has an invalid init_counts [1000000000, 1000000000, 1000000000] (expected 3 counts, each "
+     "between 0 and its layer's size)"),
+    ("init_counts of another model", lambda s: s["sparsifier"].update(init_counts=[1]),
+     "sparsifier state has an invalid init_counts [1]"),
+    ("last_update with unknown fields", lambda s: s["sparsifier"].update(last_update={"step": 1, "colour": "red"}),
+     "sparsifier state has an invalid last_update {'step': 1, 'colour': 'red'}"),
+    ("skipped_updates 'many'", lambda s: s["sparsifier"].update(skipped_updates="many"),
+     "sparsifier state has an invalid skipped_updates 'many' (expected an int >= 0)"),
+]
+
+
+@pytest.mark.parametrize("edit, fragment", [c[1:] for c in CRAFTED], ids=[c[0] for c in CRAFTED])
+def test_resume_from_crafted_plain_data_checkpoint(edit, fragment, finished_run, tmp_path, capsys):
+    run = _copy_run(finished_run, tmp_path / "run")
+    _craft(run / "checkpoint.pt", edit)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    code, err = run_cli(["train", "--resume", str(run)], capsys)
+    assert_one_line(code, err, fragment)
+    assert str(run / "checkpoint.pt") in err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+# ---------------------------------------------------------------------------- the plasticity study's input
+
+
+def test_plasticity_config_with_a_python_tag(tmp_path, capsys):
+    path = tmp_path / "study.yaml"
+    marker = tmp_path / "pwned"
+    path.write_text(f"out: !!python/object/apply:os.system ['touch {marker}']\n")
+    code, err = run_cli(["plasticity", "--config", str(path)], capsys)
+    assert_one_line(code, err, f"config file {path} is not valid YAML: could not determine a constructor for the "
+                               f"tag 'tag:yaml.org,2002:python/object/apply:os.system'")
+    assert not marker.exists()
+
+
+def test_plasticity_out_is_a_file(tmp_path, capsys):
+    (tmp_path / "file").write_text("keep me")
+    code, err = run_cli(["plasticity", "--epochs", "2", "--prune-epochs", "1", "--out", str(tmp_path / "file")], capsys)
+    assert_one_line(code, err, f"out {tmp_path / 'file'} is a file, not a directory: give a study directory")
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("workers", ["0", "-1"])
+def test_plasticity_workers_must_be_positive(workers, tmp_path, capsys):
+    code, err = run_cli(["plasticity", "--epochs", "2", "--prune-epochs", "1", "--workers", workers,
+                         "--out", str(tmp_path / "study")], capsys)
+    assert_one_line(code, err, f"workers must be a positive integer (parallel trial processes), got {workers}")
+    assert not (tmp_path / "study").exists()

@@ -123,6 +123,11 @@ def test_frozen_rank_fails_the_job_within_the_timeout(tmp_path):
         message = [x for x in proc.stderr.read().splitlines() if x.startswith("granet: error:")]
         assert len(message) == 1 and "rank 0: another process of the job died or stopped responding" in message[0]
         assert "dist_timeout=5 s" in message[0] and f"--resume {run}" in message[0]
+        epoch = torch.load(run / "checkpoint.pt", weights_only=True)["progress"]["epoch"]
+        assert f"; epoch {epoch} is checkpointed in {run}" in message[0]
+        status = json.loads((run / "status.json").read_text())
+        assert (status["state"], status["error"], status["checkpoint_epoch"]) == ("failed", "PeerFailure", epoch)
+        assert status["message"] == message[0].removeprefix("granet: error: ")
     finally:
         if frozen is not None:
             with __import__("contextlib").suppress(ProcessLookupError):
@@ -132,3 +137,66 @@ def test_frozen_rank_fails_the_job_within_the_timeout(tmp_path):
     # the run is resumable afterwards (here on one process: the batch is global)
     assert main(["train", "--resume", str(run), "--progress", "log", "--max-steps", "60"]) == 2  # result-changing
     assert main(["train", "--resume", str(run), "--progress", "log"]) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc to find the ranks")
+def test_killed_rank_zero_every_survivor_names_the_checkpointed_epoch(tmp_path):
+    """Rank 0 (the writer) dies: the other three ranks name the epoch on disk, and one of them records
+    in status.json how the run ended (rank 0's lock is free, so rank 0 is gone)."""
+    run = tmp_path / "run"
+    args = ["train", "--model", "mlp", "--method", "rigl", "--epochs", "40", "--update-interval", "5",
+            "--device", "cpu", "--progress", "log", "--out", str(run), "--dist-timeout", "10"]
+    proc = torchrun(4, args)
+    try:
+        assert _wait_for(lambda: _lines(run / "metrics.jsonl") >= 1, proc)
+        os.kill(_rank_pid(proc.pid, 0), signal.SIGKILL)
+        proc.wait(timeout=150)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+    assert proc.returncode != 0
+    epoch = torch.load(run / "checkpoint.pt", weights_only=True)["progress"]["epoch"]
+    assert epoch >= 1
+    lines = [x for x in proc.stderr.read().splitlines() if x.startswith("granet:")]
+    # Each survivor ends with one line: a failed collective, or torchrun's SIGTERM after rank 0 died.
+    assert len(lines) == 3, lines
+    for line in lines:
+        assert f"epoch {epoch} is checkpointed in {run}: continue with `granet train --resume {run}`" in line, line
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] in ("failed", "interrupted") and status["checkpoint_epoch"] == epoch, status
+    assert not (run / ".granet.lock").exists() or status["state"] != "running"
+
+
+def test_two_runs_into_one_directory_exactly_one_runs(tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--model", "mlp", "--epochs", "2", "--progress", "log", "--out", str(run)]
+    procs = [subprocess.Popen([sys.executable, "-m", "granet", *args], env=_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    codes = [p.wait(timeout=300) for p in procs]
+    errors = [p.stderr.read().strip().splitlines() for p in procs]
+    assert sorted(codes) == [0, 2], errors
+    loser = errors[codes.index(2)][-1]
+    # Started together, the second one meets either the first one's lock or (if it came later) its files.
+    assert loser.startswith("granet: error: ") and (
+        f"{run} is in use by another granet process" in loser or f"{run} already holds a run" in loser), loser
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_second_run_is_refused_while_the_first_is_running(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--model", "mlp", "--epochs", "30", "--progress", "log", "--out", str(run)]
+    first = subprocess.Popen([sys.executable, "-m", "granet", *args], env=_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert _wait_for(lambda: (run / "status.json").exists(), first)
+        for second in (args, [*args, "--overwrite", "true"], ["train", "--resume", str(run)]):
+            assert main(second) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert err == [f"granet: error: {run} is in use by another granet process (pid {first.pid}): wait for "
+                           f"it to end, or choose another --out"], err
+        assert first.poll() is None  # the first run was not disturbed
+    finally:
+        first.kill()
+        first.wait()

@@ -114,8 +114,56 @@ def test_kill_during_end_of_epoch_writes(method, moment, tmp_path):
         assert (killed / "checkpoint.pt.tmp").exists()  # the kill really came mid-write
         assert _load(killed / "checkpoint.pt")["progress"]["epoch"] == 2
     assert main(["train", "--resume", str(killed), "--progress", "log"]) == 0
-    assert not (killed / "checkpoint.pt.tmp").exists() or moment == "checkpoint_tmp"
+    assert not list(killed.glob("*.tmp"))  # the resume removed what the kill left behind
     assert_same_run(ref, killed)
+
+
+def _same_checkpoint(a: Path, b: Path) -> None:
+    x, y = _load(a), _load(b)
+    assert dict(x["progress"], wall_time=None, history=None) == dict(y["progress"], wall_time=None, history=None)
+    for part in ("model",):
+        assert x[part].keys() == y[part].keys()
+        assert all(torch.equal(v, y[part][k]) for k, v in x[part].items())
+    assert all(torch.equal(v, y["sparsifier"]["masks"][k]) for k, v in x["sparsifier"]["masks"].items())
+
+
+def test_kill_during_kept_checkpoint_copy_completes_it_on_resume(tmp_path):
+    ref = _reference(tmp_path, "rigl", keep=(2,))
+    killed = tmp_path / "killed"
+    _run_killed(_args(killed, "rigl", extra=("--keep-checkpoints", "2")), "kept_tmp", 2, tmp_path)
+    assert (killed / "checkpoint_epoch2.pt.tmp").exists()  # the kill really came inside the copy
+    assert not (killed / "checkpoint_epoch2.pt").exists()
+    assert main(["train", "--resume", str(killed), "--progress", "log"]) == 0
+    assert not list(killed.glob("*.tmp"))
+    _same_checkpoint(ref / "checkpoint_epoch2.pt", killed / "checkpoint_epoch2.pt")
+    assert_same_run(ref, killed)
+
+
+@pytest.mark.parametrize("gone", ["checkpoint.pt", "checkpoint.pt and status.json"])
+def test_resume_never_deletes_the_results_of_a_run_without_its_checkpoint(gone, tmp_path, capsys):
+    run = _reference(tmp_path, "rigl", epochs=2, keep=(1,))
+    (run / "checkpoint.pt").unlink()
+    if "status" in gone:
+        (run / "status.json").unlink()
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert main(["train", "--resume", str(run), "--progress", "log"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"granet: error: cannot resume {run}: it has no checkpoint.pt to continue from, but holds results "
+                   f"(metrics.jsonl, model.pt, summary.json, checkpoint_epoch1.pt) that starting again would delete; "
+                   f"copy a kept checkpoint (checkpoint_epoch1.pt) to checkpoint.pt to continue from it, evaluate it "
+                   f"with `granet evaluate {run}`, or train it again from the beginning with --overwrite"]
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing deleted, nothing added
+
+
+def test_resume_of_a_finished_run_reports_it_unchanged(tmp_path):
+    run = _reference(tmp_path, "rigl", epochs=2, keep=())
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.name not in ("summary.json", "status.json")}
+    summary = json.loads((run / "summary.json").read_text())
+    assert main(["train", "--resume", str(run), "--progress", "log"]) == 0
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.name not in ("summary.json", "status.json")} == before
+    again = json.loads((run / "summary.json").read_text())
+    assert {k: v for k, v in again.items()} == summary  # the same test, the same numbers
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
 
 
 def test_torn_metrics_line_is_dropped_on_resume(tmp_path, monkeypatch):

@@ -65,3 +65,106 @@ def test_metrics_reader_drops_only_a_torn_last_line(tmp_path):
     path.write_text('{"epoch": 1\n' + json.dumps(record.to_dict()) + "\n")
     with pytest.raises(ValueError, match="line 1 is not a valid metrics record"):
         rundir.read_metrics(path)
+
+
+# ---------------------------------------------------------------------------- the run directory's lock
+
+_HOLD = """
+import sys, time
+from granet.rundir import RunLock
+lock = RunLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def _holder(root):
+    """A process that takes the lock of ``root`` and holds it until it is killed."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(root)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_lock_refuses_a_second_process_and_dies_with_its_holder(tmp_path):
+    import signal
+
+    root = tmp_path / "run"
+    holder = _holder(root)
+    try:
+        with pytest.raises(RunDirError) as info:
+            rundir.RunLock(root).acquire()
+        assert str(info.value) == (f"{root} is in use by another granet process (pid {holder.pid}): wait for it to "
+                                   f"end, or choose another --out")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # A killed holder leaves its lock file behind, but no lock: the kernel released it with the process.
+    assert (root / rundir.LOCK_FILE).exists()
+    with rundir.RunLock(root):
+        assert (root / rundir.LOCK_FILE).read_text() == f"{os.getpid()}\n"
+    assert not (root / rundir.LOCK_FILE).exists()
+    assert root.is_dir()  # it existed before this lock: kept
+
+
+def test_lock_removes_the_directory_it_created_when_nothing_was_written(tmp_path):
+    with rundir.RunLock(tmp_path / "a" / "run"):
+        assert (tmp_path / "a" / "run").is_dir()
+    assert not (tmp_path / "a" / "run").exists() and (tmp_path / "a").is_dir()
+    with rundir.RunLock(tmp_path / "b"):
+        (tmp_path / "b" / "config.yaml").write_text("x")
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["config.yaml"]
+
+
+def test_lock_taken_after_its_file_was_replaced_is_the_file_at_the_path(tmp_path, monkeypatch):
+    """The holder removes the lock file on release; a process that opened the old file before the removal
+    must not end up holding a lock on a file nobody else sees."""
+    import fcntl
+
+    root = tmp_path / "run"
+    root.mkdir()
+    stale = os.open(root / rundir.LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    real_flock = fcntl.flock
+    calls = []
+
+    def flock(fd, op):
+        calls.append(fd)
+        if len(calls) == 1:  # the lock file is replaced between our open and our lock
+            os.unlink(root / rundir.LOCK_FILE)
+            os.close(os.open(root / rundir.LOCK_FILE, os.O_RDWR | os.O_CREAT))
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    lock = rundir.RunLock(root).acquire()
+    try:
+        assert len(calls) == 2  # retried on the file now at the path
+        assert os.fstat(lock._fd).st_ino == os.stat(root / rundir.LOCK_FILE).st_ino
+    finally:
+        lock.release()
+        os.close(stale)
+
+
+def test_run_files_are_refused_as_outputs(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.pt").write_bytes(b"model")
+    for name in ("model.pt", "checkpoint.pt", "summary.json", "checkpoint_epoch3.pt", rundir.LOCK_FILE):
+        with pytest.raises(RunDirError) as info:
+            rundir.refuse_run_file(run / name)
+        assert str(info.value) == (f"--out {run / name} is one of the files of the run in {run}: writing it would "
+                                   f"destroy the run; choose another file name")
+    (tmp_path / "link.pt").symlink_to(run / "model.pt")
+    with pytest.raises(RunDirError):
+        rundir.refuse_run_file(tmp_path / "link.pt")
+    for fine in (run / "model.sparse.safetensors", run / "checkpoint_epochX.pt", tmp_path / "model.pt"):
+        rundir.refuse_run_file(fine)  # not a run file, or not in a run directory
+
+
+def test_atomic_output_turns_a_missing_directory_into_one_line(tmp_path):
+    target = tmp_path / "missing" / "out.bin"
+    with pytest.raises(RunDirError) as info:
+        with rundir.atomic_output(target) as tmp:
+            tmp.write_bytes(b"x")
+    assert str(info.value) == f"cannot write {target}: No such file or directory"

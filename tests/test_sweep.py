@@ -169,3 +169,30 @@ def test_library_resume_with_unset_threads_takes_the_run_count(tmp_path, torch_t
     summary = train(dataclasses.replace(config, out=None, threads=None, resume=str(res)))
     assert summary["threads"] == 1 and torch.get_num_threads() == 2
     assert _without_time(summary) == _without_time(reference)
+
+
+def test_run_to_completion_starts_a_run_over_only_when_nothing_is_lost(tmp_path):
+    from granet.errors import RunDirError
+    from granet.rundir import RunLock
+    from granet.sweep import run_to_completion
+
+    config = TrainConfig.from_dict(dict(TINY, out=str(tmp_path / "run")))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: mlp\n")  # started, interrupted before its first checkpoint
+    (run / "metrics.jsonl").write_text("")
+    assert run_to_completion(config)["steps"] == 3
+    # A run in progress in another process (its lock held) is never deleted to start it over.
+    other = tmp_path / "busy"
+    other.mkdir()
+    (other / "config.yaml").write_text("model: mlp\n")
+    with RunLock(other):
+        with pytest.raises(RunDirError, match="is in use by another granet process"):
+            run_to_completion(dataclasses.replace(config, out=str(other)))
+        assert (other / "config.yaml").read_text() == "model: mlp\n"
+    # Results without a checkpoint are never deleted either.
+    (run / "checkpoint.pt").unlink()
+    (run / "summary.json").rename(run / "summary.old")
+    with pytest.raises(RunDirError, match="holds results"):
+        run_to_completion(config)
+    assert (run / "model.pt").exists()

@@ -62,10 +62,20 @@ class Interrupted(KeyboardInterrupt):
                 f"continue with `granet train --resume {where}`")
 
 
-__all__ = ["GranetError", "ConfigError", "CheckpointError", "RunDirError", "PeerFailure", "Interrupted"]
+__all__ = ["GranetError", "ConfigError", "CheckpointError", "RunDirError", "PeerFailure", "Interrupted", "short_text", "short_repr"]
+
+
+def short_text(text: str, limit: int = 60) -> str:
+    """``text`` cut to ``limit`` characters, for error messages (user values can be any size)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def short_repr(value: object, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters, for error messages."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """``repr(value)`` cut to ``limit`` characters, for error messages.
+
+    Containers are summarised by their type and length before ``repr`` is taken, so a huge value
+    (a YAML alias bomb expands to millions of items) costs nothing to describe.
+    """
+    if isinstance(value, (list, tuple, dict, set)) and len(value) > limit:
+        return f"<{type(value).__name__} of {len(value)} items>"
+    return short_text(repr(value), limit)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,9 +45,10 @@ from .methods import method_config
 from .schedules import DropFractionSchedule
 from .stats import figure
 from .sweep import run_many, run_to_completion
-from .errors import ConfigError
+from .errors import ConfigError, RunDirError
+from .rundir import atomic_output, atomic_write_text
 from .train import TrainConfig
-from .train.config import check_threads
+from .train.config import check_threads, read_yaml_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -105,19 +107,19 @@ class PlasticityConfig:
         if self.drop_fraction is not None and not 0.0 < self.drop_fraction < 1.0:
             raise ConfigError(f"drop_fraction must be in (0, 1), got {self.drop_fraction}")
         check_threads(self.threads, optional=False)
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or self.workers < 1):
+            raise ConfigError(f"workers must be a positive integer (parallel trial processes), got {self.workers!r}")
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"out {out} is a file, not a directory: give a study directory")
 
 
 def load_study_config(path: Optional[str], overrides: dict[str, Any]) -> PlasticityConfig:
     """Defaults ← YAML file ← overrides; unknown keys are an error."""
     values: dict[str, Any] = {}
     if path:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must be a mapping")
-        values.update(loaded)
+        values.update(read_yaml_mapping(path))
     train_overrides = overrides.pop("train", {})
     values.update(overrides)
     names = [f.name for f in dataclasses.fields(PlasticityConfig)]
@@ -187,8 +189,11 @@ def granet_drop_fraction(epoch: int, study: PlasticityConfig) -> float:
 def run_study(study: PlasticityConfig) -> list[dict[str, Any]]:
     """Run (or finish) the study; returns one row per trial and writes the table and plot."""
     root = Path(study.out)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "study.yaml").write_text(yaml.safe_dump(dataclasses.asdict(study), sort_keys=False))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"cannot create the study directory {root}: {exc.strerror or exc}") from None
+    atomic_write_text(root / "study.yaml", yaml.safe_dump(dataclasses.asdict(study), sort_keys=False))
     dense_config = TrainConfig.from_dict(dict(study.train, method="dense", keep_checkpoints=list(study.prune_epochs),
                                               out=str(root / "dense")))
     if dense_config.threads is None:  # the trials' count (run_many), so the dense run is as reproducible
@@ -226,11 +231,12 @@ def write_outputs(rows: list[dict[str, Any]], root: Path, decays: list[float], d
     """``plasticity.csv``, ``plasticity.md`` and ``plasticity.png`` in the study directory."""
     fields = ["prune_epoch", "rate", "regeneration", "after_lr_decay", "sparsity", "test_accuracy",
               "dense_test_accuracy", "plasticity"]
-    with open(root / "plasticity.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    (root / "plasticity.md").write_text(markdown_table(rows, dense_accuracy, decays))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(root / "plasticity.csv", table.getvalue())
+    atomic_write_text(root / "plasticity.md", markdown_table(rows, dense_accuracy, decays))
     plot(rows, root / "plasticity.png", decays)
 
 
@@ -274,4 +280,5 @@ def plot(rows: list[dict[str, Any]], path: Path, decays: list[float]) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
-import yaml
-
-from .rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics
+from .errors import RunDirError
+from .rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, atomic_write_text, read_metrics
+from .safeyaml import load_yaml
 from .stats import MISSING, format_mean_std
 
 logger = logging.getLogger(__name__)
@@ -189,10 +189,7 @@ def load_run(path: PathLike) -> Run:
     if missing:
         hint = " (the run may be unfinished)" if missing == ["summary.json"] else ""
         raise ValueError(f"{root} is not a complete granet run directory: missing {', '.join(missing)}{hint}")
-    try:
-        config = yaml.safe_load((root / "config.yaml").read_text())
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{root / 'config.yaml'} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    config = load_yaml((root / "config.yaml").read_text(errors="replace"), str(root / "config.yaml"))
     if not isinstance(config, dict):
         raise ValueError(f"{root / 'config.yaml'} does not hold a mapping")
     # The writer's own record type and reader: a torn last line (a run still being written, or cut
@@ -349,7 +346,10 @@ def write_report(runs: Sequence[Run], out_dir: PathLike, plots: bool = True) -> 
         The written files, ``report.md`` first.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"cannot create the report directory {out}: {exc.strerror or exc}") from None
     figures: list[tuple[str, Path]] = []
     if plots:
         try:
@@ -379,6 +379,6 @@ def write_report(runs: Sequence[Run], out_dir: PathLike, plots: bool = True) -> 
     for title, png in figures:
         lines += [f"## {title}", "", f"![{title}]({png.name})", ""]
     report = out / "report.md"
-    report.write_text("\n".join(lines))
+    atomic_write_text(report, "\n".join(lines))
     logger.info("wrote %s and %d figure(s)", report, len(figures))
     return [report] + [f for _, f in figures]

@@ -12,6 +12,14 @@ from typing import Any, Optional, Sequence
 from .report import MAX_LAYER_PANELS, PathLike, Run, _accuracy_scale, group_runs
 from .stats import figure, mean_std
 
+
+def _save(fig: Any, out: Path) -> None:
+    """Write the figure atomically (a report being redrawn never shows a half-written PNG)."""
+    from .rundir import atomic_output
+
+    with atomic_output(out) as tmp:
+        fig.savefig(tmp, bbox_inches="tight", pad_inches=0.15, format=out.suffix.lstrip(".") or "png")
+
 def _method_colors(runs: Sequence[Run]) -> dict[str, Any]:
     from matplotlib import colormaps
 
@@ -63,7 +71,7 @@ def plot_accuracy_vs_sparsity(runs: Sequence[Run], path: PathLike) -> Path:
             ax.legend(title="method", fontsize=8)
     fig.suptitle("Accuracy vs sparsity (mean ± std over seeds)")
     out = Path(path)
-    fig.savefig(out, bbox_inches="tight", pad_inches=0.15)
+    _save(fig, out)
     return out
 
 
@@ -105,7 +113,7 @@ def plot_training_curves(runs: Sequence[Run], path: PathLike) -> Path:
         axes[1].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, title="run",
                        ncol=1 if len(handles) <= 20 else 2)
     out = Path(path)
-    fig.savefig(out, bbox_inches="tight", pad_inches=0.15)
+    _save(fig, out)
     return out
 
 
@@ -154,7 +162,7 @@ def plot_layer_density(runs: Sequence[Run], path: PathLike, max_runs: int = MAX_
         ax.legend(loc="upper right", fontsize=8)
     fig.suptitle("Per-layer density of the selected model")
     out = Path(path)
-    fig.savefig(out, bbox_inches="tight", pad_inches=0.15)
+    _save(fig, out)
     return out
 
 

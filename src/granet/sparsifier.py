@@ -61,6 +61,17 @@ from .updater import TopologyUpdater
 logger = logging.getLogger(__name__)
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _count_entry(value: Any, key: str) -> int:
+    """A state entry that must be an int >= 0 (step, skipped updates)."""
+    if not _is_count(value):
+        raise ValueError(f"sparsifier state has an invalid {key} {short_repr(value)} (expected an int >= 0)")
+    return int(value)
+
+
 class Sparsifier(RankChecks, MaskedParameters):
     """Keeps a model's Conv/Linear weights sparse and evolves their masks during training.
 
@@ -110,6 +121,9 @@ class Sparsifier(RankChecks, MaskedParameters):
             raise ValueError("the model has no sparsifiable weights: " + self.selection.coverage().dense_reasons())
         super().__init__([n for n, _ in targets], [p for _, p in targets], optimizer, self._config.mask_optimizer_state)
         cfg = self._config
+        if round(cfg.density * self.total) < 1:
+            raise ValueError(f"density {cfg.density:g} keeps no weight: {cfg.density:g} x {self.total:,} sparsified "
+                             f"weights rounds to 0 (the lowest usable density here is {1 / self.total:.3g})")
         self._layout = ShardLayout.detect(self._names, self._params)
         self._model_ref = weakref.ref(model)
         self._updater = TopologyUpdater(cfg) if self._layout is None else ShardedTopologyUpdater(cfg, self._layout)
@@ -385,26 +399,59 @@ class Sparsifier(RankChecks, MaskedParameters):
             raise ValueError("not a granet sparsifier state: no 'masks' entry")
         checked = self._checked_masks(masks, "the state")
         self._config.check_saved(state.get("config"), strict)
-        step = state.get("step")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"sparsifier state has an invalid step {step!r} (expected an int >= 0)")
+        # Everything is checked before anything is changed: a refused state leaves the sparsifier as it was.
+        step = _count_entry(state.get("step"), "step")
+        skipped = _count_entry(state.get("skipped_updates", 0), "skipped_updates")
+        ever_active = self._checked_ever_active(state.get("ever_active"))
+        init_counts = self._checked_counts(state.get("init_counts", self._init_counts), "init_counts")
+        final = state.get("final_counts", self._final_counts)
+        final_counts = [] if isinstance(final, list) and not final else self._checked_counts(final, "final_counts")
+        last = state.get("last_update")
+        try:
+            last_update = UpdateReport(**last) if last else None
+        except TypeError:
+            raise ValueError(f"sparsifier state has an invalid last_update {short_repr(last)}") from None
         self._counts = [int(torch.count_nonzero(m)) for m in checked]  # full masks: global counts
         self._masks = [self._rows(m, i).to(p.device).clone() for i, (m, p) in enumerate(zip(checked, self._params))]
-        if state.get("ever_active") is not None and self._config.track_exploration:
-            self._ever_active = [self._rows(state["ever_active"][n], i, packed=True).to(p.device).clone()
-                                 for i, (n, p) in enumerate(zip(self._names, self._params))]
+        if ever_active is not None and self._config.track_exploration:
+            self._ever_active = [self._rows(e, i, packed=True).to(p.device).clone()
+                                 for i, (e, p) in enumerate(zip(ever_active, self._params))]
         elif self._config.track_exploration:
             self._ever_active = [pack_bits(m) for m in self._masks]
-        self._init_counts = list(state.get("init_counts", self._init_counts))
-        self._final_counts = list(state.get("final_counts", self._final_counts))
+        self._init_counts, self._final_counts = init_counts, final_counts
         self._step_count = step
-        self._skipped_updates = int(state.get("skipped_updates", 0))
-        last = state.get("last_update")
-        self._last_update = UpdateReport(**last) if last else None
+        self._skipped_updates = skipped
+        self._last_update = last_update
         self._pending_steps = 0
         self.apply_masks()
         if self._is_distributed:
             self.broadcast_masks()  # every rank resumes from rank 0's masks
+
+    def _checked_ever_active(self, ever_active: Any) -> Optional[list[torch.Tensor]]:
+        """The saved exploration bits in parameter order (``None`` if absent), checked against the layers."""
+        if ever_active is None:
+            return None
+        if not isinstance(ever_active, Mapping) or set(ever_active) != set(self._names):
+            raise ValueError("sparsifier state has an invalid ever_active entry (expected the packed bits of "
+                             "every sparsified parameter)")
+        out = []
+        for name, size in zip(self._names, self._sizes):
+            bits = ever_active[name]
+            if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8 or tuple(bits.shape) != (-(-size // 8),):
+                got = (f"{bits.dtype} {tuple(bits.shape)}" if isinstance(bits, torch.Tensor)
+                       else type(bits).__name__)
+                raise ValueError(f"sparsifier state: ever_active of {name} is {got}, expected uint8 "
+                                 f"({-(-size // 8)},) (8 weights per byte)")
+            out.append(bits)
+        return out
+
+    def _checked_counts(self, counts: Any, key: str) -> list[int]:
+        """A per-layer count list of the state: one int in [0, layer size] per sparsified parameter."""
+        if (not isinstance(counts, (list, tuple)) or len(counts) != len(self._sizes)
+                or not all(_is_count(c) and c <= n for c, n in zip(counts, self._sizes))):
+            raise ValueError(f"sparsifier state has an invalid {key} {short_repr(counts)} (expected "
+                             f"{len(self._sizes)} counts, each between 0 and its layer's size)")
+        return [int(c) for c in counts]
 
     @torch.no_grad()
     def set_masks(self, masks: Mapping[str, torch.Tensor]) -> None:

@@ -14,11 +14,11 @@ import dataclasses
 import json
 import logging
 import multiprocessing
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .train import TrainConfig, train
+from .train.run import check_restartable
 from .train.config import check_threads
 
 logger = logging.getLogger(__name__)
@@ -32,8 +32,9 @@ def run_to_completion(config: TrainConfig) -> dict[str, Any]:
         return json.loads(summary.read_text())
     if (out / "checkpoint.pt").exists():
         return train(dataclasses.replace(config, resume=str(out)))
-    if out.exists():  # started, but no epoch finished: start over
-        shutil.rmtree(out)
+    if out.exists():  # started, but no epoch finished: start over (under the run's lock; never over results)
+        check_restartable(out)
+        config = dataclasses.replace(config, overwrite=True)
     return train(config)
 
 

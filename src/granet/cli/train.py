@@ -14,6 +14,7 @@ import typing
 from typing import Any, Callable
 
 from ..config import field_help, step_spec
+from ..errors import short_repr, short_text
 
 _HELP = {
     "method": "sparse-training method (see `granet methods`)",
@@ -97,12 +98,16 @@ def _number(text: str) -> float:
 
 def _key_value(text: str) -> tuple[str, Any]:
     """``image_size=64`` -> ("image_size", 64) (values parsed as YAML scalars)."""
-    import yaml
+    from ..errors import ConfigError
+    from ..safeyaml import load_yaml
 
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, yaml.safe_load(value)
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {short_repr(text)}")
+    try:
+        return key, load_yaml(value, f"the value of {short_text(key, 40)}")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -23,6 +23,8 @@ from .registry import register_dataset
 __all__ = ["build_synthetic"]
 
 _SEED_SALT = 0x6772616E6574  # "granet" in ASCII
+#: The most pixel values of one split (its float32 noise is drawn in one piece: 1 GiB at the limit).
+MAX_VALUES = 1 << 28
 
 
 def _sample(prototypes: Tensor, n: int, noise: float, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
@@ -69,7 +71,8 @@ def build_synthetic(
         The splits of ``in_channels x image_size x image_size`` images.
 
     Raises:
-        ValueError: If a size is not positive or ``noise`` is negative.
+        ValueError: If a size is not positive, a split would hold more than :data:`MAX_VALUES` pixel
+            values, or ``noise`` is negative.
     """
     sizes = dict(num_classes=num_classes, image_size=image_size, in_channels=in_channels, num_train=num_train,
                  num_test=num_test)
@@ -78,6 +81,12 @@ def build_synthetic(
             raise ValueError(f"synthetic dataset option {name} must be a positive integer, got {value!r}")
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
         raise ValueError(f"synthetic dataset option noise must be a number >= 0, got {noise!r}")
+    per_image = in_channels * image_size * image_size
+    for name in ("num_train", "num_test"):
+        if sizes[name] * per_image > MAX_VALUES:
+            raise ValueError(f"synthetic dataset option {name}={sizes[name]:,} with {in_channels}x{image_size}x"
+                             f"{image_size} images is {sizes[name] * per_image:,} pixel values; a split is "
+                             f"limited to {MAX_VALUES:,} (2^28)")
     # Salt the seed: with a plain `manual_seed(data_seed)` the prototypes would be the very random
     # numbers `torch.manual_seed(0); nn.Linear(...)` draws for its weights, so an untrained model
     # would already "know" the classes.

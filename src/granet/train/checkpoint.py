@@ -12,8 +12,7 @@ FLOPs ledger → RNG state (last, after everything that may draw random numbers)
 from __future__ import annotations
 
 import dataclasses
-import pickle
-import zipfile
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -22,8 +21,8 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..errors import CheckpointError
-from ..rundir import EpochRecord, atomic_write
+from ..errors import CheckpointError, short_repr, short_text
+from ..rundir import EpochRecord, load_file, save_file
 from . import fsdp
 
 FORMAT = 2
@@ -49,57 +48,70 @@ class Progress:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Progress":
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: an entry is missing, unknown or of the wrong type (named).
+        """
+        if not isinstance(values, dict):
+            raise ValueError(f"progress is a {type(values).__name__}, not a mapping")
         values = dict(values)
-        values["history"] = [EpochRecord.from_dict(r) for r in values.get("history", [])]
+        unknown = sorted(str(k) for k in values if k not in {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"progress has unknown entries {short_text(', '.join(unknown))}")
+        for key in ("epoch", "step"):
+            if not _is_int(values.get(key)) or values[key] < 0:
+                raise ValueError(f"progress.{key} must be an int >= 0, got {short_repr(values.get(key))}")
+        best = values.get("best_epoch")
+        if best is not None and (not _is_int(best) or not 0 <= best <= values["epoch"]):
+            raise ValueError(f"progress.best_epoch must be an epoch of the run or None, got {short_repr(best)}")
+        for key, optional in (("best_val_accuracy", True), ("wall_time", False)):
+            value = values.get(key, None if optional else 0.0)
+            if not (value is None and optional) and (not _is_real(value) or not math.isfinite(value)):
+                raise ValueError(f"progress.{key} must be a finite number, got {short_repr(value)}")
+        history = values.get("history", [])
+        if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+            raise ValueError("progress.history must be a list of metrics records")
+        values["history"] = [EpochRecord.from_dict(r) for r in history]
         return cls(**values)
 
 
-def save_file(obj: Any, path: Path) -> None:
-    """``torch.save`` atomically and durably (temporary file, fsync, rename)."""
-    atomic_write(path, lambda fh: torch.save(obj, fh))
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def load_file(path: Path, what: str = "checkpoint", map_location: Any = "cpu") -> dict[str, Any]:
-    """Read a file written by :func:`save_file` without running any code from it.
-
-    Raises:
-        CheckpointError: missing, unreadable, truncated, corrupt, or holding Python objects other than
-            tensors and plain data (refused: loading them could run code).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no {what} file at {path}")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is refused unread
-        raise CheckpointError(f"{path} is not a readable {what} (not a torch save file: truncated, corrupt or foreign)")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            raise CheckpointError(
-                f"refused to load {path}: it holds Python objects other than tensors and plain data, "
-                f"and loading them could run code"
-            ) from None
-        raise CheckpointError(f"{path} is not a readable {what} (corrupt file)") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
-        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{path} is not a readable {what} (truncated or corrupt: {detail})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} is not a granet {what} (it holds a {type(state).__name__})")
-    return state
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def read_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     """Load a run checkpoint and check that it has every part a resume needs."""
     state = load_file(path, "checkpoint", map_location)
     if "progress" not in state and "epoch" in state:  # format 1: progress at the top level
-        state["progress"] = {"epoch": state["epoch"], "step": state["step"], "wall_time": state.get("wall_time", 0.0),
-                             "best_val_accuracy": state.get("best", {}).get("val_accuracy"),
-                             "best_epoch": state.get("best", {}).get("epoch")}
+        best = state.get("best") if isinstance(state.get("best"), dict) else {}
+        state["progress"] = {"epoch": state["epoch"], "step": state.get("step"), "wall_time": state.get("wall_time", 0.0),
+                             "best_val_accuracy": best.get("val_accuracy"), "best_epoch": best.get("epoch")}
     missing = [k for k in _REQUIRED if k not in state]
     if missing:
         raise CheckpointError(f"{path} is not a granet run checkpoint (missing {', '.join(missing)})")
+    malformed = [k for k in ("config", "progress", "sparsifier", "model", "rng") if not isinstance(state[k], dict)]
+    if malformed:
+        raise CheckpointError(f"{path} is not a granet run checkpoint (malformed {', '.join(malformed)})")
     return state
+
+
+def checkpointed_epoch(run_dir: Path) -> Optional[int]:
+    """The epoch held by ``run_dir``'s ``checkpoint.pt``, or ``None`` (no checkpoint, or not readable).
+
+    Memory-maps the file, so only the small ``progress`` entry is read from disk.
+    """
+    path = Path(run_dir) / "checkpoint.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        epoch = state["progress"]["epoch"]
+    except Exception:  # noqa: BLE001 - any failure means "no usable checkpoint" here
+        return None
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch > 0 else None
 
 
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, sharded: bool = False) -> None:
@@ -135,8 +147,20 @@ def capture_rng() -> dict[str, Any]:
 
 
 def restore_rng(rng: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng`."""
-    torch.set_rng_state(rng["torch"].cpu())
+    """Inverse of :func:`capture_rng`.
+
+    Raises:
+        ValueError: ``rng`` is not a saved RNG state of this torch build (checked before anything is set).
+    """
+    own = torch.get_rng_state()
+    saved = rng.get("torch") if isinstance(rng, dict) else None
+    if not isinstance(saved, torch.Tensor) or saved.dtype != own.dtype or saved.shape != own.shape:
+        got = f"{saved.dtype} {tuple(saved.shape)}" if isinstance(saved, torch.Tensor) else type(saved).__name__
+        raise ValueError(f"the saved RNG state is {got}, not a torch RNG state ({own.dtype} {tuple(own.shape)})")
+    cuda = rng.get("cuda")
+    if cuda is not None and (not isinstance(cuda, list) or not all(isinstance(t, torch.Tensor) for t in cuda)):
+        raise ValueError("the saved CUDA RNG state is not a list of tensors")
+    torch.set_rng_state(saved.cpu())
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
 
@@ -171,8 +195,9 @@ def restore_training_state(trainer: Any, state: dict[str, Any], path: Path) -> N
             trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
         trainer.scaler.load_state_dict(state["scaler"])
-    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: optimizer or schedule state does not fit this run ({exc})") from None
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+        detail = short_text(" ".join(str(exc).split()) or type(exc).__name__, 300)
+        raise CheckpointError(f"{path}: optimizer or schedule state does not fit this run ({detail})") from None
 
 
 def restore_checkpoint(trainer: Any, state: dict[str, Any], path: Path) -> None:
@@ -183,10 +208,11 @@ def restore_checkpoint(trainer: Any, state: dict[str, Any], path: Path) -> None:
         trainer.ledger.load_state_dict(state["flops"])
         trainer.progress = Progress.from_dict(state["progress"])
         trainer.load_extra_state(state)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: sparsifier or run state does not fit this run ({exc})") from None
-    restore_rng(state["rng"])
+        restore_rng(state["rng"])
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+        detail = short_text(" ".join(str(exc).split()) or type(exc).__name__, 300)
+        raise CheckpointError(f"{path}: sparsifier or run state does not fit this run ({detail})") from None
 
 
-__all__ = ["Progress", "save_file", "load_file", "read_checkpoint", "load_model_state", "make_checkpoint",
+__all__ = ["Progress", "save_file", "load_file", "read_checkpoint", "checkpointed_epoch", "load_model_state", "make_checkpoint",
            "restore_checkpoint", "restore_training_state", "capture_rng", "restore_rng", "FORMAT"]

@@ -18,10 +18,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-import yaml
-
 from ..config import STEP_FIELDS, SparsityConfig, step_spec
-from ..errors import ConfigError
+from ..errors import ConfigError, short_repr
+from ..safeyaml import MAX_BYTES, load_yaml
 
 #: SparsityConfig fields that the run itself sets.
 _RUN_OWNED = ("method", "total_steps", "seed")
@@ -252,7 +251,7 @@ def _check_types(config: Any) -> None:
     for name in config.field_names():
         value = getattr(config, name)
         if not _conforms(value, hints[name]):
-            raise ConfigError(f"{name} must be {_describe(hints[name])}, got {value!r}")
+            raise ConfigError(f"{name} must be {_describe(hints[name])}, got {short_repr(value)}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{name} must be a finite number, got {value!r}")
 
@@ -286,6 +285,8 @@ def _check_ranges(config: Any) -> None:
         raise ConfigError(f"max_steps must be a positive integer, got {config.max_steps!r}")
     if config.workers < 0:
         raise ConfigError(f"workers must be >= 0, got {config.workers}")
+    if not 0 <= config.seed < 2**32:
+        raise ConfigError(f"seed must be an integer in [0, 2^32), got {short_repr(config.seed)}")
     check_threads(config.threads)
     # (name, low, high, low inclusive): every bound is a property of the quantity, e.g. momentum < 1.
     for name, lo, hi, lo_ok in (("lr", 0.0, math.inf, False), ("weight_decay", 0.0, math.inf, True),
@@ -297,7 +298,7 @@ def _check_ranges(config: Any) -> None:
             interval = f"{'[' if lo_ok else '('}{lo:g}, {hi:g})"
             raise ConfigError(f"{name} must be in {interval}, got {value!r}")
     if any(e < 1 for e in config.keep_checkpoints):
-        raise ConfigError(f"keep_checkpoints are epoch numbers >= 1, got {config.keep_checkpoints}")
+        raise ConfigError(f"keep_checkpoints are epoch numbers >= 1, got {short_repr(config.keep_checkpoints)}")
     if config.fsdp and config.method == "lth":
         raise ConfigError("fsdp: true does not support method 'lth' (lottery tickets prune full, unsharded weights); "
                           "use DDP")
@@ -389,13 +390,12 @@ def read_yaml_mapping(path: str) -> dict[str, Any]:
     """A YAML file that must hold a mapping; every failure is a :class:`ConfigError` naming the file."""
     try:
         with open(path, encoding="utf-8") as fh:
-            loaded = yaml.safe_load(fh)
+            text = fh.read(MAX_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not a text (UTF-8) file") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    loaded = load_yaml(text, f"config file {path}")
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -22,11 +23,11 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, short_text
 from ..flops import TrainingFlopsLedger, layer_flops, scoring_flops
 from ..methods import create_sparsifier, method_config
 from ..rundir import (CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, EpochRecord, append_metrics, atomic_write,
-                      write_metrics)
+                      kept_checkpoint_name, write_metrics, write_status)
 from ..sparsifier import Sparsifier
 from . import fsdp, runtime
 from .parts import build_model, evaluate, load_data
@@ -97,6 +98,10 @@ class Trainer:
             restore_training_state(self, start, Path(config.init_from))
             self.progress = Progress(epoch=start["progress"]["epoch"], step=start["progress"]["step"])
             self.sparsifier.apply_masks()  # the new method's masks on the other run's weights
+        beyond = [e for e in config.keep_checkpoints if e > self.planned_epochs()]
+        if beyond:
+            raise ConfigError(f"keep_checkpoints {short_text(str(beyond))}: the run has {self.planned_epochs()} "
+                              f"epochs, so no checkpoint of those epochs would ever be written")
 
     def _shard(self, example: torch.Tensor) -> None:
         """FSDP2: refuse what it cannot do, count FLOPs on the full model (by shapes), then shard it."""
@@ -210,16 +215,31 @@ class Trainer:
                     self.config.method, scored, self.sparsifier.density())
 
     def resume(self, state: dict[str, Any]) -> None:
-        """Continue from this run's checkpoint; rewrites files that a crash may have left behind."""
+        """Continue from this run's checkpoint; completes the writes that a crash may have cut short
+        (metrics lines, the selected model, the kept copy of the checkpoint)."""
         restore_checkpoint(self, state, self.out / CHECKPOINT_FILE)
         self.checkpoint_epoch = self.progress.epoch
         rewrite = self.progress.best_epoch == self.progress.epoch  # a crash may have come before model.pt
         artifact = self.model_artifact() if rewrite and self._gathers() else None
         if self.dist.is_main:  # rank 0 owns every file of the run
             write_metrics(self.out / METRICS_FILE, self.progress.history)
-            if rewrite:
-                with self.guard.protect():
+            with self.guard.protect():
+                if rewrite:
                     save_file(artifact, self.out / MODEL_FILE)
+                if not (self.out / kept_checkpoint_name(self.progress.epoch)).exists():
+                    self._keep_checkpoint()
+
+    def _keep_checkpoint(self) -> None:
+        """Copy ``checkpoint.pt`` to ``checkpoint_epoch<N>.pt`` when ``keep_checkpoints`` asks for epoch N."""
+        epoch = self.progress.epoch
+        if epoch in self.config.keep_checkpoints:
+            with open(self.out / CHECKPOINT_FILE, "rb") as src:
+                atomic_write(self.out / kept_checkpoint_name(epoch), lambda fh: shutil.copyfileobj(src, fh))
+
+    def write_status(self, state: str) -> None:
+        """``status.json``: the run's state, its epoch, the epoch on disk and the process id (rank 0)."""
+        write_status(self.out, state, epoch=self.progress.epoch, checkpoint_epoch=self.checkpoint_epoch,
+                     pid=os.getpid())
 
     # -------------------------------------------------------------- steps and epochs
 
@@ -295,8 +315,8 @@ class Trainer:
         return self.total_steps
 
     def planned_epochs(self) -> int:
-        """Epochs of the whole run (for the log)."""
-        return self.config.epochs
+        """Epochs of the whole run (the last may be partial when ``max_steps`` ends it)."""
+        return -(-self.total_steps // self.steps_per_epoch)
 
     def at_final_density(self) -> bool:
         """Whether the sparsity schedule has reached its final density (model selection is allowed)."""
@@ -371,9 +391,8 @@ class Trainer:
                 if self.tensorboard is not None:
                     self.tensorboard.log_epoch(record.to_dict(), step=record.step,
                                                layer_density=self.sparsifier.layer_density())
-                if p.epoch in self.config.keep_checkpoints:
-                    with open(self.out / CHECKPOINT_FILE, "rb") as src:
-                        atomic_write(self.out / f"checkpoint_epoch{p.epoch}.pt", lambda fh: shutil.copyfileobj(src, fh))
+                self._keep_checkpoint()
+                self.write_status("running")
             val_text = "" if val is None else f" | val loss {val['loss']:.4f} acc {val['accuracy']:.4f}"
             logger.info("epoch %d/%d step %d | train loss %.4f acc %.4f%s | density %.4f | lr %.4g | %.1fs",
                         p.epoch, self.planned_epochs(), p.step, train["loss"], train["accuracy"], val_text,

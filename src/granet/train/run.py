@@ -10,20 +10,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import yaml
 
-from ..errors import CheckpointError, ConfigError, Interrupted, PeerFailure
+from ..errors import CheckpointError, ConfigError, Interrupted, PeerFailure, RunDirError, short_text
 from ..flops import inference_flops, inference_flops_relative
-from ..rundir import (CHECKPOINT_FILE, CONFIG_FILE, COVERAGE_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE, RunSummary,
-                      atomic_write_text, prepare_run_dir, write_status)
-from .checkpoint import load_file, read_checkpoint
+from ..rundir import (CHECKPOINT_FILE, CONFIG_FILE, COVERAGE_FILE, KEPT_CHECKPOINT, METRICS_FILE, MODEL_FILE,
+                      STATUS_FILE, SUMMARY_FILE, RunLock, RunSummary, atomic_write_text, prepare_run_dir,
+                      remove_temporary_files, run_files_in, write_status)
+from .checkpoint import checkpointed_epoch, load_file, read_checkpoint
 from .config import (LTH_KEYS, SPARSITY_KEYS, TrainConfig, check_resume_compatible, check_threads, read_yaml_mapping,
                      resume_config)
 from .loop import Trainer
@@ -76,8 +77,33 @@ def resume_point(run_dir: str, overrides: dict[str, Any]) -> tuple[Any, Optional
         return resume_config(saved, overrides, "the checkpoint"), state
     if on_disk is None:
         raise ConfigError(f"cannot resume from {root}: it holds neither {CHECKPOINT_FILE} nor {CONFIG_FILE}")
-    logger.info("%s has no checkpoint yet: starting the run again from the beginning", root)
+    check_restartable(root)
     return resume_config(on_disk, overrides, CONFIG_FILE), None
+
+
+def check_restartable(root: Path) -> None:
+    """Refuse to start a run again from its beginning when its directory holds results.
+
+    A run interrupted before its first checkpoint has nothing to lose and starts again; a run whose
+    ``checkpoint.pt`` is gone but which holds results (a selected model, a summary, metrics lines,
+    kept checkpoints) would lose them.
+
+    Raises:
+        RunDirError: results are present (named), with what to do instead.
+    """
+    results = [name for name in run_files_in(root) if name in (MODEL_FILE, SUMMARY_FILE) or KEPT_CHECKPOINT.fullmatch(name)]
+    metrics = root / METRICS_FILE
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        results.insert(0, METRICS_FILE)
+    if results:
+        kept = [n for n in results if KEPT_CHECKPOINT.fullmatch(n)]
+        hint = (f"copy a kept checkpoint ({kept[-1]}) to {CHECKPOINT_FILE} to continue from it, "
+                if kept else "")
+        raise RunDirError(
+            f"cannot resume {root}: it has no {CHECKPOINT_FILE} to continue from, but holds results "
+            f"({', '.join(results)}) that starting again would delete; {hint}evaluate it with "
+            f"`granet evaluate {root}`, or train it again from the beginning with --overwrite"
+        )
 
 
 def train(config: Any, checkpoint: Optional[dict[str, Any]] = None) -> dict[str, Any]:
@@ -98,14 +124,37 @@ def train(config: Any, checkpoint: Optional[dict[str, Any]] = None) -> dict[str,
     out = Path(config.resume) if resuming else Path(config.out) if config.out else default_out_dir(config)
     if checkpoint is not None and not resuming:
         raise ConfigError("train(): a checkpoint was given but config.resume is not set")
-    state = checkpoint
-    if state is None and resuming and (out / CHECKPOINT_FILE).is_file():
-        state = read_checkpoint(out / CHECKPOINT_FILE)
-    if state is not None:
-        config = _resumed_config(config, state["config"])
-    check_threads(config.threads)  # also for configs built without validate() (the sweeps)
-    with intra_op_threads(config.threads) as threads:
-        return _run(dataclasses.replace(config, threads=threads), out, state)
+    if resuming and not out.is_dir():
+        raise ConfigError(f"cannot resume from {out}: no such directory")
+    # Rank 0 owns the run directory: it holds the directory's lock from before its files are looked
+    # at until the run has ended, so two runs can never write one directory.
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    with RunLock(out) if main_rank else contextlib.nullcontext():
+        state = checkpoint
+        if state is None and resuming and (out / CHECKPOINT_FILE).is_file():
+            state = read_checkpoint(out / CHECKPOINT_FILE)
+        if state is not None:
+            config = _resumed_config(config, state["config"])
+        check_threads(config.threads)  # also for configs built without validate() (the sweeps)
+        if main_rank:
+            _prepare(out, config, state)
+        with intra_op_threads(config.threads) as threads:
+            return _run(dataclasses.replace(config, threads=threads), out, state)
+
+
+def _prepare(out: Path, config: Any, state: Optional[dict[str, Any]]) -> None:
+    """Make ``out`` ready for the run (rank 0, under the run's lock)."""
+    if state is not None:  # continuing: complete what a kill may have left half done
+        removed = remove_temporary_files(out)
+        if removed:
+            logger.info("%s: removed %s left by an interrupted write", out, ", ".join(removed))
+        return
+    if config.resume is not None:
+        if not (out / CONFIG_FILE).is_file():
+            raise ConfigError(f"cannot resume from {out}: it holds neither {CHECKPOINT_FILE} nor {CONFIG_FILE}")
+        check_restartable(out)
+        logger.info("%s has no checkpoint yet: starting the run again from the beginning", out)
+    prepare_run_dir(out, overwrite=config.overwrite or config.resume is not None)
 
 
 def _resumed_config(config: Any, saved: dict[str, Any]) -> Any:
@@ -125,12 +174,9 @@ def _resumed_config(config: Any, saved: dict[str, Any]) -> Any:
 
 def _run(config: Any, out: Path, state: Optional[dict[str, Any]]) -> dict[str, Any]:
     """Train (or continue) the run in ``out`` with a checked config; see :func:`train`."""
-    resuming = config.resume is not None
-    main_rank = int(os.environ.get("RANK", "0")) == 0
-    if main_rank and state is None:
-        prepare_run_dir(out, overwrite=config.overwrite or resuming)
     guard = SignalGuard()
     trainer: Optional[Trainer] = None
+    started = False  # whether this process got the run under way (and so owns how it ends)
     with guard.installed():
         try:
             trainer = (LotteryTrainer if config.method == "lth" else Trainer)(config, out, guard)
@@ -140,34 +186,64 @@ def _run(config: Any, out: Path, state: Optional[dict[str, Any]]) -> dict[str, A
             elif not config.init_from:
                 trainer.score_at_init()
             if state is None and trainer.dist.is_main:
-                (out / METRICS_FILE).write_text("")
+                atomic_write_text(out / METRICS_FILE, "")
                 resolved = dict(trainer.config.to_dict(), out=str(out), resume=None, overwrite=False)
                 atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(resolved, sort_keys=False))
                 coverage = trainer.sparsifier.coverage()
                 logger.info("what is sparse:\n%s", coverage)
                 atomic_write_text(out / COVERAGE_FILE, _json(coverage.to_dict()))
             if trainer.dist.is_main:
-                write_status(out, "running", epoch=trainer.progress.epoch, pid=os.getpid())
+                trainer.write_status("running")
+            started = True
             trainer.run()
-            return _finish(trainer)
-        except RuntimeError as exc:
-            if trainer is None or trainer.dist.world_size == 1 or not _is_peer_failure(exc):
+            summary = _finish(trainer)
+        except BaseException as exc:
+            # The run is ending: a signal now (torchrun stops the other ranks when one fails) must
+            # not replace the error that ended it.
+            with guard.held():
+                error = _ending(exc, trainer, config, out, started)
+                _teardown_process_group(clean=False)
+            if error is exc:
                 raise
-            where = (f"epoch {trainer.checkpoint_epoch} is checkpointed in {out}: continue with "
-                     f"`granet train --resume {out}`") if trainer.checkpoint_epoch else "no epoch was checkpointed yet"
-            raise PeerFailure(
+            raise error from None
+        with guard.held():
+            _teardown_process_group(clean=True)
+        return summary
+
+
+def _ending(exc: BaseException, trainer: Optional[Trainer], config: Any, out: Path, started: bool) -> BaseException:
+    """The error to report for ``exc``; once the run was ``started``, ``status.json`` says how it ended.
+
+    Every rank names the epoch that is really checkpointed: rank 0 wrote it; the other ranks read it
+    from ``checkpoint.pt`` where they can see the directory. A run refused before it started (a bad
+    checkpoint, a bad value) leaves ``status.json`` as it was.
+    """
+    main_rank = trainer.dist.is_main if trainer is not None else int(os.environ.get("RANK", "0")) == 0
+    epoch = trainer.checkpoint_epoch if trainer is not None and main_rank else checkpointed_epoch(out)
+    error = exc
+    if isinstance(exc, Interrupted):
+        exc.run_dir, exc.checkpoint_epoch = str(out), epoch
+        state, info = "interrupted", dict(signal=exc.signal_name, checkpoint_epoch=epoch, message=exc.message())
+    else:
+        if (isinstance(exc, RuntimeError) and trainer is not None and trainer.dist.world_size > 1
+                and _is_peer_failure(exc)):
+            where = (f"epoch {epoch} is checkpointed in {out}: continue with `granet train --resume {out}`"
+                     if epoch else "no epoch was checkpointed yet")
+            error = PeerFailure(
                 f"rank {trainer.dist.rank}: another process of the job died or stopped responding (a collective "
-                f"operation failed or waited longer than dist_timeout={config.dist_timeout:g} s); {where}"
-            ) from None
-        except Interrupted as exc:
-            exc.run_dir = str(out)
-            exc.checkpoint_epoch = None if trainer is None else trainer.checkpoint_epoch
-            if main_rank and out.is_dir():
-                write_status(out, "interrupted", signal=exc.signal_name, checkpoint_epoch=exc.checkpoint_epoch,
-                             message=exc.message())
-            raise
-        finally:
-            _teardown_process_group(clean=sys.exc_info()[0] is None)
+                f"operation failed or waited longer than dist_timeout={config.dist_timeout:g} s); {where}")
+        state, info = "failed", dict(checkpoint_epoch=epoch, error=type(error).__name__,
+                                     message=short_text(" ".join(str(error).split()) or type(error).__name__, 500))
+    if started:
+        # Rank 0 holds the run's lock and writes; another rank writes only when it can take the lock,
+        # that is when rank 0 is gone (killed) and nobody else would say how the run ended.
+        try:
+            with contextlib.nullcontext() if main_rank else RunLock(out):
+                write_status(out, state, epoch=epoch or 0, **info)
+        except RunDirError as failed:  # e.g. the full disk that ended the run, or rank 0 alive
+            if main_rank:
+                logger.warning("could not record the end of the run in %s: %s", out / STATUS_FILE, failed)
+    return error
 
 
 _PEER_FAILURE_SIGNS = ("timed out", "timeout", "connection closed", "connection reset", "pair closure",
@@ -219,7 +295,7 @@ def _finish(trainer: Trainer) -> dict[str, Any]:
     summary = RunSummary(**fields).to_dict()
     if trainer.dist.is_main:
         atomic_write_text(trainer.out / SUMMARY_FILE, _json(summary))
-        write_status(trainer.out, "finished", epoch=p.epoch)
+        trainer.write_status("finished")
         logger.info(
             "done: test accuracy %.4f at sparsity %.4f (selected epoch %s, best val %s) in %.1fs -> %s",
             summary["test_accuracy"], summary["sparsity"], summary["selected_epoch"],
@@ -230,8 +306,6 @@ def _finish(trainer: Trainer) -> dict[str, Any]:
 
 
 def _json(values: dict[str, Any]) -> str:
-    import json
-
     return json.dumps(values, indent=2) + "\n"
 
 
@@ -267,4 +341,4 @@ def evaluate_run(run_dir: str, device: str = "auto", data_dir: Optional[str] = N
             "density": active / total, "sparsity": 1 - active / total, "epoch": artifact["epoch"]}
 
 
-__all__ = ["train", "evaluate_run", "config_for_resume", "resume_point", "default_out_dir"]
+__all__ = ["train", "evaluate_run", "config_for_resume", "resume_point", "default_out_dir", "check_restartable"]

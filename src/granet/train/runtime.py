@@ -180,10 +180,14 @@ class SignalGuard:
     def __init__(self) -> None:
         self._depth = 0
         self._pending: Optional[str] = None
+        self._ignoring = False
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
+        if self._ignoring:
+            logger.info("%s received while the run is already ending: ignored", name)
+            return
         if self._depth > 0 and self._pending is None:
             self._pending = name
             return
@@ -215,6 +219,16 @@ class SignalGuard:
         if self._depth == 0 and self._pending is not None:
             name, self._pending = self._pending, None
             raise Interrupted(name)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Ignore signals for the block: the run is already ending (with an error, or done) and
+        recording how; a signal now must not replace that outcome."""
+        ignoring, self._ignoring = self._ignoring, True
+        try:
+            yield
+        finally:
+            self._ignoring = ignoring
 
 
 __all__ = ["Dist", "setup_distributed", "intra_op_threads", "resolve_device", "seed_everything", "epoch_order",
