@@ -1,11 +1,14 @@
 """Compressed sparse export: bit packing, bit-identical round trips, exact file sizes, runs, bad input."""
 import argparse
+import errno
+import json
 import math
 import os
 import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -17,7 +20,10 @@ import safetensors.torch as st  # noqa: E402
 
 import granet  # noqa: E402
 from granet.cli import export as cli_export  # noqa: E402
-from granet.export import LAYOUTS, export_run, export_sparse, load_masks, load_sparse, pack_bits, read_metadata, unpack_bits  # noqa: E402,E501
+from granet.cli import main as granet_main  # noqa: E402
+from granet.errors import GranetError  # noqa: E402
+from granet.export import (FORMAT_NAME, FORMAT_VERSION, LAYOUTS, SparseExportError, export_run,  # noqa: E402
+                           export_sparse, load_masks, load_sparse, pack_bits, read_metadata, unpack_bits)
 from granet.models import create_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,12 +157,21 @@ def test_load_into_model_gives_identical_outputs(tmp_path):
     load_sparse(tmp_path / "m.safetensors", model=fresh)
     x = torch.randn(4, 1, 8, 8)
     assert torch.equal(fresh(x), model(x))
-    with pytest.raises(ValueError, match=r"does not fit the model: missing \['bias', 'weight'\]"):
+    keys = list(model.state_dict())
+    with pytest.raises(ValueError) as exc:
         load_sparse(tmp_path / "m.safetensors", model=nn.Linear(3, 3))
+    assert str(exc.value) == (f"{tmp_path / 'm.safetensors'} does not fit the model (missing 'weight', 'bias'; "
+                              f"unexpected {', '.join(repr(k) for k in keys[:3])} and {len(keys) - 3} more); "
+                              f"the model is unchanged")
     wider = create_model("mlp", num_classes=11, in_channels=1, input_size=8)
-    with pytest.raises(ValueError, match="does not fit the model: Error.* size mismatch") as exc:
+    head_w, head_b = keys[-2:]
+    with pytest.raises(ValueError) as exc:
         load_sparse(tmp_path / "m.safetensors", model=wider)
-    assert "\n" not in str(exc.value)
+    w = model.state_dict()[head_w]
+    assert str(exc.value) == (
+        f"{tmp_path / 'm.safetensors'} does not fit the model ('{head_w}' is float32 {[10, w.shape[1]]} in the file, "
+        f"float32 {[11, w.shape[1]]} in the model; '{head_b}' is float32 [10] in the file, float32 [11] in the "
+        f"model); the model is unchanged")
 
 
 @pytest.mark.parametrize("change, error, message", [
@@ -269,12 +284,334 @@ def test_cli_export_prints_sizes_and_ratio(run_dir, tmp_path, capsys):
 
 
 def test_export_run_refuses_pickled_objects(tmp_path):
-    (tmp_path / "model.pt").write_bytes(b"")
     torch.save({"model": {}, "masks": {}, "hook": argparse.Namespace(a=1)}, tmp_path / "model.pt")
-    with pytest.raises(ValueError, match="is not a readable granet model file") as exc:
+    with pytest.raises(SparseExportError, match="refused to load .*: it holds Python objects other than") as exc:
         export_run(tmp_path)
-    assert "\n" not in str(exc.value)
+    assert "\n" not in str(exc.value) and isinstance(exc.value, ValueError)
     torch.save({"weights": {}}, tmp_path / "model.pt")
     with pytest.raises(ValueError, match="needs 'model' and 'masks' entries"):
         export_run(tmp_path)
+    assert not (tmp_path / "model.sparse.safetensors").exists()
     assert granet.export_run is export_run
+
+
+# ---------------------------------------------------------------------------- run files, output paths, the CLI
+
+def _fake_run(root: Path) -> Path:
+    """A run directory as training leaves it: model.pt (a small masked model), checkpoint.pt, config.yaml."""
+    root.mkdir(exist_ok=True)
+    state, masks = _masked_state(torch.float32)
+    torch.save({"model": state, "masks": masks, "config": {"model": "tiny"}, "epoch": 1, "step": 3}, root / "model.pt")
+    torch.save({"format": 2, "progress": {"epoch": 1, "step": 3}}, root / "checkpoint.pt")
+    (root / "config.yaml").write_text("model: tiny\n")
+    return root
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(root.iterdir()) if p.is_file()}
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    """Run the real ``granet`` command; (exit status, stderr). A traceback would escape as an exception."""
+    code = granet_main(argv)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["model.pt", "checkpoint.pt", "config.yaml"])
+def test_export_never_replaces_a_file_of_the_run(name, tmp_path, capsys):
+    run = _fake_run(tmp_path / "run")
+    before = _files(run)
+    code, err = _cli(["export", str(run), "--out", str(run / name)], capsys)
+    assert code == 2
+    assert err == (f"granet export: error: output file {run / name} is one of the files of the run in {run}: "
+                   f"writing it would destroy the run; choose another file name\n")
+    assert _files(run) == before  # byte-identical, and no temporary file left
+    # The library refuses the same (a link to the file counts as the file).
+    state, masks = _masked_state(torch.float32)
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(run / name)
+    for target in (run / name, link):
+        with pytest.raises(SparseExportError, match="is one of the files of the run"):
+            export_sparse(state, masks, target)
+    assert _files(run) == before
+    # The default output goes beside the run's files and leaves them as they were.
+    code, err = _cli(["export", str(run)], capsys)
+    assert (code, err) == (0, "")
+    after = _files(run)
+    assert set(after) == set(before) | {"model.sparse.safetensors"} and {k: after[k] for k in before} == before
+    _assert_bit_identical(load_sparse(run / "model.sparse.safetensors"), torch.load(run / "model.pt")["model"])
+
+
+@pytest.mark.parametrize("out, reason", [
+    ("missing/m.safetensors", "cannot write {out}: directory {parent} does not exist"),
+    ("adir", "cannot write {out}: it is a directory (give a file name)"),
+])
+def test_cli_bad_out_is_one_line(out, reason, tmp_path, capsys):
+    run = _fake_run(tmp_path / "run")
+    (tmp_path / "adir").mkdir()
+    out = tmp_path / out
+    code, err = _cli(["export", str(run), "--out", str(out)], capsys)
+    assert code == 2
+    assert err == f"granet export: error: {reason.format(out=out, parent=out.parent)}\n"
+    assert not (tmp_path / "missing").exists() and list((tmp_path / "adir").iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "run"]  # no temporary file beside --out
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through chmod 0o555; the file-size-limit test covers it")
+def test_cli_read_only_directory_is_one_line(tmp_path, capsys):
+    run = _fake_run(tmp_path / "run")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        code, err = _cli(["export", str(run), "--out", str(ro / "m.safetensors")], capsys)
+    finally:
+        ro.chmod(0o755)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"granet export: error: cannot write {ro / 'm.safetensors'}: ") and "ermission denied" in err
+    assert list(ro.iterdir()) == []
+
+
+def test_cli_read_only_file_system_is_one_line(tmp_path, capsys, monkeypatch):
+    """EROFS as the operating system reports it (root ignores chmod, so it is raised where safetensors writes)."""
+    run = _fake_run(tmp_path / "run")
+
+    def read_only(tensors: dict, filename: str, metadata: Optional[dict] = None) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), filename)
+
+    monkeypatch.setattr(st, "save_file", read_only)
+    out = tmp_path / "m.safetensors"
+    code, err = _cli(["export", str(run), "--out", str(out)], capsys)
+    assert (code, err) == (2, f"granet export: error: cannot write {out}: {os.strerror(errno.EROFS)}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_cli_full_disk_is_one_line_and_keeps_the_previous_file(tmp_path):
+    """A file-size limit (``ulimit -f``) fails the write like a full disk: safetensors raises its own error type."""
+    run = _fake_run(tmp_path / "run")
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"previous export")
+    code = ("import resource, sys\n"
+            "from granet.cli import main\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (256, 256))\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", code, "export", str(run), "--out", str(out)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"granet export: error: cannot write {out}: ")
+    assert "File too large" in proc.stderr and proc.stderr.endswith("(the previous version is intact)\n")
+    assert out.read_bytes() == b"previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "run"]
+
+
+def test_cli_unreadable_model_file_is_one_line(tmp_path, capsys):
+    run = _fake_run(tmp_path)
+    for content in (b"", b"PK\x03\x04 cut short"):
+        (run / "model.pt").write_bytes(content)
+        code, err = _cli(["export", str(run)], capsys)
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"granet export: error: {run / 'model.pt'} is not a readable granet model file (")
+        assert not (run / "model.sparse.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------- crafted files
+
+def _craft(path: Path, tensors: dict, sparse: dict, layout: str, keys: Optional[list] = None) -> Path:
+    """A safetensors file with granet metadata written by hand (shapes need not match the pieces)."""
+    meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "layout": layout,
+            "keys": json.dumps(keys if keys is not None else list(dict.fromkeys(k.split("::")[0] for k in tensors))),
+            "sparse": json.dumps(sparse), "user": "{}"}
+    st.save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def _tampered(good: Path, out: Path, key: str, **changes) -> Path:
+    """``good`` with ``key``'s entry of the 'sparse' metadata changed (the stored pieces unchanged)."""
+    with st.safe_open(str(good), framework="pt") as f:
+        meta = f.metadata()
+    sparse = json.loads(meta["sparse"])
+    sparse[key].update(changes)
+    meta["sparse"] = json.dumps(sparse)
+    st.save_file(st.load_file(str(good)), str(out), metadata=meta)
+    return out
+
+
+def _small_export(tmp_path: Path, layout: str) -> Path:
+    """``w`` (1, 10) with 3 active values (and -0.0 at two inactive ones), ``b`` (1,) dense."""
+    w = torch.tensor([[0.5, -0.0, 0.0, -1.5, 0.0, 2.0, -0.0, 0.0, 0.0, 0.0]])
+    path = tmp_path / f"{layout}.safetensors"
+    export_sparse({"w": w, "b": torch.ones(1)}, {"w": w != 0}, path, layout=layout)
+    return path
+
+
+_MEASURE = """
+import json, resource, sys, time
+import torch
+from torch import nn
+from granet.export import load_sparse
+results = []
+for path, model_shapes in json.loads(sys.argv[1]):
+    model = None
+    if model_shapes is not None:
+        model = nn.Module()
+        for name, shape in model_shapes.items():
+            model.register_buffer(name, torch.zeros(shape))
+    peak, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+    try:
+        load_sparse(path, model=model)
+        message = None
+    except ValueError as exc:
+        message = str(exc)
+    grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) * 1024
+    results.append([message, grew, time.perf_counter() - start])
+print(json.dumps(results))
+"""
+
+
+def test_huge_declared_shapes_are_refused_before_anything_is_allocated(tmp_path):
+    """The audit's files: a CSR export of a (1, 10) tensor whose header declares (1, 2**28) or (1, 2**31)
+    took 2.5 / 10 GB and 5-15 s to refuse (the same with int32 column indices, where only the sign
+    plane's size gives it away); a consistent CSR file declaring a tensor larger than any machine; a
+    consistent (1, 2**28) file loaded into a model whose tensor is (1, 10)."""
+    good = _small_export(tmp_path, "csr")
+    wide = _tampered(good, tmp_path / "wide.safetensors", "w", shape=[1, 2**28])
+    wider = _tampered(good, tmp_path / "wider.safetensors", "w", shape=[1, 2**31])
+    i32 = torch.int32
+    with st.safe_open(str(good), framework="pt") as f:
+        meta = json.loads(f.metadata()["sparse"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta["w"]["shape"] = [1, 2**28]
+    signs = _craft(tmp_path / "signs.safetensors", {**tensors, "w::col": tensors["w::col"].to(i32)}, meta, "csr")
+    huge = _craft(tmp_path / "huge.safetensors",  # 1024 rows of 2**31 float64: 16 TiB
+                  {"w::values": torch.zeros(0, dtype=torch.float64), "w::crow": torch.zeros(1025, dtype=i32),
+                   "w::col": torch.zeros(0, dtype=i32)},
+                  {"w": {"shape": [1024, 2**31], "dtype": "float64", "nnz": 0}}, "csr")
+    consistent = _craft(tmp_path / "consistent.safetensors",
+                        {"w::values": torch.zeros(0), "w::crow": torch.zeros(2, dtype=i32),
+                         "w::col": torch.zeros(0, dtype=i32), "b": torch.ones(1)},
+                        {"w": {"shape": [1, 2**28], "dtype": "float32", "nnz": 0}}, "csr")
+    cases = [(str(wide), None), (str(wider), None), (str(signs), None), (str(huge), None),
+             (str(consistent), {"w": [1, 10], "b": [1]})]
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, json.dumps(cases)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout)
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert [r[0] for r in results] == [
+        f"{wide} is a corrupt granet sparse export ('w::col' is int16 [3], but shape [1, 268435456] with 3 active "
+        f"values needs int32 [3])",
+        f"{wider} is a corrupt granet sparse export ('w::col' is int16 [3], but shape [1, 2147483648] with 3 active "
+        f"values needs int32 [3])",
+        f"{signs} is a corrupt granet sparse export ('w::negzero' is uint8 [2], but shape [1, 268435456] with 3 active "
+        f"values needs uint8 [33554432])",
+        f"{huge} declares tensors larger than this machine's {memory:,} bytes of memory (e.g. 'w': float64 "
+        f"[1024, 2147483648]); a corrupt or crafted file?",
+        f"{consistent} does not fit the model ('w' is float32 [1, 268435456] in the file, float32 [1, 10] in the "
+        f"model); the model is unchanged",
+    ]
+    for message, grew, seconds in results:
+        assert grew < 32 * 2**20 and seconds < 1.0, (message, grew, seconds)
+
+
+_LONG = "x" * 100_000
+_CUT = "'" + "x" * 56 + "..."  # short_repr of _LONG: 60 characters
+
+
+@pytest.mark.parametrize("layout, change, detail", [
+    ("bitmask", dict(shape=[2**14, 2**14]),
+     "'w::mask' is uint8 [2], but shape [16384, 16384] with 3 active values needs uint8 [33554432]"),
+    ("csr", dict(shape=[4, 2]), "'w::crow' is int32 [2], but shape [4, 2] with 3 active values needs int32 [5]"),
+    ("csr", dict(shape=[1, 2**40]), "'w' declares shape [1, 1099511627776]: rows too long for CSR column indices"),
+    ("bitmask", dict(nnz=11), "'w' declares 11 active values in shape [1, 10]"),
+    ("csr", dict(nnz=2), "'w::values' is float32 [3], but shape [1, 10] with 2 active values needs float32 [2]"),
+    ("bitmask", dict(dtype="float64"),
+     "'w::values' is float32 [3], but shape [1, 10] with 3 active values needs float64 [3]"),
+    ("bitmask", dict(dtype=_LONG), f"'w' declares unknown dtype {_CUT}"),
+    ("csr", dict(shape=[1, -10]), "'w' declares shape [1, -10] and nnz 3: not non-negative integers"),
+    ("csr", dict(shape=[True, 10]), "'w' declares shape [True, 10] and nnz 3: not non-negative integers"),
+    ("bitmask", dict(nnz=[_LONG]), f"'w' declares shape [1, 10] and nnz ['{'x' * 55}...: not non-negative integers"),
+])
+def test_inconsistent_declarations_are_refused_in_one_short_line(layout, change, detail, tmp_path):
+    bad = _tampered(_small_export(tmp_path, layout), tmp_path / "bad.safetensors", "w", **change)
+    for load in (load_sparse, load_masks):
+        with pytest.raises(SparseExportError) as exc:
+            load(bad)
+        assert str(exc.value) == f"{bad} is a corrupt granet sparse export ({detail})"
+        assert isinstance(exc.value, ValueError) and isinstance(exc.value, GranetError)
+
+
+def test_stray_and_missing_tensors_are_refused_in_one_short_line(tmp_path):
+    values, crow, col = torch.ones(1), torch.tensor([0, 1], dtype=torch.int32), torch.zeros(1, dtype=torch.int16)
+    sparse = {"w": {"shape": [1, 4], "dtype": "float32", "nnz": 1}}
+    stray = _craft(tmp_path / "stray.safetensors", {"w::values": values, "w::crow": crow, "w::col": col,
+                                                    "w::extra": torch.ones(1), "zzz": torch.ones(1)}, sparse, "csr",
+                   keys=["w"])
+    unstored = _craft(tmp_path / "unstored.safetensors", {"w::values": values, "w::crow": crow, "w::col": col},
+                      sparse, "csr", keys=["w", _LONG])
+    no_piece = _craft(tmp_path / "no_piece.safetensors", {"w::values": values, "w::crow": crow}, sparse, "csr")
+    for path, detail in ((stray, "2 stored tensors belong to no key, e.g. 'w::extra'"),
+                         (unstored, f"tensor {_CUT} is not stored"),
+                         (no_piece, "'w' has no stored 'col' piece")):
+        with pytest.raises(SparseExportError) as exc:
+            load_sparse(path)
+        assert str(exc.value) == f"{path} is a corrupt granet sparse export ({detail})"
+
+
+def _three_layers(seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4), nn.Linear(4, 3))
+
+
+def _corrupt_last_sparse_tensor(path: Path, layout: str) -> Path:
+    """``path`` with the stored data (not the header) of ``2.weight`` made inconsistent."""
+    with st.safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = st.load_file(str(path))
+    if layout == "bitmask":
+        mask = tensors["2.weight::mask"]
+        mask[0] = int(mask[0]) ^ 1  # position (0, 0) inactive: one active position fewer than values
+    else:
+        tensors["2.weight::crow"][-1] += 1
+    st.save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_load_into_a_model_applies_completely_or_not_at_all(layout, tmp_path):
+    source = _three_layers(0)
+    masks = {f"{i}.weight": torch.rand(source[i].weight.shape, generator=torch.Generator().manual_seed(i)) < 0.5
+             for i in range(3)}
+    masks["2.weight"][0, 0] = True  # the corrupted bit below is active
+    state = {k: v.detach() * masks[k] if k in masks else v.detach() for k, v in source.state_dict().items()}
+    target = _three_layers(1)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+
+    def export(name: str, **changes: torch.Tensor) -> Path:
+        export_sparse({**state, **changes}, masks, tmp_path / name, layout=layout)
+        return tmp_path / name
+
+    cases = [  # the problem is in the last of six tensors, or the last sparse one
+        (export("shape.st", **{"2.bias": torch.zeros(4)}),
+         "does not fit the model ('2.bias' is float32 [4] in the file, float32 [3] in the model); "
+         "the model is unchanged"),
+        (export("int.st", **{"2.bias": torch.arange(3, dtype=torch.int32)}),
+         "does not fit the model ('2.bias' is int32 [3] in the file, float32 [3] in the model); "
+         "the model is unchanged"),
+        (export("double.st", **{"2.weight": state["2.weight"].double()}),
+         "does not fit the model ('2.weight' is float64 [3, 4] in the file, float32 [3, 4] in the model); "
+         "the model is unchanged"),
+        (_corrupt_last_sparse_tensor(export("corrupt.st"), layout),
+         "is a corrupt granet sparse export (" + ("mask has {} active positions for {} values".format(
+             int(masks["2.weight"].sum()) - 1, int(masks["2.weight"].sum())) if layout == "bitmask"
+             else "bad CSR row pointers") + ")"),
+    ]
+    for path, message in cases:
+        with pytest.raises(SparseExportError) as exc:
+            load_sparse(path, model=target)
+        assert str(exc.value) == f"{path} {message}"
+        after = target.state_dict()
+        assert list(after) == list(before)
+        assert all(after[k].dtype == before[k].dtype and torch.equal(_bits(after[k]), _bits(before[k])) for k in before)
+    load_sparse(export("good.st"), model=target)
+    _assert_bit_identical(target.state_dict(), state)

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import granet
-from granet.inference import (SparseConv1x1, SparseLinear, _is_two_four, plan_sparse_inference, to_semi_structured,
-                              to_sparse_inference)
+from granet.inference import (LayerDecision, SparseConv1x1, SparseLinear, _is_two_four, plan_sparse_inference,
+                              to_semi_structured, to_sparse_inference)
 
 
 def _sparsify(layer: nn.Module, density: float, seed: int) -> nn.Module:
@@ -134,6 +134,22 @@ def test_plan_for_another_model_is_refused():
         to_sparse_inference(_Net(), max_densty=0.5)
 
 
+def test_refused_plan_leaves_an_in_place_model_as_it_was():
+    net = _Net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    plan = plan_sparse_inference(net, max_density=0.2, calibrate=False)
+    assert [d.name for d in plan if d.sparse] == ["pw", "head.1", "head.3"]
+    stale = LayerDecision(name="block." * 1000, kind="linear", shape=(1, 1), density=0.0, sparse=True, reason="old")
+    with pytest.raises(ValueError) as exc:
+        to_sparse_inference(net, plan=[*plan, stale], inplace=True)
+    assert str(exc.value) == f"plan entry '{'block.' * 9}bl... names no Linear / 1x1 Conv2d layer of the model"
+    # The three layers before the stale entry were not converted: the model is exactly as it was.
+    layers = (net.pw, net.conv, net.head[1], net.head[3], net.out)
+    assert [type(m) for m in layers] == [nn.Conv2d, nn.Conv2d, nn.Linear, nn.Linear, nn.Linear]
+    after = net.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
 def test_two_four_pattern_hand_worked():
     w = torch.tensor([[1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 3.0],
                       [0.0, 4.0, 5.0, 0.0, 6.0, 7.0, 0.0, 0.0]])
@@ -161,6 +177,30 @@ def test_semi_structured_matches_dense_on_cuda():
     x = torch.randn(64, 128, dtype=torch.half, device="cuda")
     with torch.no_grad():
         torch.testing.assert_close(to_semi_structured(model)(x), model(x), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="2:4 semi-structured kernels need CUDA")
+def test_semi_structured_refusal_leaves_an_in_place_model_as_it_was(monkeypatch):
+    model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)).half().cuda()
+    with torch.no_grad():
+        for layer in model:
+            layer.weight.view(8, 2, 4)[..., 2:] = 0.0  # 2:4 along the input dimension
+    before = [layer.weight for layer in model]
+    saved = [w.detach().clone() for w in before]
+
+    def convert(weight: torch.Tensor) -> torch.Tensor:  # the kernels refuse the second layer
+        if len(convert.calls) == 1:
+            raise RuntimeError("shape not supported")
+        convert.calls.append(weight)
+        return weight.clone()
+
+    convert.calls = []
+    monkeypatch.setattr(torch.sparse, "to_sparse_semi_structured", convert)
+    with pytest.raises(ValueError) as exc:
+        to_semi_structured(model, inplace=True)
+    assert str(exc.value) == "1: not convertible to 2:4 semi-structured (shape not supported)"
+    assert len(convert.calls) == 1 and all(layer.weight is w for layer, w in zip(model, before))
+    assert all(torch.equal(w, s) for w, s in zip(before, saved))
 
 
 def test_exported_model_runs_sparse_with_the_same_outputs(tmp_path):

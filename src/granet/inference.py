@@ -40,6 +40,8 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
+from .errors import short_repr, short_text
+
 logger = logging.getLogger(__name__)
 
 _SPARSE_DTYPES = (torch.float32, torch.float64)
@@ -320,6 +322,9 @@ def to_sparse_inference(model: nn.Module, plan: Optional[list[LayerDecision]] = 
     call it under ``torch.inference_mode()``: the sparse modules hold their weights as buffers,
     without gradients.
 
+    Every sparse module is built before the first layer is replaced, so with ``inplace=True`` a
+    refused plan leaves ``model`` as it was (never half converted).
+
     Raises:
         ValueError: bad options, both ``plan`` and options, or a plan naming a layer the model lacks.
     """
@@ -327,15 +332,19 @@ def to_sparse_inference(model: nn.Module, plan: Optional[list[LayerDecision]] = 
         raise ValueError(f"pass a plan or planning options, not both (got plan and {', '.join(sorted(options))})")
     if plan is None:
         plan = plan_sparse_inference(model, **options)
-    target = model if inplace else copy.deepcopy(model)
-    modules = dict(target.named_modules())
+    modules = dict(model.named_modules())
+    swaps = []
     for d in plan:
-        logger.info("%s %s %s: %s (%s)", d.name, d.kind, d.shape, "sparse" if d.sparse else "dense", d.reason)
         if not d.sparse:
             continue
         if d.name not in modules or not (isinstance(modules[d.name], nn.Linear) or _is_conv1x1(modules[d.name])):
-            raise ValueError(f"plan entry {d.name!r} names no Linear / 1x1 Conv2d layer of the model")
-        _replace(target, d.name, _sparse_module(modules[d.name], d.vector_threads))
+            raise ValueError(f"plan entry {short_repr(d.name)} names no Linear / 1x1 Conv2d layer of the model")
+        swaps.append((d.name, _sparse_module(modules[d.name], d.vector_threads)))  # copies the weights
+    for d in plan:
+        logger.info("%s %s %s: %s (%s)", d.name, d.kind, d.shape, "sparse" if d.sparse else "dense", d.reason)
+    target = model if inplace else copy.deepcopy(model)
+    for name, new in swaps:
+        _replace(target, name, new)
     return target
 
 
@@ -368,13 +377,17 @@ def to_semi_structured(model: nn.Module, inplace: bool = False) -> nn.Module:
     from torch.sparse import to_sparse_semi_structured
 
     target = model if inplace else copy.deepcopy(model)
-    for name, layer in list(target.named_modules()):
+    converted = []  # all layers first, then assigned: a refused layer leaves an in-place model as it was
+    for name, layer in target.named_modules():
         if not isinstance(layer, nn.Linear) or layer.weight.device.type != "cuda" or not _is_two_four(layer.weight):
             continue
         try:
-            layer.weight = nn.Parameter(to_sparse_semi_structured(layer.weight.detach()), requires_grad=False)
+            converted.append((name, layer, to_sparse_semi_structured(layer.weight.detach())))
         except Exception as exc:  # the kernels reject shapes/dtypes with various error types
-            raise ValueError(f"{name}: not convertible to 2:4 semi-structured ({str(exc).splitlines()[0]})") from None
+            detail = short_text((str(exc).strip().splitlines() or [type(exc).__name__])[0], 160)
+            raise ValueError(f"{name}: not convertible to 2:4 semi-structured ({detail})") from None
+    for name, layer, weight in converted:
+        layer.weight = nn.Parameter(weight, requires_grad=False)
         logger.info("%s %s: 2:4 semi-structured", name, tuple(layer.weight.shape))
     return target
 

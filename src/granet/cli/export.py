@@ -5,6 +5,11 @@
 
 Prints the file size and its ratio to the dense checkpoint (the run's ``model.pt``) and to the dense
 tensor bytes. ``granet.load_sparse(FILE, model)`` restores the model bit for bit.
+
+``--out`` never replaces one of the run's own files (``model.pt``, ``checkpoint.pt``, ...), and the
+file is written under a temporary name and renamed, so a failed export leaves nothing half-written.
+Every problem the user can fix (a missing or corrupt ``model.pt``, a refused ``--out``, a full or
+read-only disk) is one line ``granet export: error: ...`` and exit status 2.
 """
 from __future__ import annotations
 
@@ -13,7 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..errors import GranetError
 from ..export import LAYOUTS, export_run
+from . import _one_line
 
 
 def add_parser(subparsers: Any) -> None:
@@ -33,13 +40,13 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export ``args.run_dir``; print sizes and ratios. Returns the exit status (2 on bad input)."""
+    checkpoint = Path(args.run_dir) / "model.pt"
     try:
         info = export_run(args.run_dir, args.out, layout=args.layout, keep_zero_signs=not args.drop_zero_signs)
-    except (FileNotFoundError, ValueError, TypeError, ImportError) as exc:
-        print(f"granet export: error: {exc}", file=sys.stderr)
+        checkpoint_bytes = checkpoint.stat().st_size
+    except (GranetError, ValueError, TypeError, ImportError, OSError) as exc:  # all one line; anything else is a bug
+        print(f"granet export: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    checkpoint = Path(args.run_dir) / "model.pt"
-    checkpoint_bytes = checkpoint.stat().st_size
     density = info.active_weights / info.total_weights if info.total_weights else 1.0
     print(f"wrote {info.path} ({info.layout}, {info.file_bytes:,} bytes)")
     print(f"density {density:.4f}: {info.active_weights:,} of {info.total_weights:,} weights in "
