@@ -1,4 +1,13 @@
-"""Shared pieces of the framework callbacks: building, resuming and logging a sparsifier."""
+"""Shared pieces of the framework callbacks: building, resuming and logging a sparsifier.
+
+The resume rule both callbacks apply (:func:`check_resume_state`): a trainer that resumes at optimizer
+step ``N > 0`` needs the sparsifier state saved with the same checkpoint, made by the same method, at
+sparsifier step ``N - skipped``, where ``skipped`` counts the optimizer steps the trainer counted but
+the sparsifier did not (AMP steps the gradient scaler skipped; recorded in the saved state as
+:data:`SKIPPED_STEPS`). Anything else is refused: a fresh sparsifier would draw new masks over the
+trained weights and run its schedules ``N`` steps behind the trainer. At ``N == 0`` nothing has been
+trained yet and a fresh sparsifier is the right one.
+"""
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional
@@ -6,8 +15,14 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
+from ..errors import CheckpointError, short_repr
 from ..methods import create_sparsifier
 from ..sparsifier import Sparsifier, UpdateReport
+
+#: Added by the callbacks to the sparsifier state they save: the optimizer steps the trainer counted
+#: but the sparsifier did not (steps the AMP gradient scaler skipped), so that a resume can check the
+#: state against the trainer's step exactly. ``Sparsifier.load_state_dict`` ignores the entry.
+SKIPPED_STEPS = "trainer_skipped_steps"
 
 
 def require(package: str, extra: str, module: str, distribution: Optional[str] = None) -> Any:
@@ -41,7 +56,7 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 
 def build_sparsifier(
     method: str, model: nn.Module, optimizer: torch.optim.Optimizer, options: Mapping[str, Any],
-    total_steps: Optional[int], state: Optional[Mapping[str, Any]] = None,
+    total_steps: Optional[int], state: Optional[Mapping[str, Any]] = None, source: str = "the checkpoint",
 ) -> Sparsifier:
     """Create the sparsifier; with ``state``, restore it on a model that already holds resumed weights.
 
@@ -49,6 +64,9 @@ def build_sparsifier(
     resume the model and optimizer already hold the checkpoint's values, which are active under the
     checkpoint's masks, so they are copied aside, the sparsifier is built, the values are put back and
     the saved masks are loaded: the result is the checkpointed state, bit for bit.
+
+    Raises:
+        CheckpointError: ``state`` does not fit the model or the options (``source`` named).
     """
     opts = dict(options)
     if "total_steps" not in opts and total_steps is not None and total_steps > 0:
@@ -64,8 +82,69 @@ def build_sparsifier(
     with torch.no_grad():
         for tensor, copy in saved + buffers:
             tensor.copy_(copy)
-    sparsifier.load_state_dict(dict(state))
+    try:
+        sparsifier.load_state_dict(dict(state))
+    except (ValueError, TypeError) as exc:
+        sparsifier.remove()
+        raise CheckpointError(f"the sparsifier state in {source} does not fit this model and callback: {exc}") from None
     return sparsifier
+
+
+def saved_state(sparsifier: Sparsifier, trainer_step: int) -> dict[str, Any]:
+    """The sparsifier's state for a checkpoint the trainer takes at optimizer step ``trainer_step``."""
+    state = sparsifier.state_dict()
+    state[SKIPPED_STEPS] = int(trainer_step) - sparsifier.step_count
+    return state
+
+
+def check_resume_state(
+    state: Optional[Mapping[str, Any]], trainer_step: int, method: str, source: str, remedy: str,
+) -> Optional[dict[str, Any]]:
+    """The state a callback running ``method`` resumes from at ``trainer_step`` (see the module docstring).
+
+    Args:
+        state: the sparsifier state saved with the checkpoint (``None`` or empty: it has none).
+        trainer_step: the optimizer step the trainer resumes at (its global step).
+        method: the callback's method.
+        source: the checkpoint or file, as messages name it.
+        remedy: what to do when the checkpoint's state cannot be used, for the messages.
+
+    Returns:
+        ``state`` as a dict, or ``None`` (no state, and nothing trained yet: start a fresh sparsifier).
+
+    Raises:
+        CheckpointError: no state while the trainer has stepped, a state of another method, or a state
+            saved at another step (one line naming ``source``, the values and ``remedy``).
+    """
+    if not state:
+        if trainer_step == 0:
+            return None
+        raise CheckpointError(
+            f"no granet sparsifier state in {source}, but the trainer resumes at step {trainer_step}: a fresh "
+            f"{method!r} sparsifier would draw new masks over the trained weights and run {trainer_step} steps "
+            f"behind; {remedy}"
+        )
+    if not isinstance(state, Mapping) or not isinstance(state.get("masks"), Mapping):
+        found = "no 'masks' entry" if isinstance(state, Mapping) else f"a {type(state).__name__}"
+        raise CheckpointError(f"{source} does not hold a granet sparsifier state ({found}); {remedy}")
+    step, skipped = state.get("step"), state.get(SKIPPED_STEPS, 0)
+    for name, value in (("step", step), (SKIPPED_STEPS, skipped)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(f"the sparsifier state in {source} has an invalid {name} {short_repr(value)}; {remedy}")
+    config = state.get("config")
+    saved_method = config.get("method") if isinstance(config, Mapping) else None
+    if saved_method is not None and saved_method != method:
+        raise CheckpointError(
+            f"the sparsifier state in {source} was made by method {saved_method!r}, this callback runs {method!r}: "
+            f"resume with SparsityCallback({saved_method!r}, ...) and the options of the run that saved it"
+        )
+    if step + skipped != trainer_step:
+        also = f" + {skipped} skipped by the gradient scaler" if skipped else ""
+        raise CheckpointError(
+            f"the sparsifier state in {source} is at step {step}{also}, but the trainer resumes at step "
+            f"{trainer_step}: it was saved with another checkpoint; {remedy}"
+        )
+    return dict(state)
 
 
 def sparsity_metrics(sparsifier: Sparsifier, report: Optional[UpdateReport] = None) -> dict[str, float]:

@@ -12,14 +12,18 @@ What it does:
 * ``on_train_begin``: builds the sparsifier on the Trainer's model and optimizer (``total_steps``
   defaults to the Trainer's ``max_steps``); when the run resumes (``global_step > 0``) it restores the
   sparsifier state saved with the checkpoint, so the resumed run is bit-identical to an uninterrupted
-  one.
+  one. A missing, unreadable or foreign state file, a state of another method or one saved at another
+  step is refused with a :class:`granet.errors.CheckpointError` naming the file (the rule of
+  :func:`granet.integrations._common.check_resume_state`; the Trainer's ``global_step`` counts an
+  optimizer step the AMP gradient scaler skipped, the sparsifier does not, and the saved state records
+  the difference).
 * ``on_optimizer_step`` (right after ``optimizer.step()``, gradients still present): steps the
   sparsifier. Only real optimizer steps count (the sparsifier's hook sits on the inner
   ``torch.optim`` optimizer): gradient-accumulation micro-batches and AMP steps skipped by the
   gradient scaler do not advance the schedule.
 * ``on_save``: the Trainer does not pickle callbacks into checkpoints, so the sparsifier state is
-  written to ``granet_sparsifier.pt`` inside each ``checkpoint-N`` folder (deleted with it by
-  ``save_total_limit``).
+  written (atomically) to ``granet_sparsifier.pt`` inside each ``checkpoint-N`` folder (deleted with
+  it by ``save_total_limit``).
 * ``on_log``: adds ``sparsity/density``, ``sparsity/target_density`` and, after an update,
   ``sparsity/pruned``, ``sparsity/regrown``, ``sparsity/exploration_rate`` to the logged values
   (``trainer.state.log_history``, and reporting callbacks placed after this one).
@@ -28,11 +32,11 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
-from ._common import build_sparsifier, require, sparsity_metrics, unwrap_optimizer
+from ..rundir import load_file, save_file
+from ._common import build_sparsifier, check_resume_state, require, saved_state, sparsity_metrics, unwrap_optimizer
 
 _transformers = require("transformers", "hf", "granet.integrations.hf")
 TrainerCallback = _transformers.TrainerCallback
@@ -41,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 #: File name of the sparsifier state inside a Trainer checkpoint folder.
 STATE_FILE = "granet_sparsifier.pt"
+#: What to do when a checkpoint's sparsifier state cannot be resumed, for the error messages.
+_REMEDY = f"pass resume_from=<the checkpoint folder holding {STATE_FILE}>, or train without resuming"
 
 
 class SparsityCallback(TrainerCallback):
@@ -72,25 +78,23 @@ class SparsityCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
                        optimizer: Any = None, **kwargs: Any) -> None:
-        """Build the sparsifier (restoring its saved state when the Trainer resumes)."""
+        """Build the sparsifier (restoring its saved state when the Trainer resumes).
+
+        Raises:
+            CheckpointError: resuming, and the state file is missing, unreadable, not a sparsifier
+                state, made by another method or options, or saved at another step.
+        """
         if model is None or optimizer is None:
             raise ValueError("SparsityCallback needs the Trainer's model and optimizer in on_train_begin")
-        saved = None
-        if state.global_step > 0:
-            path = os.path.join(self._checkpoint_dir(args, state), STATE_FILE)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(
-                    f"resuming at step {state.global_step} but {path} does not exist: without the sparsifier "
-                    f"state the resumed run would train another sparse network (pass resume_from=...)"
-                )
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved, source = None, "the checkpoint"
+        if state.global_step > 0:  # resuming: the state saved with the checkpoint, checked (module docstring)
+            path = Path(self._checkpoint_dir(args, state), STATE_FILE)
+            found = load_file(path, "sparsifier state") if path.is_file() else None
+            source = str(path) if found is not None else f"{path.parent} (no {STATE_FILE})"
+            saved = check_resume_state(found, state.global_step, self.method, source, _REMEDY)
         self.sparsifier = build_sparsifier(
-            self.method, model, unwrap_optimizer(optimizer), self.options, state.max_steps, saved
+            self.method, model, unwrap_optimizer(optimizer), self.options, state.max_steps, saved, source
         )
-        if saved is not None and self.sparsifier.step_count != state.global_step:
-            raise ValueError(
-                f"sparsifier state is at step {self.sparsifier.step_count}, the Trainer at {state.global_step}"
-            )
         logger.info("granet %s sparsifier on the Trainer's model: %s", self.method, self.sparsifier)
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -104,12 +108,13 @@ class SparsityCallback(TrainerCallback):
         if self.sparsifier is None:
             return
         # Under FSDP state_dict() gathers the full masks from every rank's shard: all ranks take part.
-        saved = self.sparsifier.state_dict() if self.sparsifier.sharded or state.is_world_process_zero else None
-        if not state.is_world_process_zero:
+        sharded, main = self.sparsifier.sharded, state.is_world_process_zero
+        saved = saved_state(self.sparsifier, state.global_step) if sharded or main else None
+        if not main:
             return  # one copy is enough (DDP masks are identical on every rank)
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         os.makedirs(folder, exist_ok=True)
-        torch.save(saved, os.path.join(folder, STATE_FILE))
+        save_file(saved, Path(folder, STATE_FILE))  # atomic: a crash mid-write leaves no truncated file
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Optional[dict] = None, **kwargs: Any) -> None:
         """Add the sparsity scalars to the values being logged."""
