@@ -358,8 +358,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                              "method's update on the ResNet-50), synthetic (Linear stack), step")
     parser.add_argument("--kernels", default=None,
                         help="comma-separated subset of native (granet.native's fused selection kernels) and torch "
-                             "(torch operations only, as without a C compiler) to time updates with; default: both "
-                             "where the native kernels build, else torch")
+                             "(torch operations only, as where granet was installed without a C compiler) to time "
+                             "updates with; default: both where the native kernels are built, else torch")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     g = torch.Generator().manual_seed(0)
@@ -382,7 +382,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     keep = [("cnn" in parts), ("synthetic" in parts)]
     models = [m for m, k in zip(models, keep) if k]
     updates = [u for u, k in zip(updates, keep) if k]
-    kernels = _kernels(parser, args.kernels)  # builds the native kernels (once, ~0.4 s) before any timing
+    kernels = _kernels(parser, args.kernels)  # loads the native kernels before any timing
     bandwidth = copy_bandwidth(64 if args.quick else 256)
     results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick,
                "copy_bandwidth_bytes_per_s": bandwidth, "update_cost": []}
@@ -435,7 +435,7 @@ def _kernels(parser: argparse.ArgumentParser, value: Optional[str]) -> list[str]
     if not kernels or set(kernels) - {"native", "torch"} or len(set(kernels)) != len(kernels):
         parser.error(f"--kernels takes a comma-separated subset of native,torch, got {value!r}")
     if "native" in kernels and not available:
-        parser.error("--kernels native: the native kernels do not build here (no C compiler, or GRANET_NATIVE=0)")
+        parser.error(f"--kernels native: the native kernels are {native.status()}")
     return kernels
 
 

@@ -58,7 +58,7 @@ def main() -> None:
     blocks, per_block, interval = (4, 5, 5) if args.quick else (12, 10, 10)
     total = blocks * per_block  # timed steps; the 2 warm-up steps are optimizer steps too
     ids = torch.randint(0, 1024, (8, 128), generator=torch.Generator().manual_seed(0))
-    native.library()  # the one-time build of the selection kernels (~0.4 s) is not a step cost
+    native.library()  # loading the selection kernels (once) is not a step cost
     runs = {}
     for name in ("dense", "granet"):
         model = build()

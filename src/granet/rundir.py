@@ -136,6 +136,7 @@ class RunSummary:
     device: str = "cpu"
     world_size: int = 1
     threads: Optional[int] = None  # torch intra-op threads per process (results depend on it)
+    native_kernels: Optional[str] = None  # granet.native.status(): whether the fused C kernels ran
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

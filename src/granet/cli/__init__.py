@@ -14,8 +14,9 @@ Every configuration key is also a flag (prune_end -> --prune-end); a key that do
 exist is an error, never silently ignored. Errors in user input are reported as one line.
 
 Environment: GRANET_DATA_MIRROR points dataset downloads at a mirror; GRANET_NATIVE=0 turns off
-the fused C kernels of topology updates (built on first use with the system C compiler; the
-torch operations that replace them give the same results, more slowly).
+the fused C kernels of topology updates (compiled when granet is installed, where a C compiler was
+present; `granet --version` says whether they are in use; the torch operations that replace them
+give the same results, more slowly).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import sys
 import typing
 from typing import Optional, Sequence
 
-from .. import __version__
+from .. import __version__, native
 from ..errors import GranetError
 
 logger = logging.getLogger("granet")
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import export, flops, plasticity, report, train
 
     parser = _Parser(prog="granet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"granet {__version__}")
+    parser.add_argument("--version", action="version",
+                        version=f"granet {__version__} (native kernels: {native.status()})")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     train.add_parsers(sub)

@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from ..errors import CheckpointError, ConfigError, Interrupted, PeerFailure, RunDirError, short_text
+from .. import native
 from ..flops import inference_flops, inference_flops_relative
 from ..rundir import (CHECKPOINT_FILE, CONFIG_FILE, COVERAGE_FILE, KEPT_CHECKPOINT, METRICS_FILE, MODEL_FILE,
                       STATUS_FILE, SUMMARY_FILE, RunLock, RunSummary, atomic_write_text, prepare_run_dir,
@@ -288,7 +289,7 @@ def _finish(trainer: Trainer) -> dict[str, Any]:
         inference_flops=inference_flops_relative(trainer.layer_flops, layer_density),
         train_flops_total=trainer.ledger.total, inference_flops_total=inference_flops(trainer.layer_flops, layer_density),
         dense_inference_flops=trainer.layer_flops.dense, device=str(trainer.device), world_size=trainer.dist.world_size,
-        threads=cfg.threads,
+        threads=cfg.threads, native_kernels=native.status(),
     )
     fields.update(trainer.summary_overrides())
     summary = RunSummary(**fields).to_dict()
