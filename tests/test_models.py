@@ -15,6 +15,7 @@ from granet.models import (
     create_model,
     describe_model,
     list_models,
+    model_input_dims,
     register_model,
 )
 
@@ -23,6 +24,10 @@ EXPECTED_MODELS = [
     "imagenet_resnet50",
     "lenet5",
     "mlp",
+    "mnist1d_cnn",
+    "mnist1d_cnn_wide",
+    "mnist1d_mlp",
+    "mnist1d_mlp_wide",
     "resnet18",
     "resnet20",
     "resnet32",
@@ -43,7 +48,7 @@ def n_params(model: nn.Module) -> int:
 
 
 def prunable_weights(model: nn.Module) -> list:
-    return [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return [m.weight for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +157,7 @@ def test_forward_backward(name: str) -> None:
     model = create_model(name, num_classes=num_classes, in_channels=in_channels, input_size=size)
     assert isinstance(model, nn.Module)
     assert model.training
-    x = torch.randn(2, in_channels, size, size)
+    x = torch.randn(2, in_channels, *[size] * model_input_dims(name))  # images (N, C, H, W), signals (N, C, L)
     out = model(x)
     assert out.shape == (2, num_classes)
     assert out.dtype == torch.float32
@@ -166,7 +171,7 @@ def test_forward_backward(name: str) -> None:
     # Every parameter of the model is a Conv/Linear weight, a bias, or a BatchNorm affine param.
     allowed = {id(w) for w in weights}
     for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
             allowed |= {id(p) for p in m.parameters(recurse=False)}
     assert all(id(p) in allowed for p in model.parameters())
 

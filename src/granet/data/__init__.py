@@ -10,7 +10,8 @@ official *training* split and is the split to use for model selection (best epoc
 ``splits.test`` is the official test split and is only for reporting. With ``val_fraction=0`` there is
 no validation split (``splits.val is None``) and model selection falls back to the last epoch.
 Training samples are augmented when ``augment=True``; validation and test samples never are.
-Every sample is ``(image, label)``: a normalised ``float32`` ``(C, H, W)`` tensor and an ``int``.
+Every sample is ``(image, label)``: a normalised ``float32`` ``(C, H, W)`` tensor and an ``int``
+(``(C, L)`` for 1-D signals: ``info.signal`` is true and ``info.input_shape`` says which).
 Augmentation draws from torch's global RNG, so ``torch.manual_seed`` plus the ``DataLoader``'s
 per-worker seeding make runs reproducible.
 
@@ -23,6 +24,8 @@ Datasets (layout below ``data_dir``, default ``$GRANET_DATA_DIR`` or ``./data``)
   (downloadable as the official ``.tar.gz``).
 * ``imagenet``: ``imagenet/train/<class>/*`` and ``imagenet/val/<class>/*`` (needs Pillow; not
   downloadable).
+* ``mnist1d``: MNIST-1D, 1-D signals ``(1, 40)`` generated offline by the ``mnist1d`` package
+  (``granet[mnist1d]``) and cached in ``mnist1d/`` with a checksum; option ``num_samples``.
 
 Missing or corrupt files raise :class:`DatasetError` with a one-line message naming the expected
 files, their directory and, where possible, how to download them. Downloads are checked against the
@@ -37,12 +40,13 @@ from .base import (
     DatasetInfo,
     DatasetSplits,
     InMemoryImageDataset,
+    InMemorySignalDataset,
     default_data_dir,
     stratified_split,
 )
 from .download import CHECKSUMS, MIRROR_ENV_VAR, MIRRORS, check_integrity, md5sum
 from .imagenet import ImageFolderDataset
-from .registry import build_datasets, dataset_shape, list_datasets, register_dataset
+from .registry import build_datasets, dataset_input_shape, dataset_shape, list_datasets, register_dataset
 
 __all__ = [
     "CHECKSUMS",
@@ -54,8 +58,10 @@ __all__ = [
     "DatasetSplits",
     "ImageFolderDataset",
     "InMemoryImageDataset",
+    "InMemorySignalDataset",
     "build_datasets",
     "check_integrity",
+    "dataset_input_shape",
     "dataset_shape",
     "default_data_dir",
     "list_datasets",

@@ -25,8 +25,10 @@ __all__ = [
     "DatasetInfo",
     "DatasetSplits",
     "InMemoryImageDataset",
+    "InMemorySignalDataset",
     "default_data_dir",
     "make_in_memory_splits",
+    "make_signal_splits",
     "stratified_split",
 ]
 
@@ -56,6 +58,7 @@ class DatasetInfo:
         num_train: Number of training samples (official train split minus the validation hold-out).
         num_val: Number of validation samples held out from the official train split (0 if none).
         num_test: Number of samples in the official test split.
+        signal: ``True`` for 1-D signals: a sample is ``(C, L)`` with ``L = image_size`` (MNIST-1D).
     """
 
     name: str
@@ -67,11 +70,19 @@ class DatasetInfo:
     num_train: int
     num_val: int
     num_test: int
+    signal: bool = False
 
     @property
-    def input_shape(self) -> Tuple[int, int, int]:
-        """Shape ``(C, H, W)`` of one image tensor."""
+    def input_shape(self) -> Tuple[int, ...]:
+        """Shape of one sample: ``(C, H, W)`` for images, ``(C, L)`` for 1-D signals."""
+        if self.signal:
+            return (self.in_channels, self.image_size)
         return (self.in_channels, self.image_size, self.image_size)
+
+    @property
+    def input_dims(self) -> int:
+        """Spatial dimensions of a sample: 2 for images, 1 for signals."""
+        return 1 if self.signal else 2
 
 
 @dataclass
@@ -274,5 +285,74 @@ def make_in_memory_splits(
         num_train=len(train),
         num_val=0 if val is None else len(val),
         num_test=len(test),
+    )
+    return DatasetSplits(train=train, val=val, test=test, info=info)
+
+
+class InMemorySignalDataset(Dataset):
+    """A view of in-memory, already normalised ``float32`` samples (1-D signals ``(C, L)``).
+
+    Args:
+        samples: ``float32`` tensor of shape ``(N, C, L)``.
+        labels: Integer tensor of shape ``(N,)``.
+        indices: Optional 1-D index tensor selecting the samples of this view (default: all).
+
+    Raises:
+        ValueError: If the shapes or dtypes are inconsistent.
+    """
+
+    def __init__(self, samples: Tensor, labels: Tensor, indices: Optional[Tensor] = None) -> None:
+        if samples.dim() != 3 or samples.dtype != torch.float32:
+            raise ValueError(f"samples must be a float32 (N, C, L) tensor, got {samples.dtype} {tuple(samples.shape)}")
+        if labels.dim() != 1 or labels.numel() != samples.shape[0]:
+            raise ValueError(f"labels must have shape ({samples.shape[0]},), got {tuple(labels.shape)}")
+        self.samples = samples
+        self.labels = labels.to(torch.long)
+        self.indices = None if indices is None else indices.to(torch.long)
+
+    def __len__(self) -> int:
+        """Number of samples in this view."""
+        return self.samples.shape[0] if self.indices is None else self.indices.numel()
+
+    def __getitem__(self, index: int) -> Tuple[Tensor, int]:
+        """Return ``(sample, label)`` (the sample is a view: never modify it in place)."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of size {len(self)}")
+        i = int(self.indices[index]) if self.indices is not None else int(index) % self.samples.shape[0]
+        return self.samples[i], int(self.labels[i])
+
+    @property
+    def targets(self) -> Tensor:
+        """Labels of the samples of this view, in order."""
+        return self.labels if self.indices is None else self.labels[self.indices]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={len(self)}, sample_shape={tuple(self.samples.shape[1:])})"
+
+
+def make_signal_splits(
+    name: str,
+    train_samples: Tensor,
+    train_labels: Tensor,
+    test_samples: Tensor,
+    test_labels: Tensor,
+    *,
+    num_classes: int,
+    val_fraction: float,
+    seed: int,
+) -> DatasetSplits:
+    """:func:`make_in_memory_splits` for normalised 1-D signals ``(N, C, L)`` (no transform, no augmentation).
+
+    The validation subset is held out from the official training split with :func:`stratified_split`.
+    """
+    train_idx, val_idx = stratified_split(train_labels, val_fraction, seed)
+    train = InMemorySignalDataset(train_samples, train_labels, train_idx)
+    val = InMemorySignalDataset(train_samples, train_labels, val_idx) if val_idx.numel() else None
+    test = InMemorySignalDataset(test_samples, test_labels)
+    channels = int(train_samples.shape[1])
+    info = DatasetInfo(
+        name=name, num_classes=int(num_classes), in_channels=channels, image_size=int(train_samples.shape[2]),
+        mean=(0.0,) * channels, std=(1.0,) * channels, num_train=len(train), num_val=0 if val is None else len(val),
+        num_test=len(test), signal=True,
     )
     return DatasetSplits(train=train, val=val, test=test, info=info)

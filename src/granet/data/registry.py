@@ -16,7 +16,10 @@ from typing import Any, Callable, Dict, List, Union
 
 from .base import DatasetSplits, default_data_dir
 
-__all__ = ["build_datasets", "dataset_shape", "list_datasets", "register_dataset"]
+__all__ = ["build_datasets", "dataset_input_shape", "dataset_shape", "list_datasets", "register_dataset"]
+
+#: Datasets whose samples are 1-D signals ``(C, L)`` rather than images ``(C, H, W)``.
+SIGNAL_DATASETS = frozenset({"mnist1d"})
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +28,7 @@ DatasetBuilder = Callable[..., DatasetSplits]
 _REGISTRY: Dict[str, DatasetBuilder] = {}
 # Modules whose import registers the built-in datasets; imported lazily so that importing the
 # registry alone (or a single loader module) stays cheap and free of import cycles.
-_BUILTIN_MODULES = ("cifar", "digits", "imagenet", "mnist", "synthetic")
+_BUILTIN_MODULES = ("cifar", "digits", "imagenet", "mnist", "mnist1d", "synthetic")
 _COMMON_PARAMETERS = ("data_dir", "val_fraction", "seed", "download", "augment")
 
 
@@ -183,6 +186,7 @@ def dataset_shape(name: str) -> tuple[int, int, int]:
         "cifar10": (10, 3, 32),
         "cifar100": (100, 3, 32),
         "imagenet": (1000, 3, 224),
+        "mnist1d": (10, 1, 40),  # 1-D signals of length 40 (see dataset_input_shape)
     }
     _load_builtins()
     key = _normalise_name(name)
@@ -200,3 +204,15 @@ def dataset_shape(name: str) -> tuple[int, int, int]:
     if all(isinstance(defaults.get(f), int) for f in fields):
         return tuple(int(defaults[f]) for f in fields)  # type: ignore[return-value]
     raise ValueError(f"the shape of dataset {key!r} is only known after loading it")
+
+
+def dataset_input_shape(name: str) -> tuple[int, tuple[int, ...]]:
+    """``(num_classes, shape of one sample)`` of a dataset without loading any data.
+
+    The sample shape is ``(C, H, W)`` for images and ``(C, L)`` for 1-D signals (MNIST-1D); see
+    :func:`dataset_shape` for the errors.
+    """
+    num_classes, channels, size = dataset_shape(name)
+    if _normalise_name(name) in SIGNAL_DATASETS:
+        return num_classes, (channels, size)
+    return num_classes, (channels, size, size)

@@ -1,8 +1,9 @@
 """Model registry and the network architectures used in sparse-training experiments.
 
-Every model is a plain :class:`torch.nn.Module` built only from :class:`~torch.nn.Conv2d`,
-:class:`~torch.nn.Linear`, :class:`~torch.nn.BatchNorm2d`, ReLU and pooling layers, so that a
-sparsity masker can treat "the weights of every Conv2d and Linear layer" as the prunable set.
+Every model is a plain :class:`torch.nn.Module` built only from :class:`~torch.nn.Conv2d` (or
+:class:`~torch.nn.Conv1d` for 1-D signals), :class:`~torch.nn.Linear`, :class:`~torch.nn.BatchNorm2d`,
+ReLU and pooling layers, so that a sparsity masker can treat "the weights of every convolution and
+Linear layer" as the prunable set.
 
 Models are looked up by name::
 
@@ -14,7 +15,8 @@ Models are looked up by name::
 New architectures are added with the :func:`register_model` decorator. A builder receives
 ``(num_classes, in_channels, input_size)`` (already validated to be positive integers) and returns
 an ``nn.Module`` whose ``forward`` accepts a float tensor of shape
-``(N, in_channels, input_size, input_size)`` and returns logits of shape ``(N, num_classes)``.
+``(N, in_channels, input_size, input_size)`` (or ``(N, in_channels, input_size)`` for a model
+registered with ``input_dims=1``) and returns logits of shape ``(N, num_classes)``.
 
 Registered models:
 
@@ -26,6 +28,9 @@ Registered models:
 * ``vgg19`` -- VGG-19 with batch normalisation, CIFAR form (global average pool + one Linear).
 * ``imagenet_resnet50`` -- ResNet-50 (v1.5) with torchvision's exact layout and parameter names.
 * ``digits_cnn`` -- a small, wide CNN for scikit-learn's 8x8 digits.
+* ``mnist1d_mlp`` / ``mnist1d_cnn`` -- the MNIST-1D paper's MLP (hidden 256) and 1-D CNN (25
+  channels), and their wide variants ``mnist1d_mlp_wide`` (hidden 512) / ``mnist1d_cnn_wide`` (200
+  channels); they take 1-D signals ``(N, in_channels, input_size)`` (``input_dims=1``).
 """
 from __future__ import annotations
 
@@ -33,8 +38,9 @@ import torch.nn as nn
 
 from .cifar import VGG, VGG19_CFG, BasicBlock, Bottleneck, CifarBasicBlock, CifarResNet, ResNet
 from .imagenet import ImageNetBottleneck, ImageNetResNet
+from .mnist1d import SignalCNN, SignalMLP
 from .registry import (ModelBuilder, _require_min_size, create_model, describe_model, init_weights, list_models,
-                       register_model)
+                       model_input_dims, register_model)
 from .small import MLP, DigitsCNN, LeNet5
 
 
@@ -44,6 +50,7 @@ __all__ = [
     "create_model",
     "list_models",
     "describe_model",
+    "model_input_dims",
     "init_weights",
     "MLP",
     "LeNet5",
@@ -57,6 +64,8 @@ __all__ = [
     "ImageNetResNet",
     "ImageNetBottleneck",
     "DigitsCNN",
+    "SignalMLP",
+    "SignalCNN",
 ]
 
 # --------------------------------------------------------------------------------------------------
@@ -139,3 +148,15 @@ def _digits_cnn(num_classes: int, in_channels: int, input_size: int) -> nn.Modul
     """Small wide CNN (64/128/256 channels) for scikit-learn's 8x8 digits."""
     _require_min_size("digits_cnn", input_size, DigitsCNN.MIN_INPUT_SIZE)
     return DigitsCNN(num_classes, in_channels)
+
+
+# MNIST-1D (1-D signals): the paper's networks and one wider variant of each.
+for _name, _hidden in (("mnist1d_mlp", 256), ("mnist1d_mlp_wide", 512)):
+    register_model(_name, description=f"MNIST-1D MLP: flatten -> {_hidden} -> {_hidden} -> classes (ReLU), for 1-D "
+                                      "signals", input_dims=1)(
+        lambda num_classes, in_channels, input_size, _h=_hidden: SignalMLP(num_classes, in_channels * input_size, _h))
+for _name, _channels in (("mnist1d_cnn", 25), ("mnist1d_cnn_wide", 200)):
+    register_model(_name, description=f"MNIST-1D CNN: three Conv1d of {_channels} channels (kernels 5/3/3, stride 2) "
+                                      "and a Linear head, for 1-D signals", input_dims=1)(
+        lambda num_classes, in_channels, input_size, _c=_channels: SignalCNN(num_classes, in_channels, input_size, _c))
+del _name, _hidden, _channels

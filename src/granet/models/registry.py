@@ -17,6 +17,7 @@ ModelBuilder = Callable[[int, int, int], nn.Module]
 class _Entry:
     builder: ModelBuilder
     description: str
+    input_dims: int = 2  # 2: images (C, H, W); 1: signals (C, L)
 
 
 _REGISTRY: Dict[str, _Entry] = {}
@@ -26,7 +27,7 @@ _REGISTRY: Dict[str, _Entry] = {}
 # Registry
 # --------------------------------------------------------------------------------------------------
 def register_model(
-    name: str, description: Optional[str] = None
+    name: str, description: Optional[str] = None, input_dims: int = 2
 ) -> Callable[[ModelBuilder], ModelBuilder]:
     """Decorator registering a model builder under ``name``.
 
@@ -34,6 +35,8 @@ def register_model(
         name: Registry name (non-empty, unique).
         description: One-line description shown by :func:`describe_model`. Defaults to the
             first line of the builder's docstring.
+        input_dims: Spatial dimensions of the inputs the model takes: 2 for images
+            ``(N, C, H, W)`` (``input_size`` = H = W), 1 for signals ``(N, C, L)`` (``input_size`` = L).
 
     Returns:
         A decorator that registers the builder and returns it unchanged.
@@ -45,6 +48,8 @@ def register_model(
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
     if name in _REGISTRY:
         raise ValueError(f"a model named {name!r} is already registered")
+    if input_dims not in (1, 2):
+        raise ValueError(f"input_dims must be 1 (signals) or 2 (images), got {input_dims!r}")
 
     def decorator(fn: ModelBuilder) -> ModelBuilder:
         if name in _REGISTRY:
@@ -53,7 +58,7 @@ def register_model(
         if desc is None:
             doc = (fn.__doc__ or "").strip()
             desc = doc.splitlines()[0].strip() if doc else name
-        _REGISTRY[name] = _Entry(builder=fn, description=desc)
+        _REGISTRY[name] = _Entry(builder=fn, description=desc, input_dims=input_dims)
         return fn
 
     return decorator
@@ -92,6 +97,15 @@ def describe_model(name: str) -> str:
     return _lookup(name).description
 
 
+def model_input_dims(name: str) -> int:
+    """Spatial dimensions of the inputs a registered model takes: 2 (images) or 1 (signals).
+
+    Raises:
+        ValueError: If ``name`` is not registered (the message lists the valid names).
+    """
+    return _lookup(name).input_dims
+
+
 def _check_positive_int(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{what} must be a positive integer, got {value!r}")
@@ -108,7 +122,7 @@ def _require_min_size(model: str, input_size: int, minimum: int) -> None:
 
 
 def create_model(
-    name: str, num_classes: int = 10, in_channels: int = 3, input_size: int = 32
+    name: str, num_classes: int = 10, in_channels: int = 3, input_size: int = 32, input_dims: Optional[int] = None
 ) -> nn.Module:
     """Build a registered model.
 
@@ -116,17 +130,26 @@ def create_model(
         name: Registry name (see :func:`list_models`).
         num_classes: Number of output logits (>= 1).
         in_channels: Number of input image channels (>= 1).
-        input_size: Height (= width) of the square input images (>= 1, and large enough for
-            the architecture).
+        input_size: Height (= width) of the square input images, or the length of 1-D signals (>= 1,
+            and large enough for the architecture).
+        input_dims: The data's spatial dimensions (2: images, 1: signals), checked against the
+            model's when given.
 
     Returns:
         The freshly initialised model (in training mode).
 
     Raises:
         ValueError: If the name is unknown (the message lists the valid names), if an argument is
-            not a positive integer, or if ``input_size`` is too small for the architecture.
+            not a positive integer, if ``input_size`` is too small for the architecture, or if the
+            model takes inputs of other dimensions than ``input_dims`` (the message lists the
+            models that fit).
     """
     entry = _lookup(name)
+    if input_dims is not None and input_dims != entry.input_dims:
+        kinds = {1: "1-D signals (N, C, L)", 2: "images (N, C, H, W)"}
+        fitting = [n for n in list_models() if _REGISTRY[n].input_dims == input_dims]
+        raise ValueError(f"{name!r} takes {kinds[entry.input_dims]}, the data are {kinds[input_dims]}; "
+                         f"models for them: {', '.join(fitting)}")
     num_classes = _check_positive_int(num_classes, "num_classes")
     in_channels = _check_positive_int(in_channels, "in_channels")
     input_size = _check_positive_int(input_size, "input_size")
