@@ -224,12 +224,12 @@ def split_indices(splits: DatasetSplits) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def test_list_datasets() -> None:
     """All built-in datasets are registered."""
-    assert list_datasets() == ["cifar10", "cifar100", "digits", "fashion_mnist", "imagenet", "mnist", "synthetic"]
+    assert list_datasets() == ["cifar10", "cifar100", "digits", "fashion_mnist", "imagenet", "mnist", "mnist1d", "synthetic"]
 
 
 def test_unknown_dataset_lists_valid_names() -> None:
     """An unknown name raises ValueError listing the valid names."""
-    names = "cifar10, cifar100, digits, fashion_mnist, imagenet, mnist, synthetic"
+    names = "cifar10, cifar100, digits, fashion_mnist, imagenet, mnist, mnist1d, synthetic"
     with pytest.raises(ValueError, match=f"unknown dataset 'svhn'; valid names: {names}"):
         build_datasets("svhn")
 
