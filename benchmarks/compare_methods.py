@@ -201,12 +201,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         def progress(i: int, config: TrainConfig, summary: dict[str, Any]) -> None:
             logger.info("[%s %d/%d] %s d=%g s=%d: test %.4f (%.0fs elapsed)", setting, i + 1, len(configs),
-                        config.method, config.density, config.seed, summary["test_accuracy"],
+                        config.method, config.effective_density, config.seed, summary["test_accuracy"],
                         time.perf_counter() - start)
 
         summaries = run_many(configs, args.workers, on_done=progress, threads=args.threads)
         table = aggregate(summaries)
-        runs = load_runs([c.out for c in configs])
+        runs = load_runs([c.output.out for c in configs if c.output.out is not None])
         write_report(runs, root / "report", plots=False)
         spec = SETTINGS[setting]
         epochs = args.epochs or spec["epochs"]

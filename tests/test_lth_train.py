@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from granet.cli import main
-from granet.train import TrainConfig, lr_factor
+from granet.train import OptimConfig, TrainConfig, lr_factor
 from test_resume import assert_same_run
 
 N, SPE, T, K, R, DENSITY = 50_200, 20, 40, 5, 2, 0.1
@@ -68,7 +68,7 @@ def test_epochs_carry_their_round_and_the_lr_restarts_at_the_rewind_step(referen
     records = _records(reference)
     assert [r["round"] for r in records] == [0, 0, 1, 1, 2, 2]
     assert [r["step"] for r in records] == [20, 40, 55, 75, 90, 110]
-    config = TrainConfig(lr_schedule="cosine")
+    config = OptimConfig(lr_schedule="cosine")
     ends = [20, 40, 20, 40, 20, 40]  # the ticket's iteration at the end of each epoch
     assert [r["lr"] for r in records] == [0.1 * lr_factor(config, i, SPE, T) for i in ends]
     # After a round the LR is the schedule's at k (the next step runs at it), the optimizer state is empty.
@@ -210,8 +210,11 @@ def test_torchrun_two_processes_train_one_ticket(tmp_path):
 def test_rewind_is_a_step_value_like_the_other_step_keys():
     from granet.train.lottery_run import resolve_rewind
 
-    assert TrainConfig.from_dict({"lth_rewind": "10"}).lth_rewind == 10
-    assert TrainConfig.from_dict({"lth_rewind": "0.05"}).lth_rewind == 0.05
-    assert TrainConfig.from_dict({"lth_rewind": 30.0}).lth_rewind == 30  # a YAML float that counts steps
+    def rewind(value):
+        return TrainConfig.from_dict({"method": "lth", "lth_rewind": value}).lottery.lth_rewind
+
+    assert rewind("10") == 10 and isinstance(rewind("10"), int)
+    assert rewind("0.05") == 0.05
+    assert rewind(30.0) == 30 and isinstance(rewind(30.0), int)  # a YAML float that counts steps
     assert (resolve_rewind(None, 400), resolve_rewind(0.05, 400), resolve_rewind(0.0, 400), resolve_rewind(399, 400)) \
         == (0, 20, 0, 399)

@@ -72,10 +72,11 @@ def test_trial_configs_prune_once_and_regenerate_with_granet_rate(tmp_path):
     assert len(configs) == 2 * 1 * 2
     by_name = {meta["name"]: cfg for meta, cfg in configs}
     plain, regen = by_name["e003-p0.9-noregen"], by_name["e003-p0.9-regen"]
-    assert plain.density == pytest.approx(0.1) and plain.prune_end == 1 and plain.drop_fraction is None
+    assert plain.sparsity.density == pytest.approx(0.1) and plain.sparsity.prune_end == 1
+    assert plain.sparsity.drop_fraction is None
     expected = 0.005 + 0.5 * 0.495 * (1 + math.cos(math.pi * 3 / 4))
-    assert regen.drop_fraction == pytest.approx(expected) == pytest.approx(granet_drop_fraction(3, study))
-    assert regen.regrow_end == 2 and regen.init_from.endswith("checkpoint_epoch3.pt")
+    assert regen.sparsity.drop_fraction == pytest.approx(expected) == pytest.approx(granet_drop_fraction(3, study))
+    assert regen.sparsity.regrow_end == 2 and regen.init_from.endswith("checkpoint_epoch3.pt")
 
 
 @pytest.mark.parametrize("values, message", [

@@ -238,19 +238,17 @@ def test_config_yaml_records_the_values_used(tmp_path):
 
 
 def test_library_resume_with_the_unresolved_config(tmp_path):
-    """`train(replace(config, resume=DIR))` with the config as first given (sparsity keys None, as the
-    sweep and plasticity drivers do) continues the run exactly."""
-    import dataclasses
-
+    """`train(config.with_values(resume=DIR))` with the config as first given (sparsity keys None, as
+    the sweep and plasticity drivers do) continues the run exactly."""
     from granet.train import load_config, train
 
     ref = tmp_path / "reference"
     config = load_config(None, dict(model="mlp", method="rigl", epochs=3, progress="log", keep_checkpoints=[1]))
-    assert config.update_interval is None  # the preset's, resolved only when the run starts
-    train(dataclasses.replace(config, out=str(ref)))
+    assert config.sparsity.update_interval is None  # the preset's, resolved only when the run starts
+    train(config.with_values(out=str(ref)))
     res = tmp_path / "resumed"
     res.mkdir()
     shutil.copy(ref / "config.yaml", res / "config.yaml")
     shutil.copy(ref / "checkpoint_epoch1.pt", res / "checkpoint.pt")
-    train(dataclasses.replace(config, resume=str(res)))
+    train(config.with_values(resume=str(res)))
     assert_same_run(ref, res)

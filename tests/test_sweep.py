@@ -5,7 +5,6 @@ The sweep check uses a run whose result really depends on the thread count (digi
 its test loss differs in the last digits between 1 and 2 threads), so equal summaries at
 ``workers=1`` and ``workers=2`` show that both ran at the same count.
 """
-import dataclasses
 import json
 import logging
 import shutil
@@ -63,7 +62,7 @@ def test_config_threads_win_over_run_many_threads(tmp_path, torch_threads):
     configs = [TrainConfig.from_dict(dict(TINY, out=str(tmp_path / "a"))),
                TrainConfig.from_dict(dict(TINY, out=str(tmp_path / "b"), threads=2))]
     seen = []
-    summaries = run_many(configs, workers=1, on_done=lambda i, c, s: seen.append((i, c.threads, s["threads"])),
+    summaries = run_many(configs, workers=1, on_done=lambda i, c, s: seen.append((i, c.machine.threads, s["threads"])),
                          threads=3)
     assert [s["threads"] for s in summaries] == [3, 2]
     assert seen == [(0, 3, 3), (1, 2, 2)]
@@ -166,7 +165,7 @@ def test_library_resume_with_unset_threads_takes_the_run_count(tmp_path, torch_t
     shutil.copy(ref / "config.yaml", res / "config.yaml")
     shutil.copy(ref / "checkpoint_epoch1.pt", res / "checkpoint.pt")
     torch.set_num_threads(2)
-    summary = train(dataclasses.replace(config, out=None, threads=None, resume=str(res)))
+    summary = train(config.with_values(out=None, threads=None, resume=str(res)))
     assert summary["threads"] == 1 and torch.get_num_threads() == 2
     assert _without_time(summary) == _without_time(reference)
 
@@ -188,7 +187,7 @@ def test_run_to_completion_starts_a_run_over_only_when_nothing_is_lost(tmp_path)
     (other / "config.yaml").write_text("model: mlp\n")
     with RunLock(other):
         with pytest.raises(RunDirError, match="is in use by another granet process"):
-            run_to_completion(dataclasses.replace(config, out=str(other)))
+            run_to_completion(config.with_values(out=str(other)))
         assert (other / "config.yaml").read_text() == "model: mlp\n"
     # Results without a checkpoint are never deleted either.
     (run / "checkpoint.pt").unlink()

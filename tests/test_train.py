@@ -15,7 +15,7 @@ import yaml
 from granet.cli import main
 
 from helpers import kill_tree, torchrun
-from granet.train import TrainConfig, load_config, lr_factor, train
+from granet.train import OptimConfig, TrainConfig, load_config, lr_factor, train
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("plasticity_"))
@@ -168,7 +168,7 @@ def test_every_recipe_runs_on_synthetic_data(recipe, tmp_path):
                      out=str(tmp_path / "run"), progress="log")
     config = load_config(str(recipe), overrides)
     raw = yaml.safe_load(recipe.read_text())
-    assert config.method == raw["method"] and config.density == raw["density"]
+    assert config.method == raw["method"] and config.sparsity.density == raw["density"]
     summary = train(config)
     assert summary["steps"] == 2
     assert summary["method"] == raw["method"]
@@ -189,14 +189,14 @@ def test_accumulation_adamw_warmup_multistep(tmp_path):
 
 
 def test_lr_factor_schedules():
-    c = TrainConfig(lr_schedule="multistep", milestones=[0.5, 0.75], gamma=0.1, warmup_epochs=1)
+    c = OptimConfig(lr_schedule="multistep", milestones=(0.5, 0.75), gamma=0.1, warmup_epochs=1)
     assert lr_factor(c, 0, 10, 100) == pytest.approx(0.1)
     assert lr_factor(c, 9, 10, 100) == pytest.approx(1.0)
     assert lr_factor(c, 49, 10, 100) == 1.0 and lr_factor(c, 50, 10, 100) == pytest.approx(0.1)
     assert lr_factor(c, 75, 10, 100) == pytest.approx(0.01)
-    e = TrainConfig(lr_schedule="multistep", milestones=[3, 6], gamma=0.5)
+    e = OptimConfig(lr_schedule="multistep", milestones=(3, 6), gamma=0.5)
     assert lr_factor(e, 29, 10, 100) == 1.0 and lr_factor(e, 30, 10, 100) == 0.5 and lr_factor(e, 60, 10, 100) == 0.25
-    cos = TrainConfig(lr_schedule="cosine")
+    cos = OptimConfig(lr_schedule="cosine")
     assert lr_factor(cos, 0, 10, 100) == 1.0 and lr_factor(cos, 100, 10, 100) == pytest.approx(0.0)
     assert lr_factor(cos, 50, 10, 100) == pytest.approx(0.5)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
 from .criteria import list_grow_criteria
@@ -27,70 +27,66 @@ REINIT_REGROWN = ("new", "all")
 STEP_FIELDS = ("prune_start", "prune_end", "regrow_start", "regrow_end")
 
 
+def _field(default: Any, text: str) -> Any:
+    """A dataclass field with its help text in ``metadata["help"]`` (the one place it is written)."""
+    return field(default=default, metadata={"help": text})
+
+
 @dataclass
 class SparsityConfig:
     """Everything that defines a sparse-training method.
 
-    Attributes:
-        method: name of the preset this configuration came from (informational).
-        density: final density of the sparsified weights, in (0, 1].
-        init_density: density at the start; ``None`` means ``density`` for constant-density methods.
-            Must equal ``density`` unless ``prune`` is set.
-        distribution: layer-wise split of the initial (and, for layer-wise pruning, final) density:
-            a registered :class:`~granet.distributions.Distribution` (``uniform``, ``er``, ``erk``,
-            ``global``, ...).
-        erk_power_scale: exponent on the ER/ERK raw densities.
-        keep_dense: name patterns (``fnmatch``, matched against module and parameter names) of
-            layers that stay dense; each must match at least one layer.
-        prune: gradual magnitude pruning scope, ``global`` / ``layerwise``, or ``None`` for none.
-        prune_start: t0, step where gradual pruning starts.
-        prune_end: tf, step where the final density is reached.
-        update_interval: ΔT, optimizer steps between topology updates (pruning and regrowth).
-        drop_fraction: r_0, fraction of each layer's active weights dropped and regrown per update;
-            0 disables regrowth.
-        drop_fraction_end: value r_t decays to at ``regrow_end`` (cosine decay).
-        drop_decay: a registered decay of r_t (``cosine``, ``constant``, ...; see
-            :func:`~granet.schedules.register_drop_decay`).
-        regrow_start: first step of drop-and-regrow updates; ``None`` means ``prune_start`` for pruning
-            methods and 0 otherwise.
-        regrow_end: updates happen strictly before this step.
-        grow: a registered :class:`~granet.criteria.GrowCriterion` (``gradient``, ``momentum``,
-            ``random``, ...).
-        redistribute: ``none`` keeps every layer's count; ``momentum`` (SNFS) moves regrowth between
-            layers in proportion to their mean momentum magnitude.
-        reinit_regrown: which regrown weights start afresh (value 0, optimizer state 0): ``new``
-            (default) resets only weights that were inactive before the update, so a weight dropped
-            and regrown in the same update keeps its value and optimizer state, as in GraNet's code
-            and RigL (``reinit_when_same=False``); ``all`` resets every regrown weight.
-        mask_optimizer_state: zero the optimizer state of inactive weights after every step. SNFS turns
-            it off because it regrows by the momentum that inactive weights accumulate.
-        total_steps: number of optimizer steps of the whole run; needed when a step field is a fraction.
-        seed: seed of every random choice (initial mask, random regrowth, tie-breaking).
-        track_exploration: keep a bit-packed "ever active" mask for the exploration rate.
+    Each field's meaning is its ``help`` metadata (one place, read by :func:`field_help`, shown by
+    ``granet train --help`` and :func:`granet.train.config.config_keys`). Step-valued fields take optimizer
+    steps (``int``) or fractions of ``total_steps`` (``float`` in [0, 1]); :meth:`resolved` turns them
+    into steps.
     """
 
-    method: str = "custom"
-    density: float = 1.0
-    init_density: Optional[float] = None
-    distribution: str = "erk"
-    erk_power_scale: float = 1.0
-    keep_dense: tuple[str, ...] = ()
-    prune: Optional[str] = None
-    prune_start: StepSpec = 0
-    prune_end: StepSpec = 0.5
-    update_interval: int = 100
-    drop_fraction: float = 0.0
-    drop_fraction_end: float = 0.0
-    drop_decay: str = "cosine"
-    regrow_start: Optional[StepSpec] = None
-    regrow_end: StepSpec = 1.0
-    grow: str = "gradient"
-    redistribute: str = "none"
-    reinit_regrown: str = "new"
-    mask_optimizer_state: bool = True
-    total_steps: Optional[int] = None
-    seed: int = 0
-    track_exploration: bool = True
+    method: str = _field("custom", "name of the preset this configuration came from (informational).")
+    density: float = _field(1.0, "final density of the sparsified weights, in (0, 1].")
+    init_density: Optional[float] = _field(
+        None, "density at the start; ``None`` means ``density`` for constant-density methods. Must equal "
+              "``density`` unless ``prune`` is set.")
+    distribution: str = _field(
+        "erk", "layer-wise split of the initial (and, for layer-wise pruning, final) density: a registered "
+               ":class:`~granet.distributions.Distribution` (``uniform``, ``er``, ``erk``, ``global``, ...).")
+    erk_power_scale: float = _field(1.0, "exponent on the ER/ERK raw densities.")
+    keep_dense: tuple[str, ...] = _field(
+        (), "name patterns (``fnmatch``, matched against module and parameter names) of layers that stay dense; "
+            "each must match at least one layer.")
+    prune: Optional[str] = _field(
+        None, "gradual magnitude pruning scope, ``global`` / ``layerwise``, or ``None`` for none.")
+    prune_start: StepSpec = _field(0, "t0, step where gradual pruning starts.")
+    prune_end: StepSpec = _field(0.5, "tf, step where the final density is reached.")
+    update_interval: int = _field(100, "ΔT, optimizer steps between topology updates (pruning and regrowth).")
+    drop_fraction: float = _field(
+        0.0, "r_0, fraction of each layer's active weights dropped and regrown per update; 0 disables regrowth.")
+    drop_fraction_end: float = _field(0.0, "value r_t decays to at ``regrow_end`` (cosine decay).")
+    drop_decay: str = _field(
+        "cosine", "a registered decay of r_t (``cosine``, ``constant``, ...; see "
+                  ":func:`~granet.schedules.register_drop_decay`).")
+    regrow_start: Optional[StepSpec] = _field(
+        None, "first step of drop-and-regrow updates; ``None`` means ``prune_start`` for pruning methods and 0 "
+              "otherwise.")
+    regrow_end: StepSpec = _field(1.0, "updates happen strictly before this step.")
+    grow: str = _field(
+        "gradient", "a registered :class:`~granet.criteria.GrowCriterion` (``gradient``, ``momentum``, "
+                    "``random``, ...).")
+    redistribute: str = _field(
+        "none", "``none`` keeps every layer's count; ``momentum`` (SNFS) moves regrowth between layers in "
+                "proportion to their mean momentum magnitude.")
+    reinit_regrown: str = _field(
+        "new", "which regrown weights start afresh (value 0, optimizer state 0): ``new`` (default) resets only "
+               "weights that were inactive before the update, so a weight dropped and regrown in the same update "
+               "keeps its value and optimizer state, as in GraNet's code and RigL (``reinit_when_same=False``); "
+               "``all`` resets every regrown weight.")
+    mask_optimizer_state: bool = _field(
+        True, "zero the optimizer state of inactive weights after every step. SNFS turns it off because it "
+              "regrows by the momentum that inactive weights accumulate.")
+    total_steps: Optional[int] = _field(
+        None, "number of optimizer steps of the whole run; needed when a step field is a fraction.")
+    seed: int = _field(0, "seed of every random choice (initial mask, random regrowth, tie-breaking).")
+    track_exploration: bool = _field(True, 'keep a bit-packed "ever active" mask for the exploration rate.')
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -239,6 +235,18 @@ class SparsityConfig:
             )
         return resolved
 
+    def resolved(self) -> "SparsityConfig":
+        """This config as a sparsifier runs it: step fields in optimizer steps, ``init_density`` explicit.
+
+        Step fields the configuration does not use (see :meth:`uses_field`) keep their values.
+        Resolving a resolved config gives an equal one, so the values a run records rebuild exactly
+        the same sparsifier.
+
+        Raises:
+            ValueError: as :meth:`resolve_steps`.
+        """
+        return self.replace(**self.resolve_steps(), init_density=self.effective_init_density)
+
     def _to_step(self, name: str, value: StepSpec) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{name} must be a step (int) or a fraction of training (float), got {value!r}")
@@ -287,20 +295,8 @@ def step_spec(value: Any) -> Any:
 
 
 def field_help() -> dict[str, str]:
-    """One line of help per field, taken from the ``Attributes:`` section of the class docstring."""
-    doc = SparsityConfig.__doc__ or ""
-    lines = doc.split("Attributes:", 1)[-1].splitlines()
-    out: dict[str, str] = {}
-    current = None
-    for line in lines:
-        stripped = line.strip()
-        head, sep, text = stripped.partition(": ")
-        if sep and head in SparsityConfig.field_names() and line.startswith(" " * 8) and not line.startswith(" " * 12):
-            current = head
-            out[current] = text
-        elif current and stripped:
-            out[current] += " " + stripped
-    return out
+    """One line of help per field: its ``help`` metadata."""
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(SparsityConfig)}
 
 
 __all__ = ["SparsityConfig", "PRUNE_SCOPES", "REDISTRIBUTIONS", "REINIT_REGROWN", "STEP_FIELDS", "step_spec",

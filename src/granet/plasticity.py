@@ -49,6 +49,7 @@ from .errors import ConfigError, RunDirError
 from .rundir import atomic_output, atomic_write_text
 from .train import TrainConfig
 from .train.config import check_threads, read_yaml_mapping
+from .train.runtime import DEFAULT_MILESTONES
 
 logger = logging.getLogger(__name__)
 
@@ -94,10 +95,9 @@ class PlasticityConfig:
 
     def validate(self) -> None:
         """Check ranges; raises :class:`ConfigError`."""
-        base = TrainConfig.from_dict(dict(self.train, method="dense"))
-        base.validate()
-        if not self.prune_epochs or any(not isinstance(e, int) or not 1 <= e < base.epochs for e in self.prune_epochs):
-            raise ConfigError(f"prune_epochs must be integers in [1, epochs={base.epochs}), got {self.prune_epochs}")
+        epochs = TrainConfig.from_dict(dict(self.train, method="dense")).optim.epochs  # checks the train keys
+        if not self.prune_epochs or any(not isinstance(e, int) or not 1 <= e < epochs for e in self.prune_epochs):
+            raise ConfigError(f"prune_epochs must be integers in [1, epochs={epochs}), got {self.prune_epochs}")
         if not self.rates or any(not 0.0 < r < 1.0 for r in self.rates):
             raise ConfigError(f"rates (fractions of weights pruned) must be in (0, 1), got {self.rates}")
         if self.scope not in ("global", "layerwise"):
@@ -196,9 +196,9 @@ def run_study(study: PlasticityConfig) -> list[dict[str, Any]]:
     atomic_write_text(root / "study.yaml", yaml.safe_dump(dataclasses.asdict(study), sort_keys=False))
     dense_config = TrainConfig.from_dict(dict(study.train, method="dense", keep_checkpoints=list(study.prune_epochs),
                                               out=str(root / "dense")))
-    if dense_config.threads is None:  # the trials' count (run_many), so the dense run is as reproducible
-        dense_config = dataclasses.replace(dense_config, threads=study.threads)
-    logger.info("dense run (%d epochs) -> %s", dense_config.epochs, dense_config.out)
+    if dense_config.machine.threads is None:  # the trials' count (run_many), so the dense run is as reproducible
+        dense_config = dense_config.with_run_values(threads=study.threads)  # checked by validate()
+    logger.info("dense run (%d epochs) -> %s", dense_config.optim.epochs, dense_config.output.out)
     dense = run_to_completion(dense_config)
     missing = [e for e in study.prune_epochs if not (root / "dense" / f"checkpoint_epoch{e}.pt").exists()]
     if missing:
@@ -211,8 +211,9 @@ def run_study(study: PlasticityConfig) -> list[dict[str, Any]]:
                     summary["test_accuracy"])
 
     summaries = run_many([c for _, c in trials], study.workers, on_done=progress, threads=study.threads)
-    schedule = TrainConfig.from_dict(dict(study.train, method="dense"))
-    decays = [m * schedule.epochs if m <= 1 else m for m in schedule.milestones] if schedule.lr_schedule == "multistep" else []
+    schedule = dense_config.optim  # the trials continue the dense run's schedule
+    milestones = DEFAULT_MILESTONES if schedule.milestones is None else schedule.milestones
+    decays = [m * schedule.epochs if m <= 1 else m for m in milestones] if schedule.lr_schedule == "multistep" else []
     rows = []
     for (meta, _), summary in zip(trials, summaries):
         rows.append(dict(

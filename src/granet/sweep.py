@@ -10,7 +10,6 @@ of float sums, so it must not depend on how many runs go in parallel.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import multiprocessing
@@ -25,16 +24,19 @@ logger = logging.getLogger(__name__)
 
 
 def run_to_completion(config: TrainConfig) -> dict[str, Any]:
-    """Train, resume, or just read the summary of a run that already finished."""
-    out = Path(config.out)
+    """Train, resume, or just read the summary of a run that already finished (``config.output.out``)."""
+    if config.output.out is None:
+        raise ValueError("run_to_completion: the configuration needs its out directory")
+    out = Path(config.output.out)
     summary = out / "summary.json"
     if summary.exists():
-        return json.loads(summary.read_text())
+        result: dict[str, Any] = json.loads(summary.read_text())
+        return result
     if (out / "checkpoint.pt").exists():
-        return train(dataclasses.replace(config, resume=str(out)))
+        return train(config.with_run_values(resume=str(out)))
     if out.exists():  # started, but no epoch finished: start over (under the run's lock; never over results)
         check_restartable(out)
-        config = dataclasses.replace(config, overwrite=True)
+        config = config.with_run_values(overwrite=True)
     return train(config)
 
 
@@ -66,11 +68,11 @@ def run_many(
             at most the number of cores.
     """
     check_threads(threads, "run_many: threads", optional=False)
-    configs = [c if c.threads is not None else dataclasses.replace(c, threads=threads) for c in configs]
-    outs = [c.out for c in configs]
+    configs = [c if c.machine.threads is not None else c.with_run_values(threads=threads) for c in configs]
+    outs = [c.output.out for c in configs]
     if any(o is None for o in outs) or len(set(outs)) != len(outs):
         raise ValueError("every configuration needs its own out directory")
-    done = sum((Path(c.out) / "summary.json").exists() for c in configs)
+    done = sum((Path(o) / "summary.json").exists() for o in outs if o is not None)
     workers = workers or default_workers()
     logger.info("%d runs (%d already done), %d worker process(es), %d thread(s) per run unless its config says",
                 len(configs), done, workers, threads)

@@ -36,7 +36,7 @@ logger = logging.getLogger("granet")
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (the usage is one ``--help`` away)."""
 
-    def error(self, message: str) -> "typing.NoReturn":  # type: ignore[override]
+    def error(self, message: str) -> "typing.NoReturn":
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 

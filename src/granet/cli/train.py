@@ -1,70 +1,20 @@
 """``granet train``, ``granet evaluate`` and the listings (``models``, ``methods``, ``datasets``).
 
-Every :class:`~granet.train.TrainConfig` key is a flag (``prune_end`` → ``--prune-end``), generated
-from the dataclass: sparsity keys take their help text from :class:`~granet.config.SparsityConfig`'s
-docstring, so a field added there is documented here without further code.
+Every flat :class:`~granet.train.TrainConfig` key is a flag (``prune_end`` → ``--prune-end``),
+generated from :func:`~granet.train.config.config_keys`: its type, default and help text (the
+fields' metadata; sparsity options take theirs from :class:`~granet.config.SparsityConfig`'s fields).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import typing
 from typing import Any, Callable
 
-from ..config import field_help, step_spec
+from ..config import step_spec
 from ..errors import short_repr, short_text
 
-_HELP = {
-    "method": "sparse-training method (see `granet methods`)",
-    "model": "model name (see `granet models`)",
-    "dataset": "dataset name (see `granet datasets`)",
-    "data_dir": "where datasets live (default $GRANET_DATA_DIR or ./data)",
-    "download": "download the dataset (checksum-verified) if it is missing",
-    "val_fraction": "fraction of the training split held out for validation / model selection",
-    "augment": "training-set augmentation (crop/flip for CIFAR and ImageNet)",
-    "dataset_options": "dataset-specific options as KEY=VALUE (e.g. image_size=64 for synthetic)",
-    "density": "final density of the sparsified weights (1 - sparsity), in (0, 1]; default 0.05 for sparse methods",
-    "epochs": "training epochs",
-    "batch_size": "GLOBAL batch size (split over torchrun processes and accumulation steps)",
-    "optimizer": "sgd, adam or adamw",
-    "lr": "base learning rate",
-    "momentum": "SGD momentum",
-    "nesterov": "Nesterov momentum for SGD",
-    "weight_decay": "weight decay",
-    "lr_schedule": "cosine, multistep or constant (after warm-up)",
-    "milestones": "multistep milestones: fractions of training (<= 1) or epochs (> 1); default 0.5 0.75",
-    "gamma": "multistep decay factor (> 0)",
-    "warmup_epochs": "linear learning-rate warm-up, in epochs",
-    "label_smoothing": "label smoothing of the cross-entropy loss",
-    "accumulation_steps": "micro-batches per optimizer step (gradient accumulation)",
-    "seed": "seed of model init, data order and every sparsity choice",
-    "device": "auto, cpu, cuda or cuda:N",
-    "amp": "mixed precision: auto (fp16 on CUDA), off, fp16 or bf16",
-    "channels_last": "channels-last memory format: auto (on for CUDA), on, off",
-    "workers": "DataLoader worker processes",
-    "threads": "torch intra-op threads of each training process (default: torch's current setting, usually "
-               "one per core); the count changes the order of float sums, so a run is bit-reproducible only "
-               "at the same thread count. summary.json and config.yaml record the count used; --resume "
-               "keeps the run's count unless given (a different one is allowed, with a warning)",
-    "out": "run directory (default runs/<dataset>-<model>-<method>-d<density>-s<seed>); must not hold another run",
-    "resume": "continue the interrupted run in this directory (with its checkpoint's config)",
-    "overwrite": "replace the run files in --out if it already holds a run",
-    "progress": "auto (bar when interactive), bar or log",
-    "max_steps": "stop after this many optimizer steps (smoke tests)",
-    "keep_checkpoints": "epochs after which a copy checkpoint_epochN.pt is kept",
-    "init_from": "continue from another run's checkpoint.pt with this config's method (a fresh sparsifier)",
-    "score_batches": "training batches scored at initialisation by snip / grasp (synflow needs none)",
-    "tensorboard": "also write TensorBoard scalars and per-layer density histograms to RUN_DIR/tensorboard "
-                   "(pip install 'granet[tensorboard]')",
-    "dist_timeout": "seconds a torchrun process waits for the others before failing (a dead or frozen rank)",
-    "lth_rounds": "method lth: pruning rounds R (R+1 trainings: a dense one, then one per round); default 3",
-    "lth_prune_fraction": "method lth: fraction of the remaining weights pruned per round; default "
-                          "1 - density^(1/R), so the last round ends at --density exactly",
-    "lth_rewind": "method lth: iteration k the survivors are reset to after each pruning (0: the initialisation), "
-                  "a step or a fraction of the schedule; later rounds train from k to the end (default 0)",
-}
 _PRESET = " (default: the method's preset)"
 
 
@@ -111,37 +61,31 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per :class:`TrainConfig` field, defaulting to 'not given' so YAML values survive."""
-    from ..train import TrainConfig
-    from ..train.config import SPARSITY_KEYS, STEP_KEYS
+    """One flag per config key, defaulting to 'not given' so YAML values survive."""
+    from ..train.config import STEP_KEYS, config_keys
 
-    hints = typing.get_type_hints(TrainConfig)
-    sparsity_help = field_help()
-    for f in dataclasses.fields(TrainConfig):
-        hint = hints[f.name]
-        args = typing.get_args(hint)
+    for key in config_keys():
+        args = typing.get_args(key.hint)
         optional = type(None) in args
-        base = next(a for a in args if a is not type(None)) if optional and len(args) == 2 else hint
-        flag = "--" + f.name.replace("_", "-")
-        text = _HELP.get(f.name) or sparsity_help.get(f.name, "")
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
+        base = next(a for a in args if a is not type(None)) if optional and len(args) == 2 else key.hint
+        kwargs: dict[str, Any] = {"dest": key.name, "default": argparse.SUPPRESS, "help": key.help.replace("%", "%%")}
         origin = typing.get_origin(base)
         if origin is dict:
             kwargs.update(nargs="*", metavar="KEY=VALUE", type=_key_value)
-        elif origin is list:
-            kwargs.update(nargs="*", metavar="VALUE")
-            kwargs["type"] = {"milestones": _number, "keep_checkpoints": int}.get(f.name, str)
-        elif f.name in STEP_KEYS:
+        elif origin is tuple:  # a list of values of one type
+            item = typing.get_args(base)[0]
+            kwargs.update(nargs="*", metavar="VALUE", type=_number if item is float else item)
+        elif key.name in STEP_KEYS:
             kwargs.update(type=_optional(_step), metavar="STEP|FRACTION")
         elif base is bool:
             kwargs.update(type=_optional(_parse_bool) if optional else _parse_bool, metavar="BOOL")
         elif base in (int, float, str):
             kwargs.update(type=_optional(base) if optional else base, metavar=base.__name__.upper())
-        if f.name in SPARSITY_KEYS:
+        if key.preset:
             kwargs["help"] += _PRESET
-        elif kwargs["help"] and f.default is not None and f.default is not dataclasses.MISSING:
-            kwargs["help"] += f" (default: {f.default})"
-        parser.add_argument(flag, **kwargs)
+        elif kwargs["help"] and key.default is not None and not isinstance(key.default, (tuple, dict)):
+            kwargs["help"] += f" (default: {key.default})"
+        parser.add_argument("--" + key.name.replace("_", "-"), **kwargs)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

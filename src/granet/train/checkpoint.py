@@ -1,13 +1,13 @@
 """What a checkpoint holds, how it is written, and how it is read back safely.
 
-A checkpoint is a plain dictionary of tensors, numbers, strings, lists and dicts, so it is read with
-``torch.load(weights_only=True)``: a crafted file cannot run code. Anything else in a file — a
-pickled Python object, random bytes, a truncated write — is refused with one line naming the file.
-
-Restoring follows one order, because each step depends on the previous one: model weights →
-optimizer → LR schedule → GradScaler → sparsifier (whose saved masks are applied to the *loaded*
-weights: applying a fresh run's masks first would zero every weight regrown since the start) →
-FLOPs ledger → RNG state (last, after everything that may draw random numbers).
+A checkpoint is the plain dictionary :meth:`granet.train.loop.Trainer.state_dict` returns — tensors,
+numbers, strings, lists and dicts: ``format``, ``granet_version``, ``config`` (the run's flat config),
+``progress`` (:class:`Progress`), ``model``, ``optimizer``, ``scheduler``, ``scaler``, ``sparsifier``,
+``flops``, ``rng`` and the entries a trainer adds (the lottery ticket). It is written atomically with
+:func:`save_file` and read with :func:`read_checkpoint` (``torch.load(weights_only=True)``: a crafted
+file cannot run code). Anything else in a file — a pickled Python object, random bytes, a truncated
+write — is refused with one line naming the file. This module works on those dictionaries; the
+trainer fills its objects from one (:meth:`~granet.train.loop.Trainer.load_state_dict`).
 """
 from __future__ import annotations
 
@@ -15,18 +15,18 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypeGuard
 
 import torch
 from torch import nn
 
-from .. import __version__
 from ..errors import CheckpointError, short_repr, short_text
 from ..rundir import EpochRecord, load_file, save_file
 from . import fsdp
 
 FORMAT = 2
-_REQUIRED = ("config", "progress", "model", "optimizer", "scheduler", "scaler", "sparsifier", "flops", "rng")
+#: The entries every run checkpoint has.
+REQUIRED = ("config", "progress", "model", "optimizer", "scheduler", "scaler", "sparsifier", "flops", "rng")
 
 
 @dataclass
@@ -76,11 +76,11 @@ class Progress:
         return cls(**values)
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_real(value: Any) -> bool:
+def _is_real(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -88,10 +88,11 @@ def read_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     """Load a run checkpoint and check that it has every part a resume needs."""
     state = load_file(path, "checkpoint", map_location)
     if "progress" not in state and "epoch" in state:  # format 1: progress at the top level
-        best = state.get("best") if isinstance(state.get("best"), dict) else {}
+        saved_best = state.get("best")
+        best: dict[str, Any] = saved_best if isinstance(saved_best, dict) else {}
         state["progress"] = {"epoch": state["epoch"], "step": state.get("step"), "wall_time": state.get("wall_time", 0.0),
                              "best_val_accuracy": best.get("val_accuracy"), "best_epoch": best.get("epoch")}
-    missing = [k for k in _REQUIRED if k not in state]
+    missing = [k for k in REQUIRED if k not in state]
     if missing:
         raise CheckpointError(f"{path} is not a granet run checkpoint (missing {', '.join(missing)})")
     malformed = [k for k in ("config", "progress", "sparsifier", "model", "rng") if not isinstance(state[k], dict)]
@@ -165,54 +166,5 @@ def restore_rng(rng: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
 
 
-def make_checkpoint(trainer: Any) -> dict[str, Any]:
-    """Everything that determines the rest of ``trainer``'s run."""
-    return {
-        "format": FORMAT,
-        "granet_version": __version__,
-        "config": trainer.config.to_dict(),
-        "progress": trainer.progress.to_dict(),
-        # FSDP: full (unsharded) state dicts gathered to rank 0, in the single-process format.
-        "model": fsdp.full_model_state(trainer.model) if getattr(trainer, "fsdp", False) else trainer.model.state_dict(),
-        "optimizer": (fsdp.full_optimizer_state(trainer.model, trainer.optimizer) if getattr(trainer, "fsdp", False)
-                      else trainer.optimizer.state_dict()),
-        "scheduler": trainer.scheduler.state_dict(),
-        "scaler": trainer.scaler.state_dict(),
-        "sparsifier": trainer.sparsifier.state_dict(),
-        "flops": trainer.ledger.state_dict(),
-        "rng": capture_rng(),
-        **trainer.extra_state(),  # e.g. the lottery ticket's rounds, rewind point and history
-    }
-
-
-def restore_training_state(trainer: Any, state: dict[str, Any], path: Path) -> None:
-    """Model, optimizer, LR schedule and scaler from ``state`` (this run's or another run's)."""
-    load_model_state(trainer.model, state["model"], path, sharded=getattr(trainer, "fsdp", False))
-    try:
-        if getattr(trainer, "fsdp", False):
-            fsdp.load_full_optimizer_state(trainer.model, trainer.optimizer, state["optimizer"])
-        else:
-            trainer.optimizer.load_state_dict(state["optimizer"])
-        trainer.scheduler.load_state_dict(state["scheduler"])
-        trainer.scaler.load_state_dict(state["scaler"])
-    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
-        detail = short_text(" ".join(str(exc).split()) or type(exc).__name__, 300)
-        raise CheckpointError(f"{path}: optimizer or schedule state does not fit this run ({detail})") from None
-
-
-def restore_checkpoint(trainer: Any, state: dict[str, Any], path: Path) -> None:
-    """Continue ``trainer`` from its own run's checkpoint, bit-exactly (see the module docstring)."""
-    restore_training_state(trainer, state, path)
-    try:
-        trainer.sparsifier.load_state_dict(state["sparsifier"])
-        trainer.ledger.load_state_dict(state["flops"])
-        trainer.progress = Progress.from_dict(state["progress"])
-        trainer.load_extra_state(state)
-        restore_rng(state["rng"])
-    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
-        detail = short_text(" ".join(str(exc).split()) or type(exc).__name__, 300)
-        raise CheckpointError(f"{path}: sparsifier or run state does not fit this run ({detail})") from None
-
-
-__all__ = ["Progress", "save_file", "load_file", "read_checkpoint", "checkpointed_epoch", "load_model_state", "make_checkpoint",
-           "restore_checkpoint", "restore_training_state", "capture_rng", "restore_rng", "FORMAT"]
+__all__ = ["Progress", "save_file", "load_file", "read_checkpoint", "checkpointed_epoch", "load_model_state",
+           "capture_rng", "restore_rng", "FORMAT", "REQUIRED"]

@@ -14,7 +14,7 @@ copy and every rank keeps its shard. Gathering is a collective: every rank takes
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -44,7 +44,8 @@ def shard_model(model: nn.Module) -> nn.Module:
     owners = [m for m in model.modules() if m is not model and any(True for _ in m.parameters(recurse=False))]
     for module in owners:
         fully_shard(module)
-    return fully_shard(model)
+    fully_shard(model)  # in place: the module's class becomes an FSDPModule subclass
+    return model
 
 
 def _options(**kw: Any) -> Any:
@@ -71,7 +72,7 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     indices, not names), ``{}`` elsewhere. A collective."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    state = get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
+    state: Mapping[str, Any] = get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
     if not state:
         return {}
     index = {n: i for i, n in enumerate(_names_by_index(model, optimizer))}
@@ -93,7 +94,7 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     names = _names_by_index(model, optimizer)
-    named = {
+    named: dict[str, Any] = {
         "state": {names[int(i)]: v for i, v in state["state"].items()},
         "param_groups": [dict(g, params=[names[int(i)] for i in g["params"]]) for g in state["param_groups"]],
     }

@@ -3,7 +3,12 @@
 One optimizer step reads top-down in :meth:`Trainer.optimizer_step`: forward and backward over the
 accumulation micro-batches, ``optimizer.step()``, FLOPs ledger, ``sparsifier.step()`` (re-zero pruned
 weights, update the topology every ΔT), LR schedule. At the end of each epoch: validation, then the
-checkpoint, the selected model and the metrics line, in that order (see :mod:`granet.rundir`).
+checkpoint (:meth:`Trainer.state_dict`), the selected model and the metrics line, in that order (see
+:mod:`granet.rundir`).
+
+The trainer takes a checked :class:`~granet.train.config.TrainConfig` and resolves its sparsity
+options once, when the run's length is known, into the :class:`~granet.config.SparsityConfig` the
+sparsifier is built from; ``trainer.config`` then records the resolved values.
 
 Honest evaluation: the validation split (held out from the official training split) selects the
 model; only epochs at which the sparsity schedule has reached its final density are eligible, so a
@@ -17,21 +22,26 @@ import logging
 import os
 import shutil
 import time
+import typing
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError, short_text
+from .. import __version__
+from ..errors import CheckpointError, ConfigError, short_text
 from ..flops import TrainingFlopsLedger, layer_flops, scoring_flops
-from ..methods import create_sparsifier, method_config
+from ..methods import method_config
 from ..rundir import (CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, EpochRecord, append_metrics, atomic_write,
                       kept_checkpoint_name, write_metrics, write_status)
+from ..saliency import needs_init_scoring, require_scoring_before_training
 from ..sparsifier import Sparsifier
 from . import fsdp, runtime
-from .parts import build_model, evaluate, load_data
-from .checkpoint import Progress, load_file, make_checkpoint, restore_checkpoint, restore_training_state, save_file
+from .checkpoint import (FORMAT, Progress, capture_rng, load_file, load_model_state, read_checkpoint, restore_rng,
+                         save_file)
+from .config import TrainConfig
+from .parts import build_model, dataset_size, evaluate, load_data
 
 logger = logging.getLogger(__name__)
 
@@ -39,66 +49,71 @@ logger = logging.getLogger(__name__)
 class Trainer:
     """Builds everything for a config and runs (or resumes) it. See :func:`granet.train.train`."""
 
-    def __init__(self, config: Any, out_dir: Path, guard: Optional[runtime.SignalGuard] = None) -> None:
+    def __init__(self, config: TrainConfig, out_dir: Path, guard: Optional[runtime.SignalGuard] = None) -> None:
         self.config = config
         self.out = out_dir
         self.guard = guard or runtime.SignalGuard()
-        self.device = runtime.resolve_device(config.device)
-        self.dist = runtime.setup_distributed(self.device, config.dist_timeout)
-        if config.batch_size % (self.dist.world_size * config.accumulation_steps):
+        optim, machine = config.optim, config.machine
+        self.device = runtime.resolve_device(machine.device)
+        self.dist = runtime.setup_distributed(self.device, machine.dist_timeout)
+        if optim.batch_size % (self.dist.world_size * optim.accumulation_steps):
             raise ConfigError(
-                f"batch_size {config.batch_size} (global) must be divisible by world size "
-                f"{self.dist.world_size} x accumulation_steps {config.accumulation_steps}"
+                f"batch_size {optim.batch_size} (global) must be divisible by world size "
+                f"{self.dist.world_size} x accumulation_steps {optim.accumulation_steps}"
             )
-        self.micro_batch = config.batch_size // (self.dist.world_size * config.accumulation_steps)
+        self.micro_batch = optim.batch_size // (self.dist.world_size * optim.accumulation_steps)
         runtime.seed_everything(config.seed)
-        self.data = load_data(config, download=config.download and self.dist.is_main, augment=config.augment)
+        self.data = load_data(config, download=config.data.download and self.dist.is_main, augment=config.data.augment)
         self.model = build_model(config, self.data.info).to(self.device)
-        self.amp = runtime.amp_mode(config, self.device)
-        self.channels_last = config.channels_last == "on" or (config.channels_last == "auto" and self.device.type == "cuda")
+        self.amp = runtime.amp_mode(machine.amp, self.device)
+        self.channels_last = machine.channels_last == "on" or (machine.channels_last == "auto"
+                                                               and self.device.type == "cuda")
         if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            # torch's type stubs lack Module.to's memory_format keyword
+            self.model = typing.cast(Any, self.model).to(memory_format=torch.channels_last)
         info = self.data.info
         example = torch.zeros(1, info.in_channels, info.image_size, info.image_size, device=self.device)
-        self.fsdp = bool(config.fsdp)
+        self.fsdp = machine.fsdp
         if self.fsdp:  # shard before the optimizer and sparsifier are built: they must see the shards
             self._shard(example)
-        self.optimizer = runtime.build_optimizer(config, self.model)
-        self.steps_per_epoch = len(self.data.train) // config.batch_size
+        self.optimizer = runtime.build_optimizer(optim, self.model)
+        train_size = dataset_size(self.data.train)
+        self.steps_per_epoch = train_size // optim.batch_size
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"batch_size {config.batch_size} is larger than the training set ({len(self.data.train)})")
-        self.total_steps = config.epochs * self.steps_per_epoch
-        if config.max_steps is not None:
-            self.total_steps = min(self.total_steps, config.max_steps)
-        start = self._read_init_from() if config.init_from else None
+            raise ConfigError(f"batch_size {optim.batch_size} is larger than the training set ({train_size})")
+        self.total_steps = optim.epochs * self.steps_per_epoch
+        if optim.max_steps is not None:
+            self.total_steps = min(self.total_steps, optim.max_steps)
+        init_from = Path(config.init_from) if config.init_from else None
+        start = self._read_init_from(init_from) if init_from is not None else None
         # From here on the config holds the values the sparsifier uses (written to config.yaml and
         # every checkpoint), so a resume is checked against what actually ran.
         self.sparsifier = self._build_sparsifier(start)
-        config = self.config
+        self._layer_density = self.sparsifier.layer_density()  # what the next forward pass runs at (FLOPs)
         # FLOPs of every layer from one real forward pass; the ledger then follows the real masks.
         if not self.fsdp:
             self.layer_flops = layer_flops(self.model, example)
         self.ledger = TrainingFlopsLedger(self.layer_flops)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
-            lambda s: runtime.lr_factor(config, self.schedule_position(s), self.steps_per_epoch, self.total_steps),
+            lambda s: runtime.lr_factor(optim, self.schedule_position(s), self.steps_per_epoch, self.total_steps),
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
         self.ddp_model = self._wrap_ddp()
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=optim.label_smoothing)
         self.progress = Progress()
         self.updates: list[dict[str, Any]] = []
         self.checkpoint_epoch: Optional[int] = None  # epoch of the last checkpoint on disk
         self.tensorboard: Any = None
-        if config.tensorboard and self.dist.is_main:
+        if config.output.tensorboard and self.dist.is_main:
             from ..tensorboard import TensorBoardWriter
 
             self.tensorboard = TensorBoardWriter(self.out / "tensorboard", enabled=True)
-        if start is not None:
-            restore_training_state(self, start, Path(config.init_from))
+        if init_from is not None and start is not None:  # continuing another run
+            self._load_training_state(start, init_from)
             self.progress = Progress(epoch=start["progress"]["epoch"], step=start["progress"]["step"])
             self.sparsifier.apply_masks()  # the new method's masks on the other run's weights
-        beyond = [e for e in config.keep_checkpoints if e > self.planned_epochs()]
+        beyond = [e for e in config.output.keep_checkpoints if e > self.planned_epochs()]
         if beyond:
             raise ConfigError(f"keep_checkpoints {short_text(str(beyond))}: the run has {self.planned_epochs()} "
                               f"epochs, so no checkpoint of those epochs would ever be written")
@@ -109,23 +124,28 @@ class Trainer:
         self.layer_flops = layer_flops(self.model, example)
         self.model = fsdp.shard_model(self.model)
 
-    def _build_sparsifier(self, start: Optional[dict[str, Any]]) -> Sparsifier:
+    def _build_sparsifier(self, start: Optional[Mapping[str, Any]]) -> Sparsifier:
+        """The run's sparsifier, from its sparsity options resolved once; records the resolved values."""
         # Continuing another run: the sparsity schedule counts from the restart (its step 1 is the
         # first step after the checkpoint) and spans the remaining steps.
-        sparse_steps = self.total_steps - (start["progress"]["step"] if start else 0)
+        done = start["progress"]["step"] if start else 0
+        sparse_steps = self.total_steps - done
         if sparse_steps < 1:
-            raise ConfigError(f"{self.config.init_from} is already at step {start['progress']['step']}: "
-                              f"nothing left to train")
+            raise ConfigError(f"{self.config.init_from} is already at step {done}: nothing left to train")
+        cfg = self.config
         try:
-            # Resolve the method's preset first and build the sparsifier from the resolved values, so a
-            # resumed run (whose config holds them) builds exactly the same sparsifier.
-            resolved = method_config(self.config.method, total_steps=sparse_steps, seed=self.config.seed,
-                                     **self.config.sparsity_options())
-            self.config = self.config.with_resolved_sparsity(resolved)
-            return create_sparsifier(self.config.method, self.model, self.optimizer, total_steps=sparse_steps,
-                                     seed=self.config.seed, **self.config.sparsity_options())
+            # The method's preset with the run's options, its steps resolved now that the run's length
+            # is known: the one SparsityConfig of the run. Its values are recorded in config.yaml and
+            # every checkpoint, so a resumed run builds exactly the same sparsifier.
+            sparsity = method_config(cfg.method, total_steps=sparse_steps, seed=cfg.seed,
+                                     **cfg.sparsity_options()).resolved()
+            sparsifier = Sparsifier(self.model, self.optimizer, sparsity)
         except ValueError as exc:
             raise ConfigError(f"{exc} (this run has {sparse_steps} optimizer steps)") from None
+        if needs_init_scoring(cfg.method):  # a scored method must not train before its mask is installed
+            require_scoring_before_training(sparsifier, self.optimizer)
+        self.config = cfg.with_sparsity(sparsity)
+        return sparsifier
 
     # -------------------------------------------------------------- hooks (the lottery-ticket trainer overrides them)
 
@@ -149,10 +169,10 @@ class Trainer:
         """Called at the end of an epoch after model selection, before anything is written."""
 
     def extra_state(self) -> dict[str, Any]:
-        """Entries added to the checkpoint (see :func:`granet.train.checkpoint.make_checkpoint`)."""
+        """Entries added to the checkpoint (see :meth:`state_dict`)."""
         return {}
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`extra_state` added (the checkpoint's other entries are already loaded)."""
 
     def summary_overrides(self) -> dict[str, Any]:
@@ -178,15 +198,12 @@ class Trainer:
         self.model.train(was_training)
         return ddp
 
-    def _read_init_from(self) -> dict[str, Any]:
-        """Load the checkpoint named by ``init_from`` and check that it belongs to a compatible run."""
-        from .checkpoint import read_checkpoint
-
-        path = Path(self.config.init_from)
+    def _read_init_from(self, path: Path) -> dict[str, Any]:
+        """Load the checkpoint ``init_from`` and check that it belongs to a compatible run."""
         state = read_checkpoint(path, map_location=self.device)
-        theirs = state.get("config", {})
+        theirs, ours = state.get("config", {}), self.config.to_dict()
         keys = ("model", "dataset", "epochs", "batch_size", "optimizer", "lr_schedule", "milestones", "dataset_options")
-        differing = [k for k in keys if theirs.get(k) != getattr(self.config, k)]
+        differing = [k for k in keys if theirs.get(k) != ours[k]]
         if differing:
             raise ConfigError(f"init_from {path}: its run differs in {', '.join(differing)}; they must match to continue it")
         return state
@@ -209,15 +226,78 @@ class Trainer:
         # all-ones input); the ledger counts FLOPs per example of a global training batch.
         examples = sum(int(x.shape[0]) for x, _ in batches)
         cost = scoring_flops(self.config.method, self.layer_flops, examples) * self.dist.world_size
-        self.ledger.record_extra(cost / self.config.batch_size, "scoring")
+        self.ledger.record_extra(cost / self.config.optim.batch_size, "scoring")
         scored = "data-free" if self.config.method == "synflow" else f"{len(batches)} training batch(es)"
         logger.info("%s: scored at initialisation (%s); mask fixed at density %.4f",
                     self.config.method, scored, self.sparsifier.density())
 
-    def resume(self, state: dict[str, Any]) -> None:
+    # -------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that determines the rest of the run, as one plain dict: the checkpoint.
+
+        Under FSDP the model and optimizer entries are full state dicts gathered to rank 0 (a
+        collective: every rank calls this), in the single-process format; other ranks get ``{}`` there.
+        """
+        return {
+            "format": FORMAT,
+            "granet_version": __version__,
+            "config": self.config.to_dict(),
+            "progress": self.progress.to_dict(),
+            "model": fsdp.full_model_state(self.model) if self.fsdp else self.model.state_dict(),
+            "optimizer": (fsdp.full_optimizer_state(self.model, self.optimizer) if self.fsdp
+                          else self.optimizer.state_dict()),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "sparsifier": self.sparsifier.state_dict(),
+            "flops": self.ledger.state_dict(),
+            "rng": capture_rng(),
+            **self.extra_state(),  # e.g. the lottery ticket's rounds, rewind point and history
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], source: Union[str, Path] = "the checkpoint") -> None:
+        """Continue exactly where :meth:`state_dict` of this run's trainer left off.
+
+        One order, because each step depends on the previous one: model weights → optimizer → LR
+        schedule → GradScaler → sparsifier (whose saved masks are applied to the *loaded* weights:
+        applying a fresh run's masks first would zero every weight regrown since the start) → FLOPs
+        ledger → progress → :meth:`load_extra_state` → RNG state (last, after everything that may draw
+        random numbers).
+
+        Raises:
+            CheckpointError: a part does not fit this run; the message names ``source`` (the file).
+        """
+        self._load_training_state(state, source)
+        try:
+            self.sparsifier.load_state_dict(state["sparsifier"])
+            self.ledger.load_state_dict(state["flops"])
+            self.progress = Progress.from_dict(state["progress"])
+            self.load_extra_state(state)
+            restore_rng(state["rng"])
+            self._layer_density = self.sparsifier.layer_density()
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+            detail = short_text(" ".join(str(exc).split()) or type(exc).__name__, 300)
+            raise CheckpointError(f"{source}: sparsifier or run state does not fit this run ({detail})") from None
+
+    def _load_training_state(self, state: Mapping[str, Any], source: Union[str, Path]) -> None:
+        """Model, optimizer, LR schedule and scaler from ``state`` (this run's or, for ``init_from``,
+        another run's)."""
+        load_model_state(self.model, state["model"], Path(source), sharded=self.fsdp)
+        try:
+            if self.fsdp:
+                fsdp.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+            detail = short_text(" ".join(str(exc).split()) or type(exc).__name__, 300)
+            raise CheckpointError(f"{source}: optimizer or schedule state does not fit this run ({detail})") from None
+
+    def resume(self, state: Mapping[str, Any]) -> None:
         """Continue from this run's checkpoint; completes the writes that a crash may have cut short
         (metrics lines, the selected model, the kept copy of the checkpoint)."""
-        restore_checkpoint(self, state, self.out / CHECKPOINT_FILE)
+        self.load_state_dict(state, self.out / CHECKPOINT_FILE)
         self.checkpoint_epoch = self.progress.epoch
         rewrite = self.progress.best_epoch == self.progress.epoch  # a crash may have come before model.pt
         artifact = self.model_artifact() if rewrite and self._gathers() else None
@@ -232,7 +312,7 @@ class Trainer:
     def _keep_checkpoint(self) -> None:
         """Copy ``checkpoint.pt`` to ``checkpoint_epoch<N>.pt`` when ``keep_checkpoints`` asks for epoch N."""
         epoch = self.progress.epoch
-        if epoch in self.config.keep_checkpoints:
+        if epoch in self.config.output.keep_checkpoints:
             with open(self.out / CHECKPOINT_FILE, "rb") as src:
                 atomic_write(self.out / kept_checkpoint_name(epoch), lambda fh: shutil.copyfileobj(src, fh))
 
@@ -245,13 +325,14 @@ class Trainer:
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, done = self.data_position()
-        order = runtime.epoch_order(len(self.data.train), self.config.seed, epoch, self.dist)
-        usable = self.steps_per_epoch * self.config.accumulation_steps * self.micro_batch
+        accum = self.config.optim.accumulation_steps
+        order = runtime.epoch_order(dataset_size(self.data.train), self.config.seed, epoch, self.dist)
+        usable = self.steps_per_epoch * accum * self.micro_batch
         order = order[:usable]  # drop the ragged tail: every optimizer step sees a full global batch
-        order = order[done * self.config.accumulation_steps * self.micro_batch:]  # steps already trained
+        order = order[done * accum * self.micro_batch:]  # steps already trained
         loader = torch.utils.data.DataLoader(
             torch.utils.data.Subset(self.data.train, order), batch_size=self.micro_batch, shuffle=False,
-            num_workers=self.config.workers, pin_memory=self.device.type == "cuda", drop_last=True,
+            num_workers=self.config.machine.workers, pin_memory=self.device.type == "cuda", drop_last=True,
             generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch),
             persistent_workers=False,
         )
@@ -261,14 +342,16 @@ class Trainer:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        # FSDP reduce-scatters every micro-batch's gradients (no no_sync): the same sums, more traffic.
-        plain = sync or self.dist.world_size == 1 or self.fsdp
-        no_sync = contextlib.nullcontext() if plain else self.ddp_model.no_sync()
+        # DDP all-reduces only on the last micro-batch; FSDP reduce-scatters every micro-batch's
+        # gradients (no no_sync): the same sums, more traffic.
+        ddp = self.ddp_model
+        no_sync = (ddp.no_sync() if not sync and isinstance(ddp, nn.parallel.DistributedDataParallel)
+                   else contextlib.nullcontext())
         with no_sync:
             with runtime.autocast(self.device, self.amp):
                 out = self.ddp_model(x)
                 loss = self.criterion(out, y)
-            self.scaler.scale(loss / self.config.accumulation_steps).backward()
+            self.scaler.scale(loss / self.config.optim.accumulation_steps).backward()
         return loss.detach(), (out.argmax(1) == y).sum()
 
     def optimizer_step(self) -> None:
@@ -290,7 +373,7 @@ class Trainer:
         """One pass over this rank's share of the training set."""
         self.ddp_model.train()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
-        accum = self.config.accumulation_steps
+        accum = self.config.optim.accumulation_steps
         for micro, (x, y) in enumerate(self._batches()):
             if self.epoch_finished():
                 break
@@ -325,17 +408,16 @@ class Trainer:
     def run(self) -> None:
         """Train to the end, from wherever the checkpoint left off."""
         cfg = self.config
-        self._layer_density = self.sparsifier.layer_density()
         bar = None
-        if runtime.progress_enabled(cfg.progress, self.dist):
+        if runtime.progress_enabled(cfg.output.progress, self.dist):
             from tqdm import tqdm
 
             bar = tqdm(total=self.planned_steps(), initial=self.progress.step, unit="step", dynamic_ncols=True,
                        leave=False)
         logger.info(
             "%s | %s on %s | density %.4g | %d epochs x %d steps = %d steps | global batch %d | %s, %d process(es)",
-            cfg.method, cfg.model, cfg.dataset, self.sparsifier.config.density, cfg.epochs,
-            self.steps_per_epoch, self.total_steps, cfg.batch_size, self.device, self.dist.world_size,
+            cfg.method, cfg.model, cfg.data.dataset, self.sparsifier.config.density, cfg.optim.epochs,
+            self.steps_per_epoch, self.total_steps, cfg.optim.batch_size, self.device, self.dist.world_size,
         )
         try:
             while self.training_left():
@@ -344,7 +426,7 @@ class Trainer:
                 train = self.train_epoch(bar)
                 self.progress.epoch += 1
                 val = None
-                if self.data.val is not None and len(self.data.val) > 0:
+                if self.data.val is not None and dataset_size(self.data.val) > 0:
                     val = evaluate(self.model, self.data.val, cfg, self.device, self.dist, self.channels_last,
                                    lockstep=self.fsdp)
                 self.progress.wall_time += time.perf_counter() - start
@@ -379,7 +461,7 @@ class Trainer:
             p.best_val_accuracy, p.best_epoch = (None if val is None else val["accuracy"]), p.epoch
         self.after_selection(train, val)
         # Under FSDP gathering the full state is a collective: every rank builds it, rank 0 writes it.
-        checkpoint = make_checkpoint(self) if self._gathers() else None
+        checkpoint = self.state_dict() if self._gathers() else None
         artifact = self.model_artifact() if selected and self._gathers() else None
         if self.dist.is_main:
             with self.guard.protect():

@@ -24,22 +24,23 @@ trains the network ``R + 1`` times over the same schedule of ``T`` steps (``epoc
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
+from ..config import StepSpec
 from ..errors import ConfigError
 from ..lottery import LotteryTicket
 from ..rundir import EpochRecord
 from ..sparsifier import Sparsifier
 from . import runtime
+from .config import TrainConfig
 from .loop import Trainer
 
 logger = logging.getLogger(__name__)
 
 
-def resolve_rewind(value: Any, total_steps: int) -> int:
+def resolve_rewind(value: Optional[StepSpec], total_steps: int) -> int:
     """The rewind iteration ``k`` of ``lth_rewind`` (steps, or a fraction of the ``total_steps`` schedule).
 
     Raises:
@@ -56,25 +57,27 @@ class LotteryTrainer(Trainer):
     """Iterative magnitude pruning with rewinding over full training runs (see the module docstring)."""
 
     ticket: LotteryTicket
+    rewind: int  # k, the iteration every round after the first starts from
 
-    def __init__(self, config: Any, out_dir: Path, guard: Optional[runtime.SignalGuard] = None) -> None:
+    def __init__(self, config: TrainConfig, out_dir: Path, guard: Optional[runtime.SignalGuard] = None) -> None:
         super().__init__(config, out_dir, guard)
         self.ticket.ledger = self.ledger  # one ledger for every round (the ticket is built before it)
         # Cost of one dense training of the schedule: the unit of the run's train_flops.
         self.one_dense_run = 3.0 * self.layer_flops.dense * self.total_steps
 
-    def _build_sparsifier(self, start: Optional[dict[str, Any]]) -> Sparsifier:
+    def _build_sparsifier(self, start: Optional[Mapping[str, Any]]) -> Sparsifier:
+        """The ticket's sparsifier; records the ticket's resolved settings in the config."""
         cfg = self.config
-        rewind = resolve_rewind(cfg.lth_rewind, self.total_steps)
+        self.rewind = rewind = resolve_rewind(cfg.lottery.lth_rewind, self.total_steps)
         try:
             self.ticket = LotteryTicket(
-                self.model, self.optimizer, rounds=cfg.effective_lth_rounds, prune_fraction=cfg.lth_prune_fraction,
-                density=cfg.effective_density, rewind_step=rewind, keep_dense=tuple(cfg.keep_dense or ()),
-                seed=cfg.seed)
+                self.model, self.optimizer, rounds=cfg.effective_lth_rounds,
+                prune_fraction=cfg.lottery.lth_prune_fraction, density=cfg.effective_density, rewind_step=rewind,
+                keep_dense=cfg.sparsity.keep_dense or (), seed=cfg.seed)
         except ValueError as exc:
             raise ConfigError(f"method 'lth': {exc}") from None
         # config.yaml and the checkpoints record the values used (a resume rebuilds the same ticket).
-        self.config = dataclasses.replace(cfg, density=cfg.effective_density, lth_rounds=self.ticket.rounds,
+        self.config = cfg.with_run_values(density=cfg.effective_density, lth_rounds=self.ticket.rounds,
                                           lth_prune_fraction=self.ticket.prune_fraction, lth_rewind=rewind)
         return self.ticket.sparsifier
 
@@ -98,13 +101,13 @@ class LotteryTrainer(Trainer):
 
     def planned_steps(self) -> int:
         """``T`` steps of round 0, ``T - k`` steps of every later round."""
-        t, rounds, rewind = self.total_steps, self.ticket.rounds, self.config.lth_rewind
+        t, rounds, rewind = self.total_steps, self.ticket.rounds, self.rewind
         return t + rounds * (t - rewind)
 
     def planned_epochs(self) -> int:
         """Round 0's epochs, then those from the rewind step's epoch on, per later round."""
         per_round = -(-self.total_steps // self.steps_per_epoch)
-        return per_round + self.ticket.rounds * (per_round - self.config.lth_rewind // self.steps_per_epoch)
+        return per_round + self.ticket.rounds * (per_round - self.rewind // self.steps_per_epoch)
 
     def at_final_density(self) -> bool:
         """Only the last round's epochs can be selected."""
@@ -144,14 +147,14 @@ class LotteryTrainer(Trainer):
         """The ticket's state (round, iteration, saved rewind weights, masks, history, ledger)."""
         return {"lottery": self.ticket.state_dict()}
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
         """Restore the ticket (its settings must be this run's)."""
         self.ticket.load_state_dict(state["lottery"])
 
     def summary_overrides(self) -> dict[str, Any]:
         """The asked density, FLOPs relative to one dense training, and the rounds."""
         return {
-            "target_density": self.config.density,
+            "target_density": self.config.sparsity.density,
             "train_flops": self.ledger.total / self.one_dense_run,
             "extra": {"lth_rounds": self.ticket.rounds, "lth_prune_fraction": self.ticket.prune_fraction,
                       "lth_rewind": self.ticket.rewind_step, "trainings": self.ticket.rounds + 1,
@@ -163,7 +166,7 @@ class LotteryTrainer(Trainer):
         t = self.ticket
         logger.info("lth: %d pruning rounds (%d trainings of %d steps, later ones from the rewind step %d), "
                     "pruning %.4f of the remaining weights per round to density %.5f (%d of %d weights)",
-                    t.rounds, t.rounds + 1, self.total_steps, self.config.lth_rewind, t.prune_fraction,
+                    t.rounds, t.rounds + 1, self.total_steps, self.rewind, t.prune_fraction,
                     t.final_density, t.target_count(t.rounds), t.sparsifier.total)
         super().run()
 

@@ -1,39 +1,49 @@
 """The pieces a training run is built from: its model, its data, and evaluation over ranks."""
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sized
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
-from ..data import DatasetError, build_datasets
+from ..data import DatasetError, DatasetInfo, DatasetSplits, build_datasets
 from ..errors import ConfigError
 from ..models import create_model
 from . import runtime
+from .config import TrainConfig
 
 
-def build_model(config: Any, info: Any) -> nn.Module:
+def dataset_size(dataset: Dataset) -> int:
+    """The number of samples of a map-style dataset (torch's ``Dataset`` type does not declare ``len``)."""
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"{type(dataset).__name__} is not a map-style dataset with a length")
+    return len(dataset)
+
+
+def build_model(config: TrainConfig, info: DatasetInfo) -> nn.Module:
     """The config's model, shaped for the dataset (classes, channels, image size)."""
     try:
         return create_model(config.model, num_classes=info.num_classes, in_channels=info.in_channels,
                             input_size=info.image_size)
     except ValueError as exc:
-        raise ConfigError(f"model {config.model!r} on dataset {config.dataset!r}: {exc}") from None
+        raise ConfigError(f"model {config.model!r} on dataset {config.data.dataset!r}: {exc}") from None
 
 
-def load_data(config: Any, download: bool, augment: bool) -> Any:
+def load_data(config: TrainConfig, download: bool, augment: bool) -> DatasetSplits:
     """The config's dataset splits; a missing or corrupt dataset or a bad option is a one-line error."""
+    data = config.data
     try:
-        return build_datasets(config.dataset, config.data_dir, val_fraction=config.val_fraction, seed=config.seed,
-                              download=download, augment=augment, **config.dataset_options)
+        return build_datasets(data.dataset, data.data_dir, val_fraction=data.val_fraction, seed=config.seed,
+                              download=download, augment=augment, **data.dataset_options)
     except DatasetError:
         raise
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"dataset {config.dataset!r} with options {config.dataset_options}: {exc}") from None
+        raise ConfigError(f"dataset {data.dataset!r} with options {data.dataset_options}: {exc}") from None
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Any, config: Any, device: torch.device, dist: runtime.Dist,
+def evaluate(model: nn.Module, dataset: Dataset, config: TrainConfig, device: torch.device, dist: runtime.Dist,
              channels_last: bool = False, lockstep: bool = False) -> dict[str, float]:
     """Loss and accuracy over ``dataset`` (sharded over ranks and all-reduced).
 
@@ -42,13 +52,13 @@ def evaluate(model: nn.Module, dataset: Any, config: Any, device: torch.device, 
     """
     was_training = model.training
     model.eval()
-    indices = list(range(dist.rank, len(dataset), dist.world_size))
+    indices = list(range(dist.rank, dataset_size(dataset), dist.world_size))
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, indices), batch_size=max(1, config.batch_size // dist.world_size) * 2,
-        shuffle=False, num_workers=config.workers, pin_memory=device.type == "cuda",
+        torch.utils.data.Subset(dataset, indices), batch_size=max(1, config.optim.batch_size // dist.world_size) * 2,
+        shuffle=False, num_workers=config.machine.workers, pin_memory=device.type == "cuda",
     )
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-    amp = runtime.amp_mode(config, device)
+    amp = runtime.amp_mode(config.machine.amp, device)
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if channels_last:

@@ -8,13 +8,12 @@ SIGINT/SIGTERM into a clean stop that leaves the last checkpoint loadable, and w
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import yaml
@@ -26,7 +25,7 @@ from ..rundir import (CHECKPOINT_FILE, CONFIG_FILE, COVERAGE_FILE, KEPT_CHECKPOI
                       STATUS_FILE, SUMMARY_FILE, RunLock, RunSummary, atomic_write_text, prepare_run_dir,
                       remove_temporary_files, run_files_in, write_status)
 from .checkpoint import checkpointed_epoch, load_file, read_checkpoint
-from .config import (LTH_KEYS, SPARSITY_KEYS, TrainConfig, check_resume_compatible, check_threads, read_yaml_mapping,
+from .config import (LTH_KEYS, SPARSITY_KEYS, TrainConfig, check_resume_compatible, flat_values, read_yaml_mapping,
                      resume_config)
 from .loop import Trainer
 from .parts import build_model, evaluate, load_data
@@ -36,21 +35,13 @@ from .runtime import Dist, SignalGuard, intra_op_threads, resolve_device
 logger = logging.getLogger(__name__)
 
 
-def default_out_dir(config: Any) -> Path:
+def default_out_dir(config: TrainConfig) -> Path:
     """``runs/<dataset>-<model>-<method>-d<density>-s<seed>``."""
-    return Path("runs") / f"{config.dataset}-{config.model}-{config.method}-d{config.effective_density:g}-s{config.seed}"
+    name = f"{config.data.dataset}-{config.model}-{config.method}-d{config.effective_density:g}-s{config.seed}"
+    return Path("runs") / name
 
 
-def config_for_resume(run_dir: str, overrides: dict[str, Any]) -> Any:
-    """The config to continue ``run_dir`` with: the checkpoint's, plus overrides that do not change results.
-
-    A run interrupted before its first checkpoint is started again with its ``config.yaml``. See
-    :func:`resume_point` for the errors.
-    """
-    return resume_point(run_dir, overrides)[0]
-
-
-def resume_point(run_dir: str, overrides: dict[str, Any]) -> tuple[Any, Optional[dict[str, Any]]]:
+def resume_point(run_dir: str, overrides: Mapping[str, Any]) -> tuple[TrainConfig, Optional[dict[str, Any]]]:
     """The config to continue ``run_dir`` with, and its checkpoint (``None`` before the first one).
 
     Pass both to :func:`train` (``train(config, checkpoint=state)``) so the checkpoint is read once.
@@ -70,7 +61,7 @@ def resume_point(run_dir: str, overrides: dict[str, Any]) -> tuple[Any, Optional
         saved = state["config"]
         if on_disk is not None:
             try:
-                check_resume_compatible(saved, TrainConfig.from_dict(on_disk), "the checkpoint")
+                check_resume_compatible(saved, flat_values(on_disk), "the checkpoint")
             except ConfigError as exc:
                 raise ConfigError(f"{root / CONFIG_FILE} was changed after the run started; resuming uses the "
                                   f"config stored in the checkpoint, so restore the file or start a new run "
@@ -106,7 +97,7 @@ def check_restartable(root: Path) -> None:
         )
 
 
-def train(config: Any, checkpoint: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def train(config: TrainConfig, checkpoint: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Run (or, with ``config.resume``, continue) a training run and return its summary.
 
     The run uses ``config.threads`` torch intra-op threads (``None``: the process's current count; on
@@ -116,12 +107,14 @@ def train(config: Any, checkpoint: Optional[dict[str, Any]] = None) -> dict[str,
     the results, are bit-reproducible only at the same thread count.
 
     Args:
-        config: the run's :class:`TrainConfig`.
+        config: the run's checked :class:`TrainConfig` (from :meth:`TrainConfig.from_dict`,
+            :func:`~granet.train.load_config` or :func:`resume_point`); it is not checked again.
         checkpoint: the run's checkpoint when already read (see :func:`resume_point`); by default
-            a resume reads ``checkpoint.pt`` from ``config.resume``.
+            a resume reads ``checkpoint.pt`` from ``config.output.resume``.
     """
-    resuming = config.resume is not None
-    out = Path(config.resume) if resuming else Path(config.out) if config.out else default_out_dir(config)
+    resume, given_out = config.output.resume, config.output.out
+    resuming = resume is not None
+    out = Path(resume) if resume is not None else Path(given_out) if given_out else default_out_dir(config)
     if checkpoint is not None and not resuming:
         raise ConfigError("train(): a checkpoint was given but config.resume is not set")
     if resuming and not out.is_dir():
@@ -135,44 +128,48 @@ def train(config: Any, checkpoint: Optional[dict[str, Any]] = None) -> dict[str,
             state = read_checkpoint(out / CHECKPOINT_FILE)
         if state is not None:
             config = _resumed_config(config, state["config"])
-        check_threads(config.threads)  # also for configs built without validate() (the sweeps)
         if main_rank:
             _prepare(out, config, state)
-        with intra_op_threads(config.threads) as threads:
-            return _run(dataclasses.replace(config, threads=threads), out, state)
+        with intra_op_threads(config.machine.threads) as threads:
+            return _run(config.with_run_values(threads=threads), out, state)
 
 
-def _prepare(out: Path, config: Any, state: Optional[dict[str, Any]]) -> None:
+def _prepare(out: Path, config: TrainConfig, state: Optional[dict[str, Any]]) -> None:
     """Make ``out`` ready for the run (rank 0, under the run's lock)."""
     if state is not None:  # continuing: complete what a kill may have left half done
         removed = remove_temporary_files(out)
         if removed:
             logger.info("%s: removed %s left by an interrupted write", out, ", ".join(removed))
         return
-    if config.resume is not None:
+    resuming = config.output.resume is not None
+    if resuming:
         if not (out / CONFIG_FILE).is_file():
             raise ConfigError(f"cannot resume from {out}: it holds neither {CHECKPOINT_FILE} nor {CONFIG_FILE}")
         check_restartable(out)
         logger.info("%s has no checkpoint yet: starting the run again from the beginning", out)
-    prepare_run_dir(out, overwrite=config.overwrite or config.resume is not None)
+    prepare_run_dir(out, overwrite=config.output.overwrite or resuming)
 
 
-def _resumed_config(config: Any, saved: dict[str, Any]) -> Any:
+def _resumed_config(config: TrainConfig, saved: Mapping[str, Any]) -> TrainConfig:
     """``config`` with the keys it leaves unset taken from the checkpoint's ``saved`` config, checked against it."""
     # Sparsity keys left unset (None = the method's preset) take the values the run resolved them to;
-    # an unset thread count takes the run's own, so a plain resume continues bit-exactly.
+    # an unset thread count takes the run's own, so a plain resume continues bit-exactly. A config
+    # from resume_point already holds them all: then it is only compared.
     keys = ("density", *SPARSITY_KEYS, *LTH_KEYS, "threads")
-    unset = {k: saved[k] for k in keys if getattr(config, k) is None and saved.get(k) is not None}
-    config = TrainConfig.from_dict(unset, base=config)
-    check_resume_compatible(saved, config, "the checkpoint")
-    if saved.get("threads") is not None and config.threads != saved["threads"]:
+    current = config.to_dict()
+    unset = {k: saved[k] for k in keys if current[k] is None and saved.get(k) is not None}
+    if unset:
+        config = config.with_run_values(**unset)
+    check_resume_compatible(saved, config.to_dict(), "the checkpoint")
+    threads, saved_threads = config.machine.threads, saved.get("threads")
+    if saved_threads is not None and threads != saved_threads:
         logger.warning("threads: the run so far used %d torch thread(s), it continues with %d; float sums change "
                        "order, so the result will not be bit-identical to an uninterrupted run",
-                       saved["threads"], config.threads)
+                       saved_threads, threads)
     return config
 
 
-def _run(config: Any, out: Path, state: Optional[dict[str, Any]]) -> dict[str, Any]:
+def _run(config: TrainConfig, out: Path, state: Optional[dict[str, Any]]) -> dict[str, Any]:
     """Train (or continue) the run in ``out`` with a checked config; see :func:`train`."""
     guard = SignalGuard()
     trainer: Optional[Trainer] = None
@@ -211,7 +208,8 @@ def _run(config: Any, out: Path, state: Optional[dict[str, Any]]) -> dict[str, A
         return summary
 
 
-def _ending(exc: BaseException, trainer: Optional[Trainer], config: Any, out: Path, started: bool) -> BaseException:
+def _ending(exc: BaseException, trainer: Optional[Trainer], config: TrainConfig, out: Path,
+            started: bool) -> BaseException:
     """The error to report for ``exc``; once the run was ``started``, ``status.json`` says how it ended.
 
     Every rank names the epoch that is really checkpointed: rank 0 wrote it; the other ranks read it
@@ -231,7 +229,7 @@ def _ending(exc: BaseException, trainer: Optional[Trainer], config: Any, out: Pa
                      if epoch else "no epoch was checkpointed yet")
             error = PeerFailure(
                 f"rank {trainer.dist.rank}: another process of the job died or stopped responding (a collective "
-                f"operation failed or waited longer than dist_timeout={config.dist_timeout:g} s); {where}")
+                f"operation failed or waited longer than dist_timeout={config.machine.dist_timeout:g} s); {where}")
         state, info = "failed", dict(checkpoint_epoch=epoch, error=type(error).__name__,
                                      message=short_text(" ".join(str(error).split()) or type(error).__name__, 500))
     if started:
@@ -281,7 +279,7 @@ def _finish(trainer: Trainer) -> dict[str, Any]:
     active = sum(layer_density[n] * sizes[n] for n in sizes)
     cfg = trainer.config
     fields = dict(
-        method=cfg.method, model=cfg.model, dataset=cfg.dataset, seed=cfg.seed, target_density=s.config.density,
+        method=cfg.method, model=cfg.model, dataset=cfg.data.dataset, seed=cfg.seed, target_density=s.config.density,
         density=active / s.total, sparsity=1.0 - active / s.total, layer_density=layer_density,
         selected_epoch=artifact["epoch"], best_val_accuracy=p.best_val_accuracy, test_accuracy=test["accuracy"],
         test_loss=test["loss"], epochs=p.epoch, steps=p.step, wall_time_s=p.wall_time,
@@ -289,7 +287,7 @@ def _finish(trainer: Trainer) -> dict[str, Any]:
         inference_flops=inference_flops_relative(trainer.layer_flops, layer_density),
         train_flops_total=trainer.ledger.total, inference_flops_total=inference_flops(trainer.layer_flops, layer_density),
         dense_inference_flops=trainer.layer_flops.dense, device=str(trainer.device), world_size=trainer.dist.world_size,
-        threads=cfg.threads, native_kernels=native.status(),
+        threads=cfg.machine.threads, native_kernels=native.status(),
     )
     fields.update(trainer.summary_overrides())
     summary = RunSummary(**fields).to_dict()
@@ -318,9 +316,9 @@ def evaluate_run(run_dir: str, device: str = "auto", data_dir: Optional[str] = N
     missing = [k for k in ("config", "model", "masks", "epoch") if k not in artifact]
     if missing or not isinstance(artifact.get("config"), dict) or not isinstance(artifact.get("masks"), dict):
         raise CheckpointError(f"{path} is not a granet model file (missing or malformed {', '.join(missing) or 'entries'})")
-    config = TrainConfig.from_dict(artifact["config"])
-    if data_dir is not None:
-        config = dataclasses.replace(config, data_dir=data_dir)
+    # The record of a finished run, read as it is: its method need not be registered in this process.
+    values = dict(artifact["config"], **({} if data_dir is None else {"data_dir": data_dir}))
+    config = TrainConfig.from_dict(values, check=False)
     dev = resolve_device(device)
     data = load_data(config, download=False, augment=False)
     model = build_model(config, data.info).to(dev)
@@ -341,4 +339,4 @@ def evaluate_run(run_dir: str, device: str = "auto", data_dir: Optional[str] = N
             "density": active / total, "sparsity": 1 - active / total, "epoch": artifact["epoch"]}
 
 
-__all__ = ["train", "evaluate_run", "config_for_resume", "resume_point", "default_out_dir", "check_restartable"]
+__all__ = ["train", "evaluate_run", "resume_point", "default_out_dir", "check_restartable"]

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, Interrupted
+from .config import OptimConfig
 
 logger = logging.getLogger(__name__)
 
@@ -112,15 +113,15 @@ def epoch_order(num_samples: int, seed: int, epoch: int, dist: Dist) -> list[int
     return order
 
 
-def build_optimizer(config: Any, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(optim: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
     """SGD (optionally Nesterov), Adam or AdamW over all parameters, as in the paper's recipes."""
     params = model.parameters()
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                               nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay)
-    if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum,
+                               nesterov=optim.nesterov and optim.momentum > 0, weight_decay=optim.weight_decay)
+    if optim.optimizer == "adam":
+        return torch.optim.Adam(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
 
 
 def milestone_step(milestone: float, steps_per_epoch: int, total_steps: int) -> float:
@@ -128,24 +129,25 @@ def milestone_step(milestone: float, steps_per_epoch: int, total_steps: int) -> 
     return milestone * total_steps if milestone <= 1 else milestone * steps_per_epoch
 
 
-def lr_factor(config: Any, step: int, steps_per_epoch: int, total_steps: int) -> float:
-    """Multiplier of the base lr at optimizer step ``step``: linear warm-up, then the schedule."""
-    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+def lr_factor(optim: OptimConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
+    """Multiplier of the base lr at optimizer step ``step``: linear warm-up, then ``optim``'s schedule."""
+    warmup = int(round(optim.warmup_epochs * steps_per_epoch))
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
-    if config.lr_schedule == "constant":
+    if optim.lr_schedule == "constant":
         return 1.0
-    if config.lr_schedule == "cosine":
+    if optim.lr_schedule == "cosine":
         progress = (step - warmup) / max(1, total_steps - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    milestones = DEFAULT_MILESTONES if config.milestones is None else config.milestones
+    milestones = DEFAULT_MILESTONES if optim.milestones is None else optim.milestones
     passed = sum(step >= milestone_step(m, steps_per_epoch, total_steps) for m in milestones)
-    return config.gamma ** passed
+    return optim.gamma ** passed
 
 
-def amp_mode(config: Any, device: torch.device) -> str:
-    """``off``, ``fp16`` or ``bf16``: ``auto`` means fp16 on CUDA; CPU always runs fp32."""
-    mode = ("fp16" if device.type == "cuda" else "off") if config.amp == "auto" else config.amp
+def amp_mode(amp: str, device: torch.device) -> str:
+    """The mixed precision of setting ``amp`` on ``device``: ``off``, ``fp16`` or ``bf16``; ``auto``
+    means fp16 on CUDA; CPU always runs fp32."""
+    mode = ("fp16" if device.type == "cuda" else "off") if amp == "auto" else amp
     if mode != "off" and device.type != "cuda":
         logger.warning("AMP (%s) requested on %s: mixed precision is only used on CUDA; running fp32", mode, device)
         return "off"
@@ -204,8 +206,8 @@ class SignalGuard:
         try:
             yield self
         finally:
-            for sig, handler in self._previous.items():
-                signal.signal(sig, handler)
+            for number, handler in self._previous.items():
+                signal.signal(number, handler)
             self._previous.clear()
 
     @contextlib.contextmanager
