@@ -154,3 +154,39 @@ def test_a_model_for_other_inputs_is_refused_naming_those_that_fit():
         create_model("mnist1d_cnn", 10, 1, 8, input_dims=2)
     with pytest.raises(ValueError, match="input_size=3 is too short for a 1-D CNN"):
         create_model("mnist1d_cnn", 10, 1, 3, input_dims=1)
+
+
+# ---------------------------------------------------------------------------- granet train
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset-options", "num_samples=0"], "mnist1d dataset option num_samples must be a multiple of 10 (the "
+                                             "generator makes the same number per class) between 50 and 1,000,000, got 0"),
+    (["--dataset-options", "num_samples=-50"], "between 50 and 1,000,000, got -50"),
+    (["--dataset-options", "num_samples=1234"], "must be a multiple of 10"),
+    (["--dataset-options", "num_samples=many"], "mnist1d dataset option num_samples must be an integer, got 'many'"),
+    (["--model", "resnet20"], "model 'resnet20' on dataset 'mnist1d': 'resnet20' takes images (N, C, H, W), the data "
+                              "are 1-D signals (N, C, L); models for them: mnist1d_cnn"),
+    (["--channels-last", "on"], "channels_last on: dataset 'mnist1d' holds 1-D signals"),
+])
+def test_bad_mnist1d_inputs_are_one_line(args, message, tmp_path, capsys):
+    from test_bad_inputs import assert_one_line, run_cli
+
+    code, err = run_cli(["train", "--dataset", "mnist1d", "--model", "mnist1d_mlp", "--data-dir", str(tmp_path),
+                         "--epochs", "1", "--progress", "log", *args, "--out", str(tmp_path / "run")], capsys)
+    assert_one_line(code, err, message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_granet_train_on_mnist1d_end_to_end(tmp_path):
+    from granet.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "mnist1d", "--model", "mnist1d_cnn", "--method", "rigl", "--density", "0.1",
+                 "--data-dir", str(tmp_path), "--optimizer", "adam", "--lr", "0.01", "--weight-decay", "0",
+                 "--batch-size", "100", "--epochs", "2", "--update-interval", "10", "--progress", "log",
+                 "--out", str(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["dataset"] == "mnist1d" and summary["steps"] == 72  # 2 epochs of 3,600 / 100
+    assert summary["density"] == 512 / 5125  # exact counts: round(0.1 x 5,125) = 512 active weights
+    assert summary["inference_flops"] < 1.0 and summary["train_flops"] < 1.0

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from ..data import dataset_shape
+from ..data import dataset_input_shape
 from ..distributions import layer_counts
 from ..flops import DEFAULT_DENSITY, DEFAULT_DISTRIBUTION, _NOMINAL_STEPS
 from ..flops_table import flops_table, format_flops_table
@@ -80,16 +80,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.density is not None and not (math.isfinite(args.density) and 0.0 < args.density <= 1.0):
             raise ValueError(f"--density must be in (0, 1], got {args.density}")
-        num_classes, in_channels, image_size = dataset_shape(args.dataset)
+        num_classes, shape = dataset_input_shape(args.dataset)
         density, distribution, keep, note = _resolve_method(args)
-        model = create_model(args.model, num_classes=num_classes, in_channels=in_channels, input_size=image_size)
+        model = create_model(args.model, num_classes=num_classes, in_channels=shape[0], input_size=shape[-1],
+                             input_dims=len(shape) - 1)
         sparsified = sparsifiable_parameters(model, keep_dense=keep)
         if not sparsified:
             raise ValueError(f"model {args.model!r} has no sparsifiable weight outside --keep-dense")
         shapes = [tuple(p.shape) for _, p in sparsified]
         counts = layer_counts(distribution, shapes, density)
         layer_density = {n: c / p.numel() for (n, p), c in zip(sparsified, counts)}
-        example = torch.zeros(1, in_channels, image_size, image_size)
+        example = torch.zeros(1, *shape)
         table = flops_table(model, example, layer_density)
     except (ValueError, TypeError, KeyError) as exc:
         message = str(exc).strip().replace("\n", " ") or type(exc).__name__
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     meta = {
         "model": args.model,
         "dataset": args.dataset,
-        "input_shape": [in_channels, image_size, image_size],
+        "input_shape": list(shape),
         "num_classes": num_classes,
         "method": args.method,
         "distribution": distribution,
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({**meta, **table}, indent=2))
         return 0
     print(
-        f"{args.model} on {args.dataset} (input {in_channels}x{image_size}x{image_size}, {num_classes} classes)"
+        f"{args.model} on {args.dataset} (input {'x'.join(map(str, shape))}, {num_classes} classes)"
         f"{', method ' + args.method if args.method else ''}: {distribution} distribution at density {density:g}"
         + (f", kept dense: {', '.join(keep)}" if keep else "")
     )

@@ -66,13 +66,16 @@ class Trainer:
         self.data = load_data(config, download=config.data.download and self.dist.is_main, augment=config.data.augment)
         self.model = build_model(config, self.data.info).to(self.device)
         self.amp = runtime.amp_mode(machine.amp, self.device)
-        self.channels_last = machine.channels_last == "on" or (machine.channels_last == "auto"
-                                                               and self.device.type == "cuda")
+        if machine.channels_last == "on" and self.data.info.input_dims != 2:
+            raise ConfigError(f"channels_last on: dataset {config.data.dataset!r} holds 1-D signals; the channels-last "
+                              f"layout is for images (use auto or off)")
+        self.channels_last = self.data.info.input_dims == 2 and (
+            machine.channels_last == "on" or (machine.channels_last == "auto" and self.device.type == "cuda"))
         if self.channels_last:
             # torch's type stubs lack Module.to's memory_format keyword
             self.model = typing.cast(Any, self.model).to(memory_format=torch.channels_last)
         info = self.data.info
-        example = torch.zeros(1, info.in_channels, info.image_size, info.image_size, device=self.device)
+        example = torch.zeros(1, *info.input_shape, device=self.device)
         self.fsdp = machine.fsdp
         if self.fsdp:  # shard before the optimizer and sparsifier are built: they must see the shards
             self._shard(example)
@@ -192,7 +195,7 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         info = self.data.info
-        x = torch.zeros(1, info.in_channels, info.image_size, info.image_size, device=self.device)
+        x = torch.zeros(1, *info.input_shape, device=self.device)
         ddp(x).float().sum().backward()
         self.optimizer.zero_grad(set_to_none=True)
         self.model.train(was_training)

@@ -25,7 +25,7 @@ def build_model(config: TrainConfig, info: DatasetInfo) -> nn.Module:
     """The config's model, shaped for the dataset (classes, channels, image size)."""
     try:
         return create_model(config.model, num_classes=info.num_classes, in_channels=info.in_channels,
-                            input_size=info.image_size)
+                            input_size=info.image_size, input_dims=info.input_dims)
     except ValueError as exc:
         raise ConfigError(f"model {config.model!r} on dataset {config.data.dataset!r}: {exc}") from None
 
