@@ -29,11 +29,11 @@ pytestmark = pytest.mark.slow  # spawned process groups: ~45 s for the module on
 GROUP_TIMEOUT_S = 240
 COLLECTIVE_TIMEOUT_S = 90
 STEPS = 13
-METHODS = ["granet", "granet-st", "rigl", "set", "gmp", "gmp-layerwise"]
+METHODS = ["granet", "granet-st", "rigl", "set", "snfs", "gmp", "gmp-layerwise"]
 RESUME_AT = 6
 # Topology updates every 3 steps while the schedules run (pruning to 0.5 T, regrowth to 0.75 T or T).
 UPDATE_STEPS = {"granet": [3, 6, 9, 12], "granet-st": [3, 6, 9, 12], "rigl": [3, 6, 9], "set": [3, 6, 9],
-                "gmp": [3, 6], "gmp-layerwise": [3, 6]}
+                "snfs": [3, 6, 9], "gmp": [3, 6], "gmp-layerwise": [3, 6]}
 
 
 def mlp(seed: int) -> nn.Module:
@@ -73,10 +73,11 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, s, steps: range) -> list
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-        if s.step() is not None:
+        report = s.step()
+        if report is not None:
             state = s.state_dict()  # a collective under FSDP: the full masks
             updates.append({"step": t, "masks": list(state["masks"].values()), "counts": s.counts,
-                            "density": s.density()})
+                            "density": s.density(), "layers": {n: dict(v) for n, v in report.layers.items()}})
     return updates
 
 
@@ -85,10 +86,12 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def zero_outside(model: nn.Module, opt: torch.optim.Optimizer, s) -> int:
-    """Nonzero entries of this rank's weight and optimizer-state shards outside its mask rows."""
+    """Nonzero entries of this rank's weight and optimizer-state shards outside its mask rows (the
+    weight's only where the method keeps the state of inactive weights, as SNFS does)."""
     bad = 0
     for p, m in zip(s.params, s.masks.values()):
-        tensors = [p] + [v for v in opt.state[p].values() if isinstance(v, torch.Tensor) and v.shape == p.shape]
+        states = opt.state[p].values() if s.config.mask_optimizer_state else []
+        tensors = [p] + [v for v in states if isinstance(v, torch.Tensor) and v.shape == p.shape]
         for t in tensors:
             local = t.to_local() if hasattr(t, "to_local") else t
             assert local.shape == m.shape
@@ -171,6 +174,13 @@ def scenario_edges(rank: int) -> dict:
               for n, m in s.state_dict()["masks"].items()}
     s.set_masks(target)
     out["set_masks"] = (s.state_dict()["masks"], s.counts, zero_outside(model, opt, s))
+    try:  # pickling would gather the masks (a collective) inside pickle.dumps: refused
+        import pickle
+
+        pickle.dumps(s)
+        out["pickled"] = ""
+    except TypeError as exc:
+        out["pickled"] = str(exc)
     mine = target if rank == 0 else {n: m.roll(1) for n, m in target.items()}
     try:
         s.set_masks(mine)
@@ -228,6 +238,16 @@ def scenario(rank: int, world: int) -> dict:
             "state": s.state_dict(),
             "exploration": s.exploration_rate(),
         }
+    # SNFS again with one all-gather per layer for its kept momentum values (the grouping of layers
+    # into gathers must not change anything).
+    from granet import fsdp
+
+    budget, fsdp.GATHER_ENTRIES = fsdp.GATHER_ENTRIES, 1
+    try:
+        model, opt, s = make("snfs", sharded=True)
+        result["snfs_per_layer_gathers"] = train(model, opt, s, range(1, STEPS + 1))
+    finally:
+        fsdp.GATHER_ENTRIES = budget
     result["initial"] = initial_masks(sharded=True)
     result.update(scenario_edges(rank))
     # Resume: save at RESUME_AT (full state dicts), rebuild from another seed, load, continue.
@@ -253,12 +273,6 @@ def scenario(rank: int, world: int) -> dict:
         "uninterrupted": (s.state_dict(), [full(p) for p in model.parameters()]),
         "resumed": (s2.state_dict(), [full(p) for p in model2.parameters()]),
     }
-    # Unsupported: SNFS's momentum redistribution names the method in one line.
-    try:
-        make("snfs", sharded=True)
-        result["snfs_error"] = ""
-    except ValueError as exc:
-        result["snfs_error"] = str(exc)
     return result
 
 
@@ -335,6 +349,7 @@ def test_masks_equal_single_process(group: tuple[int, list[dict]], reference: di
             assert all(torch.equal(a, b) for a, b in zip(got["masks"], exp["masks"])), (world, rank, got["step"])
             assert got["counts"] == exp["counts"] == [int(m.sum()) for m in got["masks"]]
             assert got["density"] == exp["density"]
+            assert got["layers"] == exp["layers"]
         assert all(torch.equal(a, b) for a, b in zip(run["weights"], ref["weights"])), (world, rank)
         assert run["zero_outside"] == 0
         assert run["exploration"] == ref["exploration"]
@@ -370,9 +385,21 @@ def test_resume_bit_exact(group: tuple[int, list[dict]]) -> None:
         assert all(torch.equal(a, b) for a, b in zip(w_a, w_b))
 
 
-def test_snfs_refused_with_a_clear_error(group: tuple[int, list[dict]]) -> None:
+def test_snfs_momentum_redistribution_moves_regrowth_between_layers(group: tuple[int, list[dict]],
+                                                                     reference: dict) -> None:
+    # SNFS under FSDP: its per-layer shares come from momentum means over the gathered kept values;
+    # they must really move regrowths between layers here (else the test above would not test them).
     _, results = group
-    assert "'snfs'" in results[0]["snfs_error"] and "not supported on FSDP" in results[0]["snfs_error"]
+    for run in (reference["snfs"], *(res["runs"]["snfs"] for res in results)):
+        moved = [(u["step"], n) for u in run["updates"] for n, v in u["layers"].items() if v["regrown"] != v["dropped"]]
+        assert len(moved) >= 2, moved
+        assert all(sum(v["regrown"] for v in u["layers"].values()) == sum(v["dropped"] for v in u["layers"].values())
+                   for u in run["updates"])
+    for res in results:
+        per_layer = res["snfs_per_layer_gathers"]
+        assert [u["step"] for u in per_layer] == UPDATE_STEPS["snfs"]
+        for got, exp in zip(per_layer, reference["snfs"]["updates"]):
+            assert all(torch.equal(a, b) for a, b in zip(got["masks"], exp["masks"])) and got["layers"] == exp["layers"]
 
 
 def test_edge_cases(group: tuple[int, list[dict]]) -> None:
@@ -388,6 +415,8 @@ def test_edge_cases(group: tuple[int, list[dict]]) -> None:
         target = {n: torch.rand(m.shape, generator=torch.Generator().manual_seed(3)) < 0.3 for n, m in masks.items()}
         assert all(torch.equal(masks[n], target[n]) for n in target)
         assert counts == [int(m.sum()) for m in target.values()] and nonzero == 0
+        assert res["pickled"] == ("a sharded (FSDP) sparsifier cannot be pickled: its state_dict() gathers the masks "
+                                  "from every rank (a collective); pickle or save sparsifier.state_dict() instead")
         others = "rank 1 differs" if world == 2 else "ranks 1, 2, 3 differ"
         assert res["diverged"].startswith("sparsifier masks diverged across ranks at step 0: layer 0.weight "
                                           f"({others} from rank 0"), res["diverged"]

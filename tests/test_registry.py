@@ -1,4 +1,5 @@
 """Pieces as registered objects: grow criteria, distributions, drop decays and methods by name."""
+import dataclasses
 import math
 
 import pytest
@@ -12,7 +13,8 @@ from granet import criteria, distributions, methods, schedules
 @pytest.fixture
 def registry_snapshot():
     """Undo every registration a test makes, so other tests see the built-in registries only."""
-    pieces = (criteria._GROW_CRITERIA, distributions._DISTRIBUTIONS, schedules._DROP_DECAYS)
+    pieces = (criteria._GROW_CRITERIA, criteria._DROP_CRITERIA, criteria._PRUNE_CRITERIA, distributions._DISTRIBUTIONS,
+              schedules._DROP_DECAYS)
     saved_pieces = [registry.snapshot() for registry in pieces]
     saved = (dict(methods._REGISTRY), dict(methods._DESCRIPTIONS), dict(methods._LOCKED))
     yield
@@ -25,6 +27,8 @@ def registry_snapshot():
 
 def test_built_in_pieces_are_registered():
     assert granet.list_grow_criteria() == ("gradient", "momentum", "random")
+    assert granet.list_drop_criteria() == ("magnitude",) == granet.list_prune_criteria()
+    assert criteria.get_drop_criterion("magnitude") is criteria.get_prune_criterion("magnitude") is criteria.MAGNITUDE
     assert granet.list_distributions() == ("uniform", "er", "erk", "global")
     assert granet.list_drop_decays() == ("cosine", "constant")
     needs = {n: (criteria.get_grow_criterion(n).dense_gradient, criteria.get_grow_criterion(n).needs_momentum)
@@ -56,6 +60,55 @@ def test_a_method_in_one_file_with_a_new_grow_criterion(registry_snapshot):
     assert (report.dropped, report.regrown) == (1, 1)
     assert s.mask_of("weight").tolist() == [[False, False, True, False, True, True]]
     assert layer.weight.tolist() == [[0.0, 0.0, 3.0, 0.0, 2.0, 0.0]]
+
+
+@dataclasses.dataclass
+class _NamedScores(granet.SparsityConfig):
+    """A config naming its prune and drop criteria: the two fields the update policy reads where a
+    config has them (:meth:`granet.updater.Criteria.of`)."""
+
+    prune_criterion: str = "magnitude"
+    drop_criterion: str = "magnitude"
+
+
+def test_a_new_drop_criterion_is_one_registered_function(registry_snapshot):
+    # Drop the active weights with the smallest |gradient| (magnitude would drop the smallest |w|).
+    granet.register_drop_criterion(granet.Criterion("gradient-drop", lambda p, name, opt, gen: p.grad.abs()))
+    assert granet.list_drop_criteria() == ("magnitude", "gradient-drop")
+    layer = nn.Linear(6, 1, bias=False)
+    config = _NamedScores(**granet.method_preset("rigl")).replace(
+        density=0.5, drop_fraction=0.34, drop_decay="constant", update_interval=1, total_steps=10,
+        drop_criterion="gradient-drop")
+    s = granet.Sparsifier(layer, None, config)
+    assert s.state_dict()["config"]["drop_criterion"] == "gradient-drop"  # serialisable by name
+    s.set_masks({"weight": torch.tensor([[True, False, True, False, True, False]])})
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 0.0, 3.0, 0.0, 2.0, 0.0]]))
+    layer.weight.grad = torch.tensor([[5.0, 0.0, 0.1, 4.0, 2.0, 0.5]])
+    report = s.step()
+    # drop floor(0.34 * 3) = 1 of {0, 2, 4} by |g| 5, 0.1, 2: index 2 (|w| = 3, the largest weight).
+    # Candidates {1, 2, 3, 5} have |g| 0, 0.1, 4, 0.5: index 3 regrows, at zero.
+    assert (report.dropped, report.regrown) == (1, 1)
+    assert s.mask_of("weight").tolist() == [[True, False, False, True, True, False]]
+    assert layer.weight.tolist() == [[1.0, 0.0, 0.0, 0.0, 2.0, 0.0]]
+    with pytest.raises(ValueError, match=r"unknown drop criterion 'nope'; valid: magnitude, gradient-drop"):
+        granet.Sparsifier(layer, None, config.replace(drop_criterion="nope"))
+
+
+def test_a_new_prune_criterion_is_one_registered_function(registry_snapshot):
+    # Prune by distance from the layer's mean weight instead of from zero (a made-up, non-negative score).
+    granet.register_prune_criterion(granet.Criterion(
+        "centred", lambda p, name, opt, gen: (p.detach() - p.detach().mean()).abs()))
+    layer = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.1, -0.9, 0.3, 0.0], [-0.5, 0.2, 0.8, 0.7]]))
+    config = _NamedScores(**granet.method_preset("gmp")).replace(
+        density=0.5, prune_start=0, prune_end=1, update_interval=1, total_steps=10, prune_criterion="centred")
+    s = granet.Sparsifier(layer, None, config)
+    report = s.step()
+    # mean 0.0875: |w - mean| = 0.0125, 0.9875, 0.2125, 0.0875, 0.5875, 0.1125, 0.7125, 0.6125: keep 4.
+    assert report.pruned == 4
+    assert s.mask_of("weight").tolist() == [[False, True, False, False], [True, False, True, True]]
 
 
 def test_a_new_distribution_gives_exact_counts(registry_snapshot):
@@ -94,6 +147,12 @@ def test_registration_errors(registry_snapshot):
         granet.GrowCriterion("x", criteria.gradient_scores, dense_gradient="often")
     with pytest.raises(ValueError, match=r"unknown grow criterion 'nope'; valid: gradient, momentum, random"):
         criteria.get_grow_criterion("nope")
+    with pytest.raises(ValueError, match="drop criterion 'magnitude' is already registered"):
+        granet.register_drop_criterion(granet.Criterion("magnitude", criteria.magnitude_scores))
+    with pytest.raises(TypeError, match="register a Criterion, not function"):
+        granet.register_prune_criterion(criteria.magnitude_scores)
+    with pytest.raises(ValueError, match=r"unknown prune criterion 'nope'; valid: magnitude"):
+        criteria.get_prune_criterion("nope")
     with pytest.raises(ValueError, match="drop decay 'cosine' is already registered"):
         granet.register_drop_decay("cosine", lambda p, i, f: i)
     with pytest.raises(ValueError, match="method 'rigl' is already registered"):

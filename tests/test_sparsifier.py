@@ -379,3 +379,61 @@ def test_snfs_resets_momentum_at_regrown_positions_in_channels_last_state():
     assert all(torch.equal(a, b) for a, b in zip(masks_a, masks_b))
     # Regrown weights start with zero momentum in both layouts (SNFS keeps the rest of the state).
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(moms_a, moms_b))
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    """Two sparsifier state dicts hold the same values (tensors compared with torch.equal)."""
+    if a.keys() != b.keys():
+        return False
+    for key in a:
+        x, y = a[key], b[key]
+        if key in ("masks", "ever_active") and x is not None:
+            if x.keys() != y.keys() or not all(torch.equal(x[n], y[n]) and x[n].dtype == y[n].dtype for n in x):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("method", ["snfs", "granet"])
+def test_pickle_keeps_the_state_and_detaches_from_the_model(method):
+    import copy
+    import pickle
+
+    model, opt, s = make(method)
+    for t in range(1, 13):
+        train_step(model, opt, t)
+        s.step()
+    assert s.last_update is not None and s.last_update.step == 10
+    restored = pickle.loads(pickle.dumps(s))
+    expected = s.state_dict()
+    assert _same_state(restored.state_dict(), expected)
+    assert restored.stats() == s.stats() and repr(restored) == repr(s)
+    assert restored.names == s.names and restored.sizes == s.sizes and restored.total == s.total
+    assert restored.counts == s.counts and restored.exploration_rate() == s.exploration_rate()
+    assert all(torch.equal(restored.mask_of(n), m) for n, m in s.masks.items())
+    assert restored.config == s.config and restored.step_count == 12 and restored.last_update == s.last_update
+    assert (restored.init_counts, restored.final_counts) == (s.init_counts, s.final_counts)
+    assert restored.optimizer is None and not restored.distributed
+    # Pickled again (and deep-copied), the same state.
+    assert _same_state(pickle.loads(pickle.dumps(restored)).state_dict(), expected)
+    assert _same_state(copy.deepcopy(s).state_dict(), expected)
+    # What touches weights refuses, naming the way back to training.
+    for call in (restored.step, restored.apply_masks, lambda: restored.params, restored.coverage,
+                 lambda: restored.load_state_dict(expected), lambda: restored.set_masks(dict(s.masks))):
+        with pytest.raises(RuntimeError, match=r"^this sparsifier was restored from a pickle: .* build a sparsifier "
+                                               r"on the model and load_state_dict\(restored.state_dict\(\)\)$"):
+            call()
+    # The way back: a sparsifier on a model, loaded from the restored state, trains on exactly as the original.
+    ckpt = torch.load(_checkpoint(model, opt, restored), weights_only=True)
+    model2, opt2, s2 = make(method, seed=5)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    s2.load_state_dict(ckpt["sparsifier"])
+    for t in range(13, 25):
+        train_step(model, opt, t)
+        s.step()
+        train_step(model2, opt2, t)
+        s2.step()
+    assert _same_state(s2.state_dict(), s.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))

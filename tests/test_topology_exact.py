@@ -19,6 +19,7 @@ from granet import criteria, native, topology
 from granet.criteria import seeded_generator
 from granet.masking import pack_bits, set_bits, zero_outside
 from granet.topk import select_top_segments
+from granet.topology import LOCAL, Problem, Segment
 
 BELOW, ABOVE = 5_000, (1 << 16) + 37  # either side of the bracketed path's size threshold
 
@@ -141,6 +142,51 @@ def test_segment_positions_equal_segment_masks(kind):
                                         competitors=[int(v.sum()) for v in valids])
         for mask, pos in zip(masks, positions):
             assert pos.sort().values.tolist() == mask.nonzero().squeeze(1).tolist(), (kind, k)
+
+
+def _definition(values: torch.Tensor, absolute: bool, among, outside: bool) -> torch.Tensor:
+    """A segment's scores as the definition ranks them, written out here (not Segment.definition)."""
+    v = values.abs() if absolute else values
+    if among is None:
+        return v.clone()
+    return torch.where(among, -1.0, v) if outside else torch.where(among, v, -1.0)
+
+
+@pytest.mark.parametrize("n", [BELOW, ABOVE])
+def test_local_select_solves_every_problem_kind_as_the_definition(n):
+    """Every kind of problem the update policy states (keep among active / grow outside the kept
+    mask, magnitudes or a criterion's scores, one layer or one threshold over several, counts known
+    or not, masks or positions) gives the definition's selection."""
+    g = torch.Generator().manual_seed(n)
+    signed = (torch.randn(n, generator=g) * 4).round()  # magnitudes with heavy ties, some zeros
+    scores = torch.randint(0, 9, (n,), generator=g).float()  # a criterion's non-negative scores, ties
+    among = torch.rand(n, generator=g) < 0.4
+    cases = [(signed, True), (scores, False)]
+    for (values, absolute), outside in [(c, o) for c in cases for o in (False, True)]:
+        competing = n - int(among.sum()) if outside else int(among.sum())
+        for k in (0, 1, competing // 7, competing // 2, competing - 1, competing):
+            want = ref.select_top(_definition(values, absolute, among, outside), k, seeded_generator(k, "p"))
+            for count, positions in ((None, False), (competing, False), (competing, True)):
+                segment = Segment(values, absolute=absolute, among=among, outside=outside, count=count)
+                problem = Problem(k, seeded_generator(k, "p"), [segment], n, positions=positions)
+                (got,) = LOCAL([problem])[0]
+                if got.dtype != torch.bool:
+                    assert positions and outside  # positions only where regrowth asked for them
+                    got = torch.zeros(n, dtype=torch.bool).index_fill_(0, got, True)
+                assert torch.equal(got, want), (absolute, outside, k, count, positions)
+    # One threshold over several segments (a global prune, a global random initial mask).
+    parts = [(signed[: n // 3].view(-1, 1), True), (scores[n // 3:], False)]
+    masks = [among[: n // 3].view(-1, 1), among[n // 3:]]
+    for k in (1, n // 10, int(among.sum()) - 2):
+        want = ref.select_top(torch.cat([_definition(v, a, m, False).reshape(-1) for (v, a), m in zip(parts, masks)]),
+                              k, seeded_generator(k, "q"))
+        problem = Problem(k, seeded_generator(k, "q"), [Segment(v, absolute=a, among=m) for (v, a), m in zip(parts, masks)], n)
+        got = LOCAL([problem])[0]
+        assert [m.shape for m in got] == [v.shape for v, _ in parts]
+        assert torch.equal(torch.cat([m.reshape(-1) for m in got]), want), k
+        everything = Problem(k, None, [Segment(v) for v, _ in parts], n)  # no competitors marked: all compete
+        want = ref.select_top(torch.cat([v.reshape(-1) for v, _ in parts]), k)
+        assert torch.equal(torch.cat([m.reshape(-1) for m in LOCAL([everything])[0]]), want), k
 
 
 @pytest.mark.parametrize("density", [1.0, 0.5, 0.1])

@@ -1,12 +1,16 @@
-"""The update policy on plain lists of tensors: hand-worked prune and drop-and-regrow results."""
+"""The update policy on plain lists of tensors: hand-worked prune and drop-and-regrow results, with
+the built-in pieces and with injected criteria and select."""
 from __future__ import annotations
+
+from typing import Optional, Sequence
 
 import torch
 
 from granet.config import SparsityConfig
+from granet.criteria import Criterion, get_grow_criterion, get_prune_criterion
 from granet.methods import method_config
-from granet.topology import UpdateReport
-from granet.updater import TopologyUpdater
+from granet.topology import LOCAL, Problem, UpdateReport
+from granet.updater import Criteria, TopologyUpdater
 
 
 def _report(names: list[str]) -> UpdateReport:
@@ -95,3 +99,117 @@ def test_dense_gradient_needs_follow_the_grow_criterion() -> None:
     assert all(snfs.needs_dense_gradient(t) for t in steps)
     assert not any(set_.needs_dense_gradient(t) or static.needs_dense_gradient(t) for t in steps)
     assert static.reached_final_density(0) and static.drop_fraction(10) == 0.0
+
+
+def _rigl_one_layer(**criteria: Criterion) -> TopologyUpdater:
+    cfg = method_config("rigl", density=0.5, update_interval=1, drop_fraction=0.5, drop_decay="constant",
+                        regrow_start=0, regrow_end=100, total_steps=100)
+    return TopologyUpdater(cfg, criteria=Criteria(**dict(Criteria.of(cfg).__dict__, **criteria)))
+
+
+def test_an_injected_drop_criterion_decides_what_is_dropped() -> None:
+    # The weights, gradient and mask of test_drop_and_grow_resets_only_newly_active_positions, but the
+    # drop keeps the active weights with the largest |gradient| instead of the largest |w|.
+    updater = _rigl_one_layer(drop=Criterion("gradient-drop", lambda p, name, opt, gen: p.grad.abs()))
+    weight = torch.nn.Parameter(torch.tensor([0.9, 0.1, 0.0, 0.0, 0.8, 0.2, 0.0, 0.0]))
+    weight.grad = torch.tensor([3.0, 0.5, 5.0, 0.0, 0.1, 9.0, 0.4, 0.3])
+    mask = torch.tensor([True, True, False, False, True, True, False, False])
+    report = _report(["w"])
+    result = updater.drop_and_grow(1, ["w"], [weight], [mask], [4], None, report)
+    # Active 0, 1, 4, 5 have |g| 3, 0.5, 0.1, 9: drop 4 and 1. Candidates {1, 2, 3, 4, 6, 7} have |g|
+    # 0.5, 5, 0, 0.1, 0.4, 0.3: regrow 2 (new: reset) and 1 (just dropped: keeps its value).
+    assert result.masks[0].tolist() == [True, True, True, False, False, True, False, False]
+    assert result.reset[0].tolist() == [False, False, True, False, False, False, False, False]
+    assert report.layers["w"] == {"pruned": 0, "dropped": 2, "regrown": 2}
+
+
+def test_an_injected_prune_criterion_sets_the_global_threshold() -> None:
+    # Connection sensitivity |w * g| instead of |w|, on the weights of the first test.
+    cfg = SparsityConfig(density=0.5, prune="global", prune_start=0, prune_end=10, update_interval=10,
+                         drop_fraction=0.0, total_steps=10, init_density=1.0)
+    seen = []
+
+    def sensitivity(param: torch.Tensor, name: str, optimizer: object, generator: torch.Generator) -> torch.Tensor:
+        seen.append((name, optimizer))
+        return (param.detach() * param.grad).abs()
+
+    criteria = Criteria(prune=Criterion("sensitivity", sensitivity), drop=get_prune_criterion("magnitude"),
+                        grow=get_grow_criterion("gradient"))
+    updater = TopologyUpdater(cfg, criteria=criteria)
+    a = torch.nn.Parameter(torch.tensor([[0.1, -5.0], [3.0, 0.2]]))
+    b = torch.nn.Parameter(torch.tensor([4.0, -0.3, 0.05, 2.0]))
+    a.grad = torch.tensor([[10.0, 0.1], [1.0, 1.0]])
+    b.grad = torch.tensor([0.1, 10.0, 100.0, 1.0])
+    masks = [torch.ones(2, 2, dtype=torch.bool), torch.ones(4, dtype=torch.bool)]
+    opt = torch.optim.SGD([a, b], lr=0.1)
+    new = updater.prune(10, [a, b], masks, [4, 4], [4, 4], [], names=["a", "b"], optimizer=opt)
+    # |w g|: a 1, 0.5, 3, 0.2; b 0.4, 3, 5, 2. Keep 4 of 8: 5, 3, 3, 2 (|w| would keep -5, 4, 3, 2).
+    assert new[0].tolist() == [[False, False], [True, False]]
+    assert new[1].tolist() == [False, True, True, True]
+    assert seen == [("a", opt), ("b", opt)]
+
+
+class _Recording:
+    """A select solving each call's problems round by round as a sharded select does (first every
+    chain's first problems, then every follow-up), with LOCAL's exact paths, recording what each
+    round was asked. ``sharded``: present itself as sharded (SNFS then gathers its kept values)."""
+
+    def __init__(self, sharded: bool = False) -> None:
+        self.sharded = sharded
+        self.calls: list[list[list[tuple[int, int, bool]]]] = []
+
+    def __call__(self, problems: Sequence[Problem]) -> list[list[torch.Tensor]]:
+        results: list[list[torch.Tensor]] = [[] for _ in problems]
+        rounds, pending = [], list(enumerate(problems))
+        while pending:
+            rounds.append([(p.k, p.size, p.positions) for _, p in pending])
+            follow = []
+            for j, problem in pending:
+                results[j] = LOCAL.solve(problem)
+                after = None if problem.then is None else problem.then(results[j])
+                if after is not None:
+                    follow.append((j, after))
+            pending = follow
+        self.calls.append(rounds)
+        return results
+
+    def local(self, tensor: torch.Tensor, layer: int) -> torch.Tensor:
+        return tensor
+
+    def gather_rows(self, pieces: Sequence[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:
+        self.calls.append([[("gather", len(pieces), False)]])  # type: ignore[list-item]
+        return list(pieces)
+
+
+def test_one_selection_round_per_phase_with_one_problem_per_changed_layer() -> None:
+    # What the sharded select relies on for a fixed number of collectives: the drops of every layer
+    # in one round, the regrowths in another (SNFS, sharded, gathers its kept momentum once in
+    # between: with one rank, the same shares as the local path). The masks equal LOCAL's.
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(64, 8, generator=g)) for _ in range(3)]
+    params.append(torch.nn.Parameter(torch.randn(2, 2, generator=g)))
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+    masks = [torch.rand(p.shape, generator=g) < 0.25 for p in params[:2]]
+    masks += [torch.ones(64, 8, dtype=torch.bool), torch.tensor([[True, False], [False, False]])]
+    counts = [int(m.sum()) for m in masks]  # a dense layer and a 1-weight layer (floor(0.5 * 1) = 0) stay
+    for method in ("rigl", "snfs"):
+        cfg = method_config(method, density=0.25, update_interval=1, drop_fraction=0.5, drop_decay="constant",
+                            regrow_start=0, regrow_end=100, total_steps=100)
+        recording = _Recording(sharded=method == "snfs")
+        names = ["a", "b", "dense", "tiny"]
+        got = TopologyUpdater(cfg, select=recording).drop_and_grow(1, names, params, masks, counts, opt, _report(names))
+        want = TopologyUpdater(cfg).drop_and_grow(1, names, params, masks, counts, opt, _report(names))
+        assert all(torch.equal(x, y) for x, y in zip(got.masks, want.masks))
+        assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(got.reset, want.reset))
+        drops = [c // 2 for c in counts[:2]]
+        drop_round = [(c - d, 512, False) for c, d in zip(counts, drops)]
+        if method == "rigl":  # one call: every drop, then every regrowth (the follow-ups)
+            assert recording.calls == [[drop_round, [(d, 512, d * 16 < 512) for d in drops]]]
+        else:  # the drops; the kept momentum gathered once; the regrowths by the shares
+            assert recording.calls[:2] == [[drop_round], [[("gather", 2, False)]]] and len(recording.calls) == 3
+            grows = [k for k, _, _ in recording.calls[2][0]]
+            assert sum(grows) == sum(drops) and recording.calls[2] == [[(k, 512, k * 16 < 512) for k in grows]]
+        assert got.masks[2] is masks[2] and got.masks[3] is masks[3]  # left alone: the same tensors

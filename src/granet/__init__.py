@@ -12,7 +12,10 @@ as a sparsifier you step after ``optimizer.step()`` in your own training loop::
     sparsifier.step()
 """
 from .config import SparsityConfig
-from .criteria import GrowCriterion, list_grow_criteria, register_grow_criterion
+from .criteria import (
+    Criterion, GrowCriterion, list_drop_criteria, list_grow_criteria, list_prune_criteria, register_drop_criterion,
+    register_grow_criterion, register_prune_criterion,
+)
 from .coverage import Coverage, ParameterEntry
 from .distributed import MaskDivergenceError, broadcast_masks, mask_checksum, verify_masks
 from .distributions import Distribution, allocate_counts, layer_counts, list_distributions, register_distribution
@@ -42,14 +45,19 @@ __all__ = [
     "verify_masks",
     "allocate_counts",
     "Distribution",
+    "Criterion",
     "GrowCriterion",
     "list_distributions",
     "list_drop_decays",
+    "list_drop_criteria",
     "list_grow_criteria",
+    "list_prune_criteria",
     "method_preset",
     "register_distribution",
     "register_drop_decay",
+    "register_drop_criterion",
     "register_grow_criterion",
+    "register_prune_criterion",
     "layer_counts",
     "create_sparsifier",
     "describe_method",

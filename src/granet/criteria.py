@@ -1,25 +1,35 @@
-"""Scores that decide which weights are pruned and which are regrown, and exact top-k selection.
+"""Scores that decide which weights are pruned, dropped and regrown, and exact top-k selection.
 
-The prune criterion (:func:`active_magnitudes`) scores *active* weights (high = keep); a grow criterion scores *inactive* weights
-(high = regrow). Selection is always exact: :func:`select_top` (implemented in :mod:`granet.topk`) returns a
-mask with exactly ``k`` entries set, breaking ties at the threshold with a seeded generator, so
-counts never depend on sampling and every rank of a distributed job picks the same set.
+An update chooses weights in three roles, each by a registered, named score over one layer's
+entries (the JaxPruner idea: a method is a preset of pieces, RigL differs from SET in one function):
 
-Grow criteria are registered :class:`GrowCriterion` objects, chosen by name in
-:class:`~granet.config.SparsityConfig` (``grow="gradient"``) so presets stay serialisable. A grow
-criterion knows its score function and when it needs the dense gradient (for the FLOPs ledger).
-Built in:
+* the **prune criterion** of gradual pruning and the **drop criterion** of drop-and-regrow score the
+  *active* weights, high = keep (:class:`Criterion`; registered with
+  :func:`register_prune_criterion` / :func:`register_drop_criterion`). Built in: ``magnitude``
+  (``|w|``), the score of every built-in method.
+* the **grow criterion** scores the *inactive* weights, high = regrow (:class:`GrowCriterion`,
+  :func:`register_grow_criterion`). It also says when it needs the dense gradient (for the FLOPs
+  ledger) and whether the optimizer must keep momentum. Built in:
 
-* ``gradient`` (RigL, GraNet): ``|dL/dw|`` of the dense gradient. Inactive weights are plain zeros in
-  the parameter (not hidden behind a ``weight * mask`` product), so their gradient is available.
-* ``momentum`` (SNFS): ``|m|`` of the optimizer's first-moment buffer (SGD ``momentum_buffer``,
-  Adam/AdamW ``exp_avg``).
-* ``random`` (SET): uniform scores from a generator seeded by (seed, step, layer), never the rank.
+  * ``gradient`` (RigL, GraNet): ``|dL/dw|`` of the dense gradient. Inactive weights are plain zeros
+    in the parameter (not hidden behind a ``weight * mask`` product), so their gradient is available.
+  * ``momentum`` (SNFS): ``|m|`` of the optimizer's first-moment buffer (SGD ``momentum_buffer``,
+    Adam/AdamW ``exp_avg``).
+  * ``random`` (SET): uniform scores from a generator seeded by (seed, step, layer), never the rank.
+
+Criteria are chosen by name in :class:`~granet.config.SparsityConfig` (``grow="gradient"``), so
+presets stay serialisable. A score that is exactly ``|t|`` of a tensor the criterion can name (the
+weight, the gradient, the momentum) also gives ``magnitude_of``: selection then reads the magnitudes
+in place (and through the fused kernels of :mod:`granet.native`) instead of from a float copy.
+
+Selection is always exact: :func:`select_top` (implemented in :mod:`granet.topk`) returns a mask
+with exactly ``k`` entries set, breaking ties at the threshold with a seeded generator, so counts
+never depend on sampling and every rank of a distributed job picks the same set.
 """
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -49,6 +59,16 @@ def active_magnitudes(param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     weights, and ties between inactive zeros and active zeros (just-regrown weights) cannot occur.
     """
     return torch.where(mask, param.detach().abs(), -1.0)
+
+
+def weight_of(param: torch.Tensor, *_: object) -> torch.Tensor:
+    """The weight itself (what magnitude pruning and dropping rank by ``|w|``)."""
+    return param.detach()
+
+
+def magnitude_scores(param: torch.Tensor, *_: object) -> torch.Tensor:
+    """Prune / drop score: ``|w|`` (high = keep)."""
+    return param.detach().abs()
 
 
 def dense_gradient(param: torch.Tensor, name: str, *_: object) -> torch.Tensor:
@@ -90,33 +110,49 @@ def random_scores(param: torch.Tensor, name: str, optimizer: object, generator: 
 
 
 ScoreFunction = Callable[[torch.Tensor, str, Optional[torch.optim.Optimizer], torch.Generator], torch.Tensor]
+MagnitudeSource = Callable[[torch.Tensor, str, Optional[torch.optim.Optimizer]], torch.Tensor]
 DENSE_GRADIENT_NEEDS = ("never", "update_steps", "every_step")
 
 
 @dataclass(frozen=True)
-class GrowCriterion:
-    """A named grow score for drop-and-regrow.
+class Criterion:
+    """A named score over one layer's entries: a prune or drop criterion (high = keep).
 
     Attributes:
-        name: the name used in :class:`~granet.config.SparsityConfig` (``grow=...``).
-        score: ``score(param, name, optimizer, generator)`` returns a tensor shaped like ``param``;
-            higher regrows first. Only positions inactive after the drop are candidates. Use
-            ``generator`` (seeded by seed, step and layer) for any randomness, never the global RNG.
-        dense_gradient: when the score needs the dense weight gradient: ``"never"``,
-            ``"update_steps"`` (read at topology updates only) or ``"every_step"`` (accumulated
-            from every step, like momentum). The training-FLOPs ledger counts that cost.
-        needs_momentum: the optimizer must keep a first-moment buffer (checked at construction).
+        name: the name a configuration uses.
+        score: ``score(param, name, optimizer, generator)`` returns a tensor shaped like ``param``
+            (under FSDP, like the full parameter, or a DTensor sharded like it). Only the entries
+            competing in a selection count (active ones for pruning and dropping); the others score
+            -1 in the selection, so keep scores non-negative (as magnitudes are). Use
+            ``generator`` (seeded by seed, purpose, step and layer) for any randomness, never the
+            global RNG.
         magnitude_of: optional ``magnitude_of(param, name, optimizer)``, for a score that is exactly
-            ``|t|`` of a tensor the criterion can name (the gradient, the momentum): the update then
-            reads magnitudes into reusable scratch memory instead of a fresh float copy per layer.
+            ``|t|`` of a tensor the criterion can name (the weight, the gradient, the momentum):
+            selection then reads the magnitudes in place instead of a fresh float copy per layer.
             It must agree with ``score`` (``score(...) == magnitude_of(...).abs()``).
     """
 
     name: str
     score: ScoreFunction
+    magnitude_of: Optional[MagnitudeSource] = field(default=None, kw_only=True)
+
+
+@dataclass(frozen=True)
+class GrowCriterion(Criterion):
+    """A named grow score for drop-and-regrow: a :class:`Criterion` over the inactive entries
+    (high = regrow first), plus what it needs from the training loop.
+
+    Attributes:
+        name, score, magnitude_of: as for :class:`Criterion`; only positions inactive after the drop
+            are candidates.
+        dense_gradient: when the score needs the dense weight gradient: ``"never"``,
+            ``"update_steps"`` (read at topology updates only) or ``"every_step"`` (accumulated
+            from every step, like momentum). The training-FLOPs ledger counts that cost.
+        needs_momentum: the optimizer must keep a first-moment buffer (checked at construction).
+    """
+
     dense_gradient: str = "update_steps"
     needs_momentum: bool = False
-    magnitude_of: Optional[Callable[[torch.Tensor, str, Optional[torch.optim.Optimizer]], torch.Tensor]] = None
 
     def __post_init__(self) -> None:
         if self.dense_gradient not in DENSE_GRADIENT_NEEDS:
@@ -126,6 +162,8 @@ class GrowCriterion:
 
 
 _GROW_CRITERIA: Registry[GrowCriterion] = Registry("grow criterion")
+_DROP_CRITERIA: Registry[Criterion] = Registry("drop criterion")
+_PRUNE_CRITERIA: Registry[Criterion] = Registry("prune criterion")
 
 
 def register_grow_criterion(criterion: GrowCriterion) -> GrowCriterion:
@@ -145,15 +183,40 @@ def get_grow_criterion(name: str) -> GrowCriterion:
     return _GROW_CRITERIA.get(name)
 
 
-def grow_scores(
-    criterion: str,
-    param: torch.Tensor,
-    name: str,
-    optimizer: Optional[torch.optim.Optimizer],
-    generator: torch.Generator,
-) -> torch.Tensor:
-    """Scores of the named grow criterion for every position of ``param`` (higher = regrow first)."""
-    return get_grow_criterion(criterion).score(param, name, optimizer, generator)
+def _checked(criterion: Criterion) -> Criterion:
+    if not isinstance(criterion, Criterion):
+        raise TypeError(f"register a Criterion, not {type(criterion).__name__}")
+    return criterion
+
+
+def register_drop_criterion(criterion: Criterion) -> Criterion:
+    """Make ``criterion`` selectable as the drop score of drop-and-regrow (high = keep); names are unique."""
+    return _DROP_CRITERIA.register(_checked(criterion).name, criterion)
+
+
+def list_drop_criteria() -> tuple[str, ...]:
+    """Names of the registered drop criteria, in registration order."""
+    return _DROP_CRITERIA.names()
+
+
+def get_drop_criterion(name: str) -> Criterion:
+    """The registered drop criterion ``name``; ``ValueError`` naming the valid ones otherwise."""
+    return _DROP_CRITERIA.get(name)
+
+
+def register_prune_criterion(criterion: Criterion) -> Criterion:
+    """Make ``criterion`` selectable as the score of gradual pruning (high = keep); names are unique."""
+    return _PRUNE_CRITERIA.register(_checked(criterion).name, criterion)
+
+
+def list_prune_criteria() -> tuple[str, ...]:
+    """Names of the registered prune criteria, in registration order."""
+    return _PRUNE_CRITERIA.names()
+
+
+def get_prune_criterion(name: str) -> Criterion:
+    """The registered prune criterion ``name``; ``ValueError`` naming the valid ones otherwise."""
+    return _PRUNE_CRITERIA.get(name)
 
 
 def momentum_buffer(param: torch.Tensor, optimizer: Optional[torch.optim.Optimizer]) -> Optional[torch.Tensor]:
@@ -186,3 +249,7 @@ register_grow_criterion(GrowCriterion("gradient", gradient_scores, dense_gradien
 register_grow_criterion(GrowCriterion("momentum", momentum_scores, dense_gradient="every_step", needs_momentum=True,
                                       magnitude_of=momentum_of))
 register_grow_criterion(GrowCriterion("random", random_scores, dense_gradient="never"))
+#: The prune and drop criterion of every built-in method: ``|w|``, read in place.
+MAGNITUDE = Criterion("magnitude", magnitude_scores, magnitude_of=weight_of)
+register_prune_criterion(MAGNITUDE)
+register_drop_criterion(MAGNITUDE)

@@ -1,19 +1,22 @@
-"""Sparsity masks on FSDP2 shards: the sharded layout and the sharded update policy.
+"""Sparsity masks on FSDP2 shards: the sharded layout and the sharded select.
 
 With ``torch.distributed.fsdp.fully_shard`` every parameter is a ``DTensor`` placed ``Shard(0)``
 on a 1-D device mesh: rank r holds a contiguous block of rows (see :mod:`granet.sharded`). A
 :class:`~granet.sparsifier.Sparsifier` built on such a model (after ``fully_shard``, with the
-optimizer over the sharded parameters) detects the DTensors and:
+optimizer over the sharded parameters) detects the DTensors and (through
+:class:`granet.ranks.Sharded`):
 
 * stores **only this rank's rows of each mask** (``torch.bool``, shaped like ``p.to_local()``) and
   zeroes the local shards of weights and optimizer state (also DTensors) under ``no_grad``;
 * keeps **global counts** (one all-reduce of a count vector whenever masks change);
-* computes every topology update exactly as on one process (:class:`ShardedTopologyUpdater`):
-  global magnitude thresholds and per-layer drop / regrow top-k over the *whole* tensor with the
-  distributed threshold search of :func:`~granet.sharded.select_top_sharded` (no weight or score
-  is gathered), ties broken by the same seeded permutation, random scores drawn in full from the
-  same seeded generator on every rank and sliced. The masks assembled from the shards equal, bit
-  for bit, those of a single process with the same model, data and seed;
+* runs the one update policy of :class:`~granet.updater.TopologyUpdater` with
+  :class:`ShardedSelect` as its select: global magnitude thresholds and per-layer drop / regrow
+  top-k over the *whole* tensor with the distributed threshold search of
+  :func:`~granet.sharded.select_top_sharded` (no weight or score is gathered), ties broken by the
+  same seeded permutation, random scores drawn in full from the same seeded generator on every
+  rank and sliced; SNFS's per-layer momentum means are taken over the kept momentum values gathered
+  in flat order (:meth:`ShardLayout.gather_rows`), the one place values travel. The masks assembled
+  from the shards equal, bit for bit, those of a single process with the same model, data and seed;
 * agrees on skipping an update with non-finite gradients (one all-reduce), and after each update
   checks that every rank holds the same step and counts (:meth:`ShardLayout.verify`), instead of
   the DDP mask broadcast/checksum, which assume identical masks on every rank.
@@ -23,8 +26,7 @@ checkpoints are interchangeable) and ``load_state_dict()`` keeps this rank's row
 collectives that every rank must call.
 
 Not supported (a clear error at construction): placements other than ``Shard(0)`` on a 1-D mesh
-(HSDP, ``shard_placement_fn``), a mix of sharded and plain sparsified parameters, and SNFS-style
-momentum redistribution (``redistribute="momentum"``).
+(HSDP, ``shard_placement_fn``) and a mix of sharded and plain sparsified parameters.
 """
 from __future__ import annotations
 
@@ -33,15 +35,14 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .config import SparsityConfig
-from .criteria import active_magnitudes, seeded_generator
-from .distributions import get_distribution, layer_counts
 from .masking import pack_bits
 from .sharded import RowShard, all_gather, all_reduce, row_shard, select_top_sharded
-from .topology import UpdateReport
-from .updater import Regrowth, TopologyUpdater
+from .topology import Problem
 
-__all__ = ["ShardLayout", "ShardedTopologyUpdater", "is_dtensor", "unpack_bits"]
+__all__ = ["ShardLayout", "ShardedSelect", "is_dtensor", "local", "unpack_bits"]
+
+#: At most this many values travel in one all-gather of :meth:`ShardLayout.gather_rows` (64 MiB of float32).
+GATHER_ENTRIES = 1 << 24
 
 
 def is_dtensor(tensor: Any) -> bool:
@@ -156,6 +157,55 @@ class ShardLayout:
         local_masks = [unpack_bits(b.cpu(), s.rows * s.row_numel).view(s.local_shape) for b, s in zip(packed, self.shards)]
         return [pack_bits(m) for m in self.gather(local_masks)]
 
+    def gather_rows(self, pieces: Sequence[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:
+        """Each layer's 1-D ``pieces`` from every rank, concatenated in rank order: for row shards,
+        the full tensor's flat order. A collective: every rank passes ``None`` for the same layers.
+
+        One all-gather of the piece lengths, then one all-gather per group of consecutive layers of
+        one dtype holding at most :data:`GATHER_ENTRIES` values in all (so a huge model never
+        gathers all of its values at once).
+        """
+        present = [j for j, piece in enumerate(pieces) if piece is not None]
+        out: list[Optional[torch.Tensor]] = [None] * len(pieces)
+        if not present:
+            return out
+        lengths = torch.tensor([pieces[j].numel() for j in present], dtype=torch.int64)  # type: ignore[union-attr]
+        table = all_gather(lengths.to(self._comm_device), self.group).cpu()  # (world, layers)
+        totals = table.sum(0).tolist()
+        start = 0
+        while start < len(present):
+            dtype = pieces[present[start]].dtype  # type: ignore[union-attr]
+            end, size = start + 1, totals[start]
+            while (end < len(present) and pieces[present[end]].dtype == dtype  # type: ignore[union-attr]
+                   and size + totals[end] <= GATHER_ENTRIES):
+                size += totals[end]
+                end += 1
+            self._gather_group([pieces[j] for j in present[start:end]], table[:, start:end], dtype,  # type: ignore[misc]
+                               out, present[start:end])
+            start = end
+        return out
+
+    def _gather_group(self, pieces: list[torch.Tensor], table: torch.Tensor, dtype: torch.dtype,
+                      out: list[Optional[torch.Tensor]], slots: list[int]) -> None:
+        """One all-gather of the pieces of some layers (``table[r, t]``: rank r's length of layer t)."""
+        device = pieces[0].device
+        per_rank = table.sum(1)
+        width = int(per_rank.max())
+        if width == 0:  # nothing held anywhere (every rank agrees: the table is the same everywhere)
+            for slot in slots:
+                out[slot] = torch.empty(0, dtype=dtype, device=device)
+            return
+        buf = torch.zeros(width, dtype=dtype, device=self._comm_device)
+        offset = 0
+        for piece in pieces:
+            buf[offset:offset + piece.numel()] = piece.reshape(-1).to(self._comm_device)
+            offset += piece.numel()
+        rows = all_gather(buf, self.group)  # (world, width)
+        starts = torch.cat([torch.zeros(self.world, 1, dtype=torch.int64), table.cumsum(1)], dim=1)
+        for t, slot in enumerate(slots):
+            parts = [rows[r, int(starts[r, t]):int(starts[r, t + 1])] for r in range(self.world)]
+            out[slot] = torch.cat(parts).to(device)
+
     def slice_packed(self, packed: torch.Tensor, i: int) -> torch.Tensor:
         """This rank's rows of layer ``i``'s full bit-packed mask, packed again."""
         s = self.shards[i]
@@ -163,119 +213,57 @@ class ShardLayout:
         return pack_bits(flat[s.start * s.row_numel:(s.start + s.rows) * s.row_numel])
 
 
-class ShardedTopologyUpdater(TopologyUpdater):
-    """:class:`~granet.updater.TopologyUpdater` on this rank's rows: same schedules, same masks.
+class ShardedSelect:
+    """The select of :class:`~granet.updater.TopologyUpdater` on FSDP2 row shards.
 
-    Masks passed in and returned are local (shaped like ``p.to_local()``); counts are global. The
-    collectives inside make every method a collective: all ranks call it at the same step.
+    Every problem of one call goes into one :func:`~granet.sharded.select_top_sharded` (4 all-reduces
+    of the bucket histograms of all problems and one all-gather of tie counts for float32 scores,
+    whatever the number of layers), and their follow-ups (:attr:`~granet.topology.Problem.then`)
+    into the next, so a call is a collective: every rank makes it with the same problems. Results
+    are this rank's rows, as masks (a ``positions`` request is not needed here).
 
     Args:
-        config: a validated sparsity configuration (``redistribute="none"``).
         layout: the shard layout of the sparsified parameters.
     """
 
-    def __init__(self, config: SparsityConfig, layout: ShardLayout) -> None:
-        if config.redistribute != "none":
-            raise ValueError(
-                f"method {config.method!r}: redistribute={config.redistribute!r} (SNFS momentum redistribution) "
-                "is not supported on FSDP-sharded parameters; use DDP or a single process"
-            )
-        super().__init__(config)
+    sharded = True
+
+    def __init__(self, layout: ShardLayout) -> None:
         self.layout = layout
 
-    def _select(self, scores: list[torch.Tensor], owner: list[int], sizes: list[int], ks: list[int],
-                gens: list[Optional[torch.Generator]]) -> list[torch.Tensor]:
-        return select_top_sharded(scores, owner, sizes, ks, gens, self.layout.group)
+    def __call__(self, problems: Sequence[Problem]) -> list[list[torch.Tensor]]:
+        results: list[list[torch.Tensor]] = [[] for _ in problems]
+        pending = list(enumerate(problems))
+        while pending:  # every chain's first problems together, then every follow-up together
+            follow = []
+            for (j, problem), result in zip(pending, self._solve([p for _, p in pending])):
+                results[j] = result
+                after = None if problem.then is None else problem.then(result)
+                if after is not None:
+                    follow.append((j, after))
+            pending = follow
+        return results
 
-    def gradients_finite(self, params: Sequence[torch.Tensor]) -> bool:
-        """Whether every rank's local gradient shards are finite (agreed by one all-reduce)."""
-        grads = [local(p.grad) for p in params if p.grad is not None]
-        # As topology.gradients_finite: finite sums prove finite entries; only a non-finite sum pays
-        # for the elementwise check.
-        sums = [g.sum(dtype=torch.float32) for g in grads]
-        finite = all(bool(torch.isfinite(x)) for x in sums) or all(bool(torch.isfinite(g).all()) for g in grads)
-        return self.layout.all_true(finite)
+    def _solve(self, problems: Sequence[Problem]) -> list[list[torch.Tensor]]:
+        """All ``problems`` in one sharded selection (their definition scores, row-sharded)."""
+        scores: list[torch.Tensor] = []
+        owner: list[int] = []
+        for j, problem in enumerate(problems):
+            for segment in problem.resolve():
+                scores.append(segment.definition())
+                owner.append(j)
+        masks = select_top_sharded(scores, owner, [p.size for p in problems], [p.k for p in problems],
+                                   [p.generator for p in problems], self.layout.group)
+        out: list[list[torch.Tensor]] = [[] for _ in problems]
+        for j, mask in zip(owner, masks):
+            out[j].append(mask)
+        return out
 
-    def initial_masks(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Local rows of :func:`~granet.topology.random_masks` (full scores drawn, then sliced)."""
-        cfg = self.config
-        density = cfg.effective_init_density
-        if density >= 1.0:
-            return [torch.ones_like(local(p), dtype=torch.bool) for p in params]
-        n_layers = len(params)
-        sizes = [p.numel() for p in params]
-        per_layer = get_distribution(cfg.distribution).per_layer
-        # Drawn exactly as topology.random_masks draws them (same calls, same generators), then sliced.
-        scores = [self.layout.local_rows(torch.rand(p.shape if per_layer else (n,), generator=seeded_generator(
-            cfg.seed, "init", i)).view(p.shape), i) for i, (n, p) in enumerate(zip(sizes, params))]
-        if not per_layer:
-            masks = self._select(scores, [0] * n_layers, [sum(sizes)], [round(density * sum(sizes))], [None])
-        else:
-            counts = layer_counts(cfg.distribution, [tuple(p.shape) for p in params], density, cfg.erk_power_scale)
-            masks = self._select(scores, list(range(n_layers)), sizes, counts, [None] * n_layers)
-        return [m.to(p.device) for m, p in zip(masks, params)]
+    def local(self, tensor: torch.Tensor, layer: int) -> torch.Tensor:
+        """This rank's rows: a DTensor's local shard (gradients, momentum, the weight), or the rows of
+        a plain full-shape tensor (random scores, drawn in full on every rank)."""
+        return local(tensor) if is_dtensor(tensor) else self.layout.local_rows(tensor, layer)
 
-    def prune(self, step: int, params: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], counts: Sequence[int],
-              init_counts: Sequence[int], final_counts: Sequence[int]) -> list[torch.Tensor]:
-        """Gradual magnitude pruning (global threshold or per layer) over the full tensors."""
-        assert self.pruning is not None
-        seed = self.config.seed
-        if self.config.prune == "global":
-            target = self.global_prune_target(step, params, counts)
-            if target is None:
-                return list(masks)
-            scores = [active_magnitudes(local(p), m) for p, m in zip(params, masks)]
-            total = sum(p.numel() for p in params)
-            return self._select(scores, [0] * len(params), [total], [target], [seeded_generator(seed, "prune", step)])
-        layers, targets = [], []
-        for i in range(len(params)):
-            target = round(self.pruning.interpolate(step, init_counts[i], final_counts[i]))
-            if counts[i] > target:
-                layers.append(i)
-                targets.append(target)
-        new_masks = list(masks)
-        if layers:
-            chosen = self._select(
-                [active_magnitudes(local(params[i]), masks[i]) for i in layers], list(range(len(layers))),
-                [params[i].numel() for i in layers], targets, [seeded_generator(seed, "prune", step, i) for i in layers],
-            )
-            for i, m in zip(layers, chosen):
-                new_masks[i] = m
-        return new_masks
-
-    def _local_scores(self, scores: torch.Tensor, i: int) -> torch.Tensor:
-        """A grow score's local rows: DTensor scores (gradient, momentum) are sharded already;
-        plain full-shape scores (random) are sliced."""
-        return local(scores) if is_dtensor(scores) else self.layout.local_rows(scores, i)
-
-    def drop_and_grow(self, step: int, names: Sequence[str], params: Sequence[torch.Tensor],
-                      masks: Sequence[torch.Tensor], counts: Sequence[int], optimizer: Optional[torch.optim.Optimizer],
-                      report: UpdateReport) -> Regrowth:
-        """Per layer: drop ``floor(r_t * active)`` smallest active weights, regrow as many by the grow score."""
-        seed = self.config.seed
-        fraction = self.drop_fraction(step)
-        report.drop_fraction = fraction
-        layers = [i for i, p in enumerate(params) if counts[i] != p.numel() and int(fraction * counts[i]) > 0]
-        result = Regrowth(masks=list(masks), reset=[None] * len(params))
-        if not layers:
-            return result
-        drops = [int(fraction * counts[i]) for i in layers]  # floor, as in RigL
-        owner = list(range(len(layers)))
-        sizes = [params[i].numel() for i in layers]
-        kept = self._select(
-            [active_magnitudes(local(params[i]), masks[i]) for i in layers], owner, sizes,
-            [counts[i] - d for i, d in zip(layers, drops)], [seeded_generator(seed, "drop", step, i) for i in layers],
-        )
-        gens = [seeded_generator(seed, "grow", step, i) for i in layers]
-        scores = []
-        for j, i in enumerate(layers):
-            p = params[i]
-            raw = self._local_scores(self.grow.score(p, names[i], optimizer, gens[j]), i)
-            scores.append(torch.where(kept[j], -1.0, raw.to(p.dtype)))
-        grown = self._select(scores, owner, sizes, drops, gens)
-        for j, i in enumerate(layers):
-            layer = report.layers[names[i]]
-            layer["dropped"], layer["regrown"] = drops[j], drops[j]
-            result.reset[i] = grown[j] & ~masks[i] if self.config.reinit_regrown == "new" else grown[j]
-            result.masks[i] = kept[j] | grown[j]
-        return result
+    def gather_rows(self, pieces: Sequence[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:
+        """See :meth:`ShardLayout.gather_rows` (a collective)."""
+        return self.layout.gather_rows(pieces)

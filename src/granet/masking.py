@@ -1,20 +1,25 @@
 """Boolean masks over named parameters: the state a sparsifier owns, its read-only views, and
 the in-place zeroing of weights and optimizer state.
 
-:class:`MaskedParameters` is the base of :class:`~granet.sparsifier.Sparsifier`. It keeps the
-masks private and hands out read-only views (a mapping of live masks, copies of counts), so only
-the sparsifier's own methods change the topology: :meth:`~granet.sparsifier.Sparsifier.step`,
-``load_state_dict`` and ``set_masks``. Keeping every change in one place is what lets the counts,
-the exploration bits and the zeroed weights always agree with the masks.
+:class:`MaskState` is a component the :class:`~granet.sparsifier.Sparsifier` owns (not a base
+class). It keeps the masks, counts and exploration bits private and hands out read-only views (a
+mapping of live masks, copies of counts); the sparsifier changes them only through the state's
+named operations (:meth:`~MaskState.start`, :meth:`~MaskState.replace`, :meth:`~MaskState.install`,
+:meth:`~MaskState.install_exactly`, :meth:`~MaskState.load`, ...). Keeping every change in one
+place is what lets the counts, the exploration bits and the zeroed weights always agree with the
+masks. Where the process holds only part of each tensor (FSDP2), the state asks its
+:class:`Layout` (the sparsifier's process-layout strategy, :mod:`granet.ranks`) for the local part
+of a tensor and for whole-layer counts.
 
 Masks are ``torch.bool`` (1 byte per weight); the "ever active" set used for the exploration rate
 is bit-packed (1/8 byte per weight).
 """
 from __future__ import annotations
 
+import math
 import sys
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -89,15 +94,31 @@ def popcount(packed: torch.Tensor) -> int:
     return int(_POPCOUNT.to(packed.device)[packed.long()].sum())
 
 
-class MaskedParameters:
+class Layout(Protocol):
+    """What a :class:`MaskState` needs to know about the process layout (see :mod:`granet.ranks`)."""
+
+    def local(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The part of ``tensor`` this process holds (a DTensor's local shard; else the tensor)."""
+        ...
+
+    def sum_counts(self, values: Sequence[int]) -> list[int]:
+        """Per-layer integers summed over the processes holding parts of the layers."""
+        ...
+
+
+class MaskState:
     """Masks over named parameters, with read-only views, statistics and in-place zeroing.
+
+    Masks hold the part of each parameter this process holds (all of it, except under FSDP);
+    counts are whole-layer counts.
 
     Args:
         names: parameter names (unique).
         params: the parameters, in the order of ``names``.
         optimizer: the optimizer whose state tensors shaped like a parameter are masked too.
         mask_optimizer_state: zero the optimizer state of inactive weights at every
-            :meth:`apply_masks` (SNFS turns it off: it regrows by the momentum of inactive weights).
+            :meth:`apply` (SNFS turns it off: it regrows by the momentum of inactive weights).
+        layout: the process layout (local parts, count sums).
     """
 
     def __init__(
@@ -106,19 +127,33 @@ class MaskedParameters:
         params: Sequence[nn.Parameter],
         optimizer: Optional[torch.optim.Optimizer],
         mask_optimizer_state: bool,
+        layout: Layout,
     ) -> None:
         self._names = list(names)
         self._params = list(params)
+        self._shapes = [tuple(p.shape) for p in self._params]
         self._sizes = [p.numel() for p in self._params]
         self._total = sum(self._sizes)
         self._optimizer = optimizer
         self._mask_optimizer_state = mask_optimizer_state
-        self._masks: list[torch.Tensor] = [torch.ones_like(p, dtype=torch.bool) for p in self._params]
+        self._layout = layout
+        self._masks: list[torch.Tensor] = []
         self._counts: list[int] = list(self._sizes)
         self._ever_active: Optional[list[torch.Tensor]] = None
-        # FSDP: a granet.fsdp.ShardLayout; masks then hold this rank's rows, counts stay global.
-        self._layout: Optional[Any] = None
-        self._model_ref: Optional[Callable[[], Optional[nn.Module]]] = None  # a weakref, set by the sparsifier
+
+    @classmethod
+    def restored(cls, names: Sequence[str], shapes: Sequence[Sequence[int]], masks: Sequence[torch.Tensor],
+                 ever_active: Optional[Sequence[torch.Tensor]], layout: Layout) -> "MaskState":
+        """A state without parameters (a sparsifier restored from a pickle): full masks and
+        exploration bits as given, counts from the masks. Only the views and statistics work."""
+        state = cls(names, [], None, True, layout)
+        state._shapes = [tuple(int(d) for d in s) for s in shapes]
+        state._sizes = [math.prod(s) for s in state._shapes]
+        state._total = sum(state._sizes)
+        state._masks = [m.clone() for m in masks]
+        state._counts = [int(torch.count_nonzero(m)) for m in state._masks]
+        state._ever_active = None if ever_active is None else [e.clone() for e in ever_active]
+        return state
 
     # ------------------------------------------------------------------ read-only views
 
@@ -129,35 +164,37 @@ class MaskedParameters:
 
     @property
     def names(self) -> list[str]:
-        """Names of the sparsified parameters, in model order (a copy)."""
+        """Names of the masked parameters, in model order (a copy)."""
         return list(self._names)
 
     @property
     def params(self) -> tuple[nn.Parameter, ...]:
-        """The sparsified parameters, in the order of :attr:`names`."""
+        """The masked parameters, in the order of :attr:`names`."""
         return tuple(self._params)
 
     @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        """The full shape of each masked parameter (a copy)."""
+        return list(self._shapes)
+
+    @property
     def sizes(self) -> list[int]:
-        """Number of entries of each sparsified parameter (a copy)."""
+        """Number of entries of each masked parameter (a copy)."""
         return list(self._sizes)
 
     @property
     def total(self) -> int:
-        """Number of sparsified weights."""
+        """Number of masked weights."""
         return self._total
 
     @property
     def masks(self) -> Mapping[str, torch.Tensor]:
-        """Read-only ``{name: torch.bool mask}`` of the current topology.
-
-        The tensors are the live masks (no copy): read them, never change them in place; install
-        other masks with ``set_masks``.
-        """
+        """Read-only ``{name: torch.bool mask}`` of the live masks (no copy: read them, never change
+        them in place, except through a collective that must overwrite them, like a broadcast)."""
         return MappingProxyType(dict(zip(self._names, self._masks)))
 
     def mask_of(self, name: str) -> torch.Tensor:
-        """The live ``torch.bool`` mask of parameter ``name`` (read it, do not change it in place)."""
+        """The live ``torch.bool`` mask of parameter ``name``."""
         try:
             return self._masks[self._names.index(name)]
         except ValueError:
@@ -165,48 +202,87 @@ class MaskedParameters:
 
     @property
     def counts(self) -> list[int]:
-        """Active weights per sparsified parameter (a copy)."""
+        """Active weights per masked parameter (a copy)."""
         return list(self._counts)
 
     @property
     def ever_active(self) -> Optional[tuple[torch.Tensor, ...]]:
-        """Bit-packed "ever active" masks per layer (``uint8``), or ``None`` if not tracked."""
+        """Bit-packed "ever active" masks per layer (``uint8``, live), or ``None`` if not tracked."""
         return None if self._ever_active is None else tuple(self._ever_active)
 
     # ------------------------------------------------------------------ statistics
 
     def density(self) -> float:
-        """Fraction of the sparsified weights that are active."""
+        """Fraction of the masked weights that are active."""
         return sum(self._counts) / self._total
 
     def layer_density(self) -> dict[str, float]:
-        """Density of every sparsified tensor, by parameter name."""
+        """Density of every masked tensor, by parameter name."""
         return {n: c / s for n, c, s in zip(self._names, self._counts, self._sizes)}
 
     def exploration_rate(self) -> Optional[float]:
-        """Fraction of the sparsified weights that have ever been active (ITOP's R_s), if tracked."""
+        """Fraction of the masked weights that have ever been active (ITOP's R_s), if tracked."""
         if self._ever_active is None:
             return None
-        return sum(self._global_sum([popcount(e) for e in self._ever_active])) / self._total
+        return sum(self._layout.sum_counts([popcount(e) for e in self._ever_active])) / self._total
 
-    def _global_sum(self, values: list[int]) -> list[int]:
-        """Per-layer integers summed over the ranks holding shards (unchanged when not sharded)."""
-        return values if self._layout is None else self._layout.sum_counts(values)
+    def count(self, masks: Sequence[torch.Tensor]) -> list[int]:
+        """Whole-layer active counts of ``masks`` (one all-reduce when sharded)."""
+        return self._layout.sum_counts([int(torch.count_nonzero(m)) for m in masks])
 
-    def _count(self, masks: Sequence[torch.Tensor]) -> list[int]:
-        """Global active counts of ``masks`` (one all-reduce when sharded)."""
-        return self._global_sum([int(torch.count_nonzero(m)) for m in masks])
+    # ------------------------------------------------------------------ changing the masks
 
-    def _local(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The tensor masks apply to: a DTensor's local shard when sharded, else the tensor itself."""
-        return tensor.to_local() if self._layout is not None and hasattr(tensor, "to_local") else tensor
+    def start(self, masks: Sequence[torch.Tensor], track_exploration: bool) -> None:
+        """Take the initial masks (counted), the exploration record starting from them if tracked."""
+        self._masks = list(masks)
+        self._counts = self.count(self._masks)
+        self._ever_active = [pack_bits(m) for m in self._masks] if track_exploration else None
+
+    def changed(self, masks: Sequence[torch.Tensor]) -> list[int]:
+        """The layers whose mask in ``masks`` is another tensor than the current one."""
+        return [i for i, new in enumerate(masks) if new is not self._masks[i]]
+
+    def replace(self, layers: Sequence[int], masks: Sequence[torch.Tensor], counts: Sequence[int]) -> None:
+        """Take ``masks[j]`` (whose count is ``counts[j]``) as layer ``layers[j]``'s mask; weights are
+        zeroed later, by :meth:`install`."""
+        for i, mask, count in zip(layers, masks, counts):
+            self._masks[i], self._counts[i] = mask, int(count)
+
+    def overwrite(self, masks: Sequence[torch.Tensor]) -> None:
+        """Take copies of ``masks`` on the parameters' devices, uncounted and with nothing zeroed: for
+        a collective that overwrites them next (the DDP broadcast; then :meth:`recount`)."""
+        self._masks = [m.to(p.device).clone() for m, p in zip(masks, self._params)]
+
+    def recount(self) -> None:
+        """Count the current masks again (after a collective overwrote them in place)."""
+        self._counts = self.count(self._masks)
+
+    def load(self, masks: Sequence[torch.Tensor], counts: Sequence[int],
+             ever_active: Optional[Sequence[torch.Tensor]], track_exploration: bool) -> None:
+        """Take copies of loaded masks (this process's part) with their whole-layer counts, and the
+        loaded exploration bits (rebuilt from the masks when tracked but not given)."""
+        self._masks = [m.to(p.device).clone() for m, p in zip(masks, self._params)]
+        self._counts = [int(c) for c in counts]
+        if ever_active is not None and track_exploration:
+            self._ever_active = [e.to(p.device).clone() for e, p in zip(ever_active, self._params)]
+        elif track_exploration:
+            self._ever_active = [pack_bits(m) for m in self._masks]
+
+    def reset_exploration(self) -> None:
+        """Forget every position explored so far (masks installed before the first step never trained)."""
+        if self._ever_active is not None:
+            self._ever_active = [torch.zeros_like(e) for e in self._ever_active]
 
     # ------------------------------------------------------------------ zeroing in place
 
+    def _local(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor masks apply to: the part of it this process holds."""
+        return self._layout.local(tensor)
+
     @torch.no_grad()
-    def apply_masks(self) -> None:
+    def apply(self) -> None:
         """Zero every inactive weight (and its optimizer state, unless disabled) in place."""
-        self._follow_param_devices()
+        self.follow_param_devices()
 
         def apply(i: int) -> None:
             if self._counts[i] < self._sizes[i]:  # a fully dense layer has nothing to zero
@@ -214,7 +290,7 @@ class MaskedParameters:
 
         layer_map(apply, len(self._params), on_cpu(self._masks), costs=self._sizes)
 
-    def _follow_param_devices(self) -> None:
+    def follow_param_devices(self) -> None:
         """Move masks (and exploration bits) to their parameters' devices if the model was moved."""
         for i, (p, m) in enumerate(zip(self._params, self._masks)):
             if m.device != p.device:
@@ -223,8 +299,8 @@ class MaskedParameters:
                     self._ever_active[i] = self._ever_active[i].to(p.device)
 
     def _masked_tensors(self, param: torch.Tensor) -> list[torch.Tensor]:
-        """What the mask zeroes: the weight (its local shard when sharded), and its optimizer state
-        unless ``mask_optimizer_state=False``."""
+        """What the mask zeroes: the weight (its local part), and its optimizer state unless
+        ``mask_optimizer_state=False``."""
         states = self._state_tensors(param) if self._mask_optimizer_state else []
         return [self._local(t) for t in (param, *states)]
 
@@ -238,7 +314,7 @@ class MaskedParameters:
         return [v for v in state.values() if isinstance(v, torch.Tensor) and v.shape == param.shape and v.is_floating_point()]
 
     @torch.no_grad()
-    def _install(self, reset: Sequence[Optional[torch.Tensor]]) -> None:
+    def install(self, reset: Sequence[Optional[torch.Tensor]]) -> None:
         """Make weights and optimizer state agree with the current masks, in one pass per layer.
 
         Weights outside the mask, and the ``reset`` positions of each layer (regrown weights that
@@ -253,10 +329,11 @@ class MaskedParameters:
             if positions is not None and positions.dtype == torch.bool:  # a mask: fold it into the keep mask
                 mask, positions = mask & ~positions, None
             zero_outside(self._masked_tensors(param), mask, also=positions)
-            if not self._mask_optimizer_state and reset[i] is not None:  # SNFS: state zeroed at reset only
+            fresh = reset[i]
+            if not self._mask_optimizer_state and fresh is not None:  # SNFS: state zeroed at reset only
                 for buf in (self._local(t) for t in self._state_tensors(param)):
                     if positions is None:
-                        buf.masked_fill_(reset[i], 0.0)
+                        buf.masked_fill_(fresh, 0.0)
                     elif buf.is_contiguous():
                         buf.view(-1).index_fill_(0, positions, 0.0)
                     else:  # e.g. channels_last state: positions are in logical (row-major) order
@@ -265,7 +342,7 @@ class MaskedParameters:
 
         layer_map(install, len(self._params), on_cpu(self._masks), costs=self._sizes)
 
-    def _explore(self, layers: list[int], grown: Optional[list[Optional[torch.Tensor]]]) -> None:
+    def explore(self, layers: list[int], grown: Optional[list[Optional[torch.Tensor]]]) -> None:
         """Add the regrown positions of ``layers`` to the exploration record (a layer the update
         left alone adds no new position): bit by bit for a few positions, else the packed mask."""
         assert self._ever_active is not None
@@ -282,50 +359,25 @@ class MaskedParameters:
         layer_map(explore, len(layers), on_cpu(self._masks), costs=[self._sizes[i] for i in layers])
 
     @torch.no_grad()
-    def _install_exactly(self, masks: Sequence[torch.Tensor]) -> None:
+    def install_exactly(self, masks: Sequence[torch.Tensor]) -> None:
         """Adopt ``masks`` (copies): zero weights and optimizer state outside them, mark them explored."""
         self._masks = [m.to(p.device).clone() for m, p in zip(masks, self._params)]
-        self._counts = self._count(self._masks)
+        self._counts = self.count(self._masks)
         for i, (param, mask) in enumerate(zip(self._params, self._masks)):
             if self._ever_active is not None:
                 self._ever_active[i] |= pack_bits(mask)
             zero_outside([self._local(t) for t in (param, *self._state_tensors(param))], mask)
 
-    def _full(self, tensors: list[torch.Tensor], packed: bool = False) -> list[torch.Tensor]:
-        """Full-shape masks (or bit-packed masks) from local rows: a collective under FSDP."""
-        if self._layout is None:
-            return tensors
-        return self._layout.gather_packed(tensors) if packed else self._layout.gather(tensors)
+    # ------------------------------------------------------------------ checks
 
-    def _rows(self, full: torch.Tensor, i: int, packed: bool = False) -> torch.Tensor:
-        """This rank's rows of layer ``i``'s full mask (or bit-packed mask); the mask itself unsharded."""
-        if self._layout is None:
-            return full
-        return self._layout.slice_packed(full, i) if packed else self._layout.local_rows(full, i)
-
-    def _check_params_current(self) -> None:
-        """Raise if the model no longer holds the masked parameters (e.g. ``fully_shard`` or another
-        wrapper replaced them after the sparsifier was built): masks would act on dead tensors."""
-        model = self._model_ref() if self._model_ref is not None else None
-        if model is None:
-            return
-        live = {id(p) for p in model.parameters()}
-        stale = [n for n, p in zip(self._names, self._params) if id(p) not in live]
-        if stale:
-            raise RuntimeError(
-                f"the model's parameters {', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''} were replaced "
-                "after the sparsifier was built (e.g. by fully_shard): build the optimizer and the sparsifier "
-                "after wrapping the model"
-            )
-
-    def _checked_masks(self, masks: Mapping[str, Any], source: str) -> list[torch.Tensor]:
+    def check_masks(self, masks: Mapping[str, Any], source: str) -> list[torch.Tensor]:
         """``masks`` in parameter order, after checking names, shapes and dtype (all problems named).
 
         Raises:
             ValueError: one line naming every missing, unexpected, non-tensor, misshapen or
                 non-boolean entry.
         """
-        expected = dict(zip(self._names, (tuple(p.shape) for p in self._params)))
+        expected = dict(zip(self._names, self._shapes))
         problems = []
         missing = [n for n in self._names if n not in masks]
         unexpected = [str(n) for n in masks if n not in expected]

@@ -2,6 +2,9 @@
 
 Every method is the same engine with different pieces: a distribution for the initial mask, an
 optional gradual pruning schedule, and an optional drop-and-regrow rule with a grow criterion.
+Gradual pruning and the drop phase rank active weights by the prune and drop criteria, magnitude
+``|w|`` for every method below (:func:`granet.register_prune_criterion` /
+:func:`granet.register_drop_criterion` add others; see :mod:`granet.criteria`).
 
 method            initial mask   gradual prune    regrowth (r_t decay)   grow score  ΔT, r_0     regrown
 ================  =============  ===============  =====================  ==========  ==========  =========

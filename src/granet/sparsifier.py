@@ -19,10 +19,12 @@ Design choices (and why):
   ``Optimizer.register_step_post_hook``: a step that ``GradScaler`` skips (inf/NaN gradients) never
   fires the hook, and gradient-accumulation micro-steps call no ``optimizer.step()``, so neither
   advances the schedule. Calling ``sparsifier.step()`` more often than the optimizer is harmless.
-* **The sparsifier owns its state** (boolean masks, counts, exploration bits; see
-  :mod:`granet.masking`): callers read views and ask named questions such as
-  :meth:`Sparsifier.needs_dense_gradient`; only ``step()``, ``load_state_dict()`` and ``set_masks()``
-  change the topology.
+* **The sparsifier owns its parts** (no mixins): the mask state (boolean masks, counts,
+  exploration bits; :class:`~granet.masking.MaskState`), a strategy for the process layout (one
+  process, DDP or FSDP2; :mod:`granet.ranks`) and the update policy
+  (:class:`~granet.updater.TopologyUpdater`, handed the layout's ``select``). Callers read views and
+  ask named questions such as :meth:`Sparsifier.needs_dense_gradient`; only ``step()``,
+  ``load_state_dict()`` and ``set_masks()`` change the topology.
 * **Every random choice** comes from a generator seeded by (seed, purpose, step, layer): resumes and
   distributed ranks reproduce it without saving or sharing RNG state. Under ``torch.distributed``
   the masks are still broadcast from rank 0 at start and verified after every update
@@ -32,6 +34,12 @@ Inside one ``step()`` at optimizer step t the sparsifier zeroes the inactive wei
 SNFS-style, their optimizer state) that the optimizer moved; at an update step it first asks its
 :class:`~granet.updater.TopologyUpdater` for the new masks (pruning, then drop-and-regrow; see
 :mod:`granet.updater` for the order and rules) and installs them in the same pass.
+
+A pickled sparsifier (``pickle.dumps(sparsifier)``, ``copy.deepcopy``) is its :meth:`state_dict`:
+unpickled, it holds the config, step, masks, counts and exploration bits, but no model, parameters
+or optimizer (they belong to the training process), so :meth:`state_dict`, the views and the
+statistics work and everything that touches weights raises. To train on, build a sparsifier on the
+model and ``load_state_dict(restored.state_dict())``.
 """
 from __future__ import annotations
 
@@ -43,17 +51,15 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from . import distributed as _distributed
-from .fsdp import ShardedTopologyUpdater, ShardLayout
 from .criteria import require_momentum
 from .config import SparsityConfig
 from .coverage import Coverage, log_coverage
 from .errors import short_repr
-from .masking import MaskedParameters, pack_bits
-from .ranks import RankChecks
+from .masking import MaskState
+from .ranks import ProcessLayout, SingleProcess, process_layout
 from .schedule_check import schedule_warnings
 from .schedules import DropFractionSchedule, PruningSchedule
-from .selection import DEFAULT_LAYER_TYPES, LayerType, select_parameters
+from .selection import DEFAULT_LAYER_TYPES, LayerType, Selection, select_parameters
 from .selection import sparsifiable_parameters  # noqa: F401  (re-exported: granet.sparsifier.sparsifiable_parameters)
 from .topology import UpdateReport
 from .updater import TopologyUpdater
@@ -72,7 +78,11 @@ def _count_entry(value: Any, key: str) -> int:
     return int(value)
 
 
-class Sparsifier(RankChecks, MaskedParameters):
+_DETACHED = ("this sparsifier was restored from a pickle: it holds the state and config but no model, "
+             "parameters or optimizer; build a sparsifier on the model and load_state_dict(restored.state_dict())")
+
+
+class Sparsifier:
     """Keeps a model's Conv/Linear weights sparse and evolves their masks during training.
 
     Prefer :func:`granet.create_sparsifier` to build one from a method name.
@@ -94,6 +104,9 @@ class Sparsifier(RankChecks, MaskedParameters):
             all-reduce) after every topology update. ``None`` (default) turns it on when a process
             group with more than one rank is initialised. See :mod:`granet.distributed`. Under FSDP2
             (DTensor weights) masks are sharded like the weights instead; see :mod:`granet.fsdp`.
+
+    Pickling keeps the :meth:`state_dict` only (see the module notes); a sharded sparsifier is not
+    picklable (its state dict is a collective).
     """
 
     def __init__(
@@ -113,20 +126,22 @@ class Sparsifier(RankChecks, MaskedParameters):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
         self._config = config if config is not None else SparsityConfig()
         self._config.validate()
-        self.selection = select_parameters(
+        self.selection: Optional[Selection] = select_parameters(
             model, layer_types, self._config.keep_dense, include, exclude, dense_embeddings
         )
         targets = self.selection.selected
         if not targets:
             raise ValueError("the model has no sparsifiable weights: " + self.selection.coverage().dense_reasons())
-        super().__init__([n for n, _ in targets], [p for _, p in targets], optimizer, self._config.mask_optimizer_state)
+        names, params = [n for n, _ in targets], [p for _, p in targets]
         cfg = self._config
-        if round(cfg.density * self.total) < 1:
-            raise ValueError(f"density {cfg.density:g} keeps no weight: {cfg.density:g} x {self.total:,} sparsified "
-                             f"weights rounds to 0 (the lowest usable density here is {1 / self.total:.3g})")
-        self._layout = ShardLayout.detect(self._names, self._params)
-        self._model_ref = weakref.ref(model)
-        self._updater = TopologyUpdater(cfg) if self._layout is None else ShardedTopologyUpdater(cfg, self._layout)
+        total = sum(p.numel() for p in params)
+        if round(cfg.density * total) < 1:
+            raise ValueError(f"density {cfg.density:g} keeps no weight: {cfg.density:g} x {total:,} sparsified "
+                             f"weights rounds to 0 (the lowest usable density here is {1 / total:.3g})")
+        self._ranks: ProcessLayout = process_layout(names, params, distributed)
+        self._state = MaskState(names, params, optimizer, cfg.mask_optimizer_state, self._ranks)
+        self._model_ref: Optional[weakref.ReferenceType[nn.Module]] = weakref.ref(model)
+        self._updater = TopologyUpdater(cfg, select=self._ranks.select)
         if self._updater.grow.needs_momentum and self._updater.regrowth is not None:
             require_momentum(optimizer)
         for message in schedule_warnings(self._updater.pruning, self._updater.regrowth, cfg.total_steps):
@@ -136,20 +151,12 @@ class Sparsifier(RankChecks, MaskedParameters):
         self._pending_steps = 0
         self._skipped_updates = 0
         self._last_update: Optional[UpdateReport] = None
-        self._masks = self._updater.initial_masks(self._params)
-        self._counts = self._count(self._masks)
-        self._init_counts = list(self._counts)
-        self._final_counts = self._updater.final_layer_counts([p.shape for p in self._params], self._init_counts)
-        self._ever_active = [pack_bits(m) for m in self._masks] if cfg.track_exploration else None
-        if self._layout is not None and distributed is False:
-            raise ValueError("distributed=False: the model's weights are FSDP shards, whose masks need collectives")
-        # Under FSDP masks differ per rank by design: the sharded checks replace the DDP ones.
-        self._is_distributed = self._layout is None and (
-            _distributed.is_distributed() if distributed is None else bool(distributed))
-        if self._is_distributed and not _distributed.is_initialised():
-            raise ValueError("distributed=True needs an initialised torch.distributed process group")
-        self.apply_masks()
-        if self._is_distributed:
+        self._detached = False
+        self._state.start(self._updater.initial_masks(params), cfg.track_exploration)
+        self._init_counts = self._state.counts
+        self._final_counts = self._updater.final_layer_counts(self._state.shapes, self._init_counts)
+        self._state.apply()
+        if self._ranks.replicated:
             # Masks are a function of the config, but a rank built from another config or model would
             # silently train another network: rank 0's masks win (the broadcast checks the layout first).
             self.broadcast_masks()
@@ -162,6 +169,55 @@ class Sparsifier(RankChecks, MaskedParameters):
     def config(self) -> SparsityConfig:
         """A copy of the configuration (changing it does not change the sparsifier)."""
         return self._config.replace()
+
+    @property
+    def optimizer(self) -> Optional[torch.optim.Optimizer]:
+        """The optimizer whose state is masked (``None``: none)."""
+        return self._state.optimizer
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the sparsified parameters, in model order (a copy)."""
+        return self._state.names
+
+    @property
+    def params(self) -> tuple[nn.Parameter, ...]:
+        """The sparsified parameters, in the order of :attr:`names`."""
+        self._require_model()
+        return self._state.params
+
+    @property
+    def sizes(self) -> list[int]:
+        """Number of entries of each sparsified parameter (a copy)."""
+        return self._state.sizes
+
+    @property
+    def total(self) -> int:
+        """Number of sparsified weights."""
+        return self._state.total
+
+    @property
+    def masks(self) -> Mapping[str, torch.Tensor]:
+        """Read-only ``{name: torch.bool mask}`` of the current topology.
+
+        The tensors are the live masks (no copy): read them, never change them in place; install
+        other masks with ``set_masks``. Under FSDP each is this rank's rows.
+        """
+        return self._state.masks
+
+    def mask_of(self, name: str) -> torch.Tensor:
+        """The live ``torch.bool`` mask of parameter ``name`` (read it, do not change it in place)."""
+        return self._state.mask_of(name)
+
+    @property
+    def counts(self) -> list[int]:
+        """Active weights per sparsified parameter (a copy)."""
+        return self._state.counts
+
+    @property
+    def ever_active(self) -> Optional[tuple[torch.Tensor, ...]]:
+        """Bit-packed "ever active" masks per layer (``uint8``), or ``None`` if not tracked."""
+        return self._state.ever_active
 
     @property
     def init_counts(self) -> list[int]:
@@ -201,12 +257,12 @@ class Sparsifier(RankChecks, MaskedParameters):
     @property
     def distributed(self) -> bool:
         """Whether masks are kept consistent across ranks: identical (DDP) or sharded (FSDP)."""
-        return self._is_distributed or self._layout is not None
+        return self._ranks.replicated or self._ranks.sharded
 
     @property
     def sharded(self) -> bool:
         """Whether the weights are FSDP2 shards (masks then hold this rank's rows; see :mod:`granet.fsdp`)."""
-        return self._layout is not None
+        return self._ranks.sharded
 
     @property
     def reached_final_density(self) -> bool:
@@ -242,7 +298,8 @@ class Sparsifier(RankChecks, MaskedParameters):
         Returns:
             The :class:`UpdateReport` of the topology update made at this step, else ``None``.
         """
-        if self._optimizer is None:
+        self._require_model()
+        if self._state.optimizer is None:
             new_steps = 1
         else:
             new_steps, self._pending_steps = self._pending_steps, 0
@@ -255,9 +312,15 @@ class Sparsifier(RankChecks, MaskedParameters):
             self._check_params_current()  # also at every update
         self._step_count += new_steps
         if not any(self.is_update_step(t) for t in range(first, self._step_count + 1)):
-            self.apply_masks()
+            self._state.apply()
             return None
         return self._update(self._step_count)  # installs the new masks in the same pass
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero every inactive weight (and its optimizer state, unless disabled) in place."""
+        self._require_model()
+        self._state.apply()
 
     # ------------------------------------------------------------------ topology updates
 
@@ -265,12 +328,13 @@ class Sparsifier(RankChecks, MaskedParameters):
     def _update(self, step: int) -> UpdateReport:
         """Prune and/or drop-and-regrow at ``step``, then zero weights and optimizer state in one pass."""
         self._check_params_current()
+        state, names, params = self._state, self._state.names, self._state.params
         report = UpdateReport(step=step, target_density=self.target_density(step))
-        report.layers = {n: {"pruned": 0, "dropped": 0, "regrown": 0} for n in self._names}
-        if not self._updater.gradients_finite(self._params):
-            self.apply_masks()
+        report.layers = {n: {"pruned": 0, "dropped": 0, "regrown": 0} for n in names}
+        if not self._ranks.gradients_finite(params):
+            state.apply()
             report.skipped = True
-            report.density = self.density()
+            report.density = state.density()
             self._skipped_updates += 1
             self._last_update = report
             logger.warning("step %d: non-finite gradients, topology update skipped", step)
@@ -280,23 +344,24 @@ class Sparsifier(RankChecks, MaskedParameters):
                 # the step alone: a rank that skipped alone raises instead of deadlocking the others.
                 self.verify_masks()
             return report
-        reset: list[Optional[torch.Tensor]] = [None] * len(self._params)
+        reset: list[Optional[torch.Tensor]] = [None] * len(params)
         if self._updater.is_prune_step(step):  # pruning only removes positions: nothing new explored
-            self._set_topology(self._updater.prune(
-                step, self._params, self._masks, self._counts, self._init_counts, self._final_counts
+            self._take(self._updater.prune(
+                step, params, list(state.masks.values()), state.counts, self._init_counts, self._final_counts,
+                names=names, optimizer=state.optimizer,
             ), report, pruning=True)
         if self._updater.is_regrowth_step(step):
             regrowth = self._updater.drop_and_grow(
-                step, self._names, self._params, self._masks, self._counts, self._optimizer, report
+                step, names, params, list(state.masks.values()), state.counts, state.optimizer, report
             )
-            regrown = self._set_topology(regrowth.masks, report, pruning=False)
+            regrown = self._take(regrowth.masks, report, pruning=False)
             reset = regrowth.reset
-            if self._ever_active is not None:
-                self._explore(sorted(regrown), regrowth.grown)
-        self._install(reset)
+            if state.ever_active is not None:
+                state.explore(regrown, regrowth.grown)
+        state.install(reset)
         for key in ("pruned", "dropped", "regrown"):
             setattr(report, key, sum(v[key] for v in report.layers.values()))
-        report.density = self.density()
+        report.density = state.density()
         self._last_update = report
         if self.distributed:
             self.verify_masks()  # one small all-reduce; raises MaskDivergenceError
@@ -306,23 +371,66 @@ class Sparsifier(RankChecks, MaskedParameters):
         )
         return report
 
-    def _set_topology(self, masks: list[torch.Tensor], report: UpdateReport, pruning: bool) -> set[int]:
-        """Take the updater's masks (installed later); return the changed layers. Pruned layers are
-        recounted; after drop-and-regrow the count is exact from the report (no pass over the mask)."""
-        changed = [i for i, new in enumerate(masks) if new is not self._masks[i]]
+    def _take(self, masks: list[torch.Tensor], report: UpdateReport, pruning: bool) -> list[int]:
+        """Take the updater's masks (installed later); return the changed layers, in order. Pruned
+        layers are recounted; after drop-and-regrow the count is exact from the report (no pass)."""
+        changed = self._state.changed(masks)
+        counts, names = self._state.counts, self._state.names
         if pruning:
-            for i, count in zip(changed, self._count([masks[i] for i in changed])):
-                report.layers[self._names[i]]["pruned"] = self._counts[i] - count
-                self._counts[i] = count
+            new_counts = self._state.count([masks[i] for i in changed])
+            for i, count in zip(changed, new_counts):
+                report.layers[names[i]]["pruned"] = counts[i] - count
         else:
-            for i in changed:
-                layer = report.layers[self._names[i]]
-                self._counts[i] += layer["regrown"] - layer["dropped"]
-        for i in changed:
-            self._masks[i] = masks[i]
-        return set(changed)
+            new_counts = [counts[i] + report.layers[names[i]]["regrown"] - report.layers[names[i]]["dropped"]
+                          for i in changed]
+        self._state.replace(changed, [masks[i] for i in changed], new_counts)
+        return changed
+
+    # ------------------------------------------------------------------ consistency across ranks
+
+    def _agreement(self) -> dict[str, Any]:
+        """What every rank must agree on before masks are broadcast (besides layers and step)."""
+        return {
+            "sparsity config": self._config.to_dict(),
+            "track_exploration": self._state.ever_active is not None,
+            "per-layer pruning targets (init/final counts)": [self._init_counts, self._final_counts],
+        }
+
+    def broadcast_masks(self, src: int = 0, group: Optional[Any] = None) -> None:
+        """Make every rank's masks (and exploration bits) a copy of rank ``src``'s, then re-apply them.
+
+        Runs by itself at construction and after :meth:`load_state_dict` when distributed; see
+        :func:`granet.distributed.broadcast_masks`. Every rank must call it.
+
+        Raises:
+            ValueError: under FSDP (every rank holds its own rows; nothing to copy).
+        """
+        self._require_model()
+        self._ranks.broadcast(self._state, self._step_count, self._agreement(), src=src, group=group)
+
+    def verify_masks(self, group: Optional[Any] = None) -> None:
+        """Raise :class:`~granet.distributed.MaskDivergenceError` unless every rank holds the same masks.
+
+        Runs by itself after every topology update when distributed; see
+        :func:`granet.distributed.verify_masks` (under FSDP: the ranks agree on step and counts).
+        Every rank must call it.
+        """
+        self._require_model()
+        self._ranks.verify(self._state, self._step_count, self._skipped_updates, group=group)
 
     # ------------------------------------------------------------------ statistics
+
+    def density(self) -> float:
+        """Fraction of the sparsified weights that are active."""
+        return self._state.density()
+
+    def layer_density(self) -> dict[str, float]:
+        """Density of every sparsified tensor, by parameter name."""
+        return self._state.layer_density()
+
+    def exploration_rate(self) -> Optional[float]:
+        """Fraction of the sparsified weights that have ever been active (ITOP's R_s), if tracked."""
+        return self._state.exploration_rate()
 
     def target_density(self, step: Optional[int] = None) -> float:
         """The schedule's target density at ``step`` (default: the current step)."""
@@ -330,6 +438,8 @@ class Sparsifier(RankChecks, MaskedParameters):
 
     def coverage(self) -> Coverage:
         """Which of the model's weights are under masks (with current densities), which are dense and why."""
+        if self.selection is None:
+            raise RuntimeError(_DETACHED)
         return self.selection.coverage(self.layer_density())
 
     def stats(self) -> dict[str, Any]:
@@ -340,8 +450,8 @@ class Sparsifier(RankChecks, MaskedParameters):
             "density": self.density(),
             "sparsity": 1.0 - self.density(),
             "target_density": self.target_density(),
-            "active_weights": sum(self._counts),
-            "sparsified_weights": self._total,
+            "active_weights": sum(self._state.counts),
+            "sparsified_weights": self._state.total,
             "layer_density": self.layer_density(),
             "exploration_rate": self.exploration_rate(),
             "drop_fraction": self._updater.drop_fraction(self._step_count),
@@ -357,17 +467,20 @@ class Sparsifier(RankChecks, MaskedParameters):
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume bit-exactly: config, step, masks, exploration bits, counts.
 
-        Random choices are functions of (seed, step, layer), so no generator state is needed.
+        Random choices are functions of (seed, step, layer), so no generator state is needed. Under
+        FSDP the full masks are gathered: a collective every rank must call.
         """
+        state, names = self._state, self._state.names
+        ever = state.ever_active
         return {
             "format": 1,
             "config": self._config.to_dict(),
             "step": self._step_count,
-            "names": list(self._names),
-            "shapes": [list(p.shape) for p in self._params],
-            "masks": {n: m.detach().cpu().clone() for n, m in zip(self._names, self._full(self._masks))},
-            "ever_active": None if self._ever_active is None else {
-                n: e.detach().cpu().clone() for n, e in zip(self._names, self._full(self._ever_active, packed=True))
+            "names": names,
+            "shapes": [list(s) for s in state.shapes],
+            "masks": {n: m.detach().cpu().clone() for n, m in zip(names, self._ranks.full(list(state.masks.values())))},
+            "ever_active": None if ever is None else {
+                n: e.detach().cpu().clone() for n, e in zip(names, self._ranks.full(list(ever), packed=True))
             },
             "init_counts": list(self._init_counts),
             "final_counts": list(self._final_counts),
@@ -389,6 +502,7 @@ class Sparsifier(RankChecks, MaskedParameters):
             ValueError: parameters are missing, unexpected or differently shaped (all are named),
                 masks are not boolean, or (``strict``) the configuration differs.
         """
+        self._require_model()
         if not isinstance(state, Mapping):
             raise TypeError(
                 f"a sparsifier state must be the mapping returned by Sparsifier.state_dict(), "
@@ -397,7 +511,7 @@ class Sparsifier(RankChecks, MaskedParameters):
         masks = state.get("masks")
         if not isinstance(masks, Mapping):
             raise ValueError("not a granet sparsifier state: no 'masks' entry")
-        checked = self._checked_masks(masks, "the state")
+        checked = self._state.check_masks(masks, "the state")
         self._config.check_saved(state.get("config"), strict)
         # Everything is checked before anything is changed: a refused state leaves the sparsifier as it was.
         step = _count_entry(state.get("step"), "step")
@@ -411,31 +525,32 @@ class Sparsifier(RankChecks, MaskedParameters):
             last_update = UpdateReport(**last) if last else None
         except TypeError:
             raise ValueError(f"sparsifier state has an invalid last_update {short_repr(last)}") from None
-        self._counts = [int(torch.count_nonzero(m)) for m in checked]  # full masks: global counts
-        self._masks = [self._rows(m, i).to(p.device).clone() for i, (m, p) in enumerate(zip(checked, self._params))]
-        if ever_active is not None and self._config.track_exploration:
-            self._ever_active = [self._rows(e, i, packed=True).to(p.device).clone()
-                                 for i, (e, p) in enumerate(zip(ever_active, self._params))]
-        elif self._config.track_exploration:
-            self._ever_active = [pack_bits(m) for m in self._masks]
+        counts = [int(torch.count_nonzero(m)) for m in checked]  # full masks: whole-layer counts
+        rows = self._ranks.rows
+        self._state.load(
+            [rows(m, i) for i, m in enumerate(checked)], counts,
+            None if ever_active is None else [rows(e, i, packed=True) for i, e in enumerate(ever_active)],
+            self._config.track_exploration,
+        )
         self._init_counts, self._final_counts = init_counts, final_counts
         self._step_count = step
         self._skipped_updates = skipped
         self._last_update = last_update
         self._pending_steps = 0
-        self.apply_masks()
-        if self._is_distributed:
+        self._state.apply()
+        if self._ranks.replicated:
             self.broadcast_masks()  # every rank resumes from rank 0's masks
 
     def _checked_ever_active(self, ever_active: Any) -> Optional[list[torch.Tensor]]:
         """The saved exploration bits in parameter order (``None`` if absent), checked against the layers."""
         if ever_active is None:
             return None
-        if not isinstance(ever_active, Mapping) or set(ever_active) != set(self._names):
+        names = self._state.names
+        if not isinstance(ever_active, Mapping) or set(ever_active) != set(names):
             raise ValueError("sparsifier state has an invalid ever_active entry (expected the packed bits of "
                              "every sparsified parameter)")
         out = []
-        for name, size in zip(self._names, self._sizes):
+        for name, size in zip(names, self._state.sizes):
             bits = ever_active[name]
             if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8 or tuple(bits.shape) != (-(-size // 8),):
                 got = (f"{bits.dtype} {tuple(bits.shape)}" if isinstance(bits, torch.Tensor)
@@ -447,10 +562,11 @@ class Sparsifier(RankChecks, MaskedParameters):
 
     def _checked_counts(self, counts: Any, key: str) -> list[int]:
         """A per-layer count list of the state: one int in [0, layer size] per sparsified parameter."""
-        if (not isinstance(counts, (list, tuple)) or len(counts) != len(self._sizes)
-                or not all(_is_count(c) and c <= n for c, n in zip(counts, self._sizes))):
+        sizes = self._state.sizes
+        if (not isinstance(counts, (list, tuple)) or len(counts) != len(sizes)
+                or not all(_is_count(c) and c <= n for c, n in zip(counts, sizes))):
             raise ValueError(f"sparsifier state has an invalid {key} {short_repr(counts)} (expected "
-                             f"{len(self._sizes)} counts, each between 0 and its layer's size)")
+                             f"{len(sizes)} counts, each between 0 and its layer's size)")
         return [int(c) for c in counts]
 
     @torch.no_grad()
@@ -472,19 +588,14 @@ class Sparsifier(RankChecks, MaskedParameters):
             TypeError: ``masks`` is not a mapping.
             ValueError: names missing or unknown, shapes differ, or a mask is not ``torch.bool``.
         """
+        self._require_model()
         if not isinstance(masks, Mapping):
             raise TypeError(f"masks must be a mapping {{name: bool tensor}}, got {type(masks).__name__}")
-        checked = self._checked_masks(masks, "the mapping given to set_masks")
-        if self._step_count == 0 and self._ever_active is not None:
-            self._ever_active = [torch.zeros_like(e) for e in self._ever_active]
-        if self._is_distributed:
-            self._masks = [m.to(p.device).clone() for m, p in zip(checked, self._params)]
-            self.broadcast_masks()  # rank 0's masks on every rank, then applied
-            checked = self._masks
-        elif self._layout is not None:  # every rank must pass the same full masks: checked, then sliced
-            _distributed.verify_masks(self._names, checked, self._step_count, self._skipped_updates, self._layout.group)
-            checked = [self._rows(m, i) for i, m in enumerate(checked)]
-        self._install_exactly(checked)
+        checked = self._state.check_masks(masks, "the mapping given to set_masks")
+        if self._step_count == 0:
+            self._state.reset_exploration()
+        checked = self._ranks.adopt(self._state, checked, self._step_count, self._skipped_updates, self._agreement())
+        self._state.install_exactly(checked)
 
     def remove(self) -> None:
         """Detach from the optimizer (removes the step hook); masks are left as they are."""
@@ -492,9 +603,67 @@ class Sparsifier(RankChecks, MaskedParameters):
             self._hook.remove()
             self._hook = None
 
+    # ------------------------------------------------------------------ the model
+
+    def _check_params_current(self) -> None:
+        """Raise if the model no longer holds the masked parameters (e.g. ``fully_shard`` or another
+        wrapper replaced them after the sparsifier was built): masks would act on dead tensors."""
+        model = self._model_ref() if self._model_ref is not None else None
+        if model is None:
+            return
+        live = {id(p) for p in model.parameters()}
+        stale = [n for n, p in zip(self._state.names, self._state.params) if id(p) not in live]
+        if stale:
+            raise RuntimeError(
+                f"the model's parameters {', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''} were replaced "
+                "after the sparsifier was built (e.g. by fully_shard): build the optimizer and the sparsifier "
+                "after wrapping the model"
+            )
+
+    def _require_model(self) -> None:
+        """Refuse what needs the weights on a sparsifier restored from a pickle."""
+        if self._detached:
+            raise RuntimeError(_DETACHED)
+
+    # ------------------------------------------------------------------ pickling
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The pickled form: the :meth:`state_dict` (see the module notes for what unpickling gives).
+
+        Raises:
+            TypeError: the sparsifier is sharded (its state dict is a collective; save
+                ``state_dict()`` on every rank instead).
+        """
+        if self._ranks.sharded:
+            raise TypeError("a sharded (FSDP) sparsifier cannot be pickled: its state_dict() gathers the masks "
+                            "from every rank (a collective); pickle or save sparsifier.state_dict() instead")
+        return {"pickled": 1, "state": self.state_dict()}
+
+    def __setstate__(self, pickled: Mapping[str, Any]) -> None:
+        """A detached sparsifier from :meth:`__getstate__`'s form: config, step, masks, counts and
+        exploration bits; no model, parameters or optimizer (``step()`` and friends raise)."""
+        state = pickled["state"]
+        self._config = SparsityConfig().replace(**state["config"])
+        self._ranks = SingleProcess()
+        self._updater = TopologyUpdater(self._config)
+        names = list(state["names"])
+        ever = state["ever_active"]
+        self._state = MaskState.restored(names, state["shapes"], [state["masks"][n] for n in names],
+                                         None if ever is None else [ever[n] for n in names], self._ranks)
+        self.selection = None
+        self._model_ref = None
+        self._hook = None
+        self._detached = True
+        self._step_count = int(state["step"])
+        self._pending_steps = 0
+        self._skipped_updates = int(state["skipped_updates"])
+        last = state["last_update"]
+        self._last_update = None if last is None else UpdateReport(**last)
+        self._init_counts = list(state["init_counts"])
+        self._final_counts = list(state["final_counts"])
+
     def __repr__(self) -> str:
         return (
-            f"Sparsifier(method={self._config.method!r}, step={self._step_count}, layers={len(self._names)}, "
+            f"Sparsifier(method={self._config.method!r}, step={self._step_count}, layers={len(self._state.names)}, "
             f"density={self.density():.4f}, target={self._config.density})"
         )
-

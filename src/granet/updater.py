@@ -1,8 +1,18 @@
 """The update policy of a sparsifier: when the topology changes and how the new masks are chosen.
 
-A :class:`TopologyUpdater` is built from a :class:`~granet.config.SparsityConfig`. It holds the
-schedules (gradual pruning, drop fraction) and the grow criterion, answers the questions the
-training loop asks (:meth:`~TopologyUpdater.is_update_step`,
+A :class:`TopologyUpdater` is composed of injected pieces (the JaxPruner shape):
+
+* the **criteria** (:class:`Criteria`): the prune score of gradual pruning, the drop score and the
+  grow score of drop-and-regrow, registered functions chosen by name
+  (:mod:`granet.criteria`); a method is a preset of pieces, and a new criterion is one registered
+  function;
+* the **schedules** of the config: gradual pruning and the drop fraction r_t;
+* the **select** (:class:`~granet.topology.Selector`): exact local top-k
+  (:data:`~granet.topology.LOCAL`, one process or DDP) or the sharded one
+  (:class:`granet.fsdp.ShardedSelect`, FSDP2). The policy is written once; where the masks live is
+  the select's business.
+
+It answers the questions the training loop asks (:meth:`~TopologyUpdater.is_update_step`,
 :meth:`~TopologyUpdater.needs_dense_gradient`, the target density), and computes the masks of one
 update from the current weights, masks and counts. It never stores masks: the
 :class:`~granet.sparsifier.Sparsifier` owns them and installs what the updater returns, so the
@@ -10,36 +20,68 @@ policy can be tested (and replaced) on plain lists of tensors.
 
 Order inside one update at optimizer step t:
 
-1. if t is a pruning step (multiple of ΔT in (t0, tf], or tf): magnitude-prune to the cubic target
-   ``d(t)``, globally (one threshold over all sparsified tensors) or per layer;
-2. if t is a regrowth step: in each sparse layer drop ``floor(r_t * active)`` smallest-magnitude
-   active weights and regrow as many inactive ones (just-dropped ones included) with the highest
-   grow score (SNFS-style redistribution shares the regrowths between layers by mean momentum).
-   Newly active weights start at zero with zeroed optimizer state; a weight dropped and regrown in
-   the same update keeps its value and state, as in GraNet and RigL (``reinit_regrown="all"``
-   resets it too).
+1. if t is a pruning step (multiple of ΔT in (t0, tf], or tf): prune to the cubic target ``d(t)``
+   by the prune score, globally (one threshold over all sparsified tensors) or per layer;
+2. if t is a regrowth step: in each sparse layer drop ``floor(r_t * active)`` active weights with
+   the lowest drop score and regrow as many inactive ones (just-dropped ones included) with the
+   highest grow score (SNFS-style redistribution shares the regrowths between layers by mean
+   momentum). Newly active weights start at zero with zeroed optimizer state; a weight dropped and
+   regrown in the same update keeps its value and state, as in GraNet and RigL
+   (``reinit_regrown="all"`` resets it too).
 
-Every random choice (tie-breaking, random regrowth) comes from a generator seeded by (seed,
-purpose, step, layer), so an update is a function of its inputs alone.
+Each phase is one call of the select with one problem per layer (one for a global prune); a
+layer's regrowth is the follow-up of its drop (:attr:`~granet.topology.Problem.then`), so in one
+process a layer's drop, regrowth and new mask run on one layer thread, and a sharded update costs
+a fixed number of collectives whatever the number of layers. Every random
+choice (tie-breaking, random regrowth) comes from a generator seeded by (seed, purpose, step,
+layer), so an update is a function of its inputs alone.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from functools import partial
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from . import topology
 from .config import SparsityConfig
-from .criteria import GrowCriterion, get_grow_criterion, seeded_generator
+from .criteria import (
+    MAGNITUDE, Criterion, GrowCriterion, get_drop_criterion, get_grow_criterion, get_prune_criterion, seeded_generator,
+)
 from .distributions import allocate_counts, layer_counts
 from .schedules import DropFractionSchedule, PruningSchedule
-from .topology import UpdateReport
+from .topology import LOCAL, Problem, Segment, Selector, UpdateReport
 from .workers import layer_map, on_cpu
-
 
 # Regrowth of fewer than 1/_POSITIONS_BELOW of a layer's entries is handled as positions, more as a mask.
 _POSITIONS_BELOW = 16
+
+
+@dataclass(frozen=True)
+class Criteria:
+    """The scores of a method: what gradual pruning keeps, what the drop keeps, what regrows.
+
+    Attributes:
+        prune: scores active weights at a pruning step (high = keep).
+        drop: scores active weights at a regrowth step (high = keep; the lowest are dropped).
+        grow: scores inactive weights at a regrowth step (high = regrow first).
+    """
+
+    prune: Criterion
+    drop: Criterion
+    grow: GrowCriterion
+
+    @staticmethod
+    def of(config: SparsityConfig) -> "Criteria":
+        """The registered criteria a config names (``grow``; ``prune_criterion`` and ``drop_criterion``
+        where the config has them, else magnitude, the score of every built-in method)."""
+        # getattr: SparsityConfig is to gain the two fields; until then every method ranks by |w|.
+        return Criteria(
+            prune=get_prune_criterion(getattr(config, "prune_criterion", MAGNITUDE.name)),
+            drop=get_drop_criterion(getattr(config, "drop_criterion", MAGNITUDE.name)),
+            grow=get_grow_criterion(config.grow),
+        )
 
 
 @dataclass
@@ -51,8 +93,8 @@ class Regrowth:
         reset: per layer, the regrown positions that start afresh (zero value and optimizer
             state), ``None`` where the layer was left alone: a mask shaped like the layer, or the
             flat positions (int64).
-        grown: per layer, the flat positions regrown (``None``: left alone), when known; the
-            exploration record then sets their bits instead of packing the whole mask.
+        grown: per layer, the flat positions regrown (``None``: left alone or given as a mask), when
+            known; the exploration record then sets their bits instead of packing the whole mask.
     """
 
     masks: list[torch.Tensor]
@@ -61,16 +103,24 @@ class Regrowth:
 
 
 class TopologyUpdater:
-    """Schedules and grow criterion of a sparsity config, and the mask computations of an update.
+    """Schedules, criteria and select of a sparsity config, and the mask computations of an update.
+
+    Masks passed in and returned are as the select holds them (under FSDP this rank's rows; see
+    :mod:`granet.fsdp`); counts are always whole-layer counts. With a sharded select every method
+    that computes masks is a collective: all ranks call it at the same step.
 
     Args:
         config: a validated sparsity configuration.
+        select: how selections are solved (default :data:`~granet.topology.LOCAL`).
+        criteria: the scores (default: those the config names, :meth:`Criteria.of`).
     """
 
-    def __init__(self, config: SparsityConfig) -> None:
+    def __init__(self, config: SparsityConfig, select: Optional[Selector] = None,
+                 criteria: Optional[Criteria] = None) -> None:
         self.config = config
         steps = config.resolve_steps()
-        self.grow: GrowCriterion = get_grow_criterion(config.grow)
+        self.criteria = Criteria.of(config) if criteria is None else criteria
+        self.select: Selector = LOCAL if select is None else select
         self.pruning: Optional[PruningSchedule] = None if config.prune is None else PruningSchedule(
             init_density=config.effective_init_density, final_density=config.density,
             start=steps["prune_start"], end=steps["prune_end"], interval=config.update_interval,
@@ -79,6 +129,11 @@ class TopologyUpdater:
             initial=config.drop_fraction, final=config.drop_fraction_end, start=steps["regrow_start"],
             end=steps["regrow_end"], interval=config.update_interval, decay=config.drop_decay,
         )
+
+    @property
+    def grow(self) -> GrowCriterion:
+        """The grow criterion (``criteria.grow``)."""
+        return self.criteria.grow
 
     # ------------------------------------------------------------------ questions about a step
 
@@ -95,7 +150,8 @@ class TopologyUpdater:
         return bool(self.is_prune_step(step) or self.is_regrowth_step(step))
 
     def needs_dense_gradient(self, step: int) -> bool:
-        """Whether optimizer step ``step`` computes the dense weight gradient (see the grow criterion)."""
+        """Whether optimizer step ``step`` (1-based) computes the dense weight gradient (see the grow
+        criterion; prune and drop scores rank active weights, whose gradient sparse training has)."""
         if self.regrowth is None or self.grow.dense_gradient == "never":
             return False
         if self.grow.dense_gradient == "every_step":
@@ -114,18 +170,13 @@ class TopologyUpdater:
         """r_t of the drop phase at ``step`` (0 without regrowth)."""
         return self.regrowth.fraction(step) if self.regrowth is not None else 0.0
 
-    def gradients_finite(self, params: Sequence[torch.Tensor]) -> bool:
-        """Whether every available gradient is finite (an update with non-finite ones is skipped)."""
-        return topology.gradients_finite(params)
-
     # ------------------------------------------------------------------ masks
 
     def initial_masks(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Random masks at the initial density, with exact per-layer counts from the distribution."""
         cfg = self.config
-        return topology.random_masks(
-            params, cfg.distribution, cfg.effective_init_density, cfg.seed, cfg.erk_power_scale
-        )
+        return topology.random_masks(params, cfg.distribution, cfg.effective_init_density, cfg.seed,
+                                     cfg.erk_power_scale, select=self.select)
 
     def final_layer_counts(self, shapes: Sequence[Sequence[int]], init_counts: Sequence[int]) -> list[int]:
         """Per-layer counts at the final density (layer-wise pruning targets; empty for other methods)."""
@@ -150,29 +201,50 @@ class TopologyUpdater:
         counts: Sequence[int],
         init_counts: Sequence[int],
         final_counts: Sequence[int],
+        *,
+        names: Optional[Sequence[str]] = None,
+        optimizer: Optional[torch.optim.Optimizer] = None,
     ) -> list[torch.Tensor]:
-        """Gradual magnitude pruning to the cubic schedule's target at ``step``.
+        """Gradual pruning to the cubic schedule's target at ``step``, by the prune score.
+
+        ``names`` and ``optimizer`` are what the prune criterion is called with (layer indices as
+        names by default; magnitude needs neither).
 
         Returns:
             Per layer, the new mask (the given one where the layer is already at its target).
         """
         assert self.pruning is not None
-        seed = self.config.seed
+        seed, cpu = self.config.seed, on_cpu(params)
+        names = [str(i) for i in range(len(params))] if names is None else names
+
+        def segments(*layers: int, generator: Optional[torch.Generator] = None) -> list[Segment]:
+            """The layers' prune scores; their generators are ``generator`` (one layer's: the score's,
+            then the ties'), else one per layer, made only if the score function runs."""
+            return [self._segment(self.criteria.prune, i, params[i], names[i], optimizer,
+                                  partial(seeded_generator, seed, "prune", step, i) if generator is None else
+                                  (lambda: generator), among=masks[i], count=counts[i]) for i in layers]
+
         if self.config.prune == "global":
             target = self.global_prune_target(step, params, counts)
             if target is None:
                 return list(masks)
-            return topology.prune_global(params, masks, target, seeded_generator(seed, "prune", step), counts)
+            problem = Problem(target, seeded_generator(seed, "prune", step), partial(segments, *range(len(params))),
+                              sum(p.numel() for p in params), cpu)
+            return [m.to(p.device) for m, p in zip(self.select([problem])[0], params)]
         pruning = self.pruning
-
-        def prune_layer(i: int) -> torch.Tensor:
+        problems: list[Problem] = []
+        pruned: list[int] = []
+        for i in range(len(params)):
             target = round(pruning.interpolate(step, init_counts[i], final_counts[i]))
-            if counts[i] <= target:
-                return masks[i]
-            return topology.keep_largest(params[i], masks[i], target, seeded_generator(seed, "prune", step, i),
-                                         active=counts[i])
-
-        return layer_map(prune_layer, len(params), on_cpu(params), costs=[p.numel() for p in params])
+            if counts[i] > target:
+                generator = seeded_generator(seed, "prune", step, i)
+                problems.append(Problem(target, generator, partial(segments, i, generator=generator), params[i].numel(),
+                                        cpu))
+                pruned.append(i)
+        new = list(masks)
+        for i, (mask,) in zip(pruned, self.select(problems)):
+            new[i] = mask
+        return new
 
     def drop_and_grow(
         self,
@@ -191,36 +263,65 @@ class TopologyUpdater:
         ``"new"`` only those inactive before the drop, so a weight dropped and regrown at once is
         untouched.
         """
-        seed = self.config.seed
+        cfg = self.config
+        seed, cpu, n = cfg.seed, on_cpu(params), len(params)
         fraction = self.drop_fraction(step)
         report.drop_fraction = fraction
+        result = Regrowth(masks=list(masks), reset=[None] * n, grown=[None] * n)
         # floor, as in RigL; dense layers (and tiny ones, n_drop = 0) are left alone
         drops = [0 if counts[i] == p.numel() else int(fraction * counts[i]) for i, p in enumerate(params)]
+        layers = [i for i in range(n) if drops[i] > 0]
+        if not layers:
+            return result
+        sizes = [params[i].numel() for i in layers]
 
-        def drop(i: int) -> Optional[torch.Tensor]:
-            if drops[i] == 0:
-                return None
-            return topology.keep_largest(params[i], masks[i], counts[i] - drops[i],
-                                         seeded_generator(seed, "drop", step, i), active=counts[i])
+        def drop(j: int, then: Optional[Callable[[list[torch.Tensor]], Problem]] = None) -> Problem:
+            i, generator = layers[j], seeded_generator(seed, "drop", step, layers[j])
+            return Problem(counts[i] - drops[i], generator, lambda: [self._segment(
+                self.criteria.drop, i, params[i], names[i], optimizer, lambda: generator, among=masks[i], count=counts[i],
+            )], sizes[j], cpu, then=then)
 
-        def grow(i: int, kept: Optional[torch.Tensor], n_grow: int) -> None:
-            if kept is None:
-                return
-            grown = self._grow(params[i], names[i], optimizer, seeded_generator(seed, "grow", step, i), kept,
-                               n_grow, params[i].numel() - counts[i] + drops[i])
-            report.layers[names[i]].update(dropped=drops[i], regrown=n_grow)
-            self._combine(result, i, masks[i], kept, grown)
+        def grow(j: int, kept: torch.Tensor, n_grow: int) -> Problem:
+            i, generator = layers[j], seeded_generator(seed, "grow", step, layers[j])  # the score's, then the ties'
 
-        result = Regrowth(masks=list(masks), reset=[None] * len(params), grown=[None] * len(params))
-        cpu, sizes = on_cpu(params), [p.numel() for p in params]
-        if self.config.redistribute == "none":  # each layer regrows what it dropped: one task per layer
-            layer_map(lambda i: grow(i, drop(i), drops[i]), len(params), cpu, costs=sizes)
+            def combine(grown: list[torch.Tensor]) -> None:
+                self._combine(result, i, masks[i], kept, grown[0])
+
+            # candidates: every position inactive after the drop
+            return Problem(n_grow, generator, lambda: [self._segment(
+                self.criteria.grow, i, params[i], names[i], optimizer, lambda: generator, among=kept, outside=True,
+                count=sizes[j] - counts[i] + drops[i],
+            )], sizes[j], cpu, positions=n_grow * _POSITIONS_BELOW < sizes[j], then=combine)
+
+        def regrow_dropped(j: int, kept: list[torch.Tensor]) -> Problem:
+            return grow(j, kept[0], drops[layers[j]])
+
+        if cfg.redistribute == "none":  # each layer regrows what it dropped: drop, regrowth, new mask in one chain
+            grows = drops
+            self.select([drop(j, then=partial(regrow_dropped, j)) for j in range(len(layers))])
         else:  # the regrowth shares need every layer's drop first
-            kept_masks = layer_map(drop, len(params), cpu, costs=sizes)
-            kept_counts = [counts[i] - drops[i] for i in range(len(params))]
-            grows = topology.momentum_shares(params, optimizer, kept_masks, drops, kept_counts)
-            layer_map(lambda i: grow(i, kept_masks[i], grows[i]), len(params), cpu, costs=sizes)
+            kept = [m for (m,) in self.select([drop(j) for j in range(len(layers))])]
+            kept_masks: list[Optional[torch.Tensor]] = [None] * n
+            for i, k in zip(layers, kept):
+                kept_masks[i] = k
+            grows = topology.momentum_shares(params, optimizer, kept_masks, drops,
+                                             [c - d for c, d in zip(counts, drops)], select=self.select)
+            self.select([grow(j, kept[j], grows[i]) for j, i in enumerate(layers)])
+        for i in layers:
+            report.layers[names[i]].update(dropped=drops[i], regrown=grows[i])
         return result
+
+    def _segment(self, criterion: Criterion, i: int, param: torch.Tensor, name: str,
+                 optimizer: Optional[torch.optim.Optimizer], generator: Callable[[], torch.Generator],
+                 among: torch.Tensor, count: int, outside: bool = False) -> Segment:
+        """Layer ``i``'s scores by ``criterion``, as the select holds them: the magnitudes of a tensor
+        the criterion names, read in place, or its scores in the parameter's dtype. ``generator``
+        makes the layer's generator (only called when the score function runs)."""
+        source = None if criterion.magnitude_of is None else criterion.magnitude_of(param, name, optimizer)
+        if source is not None and source.dtype == param.dtype and source.shape == param.shape:
+            return Segment(self.select.local(source, i), absolute=True, among=among, outside=outside, count=count)
+        scores = criterion.score(param, name, optimizer, generator()).to(param.dtype)
+        return Segment(self.select.local(scores, i), among=among, outside=outside, count=count)
 
     def _combine(self, result: Regrowth, i: int, old: torch.Tensor, kept: torch.Tensor, grown: torch.Tensor) -> None:
         """Layer ``i``'s new mask and reset positions from the mask after the drop and the regrown
@@ -234,15 +335,4 @@ class TopologyUpdater:
         result.reset[i] = grown[~old.reshape(-1).index_select(0, grown)] if fresh_only else grown
         new = kept.clone() if kept is old else kept  # a fresh mask: filled in place
         new.view(-1).index_fill_(0, grown, True)
-        result.masks[i], result.grown[i] = new, grown
-
-    def _grow(self, param: torch.Tensor, name: str, optimizer: Optional[torch.optim.Optimizer],
-              generator: torch.Generator, kept: torch.Tensor, n_grow: int, free: int) -> torch.Tensor:
-        """The ``n_grow`` best candidates outside ``kept`` by the grow score: flat positions when
-        few are regrown, a mask shaped like ``param`` when many are (positions then cost more)."""
-        grow = topology.grow_positions if n_grow * _POSITIONS_BELOW < param.numel() else topology.grow_layer
-        source = None if self.grow.magnitude_of is None else self.grow.magnitude_of(param, name, optimizer)
-        if source is not None and source.dtype == param.dtype and source.shape == param.shape:
-            return grow(source, kept, n_grow, generator, free=free, magnitude=True)
-        scores = self.grow.score(param, name, optimizer, generator)
-        return grow(scores.to(param.dtype), kept, n_grow, generator, free=free)
+        result.masks[i], result.grown[i] = new, grown  # type: ignore[index]
