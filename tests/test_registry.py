@@ -1,5 +1,4 @@
 """Pieces as registered objects: grow criteria, distributions, drop decays and methods by name."""
-import dataclasses
 import math
 
 import pytest
@@ -62,21 +61,12 @@ def test_a_method_in_one_file_with_a_new_grow_criterion(registry_snapshot):
     assert layer.weight.tolist() == [[0.0, 0.0, 3.0, 0.0, 2.0, 0.0]]
 
 
-@dataclasses.dataclass
-class _NamedScores(granet.SparsityConfig):
-    """A config naming its prune and drop criteria: the two fields the update policy reads where a
-    config has them (:meth:`granet.updater.Criteria.of`)."""
-
-    prune_criterion: str = "magnitude"
-    drop_criterion: str = "magnitude"
-
-
 def test_a_new_drop_criterion_is_one_registered_function(registry_snapshot):
     # Drop the active weights with the smallest |gradient| (magnitude would drop the smallest |w|).
     granet.register_drop_criterion(granet.Criterion("gradient-drop", lambda p, name, opt, gen: p.grad.abs()))
     assert granet.list_drop_criteria() == ("magnitude", "gradient-drop")
     layer = nn.Linear(6, 1, bias=False)
-    config = _NamedScores(**granet.method_preset("rigl")).replace(
+    config = granet.SparsityConfig(**granet.method_preset("rigl")).replace(
         density=0.5, drop_fraction=0.34, drop_decay="constant", update_interval=1, total_steps=10,
         drop_criterion="gradient-drop")
     s = granet.Sparsifier(layer, None, config)
@@ -91,7 +81,7 @@ def test_a_new_drop_criterion_is_one_registered_function(registry_snapshot):
     assert (report.dropped, report.regrown) == (1, 1)
     assert s.mask_of("weight").tolist() == [[True, False, False, True, True, False]]
     assert layer.weight.tolist() == [[1.0, 0.0, 0.0, 0.0, 2.0, 0.0]]
-    with pytest.raises(ValueError, match=r"unknown drop criterion 'nope'; valid: magnitude, gradient-drop"):
+    with pytest.raises(ValueError, match=r"unknown drop_criterion 'nope'; valid: magnitude, gradient-drop"):
         granet.Sparsifier(layer, None, config.replace(drop_criterion="nope"))
 
 
@@ -102,7 +92,7 @@ def test_a_new_prune_criterion_is_one_registered_function(registry_snapshot):
     layer = nn.Linear(4, 2, bias=False)
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[0.1, -0.9, 0.3, 0.0], [-0.5, 0.2, 0.8, 0.7]]))
-    config = _NamedScores(**granet.method_preset("gmp")).replace(
+    config = granet.SparsityConfig(**granet.method_preset("gmp")).replace(
         density=0.5, prune_start=0, prune_end=1, update_interval=1, total_steps=10, prune_criterion="centred")
     s = granet.Sparsifier(layer, None, config)
     report = s.step()

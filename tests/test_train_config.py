@@ -28,6 +28,8 @@ FLAT_KEYS = [
     "channels_last", "workers", "threads", "out", "resume", "overwrite", "progress", "max_steps", "keep_checkpoints",
     "init_from", "score_batches", "tensorboard", "dist_timeout", "fsdp",
 ]
+#: Keys added since (a config.yaml without them reads as the method's preset, the behaviour it had).
+NEW_KEYS = ["prune_criterion", "drop_criterion"]
 
 #: A config.yaml as that version wrote it (`granet train --model mlp --method rigl --epochs 2
 #: --update-interval 5 --density 0.05 --lr-schedule multistep --milestones 0.5 0.75 --keep-checkpoints 1`):
@@ -100,14 +102,14 @@ fsdp: false
 
 
 def test_the_flat_keys_are_those_users_have():
-    assert sorted(k.name for k in config_keys()) == sorted(FLAT_KEYS)
-    assert sorted(TrainConfig().to_dict()) == sorted(FLAT_KEYS)
+    assert sorted(k.name for k in config_keys()) == sorted(FLAT_KEYS + NEW_KEYS)
+    assert sorted(TrainConfig().to_dict()) == sorted(FLAT_KEYS + NEW_KEYS)
 
 
 def test_an_old_config_yaml_reads_back_to_the_same_flat_dict():
     old = yaml.safe_load(OLD_CONFIG_YAML)
     config = TrainConfig.from_dict(old)
-    assert config.to_dict() == old  # every value, lists as lists
+    assert config.to_dict() == dict(old, **dict.fromkeys(NEW_KEYS))  # every value, lists as lists; new keys unset
     assert (config.method, config.data.dataset, config.sparsity.regrow_end, config.optim.milestones,
             config.output.keep_checkpoints, config.machine.threads) == ("rigl", "digits", 30, (0.5, 0.75), (1,), 2)
     assert TrainConfig.from_dict(config.to_dict()) == config
@@ -117,7 +119,7 @@ def test_every_key_is_a_flag_and_nothing_else():
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
     flags = {opt for action in parser._actions for opt in action.option_strings}
-    assert flags == {"-h", "--help"} | {"--" + k.replace("_", "-") for k in FLAT_KEYS}
+    assert flags == {"-h", "--help"} | {"--" + k.replace("_", "-") for k in FLAT_KEYS + NEW_KEYS}
     args = build_parser().parse_args(["train", "--update-interval", "20", "--keep-dense", "fc1", "--lr", "0.5"])
     assert TrainConfig.from_dict({k: v for k, v in vars(args).items() if k in FLAT_KEYS}).to_dict() == \
         dict(TrainConfig().to_dict(), update_interval=20, keep_dense=["fc1"], lr=0.5)
@@ -214,3 +216,36 @@ def test_a_run_checks_its_config_once_and_resolves_its_sparsity_once(tmp_path, m
     assert calls == {"validate": 1, "method_config": 1, "resolved": 1}
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert state["sparsifier"]["config"]["update_interval"] == state["config"]["update_interval"] == 2
+
+
+def test_a_run_saved_before_the_criterion_keys_resumes_bit_identically(tmp_path):
+    """Checkpoints and config.yaml written before prune_criterion / drop_criterion existed lack them."""
+    import shutil
+
+    import torch
+
+    from granet.cli import main
+    from test_resume import _args, assert_same_run
+
+    ref = tmp_path / "reference"
+    assert main(_args(ref, "rigl", epochs=3, extra=("--keep-checkpoints", "1"))) == 0
+    old = tmp_path / "old"
+    old.mkdir()
+    state = torch.load(ref / "checkpoint_epoch1.pt", weights_only=True)
+    for config in (state["config"], state["sparsifier"]["config"]):
+        for key in NEW_KEYS:
+            del config[key]
+    torch.save(state, old / "checkpoint.pt")
+    on_disk = yaml.safe_load((ref / "config.yaml").read_text())
+    (old / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in on_disk.items() if k not in NEW_KEYS}))
+    shutil.copy(ref / "checkpoint_epoch1.pt", old / "checkpoint_epoch1.pt")
+    assert main(["train", "--resume", str(old), "--progress", "log"]) == 0
+    assert_same_run(ref, old)
+
+
+def test_an_unknown_criterion_is_one_line(tmp_path, capsys):
+    from test_bad_inputs import FAST, assert_one_line, run_cli
+
+    code, err = run_cli(["train", *FAST, "--method", "rigl", "--drop-criterion", "nope", "--out", str(tmp_path / "r")],
+                        capsys)
+    assert_one_line(code, err, "unknown drop_criterion 'nope'; valid: magnitude")

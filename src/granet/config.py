@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
-from .criteria import list_grow_criteria
+from .criteria import list_drop_criteria, list_grow_criteria, list_prune_criteria
 from .distributions import get_distribution, list_distributions
 from .schedules import list_drop_decays
 
@@ -72,6 +72,12 @@ class SparsityConfig:
     grow: str = _field(
         "gradient", "a registered :class:`~granet.criteria.GrowCriterion` (``gradient``, ``momentum``, "
                     "``random``, ...).")
+    prune_criterion: str = _field(
+        "magnitude", "a registered prune :class:`~granet.criteria.Criterion` (high = keep): what gradual pruning "
+                     "ranks active weights by; ``magnitude`` is ``|w|``.")
+    drop_criterion: str = _field(
+        "magnitude", "a registered drop :class:`~granet.criteria.Criterion` (high = keep): what the drop phase "
+                     "ranks active weights by; ``magnitude`` is ``|w|``.")
     redistribute: str = _field(
         "none", "``none`` keeps every layer's count; ``momentum`` (SNFS) moves regrowth between layers in "
                 "proportion to their mean momentum magnitude.")
@@ -168,6 +174,8 @@ class SparsityConfig:
         if self.prune is not None:
             _check_choice("prune", self.prune, PRUNE_SCOPES)
         _check_choice("grow", self.grow, list_grow_criteria())
+        _check_choice("prune_criterion", self.prune_criterion, list_prune_criteria())
+        _check_choice("drop_criterion", self.drop_criterion, list_drop_criteria())
         _check_choice("redistribute", self.redistribute, REDISTRIBUTIONS)
         _check_choice("reinit_regrown", self.reinit_regrown, REINIT_REGROWN)
         _check_choice("drop_decay", self.drop_decay, list_drop_decays())

@@ -47,7 +47,7 @@ import torch
 from . import topology
 from .config import SparsityConfig
 from .criteria import (
-    MAGNITUDE, Criterion, GrowCriterion, get_drop_criterion, get_grow_criterion, get_prune_criterion, seeded_generator,
+    Criterion, GrowCriterion, get_drop_criterion, get_grow_criterion, get_prune_criterion, seeded_generator,
 )
 from .distributions import allocate_counts, layer_counts
 from .schedules import DropFractionSchedule, PruningSchedule
@@ -78,8 +78,8 @@ class Criteria:
         where the config has them, else magnitude, the score of every built-in method)."""
         # getattr: SparsityConfig is to gain the two fields; until then every method ranks by |w|.
         return Criteria(
-            prune=get_prune_criterion(getattr(config, "prune_criterion", MAGNITUDE.name)),
-            drop=get_drop_criterion(getattr(config, "drop_criterion", MAGNITUDE.name)),
+            prune=get_prune_criterion(config.prune_criterion),
+            drop=get_drop_criterion(config.drop_criterion),
             grow=get_grow_criterion(config.grow),
         )
 

@@ -111,6 +111,8 @@ class SparsityOptions:
     regrow_start: Optional[StepSpec] = _preset("regrow_start")
     regrow_end: Optional[StepSpec] = _preset("regrow_end")
     grow: Optional[str] = _preset("grow")
+    prune_criterion: Optional[str] = _preset("prune_criterion")
+    drop_criterion: Optional[str] = _preset("drop_criterion")
     redistribute: Optional[str] = _preset("redistribute")
     reinit_regrown: Optional[str] = _preset("reinit_regrown")
     mask_optimizer_state: Optional[bool] = _preset("mask_optimizer_state")
