@@ -65,3 +65,15 @@ def test_fsdp_needs_torchrun(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
     assert "fsdp: true needs 2 or more processes: launch with torchrun --nproc_per_node=N (N >= 2)" in err
+
+
+@pytest.mark.slow
+def test_snfs_under_fsdp_equals_ddp(tmp_path: Path) -> None:
+    """SNFS's momentum redistribution (layer shares from global momentum means) under FSDP2."""
+    args = [a if a != "granet" else "snfs" for a in ARGS]
+    fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
+    run([*args, "--fsdp", "true", "--out", str(fsdp)])
+    run([*args, "--out", str(ddp)])
+    same_checkpoint(fsdp / "checkpoint.pt", ddp / "checkpoint.pt")
+    history = torch.load(fsdp / "checkpoint.pt", weights_only=True)["progress"]["history"]
+    assert sum(r["regrown"] for r in history) > 0  # topology updates really moved weights
