@@ -59,6 +59,9 @@ def test_rewinding_restores_the_iteration_k_values_of_the_survivors() -> None:
     kept = torch.cat([trained[n][m].abs() for n, m in zip(s.names, s.masks.values())])
     gone = torch.cat([trained[n][~m].abs() for n, m in zip(s.names, s.masks.values())])
     assert kept.min() >= gone.max()
+    # The ticket's own view of its masks: the sparsifier's, by parameter name.
+    assert list(ticket.masks) == list(s.names)
+    assert all(ticket.masks[n] is m for n, m in s.masks.items())
 
 
 def test_rewind_step_zero_is_the_initialisation_and_none_keeps_trained_values() -> None:

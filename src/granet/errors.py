@@ -62,7 +62,8 @@ class Interrupted(KeyboardInterrupt):
                 f"continue with `granet train --resume {where}`")
 
 
-__all__ = ["GranetError", "ConfigError", "CheckpointError", "RunDirError", "PeerFailure", "Interrupted", "short_text", "short_repr"]
+__all__ = ["GranetError", "ConfigError", "CheckpointError", "RunDirError", "PeerFailure", "Interrupted", "short_text",
+           "short_repr"]
 
 
 def short_text(text: str, limit: int = 60) -> str:

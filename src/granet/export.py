@@ -36,13 +36,16 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
 from .errors import CheckpointError, GranetError, RunDirError, short_repr, short_text
 from .rundir import MODEL_FILE, atomic_output, load_file, refuse_run_file
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeGuard
 
 FORMAT_NAME = "granet-sparse"
 FORMAT_VERSION = 1
@@ -352,7 +355,7 @@ def _describe(dtype: torch.dtype, shape: tuple[int, ...]) -> str:
     return f"{_dtype_name(dtype)} {short_repr(list(shape))}"
 
 
-def _is_count(value: Any) -> bool:
+def _is_count(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
@@ -421,7 +424,8 @@ def _entries(meta: Mapping[str, str], headers: Mapping[str, tuple[torch.dtype, t
         raise ValueError("its 'keys' metadata is not a list of distinct state-dict keys")
     if not isinstance(sparse, dict) or not set(sparse) <= set(keys):
         raise ValueError("its 'sparse' metadata names tensors missing from 'keys'")
-    entries, stored = [], set()
+    entries: list[_Entry] = []
+    stored: set[str] = set()
     for key in keys:
         if key in sparse:
             entry = _sparse_entry(key, sparse[key], meta["layout"], headers)
@@ -640,7 +644,7 @@ def export_run(run_dir: Union[str, Path], out_path: Optional[Union[str, Path]] =
         raise SparseExportError(str(exc)) from None
     if not {"model", "masks"} <= set(artifact):
         raise SparseExportError(f"{path} is not a granet model file (needs 'model' and 'masks' entries)")
-    metadata = {k: artifact[k] for k in ("config", "epoch", "step", "layer_density") if k in artifact}
+    metadata: dict[str, Any] = {k: artifact[k] for k in ("config", "epoch", "step", "layer_density") if k in artifact}
     return export_sparse(artifact["model"], artifact["masks"], out, metadata=metadata, layout=layout,
                          keep_zero_signs=keep_zero_signs)
 

@@ -54,7 +54,7 @@ import logging
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union, cast
 
 import torch
 from torch import nn
@@ -162,7 +162,7 @@ class _ParameterFlops(TorchDispatchMode):
             hits = {self.storages.get(a.untyped_storage().data_ptr()) for a in args if isinstance(a, torch.Tensor)}
             hits.discard(None)
             if len(hits) == 1:  # an op reading two sparsified weights at once cannot be split: "other"
-                name = hits.pop()
+                name = cast(str, hits.pop())
                 self.flops[name] = self.flops.get(name, 0) + int(flop_registry[packet](*args, **kwargs, out_val=out))
         return out
 

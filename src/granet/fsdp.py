@@ -30,7 +30,7 @@ Not supported (a clear error at construction): placements other than ``Shard(0)`
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence, cast
 
 import torch
 import torch.distributed as dist
@@ -39,13 +39,17 @@ from .masking import pack_bits
 from .sharded import RowShard, all_gather, all_reduce, row_shard, select_top_sharded
 from .topology import Problem
 
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+    from typing_extensions import TypeGuard
+
 __all__ = ["ShardLayout", "ShardedSelect", "is_dtensor", "local", "unpack_bits"]
 
 #: At most this many values travel in one all-gather of :meth:`ShardLayout.gather_rows` (64 MiB of float32).
 GATHER_ENTRIES = 1 << 24
 
 
-def is_dtensor(tensor: Any) -> bool:
+def is_dtensor(tensor: Any) -> TypeGuard[DTensor]:
     """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (FSDP2 parameters are)."""
     try:
         from torch.distributed.tensor import DTensor
@@ -85,8 +89,9 @@ class ShardLayout:
                 "FSDP: some sparsified parameters are sharded DTensors and some are not "
                 f"({', '.join(plain)}): apply fully_shard to every module holding a sparsified weight"
             )
-        mesh = params[0].device_mesh
-        for n, p in zip(names, params):
+        sharded = [cast("DTensor", p) for p in params]
+        mesh = sharded[0].device_mesh
+        for n, p in zip(names, sharded):
             if p.device_mesh != mesh or mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
                 raise ValueError(
                     f"FSDP: {n} is placed {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh; granet supports "
@@ -96,7 +101,7 @@ class ShardLayout:
         self.rank = dist.get_rank(self.group)
         self.world = dist.get_world_size(self.group)
         self.shards: list[RowShard] = [row_shard(p.shape, self.rank, self.world) for p in params]
-        for n, p, s in zip(names, params, self.shards):
+        for n, p, s in zip(names, sharded, self.shards):
             if tuple(p.to_local().shape) != s.local_shape:
                 raise ValueError(f"FSDP: {n} has local shape {tuple(p.to_local().shape)}, expected rows of {s}")
         device = params[0].device
@@ -145,7 +150,7 @@ class ShardLayout:
             offset += pad
         rows = all_gather(buf.to(self._comm_device), self.group).cpu()  # (world, sum(pads))
         out, offset = [], 0
-        for i, (s, pad) in enumerate(zip(self.shards, pads)):
+        for s, pad in zip(self.shards, pads):
             parts = [rows[r, offset:offset + row_shard(s.shape, r, self.world).rows * s.row_numel]
                      for r in range(self.world)]
             out.append(torch.cat(parts).bool().view(s.shape))
@@ -154,7 +159,8 @@ class ShardLayout:
 
     def gather_packed(self, packed: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Full bit-packed masks from every rank's bit-packed rows."""
-        local_masks = [unpack_bits(b.cpu(), s.rows * s.row_numel).view(s.local_shape) for b, s in zip(packed, self.shards)]
+        local_masks = [unpack_bits(b.cpu(), s.rows * s.row_numel).view(s.local_shape)
+                       for b, s in zip(packed, self.shards)]
         return [pack_bits(m) for m in self.gather(local_masks)]
 
     def gather_rows(self, pieces: Sequence[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:

@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import statistics
 import time
 import warnings
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Union, cast
 
 import torch
 from torch import nn
@@ -72,6 +73,9 @@ class SparseLinear(nn.Module):
     a loaded machine the median call was 5-8x slower than on one thread (measured). Setting it calls
     ``torch.set_num_threads`` around the product (process-wide; restored afterwards).
     """
+
+    weight: torch.Tensor  # CSR buffer
+    bias: Optional[torch.Tensor]
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                  vector_threads: Optional[int] = None) -> None:
@@ -123,6 +127,9 @@ class SparseLinear(nn.Module):
 
 class SparseConv1x1(nn.Module):
     """A 1x1 ``Conv2d`` (no padding, groups 1) as a CSR matmul over channels."""
+
+    weight: torch.Tensor  # CSR buffer (out_channels, in_channels)
+    bias: Optional[torch.Tensor]
 
     def __init__(self, layer: nn.Conv2d) -> None:
         super().__init__()
@@ -219,22 +226,27 @@ def _capture_inputs(model: nn.Module, names: list[str], example_input: torch.Ten
     return captured
 
 
+def _weight(layer: nn.Module) -> torch.Tensor:
+    """The weight of a candidate layer (a Linear or 1x1 Conv2d)."""
+    return cast(torch.Tensor, layer.weight)
+
+
 def _sparse_module(layer: nn.Module, vector_threads: Optional[int] = None) -> nn.Module:
     if isinstance(layer, nn.Linear):
         return SparseLinear.from_dense(layer, vector_threads=vector_threads)
-    return SparseConv1x1(layer)
+    return SparseConv1x1(cast(nn.Conv2d, layer))
 
 
 def _calibration_input(layer: nn.Module, batch_size: int) -> torch.Tensor:
-    w = layer.weight
+    w = _weight(layer)
     if isinstance(layer, nn.Linear):
         return torch.randn(batch_size, layer.in_features, dtype=w.dtype, device=w.device)
-    return torch.randn(batch_size, layer.in_channels, 7, 7, dtype=w.dtype, device=w.device)
+    return torch.randn(batch_size, cast(nn.Conv2d, layer).in_channels, 7, 7, dtype=w.dtype, device=w.device)
 
 
 def _decide(name: str, layer: nn.Module, max_density: float) -> LayerDecision:
     """Steps 1 and 2 of the rule (module docstring): eligibility and the density threshold."""
-    w = layer.weight
+    w = _weight(layer)
     kind = "linear" if isinstance(layer, nn.Linear) else "conv1x1"
     density = float((w != 0).sum()) / max(1, w.numel())
     d = LayerDecision(name, kind, tuple(w.shape), density, sparse=False, reason="")
@@ -254,12 +266,14 @@ def _calibrate(layer: nn.Module, x: torch.Tensor, vector_threads: Union[int, str
     """(dense ms, best sparse ms, its vector_threads) of ``layer`` on input ``x``."""
     linear = isinstance(layer, nn.Linear)
     one_row = linear and x.numel() == layer.in_features
-    if vector_threads != "auto":
-        options = [vector_threads if linear else None]
-    else:  # try torch's setting and one thread for the one-row product (see SparseLinear)
+    options: list[Optional[int]]
+    if isinstance(vector_threads, str):  # "auto" (checked by the caller): try torch's setting and
+        # one thread for the one-row product (see SparseLinear)
         options = [None, 1] if one_row and torch.get_num_threads() > 1 else [None]
+    else:
+        options = [vector_threads if linear else None]
     modules = [_sparse_module(layer, t) for t in options]
-    dense_ms, sparse_ms = _times_after_dense(lambda: layer(x), [lambda m=m: m(x) for m in modules], repeats)
+    dense_ms, sparse_ms = _times_after_dense(lambda: layer(x), [functools.partial(m, x) for m in modules], repeats)
     best = min(range(len(options)), key=lambda i: sparse_ms[i])
     return dense_ms, sparse_ms[best], options[best]
 
@@ -295,7 +309,7 @@ def plan_sparse_inference(model: nn.Module, max_density: float = 0.3, min_speedu
     plan = [_decide(name, layer, max_density) for name, layer in layers.items()]
     if not calibrate:
         for d in plan:
-            if d.kind == "linear" and vector_threads != "auto":
+            if d.kind == "linear" and not isinstance(vector_threads, str):  # "auto" means torch's setting
                 d.vector_threads = vector_threads
         return plan
     todo = [d for d in plan if d.sparse]

@@ -45,6 +45,7 @@ from torch import nn
 from . import criteria
 from .config import SparsityConfig
 from .flops import TrainingFlopsLedger
+from .selection import LayerType
 from .sparsifier import DEFAULT_LAYER_TYPES, Sparsifier
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class LotteryTicket:
 
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], *, rounds: int,
                  prune_fraction: Optional[float] = None, rewind_step: Optional[int] = 0,
-                 keep_dense: Sequence[str] = (), layer_types: Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES,
+                 keep_dense: Sequence[str] = (), layer_types: Sequence[LayerType] = DEFAULT_LAYER_TYPES,
                  seed: int = 0, ledger: Optional[TrainingFlopsLedger] = None, distributed: Optional[bool] = None,
                  density: Optional[float] = None) -> None:
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
@@ -146,7 +147,7 @@ class LotteryTicket:
     @property
     def masks(self) -> dict[str, torch.Tensor]:
         """The current masks by parameter name."""
-        return dict(self.sparsifier.masks.values())
+        return dict(self.sparsifier.masks)
 
     # ------------------------------------------------------------------ the training-loop API
 

@@ -311,7 +311,8 @@ class MaskState:
         state = self._optimizer.state.get(param)
         if not state:
             return []
-        return [v for v in state.values() if isinstance(v, torch.Tensor) and v.shape == param.shape and v.is_floating_point()]
+        return [v for v in state.values()
+                if isinstance(v, torch.Tensor) and v.shape == param.shape and v.is_floating_point()]
 
     @torch.no_grad()
     def install(self, reset: Sequence[Optional[torch.Tensor]]) -> None:

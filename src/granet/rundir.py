@@ -210,7 +210,7 @@ def atomic_output(path: Path) -> Iterator[Path]:
     _fsync_dir(path.parent)
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """Write ``path`` through ``write(file)``: temporary file, fsync, rename, fsync of the directory.
 
     Raises:
@@ -221,7 +221,10 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         try:
             write(fh)
         except RuntimeError as exc:  # torch.save reports a failed write without its cause
-            raise _probe_write(fh) or exc
+            cause = _probe_write(fh)
+            if cause is None:
+                raise
+            raise cause from exc
         fh.flush()
 
 
@@ -467,7 +470,9 @@ def remove_temporary_files(root: Path) -> list[str]:
 
 __all__ = [
     "EpochRecord", "RunSummary", "RUN_FILES", "CONFIG_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "MODEL_FILE",
-    "SUMMARY_FILE", "STATUS_FILE", "COVERAGE_FILE", "atomic_write", "atomic_write_text", "append_metrics", "write_metrics",
+    "SUMMARY_FILE", "STATUS_FILE", "COVERAGE_FILE", "atomic_write", "atomic_write_text", "append_metrics",
+    "write_metrics",
     "read_metrics", "write_status", "prepare_run_dir", "atomic_output", "is_run_file", "refuse_run_file", "RunLock",
-    "LOCK_FILE", "KEPT_CHECKPOINT", "save_file", "load_file", "kept_checkpoint_name", "run_files_in", "remove_temporary_files",
+    "LOCK_FILE", "KEPT_CHECKPOINT", "save_file", "load_file", "kept_checkpoint_name", "run_files_in",
+    "remove_temporary_files",
 ]

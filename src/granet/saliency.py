@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union, cast
 
 import torch
 from torch import nn
@@ -225,7 +225,7 @@ def grasp_hessian_gradient(model: nn.Module, params: Params, batches: Union[Batc
         hg = [torch.zeros_like(w) for w in weights]
         for x, y in data:
             grads = torch.autograd.grad(loss_fn(model(x) / temperature, y), weights, create_graph=True)
-            dot = sum((a * b).sum() for a, b in zip(grads, g))
+            dot = cast(torch.Tensor, sum((a * b).sum() for a, b in zip(grads, g)))
             hg = [h + d / len(data) for h, d in zip(hg, torch.autograd.grad(dot, weights))]
     return g, [h.detach() for h in hg]
 

@@ -300,9 +300,11 @@ def select_parameters(
             used.update(pats)
             c.reason = f"kept dense by pattern {pats[0]!r}"
             continue
-        embedding = next((n for n, (_, m) in zip(c.names, c.owners) if isinstance(m, (nn.Embedding, nn.EmbeddingBag))), None)
+        embedding = next((n for n, (_, m) in zip(c.names, c.owners)
+                          if isinstance(m, (nn.Embedding, nn.EmbeddingBag))), None)
         if dense_embeddings and embedding is not None:
-            c.reason = "embedding" if embedding == c.names[0] and len(c.names) == 1 else f"tied to embedding {embedding}"
+            c.reason = ("embedding" if embedding == c.names[0] and len(c.names) == 1
+                        else f"tied to embedding {embedding}")
             continue
         _refuse_unmaskable(c)
         c.selected = True
@@ -329,7 +331,8 @@ def _check_patterns(
         raise ValueError(f"{label} pattern(s) {', '.join(map(repr, unused))} match no name of {scope}")
 
 
-def _check_types(model: nn.Module, layer_types: tuple[LayerType, ...], by_type: set[int], include: Sequence[str]) -> None:
+def _check_types(model: nn.Module, layer_types: tuple[LayerType, ...], by_type: set[int],
+                 include: Sequence[str]) -> None:
     """An explicitly requested type present in the model must have something maskable."""
     if include or layer_types == DEFAULT_LAYER_TYPES:
         return

@@ -139,7 +139,8 @@ def _key_range(dtype: torch.dtype) -> tuple[int, int]:
 
 
 def _thresholds(
-    keys: list[torch.Tensor], owner: list[int], ks: list[int], lo: int, hi: int, group: Optional[Any], device: torch.device
+    keys: list[torch.Tensor], owner: list[int], ks: list[int], lo: int, hi: int, group: Optional[Any],
+    device: torch.device
 ) -> list[int]:
     """Per problem p, the ks[p]-th largest key over all ranks (needs 0 < k <= n): a radix select.
 
@@ -177,9 +178,9 @@ def _thresholds(
             new_low = lows[p] + (chosen[p] << shifts[p])
             spans[p] = min(1 << shifts[p], lows[p] + spans[p] - new_low)
             lows[p] = new_low
-        for s, digit in enumerate(digits):
-            if digit is not None:
-                band[s] = band[s][digit == chosen[owner[s]]]
+        for s, kept_digit in enumerate(digits):
+            if kept_digit is not None:
+                band[s] = band[s][kept_digit == chosen[owner[s]]]
     return lows
 
 
@@ -196,7 +197,8 @@ def _chosen_ties(ties: torch.Tensor, keep: int, generator: Optional[torch.Genera
         chosen = torch.ones(n_ties, dtype=torch.bool)
     else:
         chosen = torch.zeros(n_ties, dtype=torch.bool)
-        chosen[torch.randperm(n_ties, generator=generator)[:keep] if generator is not None else torch.arange(keep)] = True
+        winners = torch.randperm(n_ties, generator=generator)[:keep] if generator is not None else torch.arange(keep)
+        chosen[winners] = True
     picks, offset = [], 0
     for j in range(ties.shape[1]):
         first = offset + int(ties[:rank, j].sum())  # this segment's ties on lower ranks come first

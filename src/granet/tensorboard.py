@@ -27,7 +27,8 @@ try:
     from torch.utils.tensorboard import SummaryWriter
 except ImportError as exc:  # torch's writer imports the tensorboard package
     raise ImportError(
-        "granet.tensorboard needs the 'tensorboard' package: pip install granet[tensorboard] (or pip install tensorboard)"
+        "granet.tensorboard needs the 'tensorboard' package: pip install granet[tensorboard] "
+        "(or pip install tensorboard)"
     ) from exc
 
 

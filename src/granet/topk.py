@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, cast
 
 import torch
 
@@ -82,12 +82,12 @@ def _native(load: Loader, *masks: Optional[torch.Tensor]) -> Optional[Scores]:
     return load if isinstance(load, Scores) and native.supports([load.flat], masks) else None
 
 
-class _Buffers(dict):
-    """One thread's buffers, keyed by (dtype, device, slot): a dict that can be weakly referenced,
-    hashed and compared by identity (for the weak set of all threads' buffers)."""
+class _Buffers:
+    """One thread's buffers, keyed by (dtype, device, slot), in an object that can be weakly
+    referenced and is hashed and compared by identity (for the weak set of all threads' buffers)."""
 
-    __hash__ = object.__hash__
-    __eq__ = object.__eq__
+    def __init__(self) -> None:
+        self.by_key: dict[tuple[torch.dtype, torch.device, int], torch.Tensor] = {}
 
 
 class _ScratchBuffers(threading.local):
@@ -109,17 +109,18 @@ def scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int = 0)
     """A reusable 1-D buffer of ``numel`` entries (contents undefined, valid until the next call
     for the same dtype, device and slot in this thread). It grows to the largest size asked for."""
     key = (dtype, torch.device(device), slot)
-    buf = _SCRATCH.buffers.get(key)
+    buffers = _SCRATCH.buffers.by_key
+    buf = buffers.get(key)
     if buf is None or buf.numel() < numel:
-        buf = _SCRATCH.buffers[key] = torch.empty(0, dtype=dtype, device=device)  # free the old one first
-        buf = _SCRATCH.buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        buf = buffers[key] = torch.empty(0, dtype=dtype, device=device)  # free the old one first
+        buf = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel]
 
 
 def scratch_bytes() -> int:
     """Bytes held by the scratch buffers of every thread (the caller's and the layer threads')."""
     with _ALL_LOCK:
-        return sum(b.numel() * b.element_size() for buffers in _ALL_BUFFERS for b in list(buffers.values()))
+        return sum(b.numel() * b.element_size() for buffers in _ALL_BUFFERS for b in list(buffers.by_key.values()))
 
 
 def release_scratch() -> None:
@@ -127,7 +128,7 @@ def release_scratch() -> None:
     updates, not during one."""
     with _ALL_LOCK:
         for buffers in _ALL_BUFFERS:
-            buffers.clear()
+            buffers.by_key.clear()
 
 
 def select_top_plain(scores: torch.Tensor, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -245,7 +246,7 @@ def _sample(gathers, valids, sizes, k) -> torch.Tensor:
     # ~n/64 samples (at most 65,536): the band then holds a few percent of the entries, and the
     # sample's selection stays cheap next to the passes over the full tensors.
     size = min(_MAX_SAMPLE_SIZE, max(4096, n // 64))
-    parts = []
+    parts: list[torch.Tensor] = []
     for gather, valid, seg in zip(gathers, valids, sizes):
         local = torch.randint(seg, (-(-size * seg // n),), generator=sampler)  # proportional share
         values = gather(local)
@@ -335,6 +336,7 @@ def _band_pass(loads, valids, sizes, hi, lo, capacities) -> tuple[list[Optional[
                 above &= valid
         band = scratch(values.numel(), torch.bool, values.device, slot=1)
         if lo is None:
+            assert above is not None, "a band pass has a lower bound, an upper bound or both"
             torch.logical_not(above, out=band)
         else:
             torch.gt(values, lo.to(values.device), out=band)
@@ -361,12 +363,13 @@ def _finish(marks, above_counts, index, chosen, sizes, as_index) -> list[torch.T
     if as_index and all(mark is None for mark in marks):  # every selected entry is in the band
         return [idx[pick.to(idx.device)] for idx, pick in zip(index, chosen.split([i.numel() for i in index]))]
     _mark(marks, index, chosen, sizes)
+    filled = cast("list[torch.Tensor]", marks)  # _mark leaves no mark None
     if not as_index:
-        return marks
+        return filled
     if above_counts is None or not native.supports([], marks):
-        return [_nonzero(mark) for mark in marks]
+        return [_nonzero(mark) for mark in filled]
     picked = [int(p.sum()) for p in chosen.split([i.numel() for i in index])]
-    return [native.compact(mark, n + p)[0] for mark, n, p in zip(marks, above_counts, picked)]
+    return [native.compact(mark, n + p)[0] for mark, n, p in zip(filled, above_counts, picked)]
 
 
 def _mark(marks: list[Optional[torch.Tensor]], index: list[torch.Tensor], chosen: torch.Tensor,
@@ -376,10 +379,11 @@ def _mark(marks: list[Optional[torch.Tensor]], index: list[torch.Tensor], chosen
     positions are never above the band), so writing ``chosen`` there is the same, and a scatter
     of all of them is several times faster than selecting the chosen ones first."""
     for i, (idx, pick) in enumerate(zip(index, chosen.split([i.numel() for i in index]))):
-        if marks[i] is None:
-            marks[i] = torch.zeros(sizes[i], dtype=torch.bool, device=idx.device)
+        mark = marks[i]
+        if mark is None:
+            mark = marks[i] = torch.zeros(sizes[i], dtype=torch.bool, device=idx.device)
         if idx.numel():
-            marks[i].scatter_(0, idx, pick.to(idx.device))
+            mark.scatter_(0, idx, pick.to(idx.device))
 
 
 def _select_band(values: torch.Tensor, k: int, generator: Optional[torch.Generator], parent: int) -> torch.Tensor:
@@ -399,7 +403,9 @@ def _compacted(loads, gathers, valids, sizes, competitors, k, generator, sentine
             return idx, gathers[i](idx)
         source = _native(loads[i], valids[i])
         if source is not None:  # positions and values in one pass
-            return native.compact(valids[i], competitors[i], x=source.flat, absolute=source.absolute)
+            idx, values = native.compact(valids[i], competitors[i], x=source.flat, absolute=source.absolute)
+            assert values is not None  # x was given
+            return idx, values
         idx = _nonzero(valids[i])
         return idx, gathers[i](idx)
 

@@ -226,7 +226,7 @@ def download_file(
             if isinstance(exc, urllib.error.HTTPError):
                 reason = f"HTTP {exc.code} {exc.reason}"
             else:
-                reason = getattr(exc, "reason", None) or exc
+                reason = str(getattr(exc, "reason", None) or exc)
             failures.append(f"{url}: {reason}")
             logger.warning("download of %s failed: %s", url, reason)
             continue
@@ -278,13 +278,14 @@ def ensure_file(
 
 def _safe_members(tar: tarfile.TarFile) -> List[tarfile.TarInfo]:
     """Return the archive members, refusing absolute paths, ``..`` and links leaving ``dest``."""
+    archive = "the archive" if tar.name is None else os.fsdecode(tar.name)
     members = []
     for member in tar.getmembers():
         parts = PurePosixPath(member.name).parts
         if member.name.startswith("/") or ".." in parts:
-            raise DatasetError(f"refusing to extract unsafe path {member.name!r} from {tar.name}")
+            raise DatasetError(f"refusing to extract unsafe path {member.name!r} from {archive}")
         if member.issym() or member.islnk():
-            raise DatasetError(f"refusing to extract link {member.name!r} from {tar.name}")
+            raise DatasetError(f"refusing to extract link {member.name!r} from {archive}")
         if not (member.isfile() or member.isdir()):
             continue  # devices, fifos: never part of a dataset archive
         members.append(member)

@@ -130,7 +130,8 @@ def check_resume_state(
     step, skipped = state.get("step"), state.get(SKIPPED_STEPS, 0)
     for name, value in (("step", step), (SKIPPED_STEPS, skipped)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise CheckpointError(f"the sparsifier state in {source} has an invalid {name} {short_repr(value)}; {remedy}")
+            raise CheckpointError(
+                f"the sparsifier state in {source} has an invalid {name} {short_repr(value)}; {remedy}")
     config = state.get("config")
     saved_method = config.get("method") if isinstance(config, Mapping) else None
     if saved_method is not None and saved_method != method:

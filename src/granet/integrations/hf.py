@@ -33,13 +33,16 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..rundir import load_file, save_file
 from ._common import build_sparsifier, check_resume_state, require, saved_state, sparsity_metrics, unwrap_optimizer
 
 _transformers = require("transformers", "hf", "granet.integrations.hf")
-TrainerCallback = _transformers.TrainerCallback
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
+else:
+    TrainerCallback = _transformers.TrainerCallback
 
 logger = logging.getLogger(__name__)
 

@@ -42,11 +42,15 @@ resume a fit from them.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ._common import build_sparsifier, check_resume_state, require, saved_state, sparsity_metrics, unwrap_optimizer
 
 _pl = require("lightning.pytorch", "lightning", "granet.integrations.lightning", "lightning")
+if TYPE_CHECKING:
+    from lightning.pytorch import Callback
+else:
+    Callback = _pl.Callback
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +60,7 @@ STATE_KEY_PREFIX = "granet.SparsityCallback["
 _REMEDY = "resume with the SparsityCallback that saved the checkpoint, or fit without ckpt_path to start over"
 
 
-class SparsityCallback(_pl.Callback):
+class SparsityCallback(Callback):
     """Run a granet sparsifier inside Lightning's ``Trainer``.
 
     Args:
