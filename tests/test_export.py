@@ -22,7 +22,7 @@ import granet  # noqa: E402
 from granet.cli import export as cli_export  # noqa: E402
 from granet.cli import main as granet_main  # noqa: E402
 from granet.errors import GranetError  # noqa: E402
-from granet.export import (FORMAT_NAME, FORMAT_VERSION, LAYOUTS, SparseExportError, export_run,  # noqa: E402
+from granet.export import (FORMAT_NAME, LAYOUTS, SparseExportError, export_run,  # noqa: E402
                            export_sparse, load_masks, load_sparse, pack_bits, read_metadata, unpack_bits)
 from granet.models import create_model  # noqa: E402
 
@@ -93,12 +93,77 @@ def test_round_trip_is_bit_identical(dtype, layout, tmp_path):
     assert info.total_weights == 120 + 162 and info.sparse_tensors == 2 and info.file_bytes == path.stat().st_size
 
 
+def _data_bytes(path: Path) -> int:
+    return path.stat().st_size - 8 - _header_bytes(path)
+
+
 def test_tied_and_non_contiguous_dense_tensors_round_trip(tmp_path):
     state, masks = _masked_state(torch.float32)
     table = torch.randn(4, 6)
     state.update({"emb.weight": table, "head.weight": table, "t": torch.randn(6, 4).t(), "row": table[1]})
-    export_sparse(state, masks, tmp_path / "m.safetensors")
-    _assert_bit_identical(load_sparse(tmp_path / "m.safetensors"), state)
+    info = export_sparse(state, masks, tmp_path / "m.safetensors")
+    restored = load_sparse(tmp_path / "m.safetensors")
+    _assert_bit_identical(restored, state)
+    assert restored["head.weight"] is restored["emb.weight"]  # tied again, as exported
+    with st.safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        meta, stored = f.metadata(), set(f.keys())
+    assert meta["format_version"] == "2" and json.loads(meta["tied"]) == {"head.weight": "emb.weight"}
+    assert "head.weight" not in stored and "emb.weight" in stored and "row" in stored  # a view is not a tie
+    # Stored once: exactly one copy of the table (4 x 6 float32) less than the same tensors untied.
+    untied = dict(state, **{"head.weight": table.clone()})
+    plain = export_sparse(untied, masks, tmp_path / "plain.safetensors")
+    assert _data_bytes(tmp_path / "plain.safetensors") - _data_bytes(tmp_path / "m.safetensors") == 4 * 6 * 4
+    assert plain.dense_bytes - info.dense_bytes == 4 * 6 * 4
+    with st.safe_open(str(tmp_path / "plain.safetensors"), framework="pt") as f:
+        assert f.metadata()["format_version"] == "1" and "tied" not in f.metadata()
+
+
+def test_tied_output_layer_of_a_language_model_is_stored_once(tmp_path):
+    class TinyLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wte = nn.Embedding(50, 16)
+            self.body = nn.Linear(16, 16)
+            self.lm_head = nn.Linear(16, 50, bias=False)
+            self.lm_head.weight = self.wte.weight
+
+    torch.manual_seed(0)
+    model = TinyLM()
+    mask = torch.rand(16, 16) < 0.25
+    with torch.no_grad():
+        model.body.weight.mul_(mask)
+    export_sparse(model, {"body.weight": mask}, tmp_path / "lm.safetensors")
+    fresh = TinyLM()
+    load_sparse(tmp_path / "lm.safetensors", model=fresh)
+    assert fresh.lm_head.weight is fresh.wte.weight
+    _assert_bit_identical(fresh.state_dict(), model.state_dict())
+    assert load_masks(tmp_path / "lm.safetensors").keys() == {"body.weight"}
+
+
+@pytest.mark.parametrize("tied, message", [
+    ({"emb": "head"}, "its 'tied' entry 'emb' -> 'head' does not name an earlier, untied tensor"),
+    ({"head": "nope"}, "its 'tied' entry 'head' -> 'nope' does not name an earlier, untied tensor"),
+    ({"head": "emb", "emb": "b"}, "its 'tied' entry 'head' -> 'emb' does not name an earlier, untied tensor"),
+    ({}, "its 'tied' metadata is not a non-empty mapping"),
+    ("[1", "its 'tied' metadata is missing or not JSON"),
+])
+def test_crafted_tied_metadata_is_refused_in_one_line(tied, message, tmp_path):
+    path = tmp_path / "t.safetensors"
+    meta = {"format": FORMAT_NAME, "format_version": "2", "layout": "bitmask", "keys": json.dumps(["b", "emb", "head"]),
+            "sparse": "{}", "user": "{}", "tied": tied if isinstance(tied, str) else json.dumps(tied)}
+    st.save_file({"b": torch.ones(2), "emb": torch.ones(3, 2)}, str(path), metadata=meta)
+    with pytest.raises(SparseExportError) as info:
+        load_sparse(path)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_tied_tensor_that_is_also_stored_is_refused(tmp_path):
+    path = tmp_path / "t.safetensors"
+    meta = {"format": FORMAT_NAME, "format_version": "2", "layout": "bitmask", "keys": json.dumps(["emb", "head"]),
+            "sparse": "{}", "user": "{}", "tied": json.dumps({"head": "emb"})}
+    st.save_file({"emb": torch.ones(3, 2), "head": torch.ones(3, 2)}, str(path), metadata=meta)
+    with pytest.raises(SparseExportError, match="tied tensor 'head' is also stored"):
+        load_sparse(path)
 
 
 def test_drop_zero_signs_restores_plus_zero_and_saves_exactly_the_sign_planes(tmp_path):
@@ -419,7 +484,7 @@ def test_cli_unreadable_model_file_is_one_line(tmp_path, capsys):
 
 def _craft(path: Path, tensors: dict, sparse: dict, layout: str, keys: Optional[list] = None) -> Path:
     """A safetensors file with granet metadata written by hand (shapes need not match the pieces)."""
-    meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "layout": layout,
+    meta = {"format": FORMAT_NAME, "format_version": "1", "layout": layout,
             "keys": json.dumps(keys if keys is not None else list(dict.fromkeys(k.split("::")[0] for k in tensors))),
             "sparse": json.dumps(sparse), "user": "{}"}
     st.save_file(tensors, str(path), metadata=meta)

@@ -9,14 +9,18 @@
   ``NAME::crow`` (row pointers) and ``NAME::col`` (column indices, int16 when a row holds at most
   2**15 weights, else int32; row pointers int32 unless there are 2**31 active values).
 
-Every other tensor of the state dict is stored as usual under its own name. Training zeroes
+Every other tensor of the state dict is stored as usual under its own name, except a tensor that is
+the same tensor as an earlier key's (tied weights, e.g. a language model's output layer and its token
+embedding): it is stored once, and the later key is listed in ``tied`` (key -> earlier key) and
+restored as the same tensor (files without ties keep format version 1; with ties, version 2). Training zeroes
 inactive weights by multiplying with the mask, which leaves ``-0.0`` where a weight was negative;
 to restore the dense-stored tensors bit for bit, those sign bits are kept as ``NAME::negzero``
 (bit-packed like the mask, written only for tensors that hold such zeros; ``keep_zero_signs=False``
 drops them and inactive weights come back as ``+0.0``, which computes identically).
 
 The safetensors header metadata holds ``format`` (``granet-sparse``), ``format_version``, ``layout``,
-``keys`` (state-dict order), ``sparse`` (name -> shape, dtype, number of active values) and ``user``
+``keys`` (state-dict order), ``sparse`` (name -> shape, dtype, number of active values), ``tied``
+(version 2 only) and ``user``
 (the caller's JSON metadata). Size of the data section, exactly:
 ``sum(dense numel * itemsize) + sum(sparse nnz * itemsize + ceil(numel / 8) [+ ceil(numel / 8)])``
 for ``bitmask``; the file adds 8 bytes plus the JSON header.
@@ -48,7 +52,9 @@ if TYPE_CHECKING:
     from typing_extensions import TypeGuard
 
 FORMAT_NAME = "granet-sparse"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: The versions this granet reads: 1 (no tied tensors) and 2 (``tied`` metadata).
+READABLE_VERSIONS = ("1", "2")
 LAYOUTS = ("bitmask", "csr")
 _SEP = "::"
 _MAX_CSR_COLS = 2**31  # CSR column indices are at most int32
@@ -139,6 +145,24 @@ def _state_dict_of(obj: Union[nn.Module, Mapping[str, torch.Tensor]]) -> dict[st
                             f"got {short_text(type(value).__name__)}")
         out[key] = value.detach().cpu()
     return out
+
+
+def _ties(state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """``{key: earlier key}`` for the entries that are the same tensor as an earlier entry (same
+    storage, offset, shape, strides and dtype) with the same mask or none on both."""
+    first: dict[tuple[Any, ...], str] = {}
+    tied = {}
+    for key, tensor in state.items():
+        if not tensor.numel():
+            continue
+        identity = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                    tensor.stride(), tensor.dtype)
+        source = first.setdefault(identity, key)
+        if source == key:
+            continue
+        if (key in masks) == (source in masks) and (key not in masks or torch.equal(masks[key], masks[source])):
+            tied[key] = source
+    return tied
 
 
 def _check_masks(state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -259,8 +283,10 @@ def export_sparse(state_dict_or_model: Union[nn.Module, Mapping[str, torch.Tenso
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {short_repr(layout)}")
     path = Path(path)
     _check_output_path(path)
-    state = _state_dict_of(state_dict_or_model)
+    original = state_dict_or_model.state_dict() if isinstance(state_dict_or_model, nn.Module) else state_dict_or_model
+    state = _state_dict_of(original)
     checked = _check_masks(state, masks)
+    tied = _ties({k: v for k, v in original.items() if k in state}, checked)  # on the tensors as given
     try:
         user = json.dumps(dict(metadata or {}), sort_keys=True)
     except (TypeError, ValueError) as exc:
@@ -270,6 +296,8 @@ def export_sparse(state_dict_or_model: Union[nn.Module, Mapping[str, torch.Tenso
     sparse_info: dict[str, dict[str, Any]] = {}
     storages: set[int] = set()
     for key, tensor in state.items():
+        if key in tied:
+            continue
         if key in checked:
             tensors.update(_encode(key, tensor, checked[key], layout, keep_zero_signs))
             sparse_info[key] = {"shape": list(tensor.shape), "dtype": _dtype_name(tensor.dtype),
@@ -282,13 +310,15 @@ def export_sparse(state_dict_or_model: Union[nn.Module, Mapping[str, torch.Tenso
         tensors[key] = tensor.clone(memory_format=torch.contiguous_format) if copy else tensor
         if tensor.numel():
             storages.add(ptr)
-    header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "layout": layout,
+    header = {"format": FORMAT_NAME, "format_version": "2" if tied else "1", "layout": layout,
               "keys": json.dumps(list(state)), "sparse": json.dumps(sparse_info), "user": user}
+    if tied:
+        header["tied"] = json.dumps(tied)
     with atomic_output(path) as tmp:
         st.save_file(tensors, str(tmp), metadata=header)
     total = sum(math.prod(v["shape"]) for v in sparse_info.values())
     return ExportInfo(path=str(path), layout=layout, file_bytes=Path(path).stat().st_size,
-                      dense_bytes=sum(t.numel() * t.element_size() for t in state.values()),
+                      dense_bytes=sum(t.numel() * t.element_size() for k, t in state.items() if k not in tied),
                       total_weights=total, active_weights=sum(v["nnz"] for v in sparse_info.values()),
                       sparse_tensors=len(sparse_info))
 
@@ -314,6 +344,7 @@ class _Entry:
     dtype: torch.dtype
     nnz: Optional[int] = None  # active values of a sparsified tensor; None: stored dense under ``key``
     pieces: tuple[str, ...] = ()  # the stored pieces of a sparsified tensor ("values", "mask", ...)
+    tied_to: Optional[str] = None  # the earlier key whose tensor this one is (nothing stored under ``key``)
 
     @property
     def numel(self) -> int:
@@ -334,10 +365,10 @@ def _open(path: Union[str, Path]) -> tuple[dict[str, str], Any]:
         raise SparseExportError(f"{path} is not a readable safetensors file ({_detail(exc)})") from None
     if meta.get("format") != FORMAT_NAME:
         raise SparseExportError(f"{path} is not a granet sparse export (no 'format: {FORMAT_NAME}' metadata)")
-    if meta.get("format_version") != str(FORMAT_VERSION) or meta.get("layout") not in LAYOUTS:
+    if meta.get("format_version") not in READABLE_VERSIONS or meta.get("layout") not in LAYOUTS:
         raise SparseExportError(
             f"{path}: unsupported granet sparse format version {short_repr(meta.get('format_version'))} "
-            f"/ layout {short_repr(meta.get('layout'))} (this granet reads version {FORMAT_VERSION})")
+            f"/ layout {short_repr(meta.get('layout'))} (this granet reads versions {', '.join(READABLE_VERSIONS)})")
     return meta, handle
 
 
@@ -424,10 +455,17 @@ def _entries(meta: Mapping[str, str], headers: Mapping[str, tuple[torch.dtype, t
         raise ValueError("its 'keys' metadata is not a list of distinct state-dict keys")
     if not isinstance(sparse, dict) or not set(sparse) <= set(keys):
         raise ValueError("its 'sparse' metadata names tensors missing from 'keys'")
+    tied = _tied_metadata(meta, keys, sparse)
     entries: list[_Entry] = []
+    by_key: dict[str, _Entry] = {}
     stored: set[str] = set()
     for key in keys:
-        if key in sparse:
+        if key in tied:
+            source = by_key[tied[key]]
+            if key in headers:
+                raise ValueError(f"tied tensor {short_repr(key)} is also stored")
+            entry = _Entry(key, source.shape, source.dtype, source.nnz, tied_to=source.key)
+        elif key in sparse:
             entry = _sparse_entry(key, sparse[key], meta["layout"], headers)
             stored.update(f"{key}{_SEP}{p}" for p in entry.pieces)
         elif key in headers:
@@ -436,10 +474,32 @@ def _entries(meta: Mapping[str, str], headers: Mapping[str, tuple[torch.dtype, t
         else:
             raise ValueError(f"tensor {short_repr(key)} is not stored")
         entries.append(entry)
+        by_key[key] = entry
     stray = sorted(set(headers) - stored)
     if stray:
         raise ValueError(f"{len(stray)} stored tensors belong to no key, e.g. {short_repr(stray[0])}")
     return entries
+
+
+def _tied_metadata(meta: Mapping[str, str], keys: list[str], sparse: Mapping[str, Any]) -> dict[str, str]:
+    """The ``tied`` metadata, checked: each key names an earlier, untied tensor and is not declared sparse itself."""
+    if meta["format_version"] == "1":
+        if "tied" in meta:
+            raise ValueError("its version-1 metadata has 'tied' entries")
+        return {}
+    try:
+        tied = json.loads(meta["tied"])
+    except (KeyError, ValueError, RecursionError):
+        raise ValueError("its 'tied' metadata is missing or not JSON") from None
+    position = {k: i for i, k in enumerate(keys)}
+    if not isinstance(tied, dict) or not tied:
+        raise ValueError("its 'tied' metadata is not a non-empty mapping")
+    for key, source in tied.items():
+        if (key not in position or not isinstance(source, str) or source not in position
+                or position[source] >= position[key] or source in tied or key in sparse):
+            raise ValueError(f"its 'tied' entry {short_repr(key)} -> {short_repr(source)} does not name an earlier, "
+                             "untied tensor")
+    return tied
 
 
 def _some(keys: list[str], limit: int = 3) -> str:
@@ -490,7 +550,8 @@ def _physical_memory() -> Optional[int]:
 
 def _check_memory(path: Union[str, Path], entries: list[_Entry], dense: bool) -> None:
     """Refuse an export whose restored tensors (plus one byte per weight of mask) exceed this machine's memory."""
-    need = sum((e.numel * e.dtype.itemsize if dense else 0) + (e.numel if e.nnz is not None else 0) for e in entries)
+    need = sum((e.numel * e.dtype.itemsize if dense else 0) + (e.numel if e.nnz is not None else 0)
+               for e in entries if e.tied_to is None)
     total = _physical_memory()
     if total is not None and need > total:
         largest = max(entries, key=lambda e: e.numel)
@@ -566,6 +627,12 @@ def _read(path: Union[str, Path], dense: bool = True, masks: bool = True,
     state, found = {}, {}
     try:
         for entry in entries:
+            if entry.tied_to is not None:  # the same tensor as an earlier key's, as when exported
+                if entry.tied_to in state:
+                    state[entry.key] = state[entry.tied_to]
+                if entry.tied_to in found:
+                    found[entry.key] = found[entry.tied_to]
+                continue
             if entry.nnz is None:
                 if dense:
                     state[entry.key] = handle.get_tensor(entry.key)
@@ -649,5 +716,5 @@ def export_run(run_dir: Union[str, Path], out_path: Optional[Union[str, Path]] =
                          keep_zero_signs=keep_zero_signs)
 
 
-__all__ = ["ExportInfo", "FORMAT_NAME", "FORMAT_VERSION", "LAYOUTS", "SparseExportError", "export_run",
+__all__ = ["ExportInfo", "FORMAT_NAME", "FORMAT_VERSION", "LAYOUTS", "READABLE_VERSIONS", "SparseExportError", "export_run",
            "export_sparse", "load_masks", "load_sparse", "pack_bits", "read_metadata", "unpack_bits"]
