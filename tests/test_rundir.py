@@ -5,8 +5,10 @@ import json
 import os
 
 import pytest
+import torch
 
 from granet import rundir
+from granet.rundir import atomic_output, atomic_write_text
 from granet.errors import RunDirError
 
 
@@ -168,3 +170,21 @@ def test_atomic_output_turns_a_missing_directory_into_one_line(tmp_path):
         with rundir.atomic_output(target) as tmp:
             tmp.write_bytes(b"x")
     assert str(info.value) == f"cannot write {target}: No such file or directory"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_output_gives_files_the_permissions_of_a_plain_open(umask, tmp_path):
+    st = pytest.importorskip("safetensors.torch")
+    previous = os.umask(umask)
+    try:
+        with atomic_output(tmp_path / "export.safetensors") as tmp:
+            st.save_file({"w": torch.ones(2)}, str(tmp))  # safetensors itself creates files 0o600
+        atomic_write_text(tmp_path / "summary.json", "{}")
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(previous)
+    expected = 0o666 & ~umask
+    assert (tmp_path / "plain").stat().st_mode & 0o777 == expected
+    for name in ("export.safetensors", "summary.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name

@@ -178,13 +178,30 @@ def _probe_write(fh: IO[bytes]) -> Optional[OSError]:
     return None
 
 
+def _umask() -> int:
+    """The process's file-creation mask, read without changing it where the system says it
+    (``os.umask`` sets it process-wide, which other threads would see for a moment)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
     """Write ``path`` through a temporary name: ``with atomic_output(path) as tmp: writer(tmp)``.
 
     For writers that take a file name (``safetensors``, ``matplotlib``); see :func:`atomic_write` for
     writers that take an open file. On success the temporary file is fsync-ed, renamed over ``path``
-    and the directory fsync-ed; on any failure it is removed and ``path`` is left as it was.
+    and the directory fsync-ed; on any failure it is removed and ``path`` is left as it was. The file
+    gets the permissions of a plain ``open`` (``0o666`` less the umask), whatever the writer used
+    (``safetensors`` creates its files ``0o600``).
 
     Raises:
         RunDirError: the file could not be written (full disk, read-only file system, missing directory,
@@ -194,6 +211,7 @@ def atomic_output(path: Path) -> Iterator[Path]:
     tmp = path.with_name(path.name + ".tmp")
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
