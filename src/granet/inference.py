@@ -15,8 +15,11 @@ Which layers become sparse (:func:`plan_sparse_inference`), in order:
 2. its density (fraction of non-zero weights) is at most ``max_density``;
 3. with ``calibrate=True`` (default), dense and sparse forward passes of the layer are timed on its
    real input (captured from one forward pass of ``example_input``) or, without one, on random input
-   of ``batch_size`` rows (1x1 convs: ``batch_size x C x 7 x 7``); medians of ``repeats`` interleaved
-   runs. The layer becomes sparse only if dense time / sparse time >= ``min_speedup``. A Linear
+   of ``batch_size`` rows (1x1 convs: ``batch_size x C x 7 x 7``); the fastest of ``repeats``
+   interleaved runs of each (other processes only ever add time to a call, so the fastest call is
+   the estimate a loaded machine disturbs least; medians moved with the load), and as many again when
+   the ratio lands within 25% of the threshold. The layer becomes sparse only if dense time / sparse
+   time >= ``min_speedup``. A Linear
    layer that sees one row is timed with torch's thread setting and with one thread for its
    matrix-vector product (``vector_threads="auto"``, see :class:`SparseLinear`); the faster is kept.
 
@@ -33,7 +36,6 @@ import copy
 import dataclasses
 import functools
 import logging
-import statistics
 import time
 import warnings
 from typing import Any, Callable, Optional, Union, cast
@@ -187,9 +189,13 @@ class LayerDecision:
         return self.dense_ms / self.sparse_ms
 
 
+#: The clock of the calibration (a test replaces it with one that stalls at random).
+_clock = time.perf_counter
+
+
 def _times_after_dense(dense: Callable[[], object], variants: list[Callable[[], object]],
                        repeats: int) -> tuple[float, list[float]]:
-    """Median milliseconds of ``dense`` and of each variant, run in turn (dense, variant 1, dense,
+    """Fastest milliseconds of ``dense`` and of each variant, run in turn (dense, variant 1, dense,
     variant 2, ...) so that load changes hit all alike and every variant starts after a dense call
     (no variant finds the sparse weight left in cache by another)."""
     fns: list[Callable[[], object]] = []
@@ -200,11 +206,10 @@ def _times_after_dense(dense: Callable[[], object], variants: list[Callable[[], 
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
+            t0 = _clock()
             fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-    dense_ms = statistics.median([t for ts in times[0::2] for t in ts])
-    return dense_ms, [statistics.median(ts) for ts in times[1::2]]
+            ts.append((_clock() - t0) * 1e3)
+    return min(t for ts in times[0::2] for t in ts), [min(ts) for ts in times[1::2]]
 
 
 def _candidates(model: nn.Module) -> dict[str, nn.Module]:
@@ -262,7 +267,7 @@ def _decide(name: str, layer: nn.Module, max_density: float) -> LayerDecision:
 
 
 def _calibrate(layer: nn.Module, x: torch.Tensor, vector_threads: Union[int, str, None],
-               repeats: int) -> tuple[float, float, Optional[int]]:
+               repeats: int, min_speedup: float) -> tuple[float, float, Optional[int]]:
     """(dense ms, best sparse ms, its vector_threads) of ``layer`` on input ``x``."""
     linear = isinstance(layer, nn.Linear)
     one_row = linear and x.numel() == layer.in_features
@@ -273,7 +278,11 @@ def _calibrate(layer: nn.Module, x: torch.Tensor, vector_threads: Union[int, str
     else:
         options = [vector_threads if linear else None]
     modules = [_sparse_module(layer, t) for t in options]
-    dense_ms, sparse_ms = _times_after_dense(lambda: layer(x), [functools.partial(m, x) for m in modules], repeats)
+    calls = [functools.partial(m, x) for m in modules]
+    dense_ms, sparse_ms = _times_after_dense(lambda: layer(x), calls, repeats)
+    if sparse_ms and 0.8 * min_speedup <= dense_ms / max(min(sparse_ms), 1e-9) <= 1.25 * min_speedup:
+        more_dense, more_sparse = _times_after_dense(lambda: layer(x), calls, repeats)  # close call: look again
+        dense_ms, sparse_ms = min(dense_ms, more_dense), [min(a, b) for a, b in zip(sparse_ms, more_sparse)]
     best = min(range(len(options)), key=lambda i: sparse_ms[i])
     return dense_ms, sparse_ms[best], options[best]
 
@@ -292,7 +301,8 @@ def plan_sparse_inference(model: nn.Module, max_density: float = 0.3, min_speedu
         calibrate: time each remaining candidate; without it, the density threshold decides alone.
         example_input: one model input; calibration then times each layer on the input it really sees.
         batch_size: rows of the random calibration input when ``example_input`` is not given.
-        repeats: interleaved timing repeats per layer (medians are compared).
+        repeats: interleaved timing repeats per layer (the fastest calls are compared; as many again
+            when the ratio is within 25% of ``min_speedup``).
         vector_threads: threads for one-row products of SparseLinear (see there): an int, ``None``
             (torch's setting) or ``"auto"``: calibration tries torch's setting and 1 and keeps the
             faster (without calibration, ``"auto"`` means ``None``).
@@ -319,7 +329,7 @@ def plan_sparse_inference(model: nn.Module, max_density: float = 0.3, min_speedu
         x = inputs.get(d.name)
         if x is None:  # no example input, or the layer did not run in the example forward pass
             x = _calibration_input(layer, batch_size)
-        d.dense_ms, d.sparse_ms, d.vector_threads = _calibrate(layer, x, vector_threads, repeats)
+        d.dense_ms, d.sparse_ms, d.vector_threads = _calibrate(layer, x, vector_threads, repeats, min_speedup)
         d.sparse = d.speedup is not None and d.speedup >= min_speedup
         d.reason = (f"measured speed-up {d.speedup:.2f}x {'>=' if d.sparse else '<'} min_speedup {min_speedup}"
                     if d.speedup is not None else "sparse time not measurable")
