@@ -51,10 +51,10 @@ def loader() -> torch.utils.data.DataLoader:
 
 
 def fit(tmp_path, max_steps: int, ckpt_path=None, accumulate: int = 1, save: bool = False, method="rigl",
-        module_type=SmallCNN):
+        module_type=SmallCNN, **callback_options):
     """Fit with ``SparsityCallback(method)`` (none when ``method`` is None); ``save``: checkpoints every 4 steps."""
     module = module_type()
-    callback = None if method is None else SparsityCallback(method, density=0.3, update_interval=2)
+    callback = None if method is None else SparsityCallback(method, density=0.3, update_interval=2, **callback_options)
     callbacks = [callback] if callback else []
     if save:
         callbacks.append(L.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1))
@@ -164,3 +164,37 @@ def test_validating_a_checkpoint_is_not_checked(tmp_path):
                         callbacks=[SparsityCallback("rigl", density=0.3)])
     (metrics,) = trainer.validate(ValCNN(), loader(), ckpt_path=str(tmp_path / "epoch=0-step=4.ckpt"))
     assert set(metrics) == {"val_loss"}
+
+
+def test_resuming_with_more_steps_needs_strict_false_and_then_continues_the_masks(tmp_path, caplog):
+    """A fit resumed with a larger max_steps has another total_steps: refused by default (naming the
+    field and the option), resumed with strict=False from exactly the checkpoint's masks and step."""
+    fit(tmp_path / "a", STEPS, save=True)
+    ckpt = tmp_path / "a" / "epoch=1-step=8.ckpt"
+    saved = torch.load(ckpt, weights_only=True)["callbacks"]["granet.SparsityCallback[rigl]"]
+    with pytest.raises(CheckpointError) as info:
+        fit(tmp_path / "b", 2 * STEPS, ckpt_path=str(ckpt))
+    message = str(info.value)
+    assert "\n" not in message and "total_steps" in message
+    assert message.endswith("pass strict=False to the callback to resume with the new options")
+    captured = {}
+
+    class Spy(SparsityCallback):
+        def on_train_start(self, trainer, pl_module):
+            super().on_train_start(trainer, pl_module)
+            captured["masks"] = {n: m.clone() for n, m in self.sparsifier.masks.items()}
+            captured["step"] = self.sparsifier.step_count
+
+    module = SmallCNN()
+    spy = Spy("rigl", density=0.3, update_interval=2, strict=False)
+    trainer = L.Trainer(max_steps=2 * STEPS, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[spy])
+    with caplog.at_level("WARNING", logger="granet"):
+        trainer.fit(module, loader(), ckpt_path=str(ckpt))
+    assert captured["step"] == STEPS
+    assert captured["masks"].keys() == saved["masks"].keys()
+    assert all(torch.equal(captured["masks"][n], saved["masks"][n]) for n in saved["masks"])
+    assert spy.sparsifier.step_count == trainer.global_step == 2 * STEPS
+    assert spy.sparsifier.config.total_steps == 2 * STEPS
+    assert sum(spy.sparsifier.counts) == round(0.3 * spy.sparsifier.total)
+    assert any("different config" in r.getMessage() and "total_steps" in r.getMessage() for r in caplog.records)

@@ -130,5 +130,5 @@ def test_state_that_does_not_fit_the_options_is_refused_naming_the_checkpoint():
         build_sparsifier("static", model, optimizer, {"density": 0.25}, None, static_state(0), "ckpt.pt")
     assert str(info.value) == (
         "the sparsifier state in ckpt.pt does not fit this model and callback: sparsifier state was made with "
-        "another config (density=0.5 in the state, 0.25 here); pass strict=False to load it anyway"
+        "another config (density=0.5 in the state, 0.25 here); pass strict=False to the callback to resume with the new options"
     )

@@ -57,6 +57,7 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 def build_sparsifier(
     method: str, model: nn.Module, optimizer: torch.optim.Optimizer, options: Mapping[str, Any],
     total_steps: Optional[int], state: Optional[Mapping[str, Any]] = None, source: str = "the checkpoint",
+    strict: bool = True,
 ) -> Sparsifier:
     """Create the sparsifier; with ``state``, restore it on a model that already holds resumed weights.
 
@@ -65,8 +66,12 @@ def build_sparsifier(
     checkpoint's masks, so they are copied aside, the sparsifier is built, the values are put back and
     the saved masks are loaded: the result is the checkpointed state, bit for bit.
 
+    With ``strict=False`` a state saved with other options (most often another ``total_steps``: the
+    fit resumes with more epochs) is loaded with a warning naming the differing fields, and the
+    schedule continues under the new options; the masks, counts and step are the checkpoint's.
+
     Raises:
-        CheckpointError: ``state`` does not fit the model or the options (``source`` named).
+        CheckpointError: ``state`` does not fit the model, or (``strict``) the options (``source`` named).
     """
     opts = dict(options)
     if "total_steps" not in opts and total_steps is not None and total_steps > 0:
@@ -83,10 +88,12 @@ def build_sparsifier(
         for tensor, copy in saved + buffers:
             tensor.copy_(copy)
     try:
-        sparsifier.load_state_dict(dict(state))
+        sparsifier.load_state_dict(dict(state), strict=strict)
     except (ValueError, TypeError) as exc:
         sparsifier.remove()
-        raise CheckpointError(f"the sparsifier state in {source} does not fit this model and callback: {exc}") from None
+        detail = str(exc).replace("pass strict=False to load it anyway",
+                                  "pass strict=False to the callback to resume with the new options")
+        raise CheckpointError(f"the sparsifier state in {source} does not fit this model and callback: {detail}") from None
     return sparsifier
 
 

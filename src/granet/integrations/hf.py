@@ -60,12 +60,17 @@ class SparsityCallback(TrainerCallback):
         resume_from: checkpoint folder holding the sparsifier state to resume from; default: the
             Trainer's ``resume_from_checkpoint`` argument if it is a folder, else
             ``output_dir/checkpoint-<global_step>``.
+        strict: on resume, refuse a sparsifier state saved with other options. ``False`` resumes it
+            under the new options with a warning naming the differences (e.g. training on with more
+            epochs, where ``total_steps`` differs).
         **options: :func:`granet.create_sparsifier` options (``density``, ``update_interval``,
             ``keep_dense``, ``include``, ...).
     """
 
-    def __init__(self, method: str, resume_from: Optional[str] = None, **options: Any) -> None:
+    def __init__(self, method: str, resume_from: Optional[str] = None, strict: bool = True,
+                 **options: Any) -> None:
         self.method = method
+        self.strict = strict
         self.options = options
         self.resume_from = resume_from
         self.sparsifier: Any = None
@@ -96,7 +101,8 @@ class SparsityCallback(TrainerCallback):
             source = str(path) if found is not None else f"{path.parent} (no {STATE_FILE})"
             saved = check_resume_state(found, state.global_step, self.method, source, _REMEDY)
         self.sparsifier = build_sparsifier(
-            self.method, model, unwrap_optimizer(optimizer), self.options, state.max_steps, saved, source
+            self.method, model, unwrap_optimizer(optimizer), self.options, state.max_steps, saved, source,
+            strict=self.strict,
         )
         logger.info("granet %s sparsifier on the Trainer's model: %s", self.method, self.sparsifier)
 

@@ -66,13 +66,17 @@ class SparsityCallback(Callback):
     Args:
         method: a granet method name (``granet``, ``rigl``, ``static``, ...).
         log: log the sparsity scalars through ``LightningModule.log_dict``.
+        strict: on resume, refuse a sparsifier state saved with other options. ``False`` resumes it
+            under the new options with a warning naming the differences: the way to continue a fit
+            with more epochs (``total_steps`` follows ``max_epochs``/``max_steps``, so it differs).
         **options: :func:`granet.create_sparsifier` options (``density``, ``update_interval``,
             ``keep_dense``, ``include``, ...).
     """
 
-    def __init__(self, method: str, log: bool = True, **options: Any) -> None:
+    def __init__(self, method: str, log: bool = True, strict: bool = True, **options: Any) -> None:
         super().__init__()
         self.method = method
+        self.strict = strict
         self.options = options
         self.log = log
         self.sparsifier: Any = None
@@ -113,7 +117,7 @@ class SparsityCallback(Callback):
         total = int(steps) if steps is not None and steps != float("inf") else None
         self.sparsifier = build_sparsifier(
             self.method, pl_module, unwrap_optimizer(optimizers[0]), self.options, total, self._saved,
-            f"checkpoint {trainer.ckpt_path}",
+            f"checkpoint {trainer.ckpt_path}", strict=self.strict,
         )
         self._saved = None
         logger.info("granet %s sparsifier on %s: %s", self.method, type(pl_module).__name__, self.sparsifier)
