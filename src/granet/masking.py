@@ -106,6 +106,14 @@ class Layout(Protocol):
         ...
 
 
+#: Devices on which :meth:`MaskState.apply` re-applies every layer's mask with one fused multiply per
+#: (device, dtype) group, ``torch._foreach_mul_`` (kernel launches, not bandwidth, dominate there). It
+#: multiplies by float copies of the masks (1.0 / 0.0, the same bits as :func:`zero_outside`), kept
+#: until a mask changes: one extra weight-sized tensor per mask and dtype (4 bytes per float32
+#: weight) in device memory. The CPU keeps the per-layer pass (native kernels, layer threads).
+FUSED_APPLY_DEVICES = ("cuda",)
+
+
 class MaskState:
     """Masks over named parameters, with read-only views, statistics and in-place zeroing.
 
@@ -140,6 +148,8 @@ class MaskState:
         self._masks: list[torch.Tensor] = []
         self._counts: list[int] = list(self._sizes)
         self._ever_active: Optional[list[torch.Tensor]] = None
+        # (layer, dtype) -> (the mask it was made from, that mask's version, float copy): see FUSED_APPLY_DEVICES
+        self._float_masks: dict[tuple[int, torch.dtype], tuple[torch.Tensor, int, torch.Tensor]] = {}
 
     @classmethod
     def restored(cls, names: Sequence[str], shapes: Sequence[Sequence[int]], masks: Sequence[torch.Tensor],
@@ -283,12 +293,38 @@ class MaskState:
     def apply(self) -> None:
         """Zero every inactive weight (and its optimizer state, unless disabled) in place."""
         self.follow_param_devices()
+        if self._masks and all(m.device.type in FUSED_APPLY_DEVICES for m in self._masks):
+            self._apply_fused()
+            return
 
         def apply(i: int) -> None:
             if self._counts[i] < self._sizes[i]:  # a fully dense layer has nothing to zero
                 zero_outside(self._masked_tensors(self._params[i]), self._masks[i])
 
         layer_map(apply, len(self._params), on_cpu(self._masks), costs=self._sizes)
+
+    def _apply_fused(self) -> None:
+        """:meth:`apply` as one ``torch._foreach_mul_`` per (device, dtype) of the masked tensors."""
+        groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for i, param in enumerate(self._params):
+            if self._counts[i] == self._sizes[i]:  # a fully dense layer has nothing to zero
+                continue
+            for t in self._masked_tensors(param):
+                tensors, factors = groups.setdefault((t.device, t.dtype), ([], []))
+                tensors.append(t)
+                factors.append(self._float_mask(i, t.dtype))
+        for tensors, factors in groups.values():
+            torch._foreach_mul_(tensors, factors)
+
+    def _float_mask(self, i: int, dtype: torch.dtype) -> torch.Tensor:
+        """Layer ``i``'s mask as 1.0 / 0.0 in ``dtype``, made again only after the mask changed."""
+        mask = self._masks[i]
+        cached = self._float_masks.get((i, dtype))
+        if cached is not None and cached[0] is mask and cached[1] == mask._version:
+            return cached[2]
+        factor = mask.view(torch.uint8).to(dtype)
+        self._float_masks[(i, dtype)] = (mask, mask._version, factor)
+        return factor
 
     def follow_param_devices(self) -> None:
         """Move masks (and exploration bits) to their parameters' devices if the model was moved."""
