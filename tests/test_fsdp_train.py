@@ -77,3 +77,31 @@ def test_snfs_under_fsdp_equals_ddp(tmp_path: Path) -> None:
     same_checkpoint(fsdp / "checkpoint.pt", ddp / "checkpoint.pt")
     history = torch.load(fsdp / "checkpoint.pt", weights_only=True)["progress"]["history"]
     assert sum(r["regrown"] for r in history) > 0  # topology updates really moved weights
+
+
+def _validation(run_dir: Path) -> list[tuple]:
+    import json
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["epoch"], r.get("val_loss"), r.get("val_accuracy")) for r in records]
+
+
+@pytest.mark.slow
+def test_fsdp_validation_metrics_and_selected_epoch_equal_ddp_with_batchnorm(tmp_path: Path) -> None:
+    """digits_cnn has BatchNorm: its running statistics are buffers, not sharded; rank 0's are
+    broadcast before each step as DDP does, so every rank validates with DDP's statistics."""
+    import json
+
+    args = ["train", "--model", "digits_cnn", "--method", "granet", "--density", "0.1", "--epochs", "3",
+            "--update-interval", "5", "--device", "cpu", "--progress", "log"]
+    fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
+    run([*args, "--fsdp", "true", "--out", str(fsdp)])
+    run([*args, "--out", str(ddp)])
+    assert _validation(fsdp) == _validation(ddp)
+    assert all(v[1] is not None for v in _validation(ddp))
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (fsdp, ddp))
+    for key in ("selected_epoch", "best_val_accuracy", "test_accuracy", "test_loss"):
+        assert a[key] == b[key], key
+    x, y = (torch.load(d / "checkpoint.pt", weights_only=True)["model"] for d in (fsdp, ddp))
+    assert [k for k in x if "running" in k]  # the model really has BatchNorm statistics
+    assert all(torch.equal(v, y[k]) for k, v in x.items())

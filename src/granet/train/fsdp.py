@@ -5,6 +5,12 @@ is one unit, then the root) before the optimizer and the sparsifier are built, s
 sharded ``DTensor`` parameters; the sparsifier then keeps its masks sharded too (see
 :mod:`granet.fsdp`).
 
+Buffers (BatchNorm running statistics) are not sharded, so without help every rank would keep its own
+running averages. DDP broadcasts rank 0's buffers before every forward pass that follows a
+gradient-synchronising one, i.e. before the first forward pass of every optimizer step;
+:func:`broadcast_buffers_like_ddp` does the same under FSDP, so each rank's statistics, hence the
+validation metrics and the selected epoch, equal the DDP run's.
+
 Checkpoints stay in the single-process format, so a run can be resumed or continued with another
 strategy: the model and optimizer entries are *full* state dicts gathered with
 ``torch.distributed.checkpoint.state_dict`` (``full_state_dict=True, cpu_offload=True``: rank 0
@@ -21,7 +27,7 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["check_fsdp", "shard_model", "full_model_state", "full_optimizer_state", "load_full_model_state",
+__all__ = ["broadcast_buffers_like_ddp", "check_fsdp", "shard_model", "full_model_state", "full_optimizer_state", "load_full_model_state",
            "load_full_optimizer_state"]
 
 
@@ -46,6 +52,40 @@ def shard_model(model: nn.Module) -> nn.Module:
         fully_shard(module)
     fully_shard(model)  # in place: the module's class becomes an FSDPModule subclass
     return model
+
+
+def broadcast_buffers_like_ddp(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Before the first training forward pass (gradients enabled) after each optimizer step, and
+    before the first one of all, overwrite every rank's buffers with rank 0's, as DDP's
+    ``broadcast_buffers`` does (see the module docstring). Forward passes without gradients
+    (evaluation) neither broadcast nor count. One coalesced broadcast per buffer dtype."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    buffers = [b for b in model.buffers() if b is not None and b.numel()]
+    if not buffers:
+        return
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for b in buffers:
+        groups.setdefault((b.device, b.dtype), []).append(b)
+    due = [True]
+
+    def before_forward(module: nn.Module, args: Any) -> None:
+        if not (due[0] and torch.is_grad_enabled()):
+            return
+        due[0] = False
+        with torch.no_grad():
+            for tensors in groups.values():
+                flat = _flatten_dense_tensors(tensors)
+                dist.broadcast(flat, src=0)
+                for b, value in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+                    b.copy_(value)
+
+    def after_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        due[0] = True
+
+    model.register_forward_pre_hook(before_forward)
+    optimizer.register_step_post_hook(after_step)
 
 
 def _options(**kw: Any) -> Any:

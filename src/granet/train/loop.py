@@ -80,6 +80,8 @@ class Trainer:
         if self.fsdp:  # shard before the optimizer and sparsifier are built: they must see the shards
             self._shard(example)
         self.optimizer = runtime.build_optimizer(optim, self.model)
+        if self.fsdp:  # BatchNorm statistics as under DDP (rank 0's before each step's first forward)
+            fsdp.broadcast_buffers_like_ddp(self.model, self.optimizer)
         train_size = dataset_size(self.data.train)
         self.steps_per_epoch = train_size // optim.batch_size
         if self.steps_per_epoch == 0:
