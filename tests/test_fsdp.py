@@ -55,13 +55,14 @@ def shard(model: nn.Module) -> nn.Module:
     return fully_shard(model)
 
 
-def make(method: str, sharded: bool, seed: int = 0, adam: bool = False):
+def make(method: str, sharded: bool, seed: int = 0, adam: bool = False, **options):
     model = mlp(seed)
     if sharded:
         shard(model)
     opt = (torch.optim.Adam(model.parameters(), lr=1e-2) if adam
            else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4))
-    s = granet.create_sparsifier(method, model, opt, density=0.2, total_steps=STEPS, update_interval=3)
+    s = granet.create_sparsifier(method, model, opt, **dict(dict(density=0.2, total_steps=STEPS, update_interval=3),
+                                                             **options))
     return model, opt, s
 
 
@@ -77,7 +78,9 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, s, steps: range) -> list
         if report is not None:
             state = s.state_dict()  # a collective under FSDP: the full masks
             updates.append({"step": t, "masks": list(state["masks"].values()), "counts": s.counts,
-                            "density": s.density(), "layers": {n: dict(v) for n, v in report.layers.items()}})
+                            "density": s.density(), "layers": {n: dict(v) for n, v in report.layers.items()},
+                            "health": report.health, "epoch_health": s.check_health(loss=1.0, classes=3).to_dict(),
+                            "health_state": state["health"]})
     return updates
 
 
@@ -249,6 +252,8 @@ def scenario(rank: int, world: int) -> dict:
     finally:
         fsdp.GATHER_ENTRIES = budget
     result["initial"] = initial_masks(sharded=True)
+    result["protect"] = train(*make("granet-st", sharded=True, protect_units=True, density=0.05),
+                              range(1, STEPS + 1))
     result.update(scenario_edges(rank))
     # Resume: save at RESUME_AT (full state dicts), rebuild from another seed, load, continue.
     from torch.distributed.checkpoint.state_dict import (
@@ -324,6 +329,8 @@ def reference() -> dict:
             updates = train(model, opt, s, range(1, STEPS + 1))
             out[method] = {"updates": updates, "weights": [full(p) for p in model.parameters()],
                            "state": s.state_dict(), "exploration": s.exploration_rate()}
+        out["protect"] = train(*make("granet-st", sharded=False, protect_units=True, density=0.05),
+                               range(1, STEPS + 1))
     finally:
         torch.set_num_threads(threads)
     return out
@@ -355,6 +362,36 @@ def test_masks_equal_single_process(group: tuple[int, list[dict]], reference: di
         assert run["exploration"] == ref["exploration"]
         assert run["state"]["ever_active"].keys() == ref["state"]["ever_active"].keys()
         assert all(torch.equal(run["state"]["ever_active"][n], e) for n, e in ref["state"]["ever_active"].items())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_health_checks_equal_single_process(group: tuple[int, list[dict]], reference: dict, method: str) -> None:
+    """Every rank reports the whole network's health, as one process does (counts summed over the
+    rows), at each update and between updates, and saves the same record."""
+    world, results = group
+    expected = reference[method]["updates"]
+    assert all(u["health"] is not None and u["health"]["units"] == 8 + 10 + 3 for u in expected)
+    for rank, res in enumerate(results):
+        got = res["runs"][method]["updates"]
+        for key in ("health", "epoch_health"):
+            assert [u[key] for u in got] == [u[key] for u in expected], (world, rank, method, key)
+        def positions(state: dict) -> list:
+            return [None if level is None else {n: t.tolist() for n, t in level.items()} for level in state["zero"]]
+
+        for a, b in zip(got, expected):
+            assert a["health_state"]["last"] == b["health_state"]["last"]
+            assert positions(a["health_state"]) == positions(b["health_state"])
+
+
+def test_protect_units_equals_single_process(group: tuple[int, list[dict]], reference: dict) -> None:
+    world, results = group
+    expected = reference["protect"]
+    assert [u["step"] for u in expected] == UPDATE_STEPS["granet-st"]
+    assert any(v["dropped"] for u in expected for v in u["layers"].values())
+    for res in results:
+        for got, exp in zip(res["protect"], expected):
+            assert all(torch.equal(a, b) for a, b in zip(got["masks"], exp["masks"])), (world, got["step"])
+            assert got["layers"] == exp["layers"] and got["health"] == exp["health"]
 
 
 def test_exact_density(group: tuple[int, list[dict]]) -> None:
@@ -407,10 +444,11 @@ def test_edge_cases(group: tuple[int, list[dict]]) -> None:
     for rank, res in enumerate(results):
         # Rank 0's NaN gradient makes every rank skip update 3 (the decision is all-reduced).
         assert res["skipped"] == (3, True, 1)
-        # finite-gradient vote (1 int64), drop and grow selections (4 radix rounds of a 3 x 256 int64
-        # histogram, 1 gather of 3 x 2 int64 each), rank check (2 x 5 int64); the new counts follow from
-        # the global drop/regrow counts, so no count all-reduce
-        assert res["comm"] == (1 + 2 * (4 + 1) + 1, 8 + 2 * (4 * 3 * 256 * 8 + 3 * 2 * 8) + 2 * 5 * 8)
+        # finite-gradient vote (1 int64), health check (3 x 3 int64), drop and grow selections (4 radix
+        # rounds of a 3 x 256 int64 histogram, 1 gather of 3 x 2 int64 each), rank check (2 x 5 int64);
+        # the new counts follow from the global drop/regrow counts, so no count all-reduce
+        assert res["comm"] == (1 + 1 + 2 * (4 + 1) + 1,
+                               8 + 3 * 3 * 8 + 2 * (4 * 3 * 256 * 8 + 3 * 2 * 8) + 2 * 5 * 8)
         masks, counts, nonzero = res["set_masks"]
         target = {n: torch.rand(m.shape, generator=torch.Generator().manual_seed(3)) < 0.3 for n, m in masks.items()}
         assert all(torch.equal(masks[n], target[n]) for n in target)

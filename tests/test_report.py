@@ -226,3 +226,37 @@ def test_cli_errors(runs: list[Path], tmp_path: Path, capsys: pytest.CaptureFixt
     err = capsys.readouterr().err
     assert "missing config.yaml, metrics.jsonl, summary.json" in err and str(empty) in err
     assert not (tmp_path / "r").exists()
+
+
+def test_runs_with_health_warnings_get_a_table(runs: list[Path]) -> None:
+    assert "### Health warnings" not in markdown_table(load_runs(runs))  # healthy runs: no table
+    summary_path = runs[1] / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["health"] = {"healthy": False,
+                         "flags": {"stuck_weights": {"step": 180, "epoch": 2}, "chance_loss": {"step": 300, "epoch": 3}},
+                         "last": {"units": 458, "dead_units": 12, "stuck": 290, "active": 1908}}
+    summary_path.write_text(json.dumps(summary))
+    loaded = load_runs(runs)
+    assert loaded[1].health_flags == {"stuck_weights": {"step": 180, "epoch": 2}, "chance_loss": {"step": 300, "epoch": 3}}
+    assert loaded[0].health_flags == {} and loaded[0].health == {}
+    table = rows(markdown_table(loaded), "### Health warnings")
+    assert table == [["run", "method", "conditions (first epoch)", "dead units at the end", "stuck weights"],
+                     ["rigl-s1", "rigl", "stuck_weights (epoch 2), chance_loss (epoch 3)", "12 / 458", "290 / 1908"]]
+
+
+def test_the_report_modules_import_one_way() -> None:
+    """report -> report_plots -> report_runs, and report -> report_runs: no module imports back."""
+    import ast
+
+    import granet
+
+    root = Path(granet.__file__).parent
+
+    def imports(name: str) -> set[str]:
+        tree = ast.parse((root / f"{name}.py").read_text())
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1
+                and node.module}
+
+    assert "report" not in imports("report_plots") and "report" not in imports("report_runs")
+    assert "report_plots" not in imports("report_runs")
+    assert {"report_runs", "report_plots"} <= imports("report")

@@ -29,7 +29,7 @@ FLAT_KEYS = [
     "init_from", "score_batches", "tensorboard", "dist_timeout", "fsdp",
 ]
 #: Keys added since (a config.yaml without them reads as the method's preset, the behaviour it had).
-NEW_KEYS = ["prune_criterion", "drop_criterion"]
+NEW_KEYS = ["prune_criterion", "drop_criterion", "protect_units"]
 
 #: A config.yaml as that version wrote it (`granet train --model mlp --method rigl --epochs 2
 #: --update-interval 5 --density 0.05 --lr-schedule multistep --milestones 0.5 0.75 --keep-checkpoints 1`):
@@ -119,7 +119,10 @@ def test_every_key_is_a_flag_and_nothing_else():
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
     flags = {opt for action in parser._actions for opt in action.option_strings}
-    assert flags == {"-h", "--help"} | {"--" + k.replace("_", "-") for k in FLAT_KEYS + NEW_KEYS}
+    bools = ("download", "augment", "mask_optimizer_state", "track_exploration", "nesterov", "fsdp", "overwrite",
+             "tensorboard", "protect_units")  # boolean keys also have their --no- form
+    assert flags == {"-h", "--help"} | {"--" + k.replace("_", "-") for k in FLAT_KEYS + NEW_KEYS} | \
+        {"--no-" + k.replace("_", "-") for k in bools}
     args = build_parser().parse_args(["train", "--update-interval", "20", "--keep-dense", "fc1", "--lr", "0.5"])
     assert TrainConfig.from_dict({k: v for k, v in vars(args).items() if k in FLAT_KEYS}).to_dict() == \
         dict(TrainConfig().to_dict(), update_interval=20, keep_dense=["fc1"], lr=0.5)

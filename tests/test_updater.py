@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import pytest
 import torch
 
 from granet.config import SparsityConfig
@@ -213,3 +214,51 @@ def test_one_selection_round_per_phase_with_one_problem_per_changed_layer() -> N
             grows = [k for k, _, _ in recording.calls[2][0]]
             assert sum(grows) == sum(drops) and recording.calls[2] == [[(k, 512, k * 16 < 512) for k in grows]]
         assert got.masks[2] is masks[2] and got.masks[3] is masks[3]  # left alone: the same tensors
+
+
+def test_protect_units_keeps_each_units_best_weight_at_the_drop() -> None:
+    cfg = method_config("rigl", density=0.5, update_interval=1, drop_fraction=0.6, drop_decay="constant",
+                        regrow_start=0, regrow_end=100, total_steps=100)
+    weight = torch.nn.Parameter(torch.tensor([[0.1, 0.05, 0.0, 0.0],
+                                              [5.0, 4.0, 0.0, 0.0],
+                                              [0.0, 0.0, 0.2, 0.0]]))
+    weight.grad = torch.tensor([[0.0, 0.0, 1.0, 0.0],
+                                [0.0, 0.0, 3.0, 2.0],
+                                [7.0, 0.5, 0.0, 0.25]])
+    mask = weight.detach() != 0
+    # Without protection: drop floor(0.6 * 5) = 3 (0.05, 0.1, 0.2): units 0 and 2 lose every input,
+    # and the 3 regrown go to the largest gradients (7.0, 3.0, 2.0).
+    plain = TopologyUpdater(cfg).drop_and_grow(1, ["w"], [weight], [mask], [5], None, _report(["w"]))
+    assert plain.masks[0].tolist() == [[False, False, False, False], [True, True, True, True],
+                                       [True, False, False, False]]
+    # Protected: each unit keeps its largest weight (0.1, 5.0, 0.2), so only 5 - 3 = 2 are dropped
+    # (0.05 and 4.0) and 2 regrown (7.0 and 3.0).
+    updater = TopologyUpdater(cfg.replace(protect_units=True))
+    report = _report(["w"])
+    result = updater.drop_and_grow(1, ["w"], [weight], [mask], [5], None, report, alive=[3])
+    assert result.masks[0].tolist() == [[True, False, False, False], [True, False, True, False],
+                                        [True, False, True, False]]
+    assert report.layers["w"] == {"pruned": 0, "dropped": 2, "regrown": 2}
+
+
+def test_protect_units_at_the_global_prune_and_for_in_by_out_weights() -> None:
+    cfg = SparsityConfig(density=0.5, prune="global", prune_start=0, prune_end=10, update_interval=10,
+                         drop_fraction=0.0, total_steps=10, init_density=1.0)
+    c = torch.tensor([[0.1, 0.2], [3.0, 0.3]])
+    b = torch.tensor([[4.0, -0.3], [0.05, 2.0]])
+    full = [torch.ones(2, 2, dtype=torch.bool)] * 2
+    # Keep 4 of 8 by magnitude: 4, 3, 2 and 0.3; c's first row loses both inputs.
+    plain = TopologyUpdater(cfg).prune(10, [c, b], full, [4, 4], [4, 4], [])
+    assert [m.tolist() for m in plain] == [[[False, False], [True, True]], [[True, False], [False, True]]]
+    # Protected: every row's largest first (0.2, 3 | 4, 2), so 0.2 stays instead of 0.3.
+    protected = TopologyUpdater(cfg.replace(protect_units=True)).prune(10, [c, b], full, [4, 4], [4, 4], [])
+    assert [m.tolist() for m in protected] == [[[False, True], [True, False]], [[True, False], [False, True]]]
+    # Weights stored in x out: c's units are its columns, whose largest are 3 and 0.3 (b's rows: 4, 2).
+    columns = TopologyUpdater(cfg.replace(protect_units=True), unit_dims=[1, 0]).prune(10, [c, b], full, [4, 4],
+                                                                                      [4, 4], [])
+    assert [m.tolist() for m in columns] == [m.tolist() for m in plain]
+    # Fewer kept than units: the units with the strongest best weight keep theirs (4 and 3, not 2 and 0.2).
+    two = TopologyUpdater(cfg.replace(protect_units=True, density=0.25)).prune(10, [c, b], full, [4, 4], [4, 4], [])
+    assert [m.reshape(-1).nonzero().squeeze(1).tolist() for m in two] == [[2], [0]]
+    with pytest.raises(ValueError, match="protect_units must be true or false, got 'yes'"):
+        method_config("rigl", protect_units="yes")

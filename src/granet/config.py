@@ -66,8 +66,9 @@ class SparsityConfig:
         "cosine", "a registered decay of r_t (``cosine``, ``constant``, ...; see "
                   ":func:`~granet.schedules.register_drop_decay`).")
     regrow_start: Optional[StepSpec] = _field(
-        None, "first step of drop-and-regrow updates; ``None`` means ``prune_start`` for pruning methods and 0 "
-              "otherwise.")
+        None, "step where r_t's decay starts, and the first step of drop-and-regrow updates, which never come "
+              "before ``prune_start`` (t0) for pruning methods; ``None`` means ``prune_start`` for pruning methods "
+              "and 0 otherwise.")
     regrow_end: StepSpec = _field(1.0, "updates happen strictly before this step.")
     grow: str = _field(
         "gradient", "a registered :class:`~granet.criteria.GrowCriterion` (``gradient``, ``momentum``, "
@@ -86,6 +87,12 @@ class SparsityConfig:
                "weights that were inactive before the update, so a weight dropped and regrown in the same update "
                "keeps its value and optimizer state, as in GraNet's code and RigL (``reinit_when_same=False``); "
                "``all`` resets every regrown weight.")
+    protect_units: bool = _field(
+        False, "keep every output unit's largest active incoming weight at gradual pruning and at the drop, so a "
+               "unit (a row of a Linear weight, an output channel of a convolution) never loses its last input "
+               "while the budget allows (below it, the units with the strongest best weight keep theirs). Off by "
+               "default, as in GraNet's code; harmful when a network keeps fewer weights than it has units; see "
+               "docs/collapse.md.")
     mask_optimizer_state: bool = _field(
         True, "zero the optimizer state of inactive weights after every step. SNFS turns it off because it "
               "regrows by the momentum that inactive weights accumulate.")
@@ -124,7 +131,8 @@ class SparsityConfig:
         stays loadable.
         """
         current = self.to_dict()
-        return [f"{k}={saved[k]!r} in the state, {v!r} here" for k, v in current.items() if k in saved and saved[k] != v]
+        return [f"{k}={saved[k]!r} in the state, {v!r} here"
+                for k, v in current.items() if k in saved and saved[k] != v]
 
     def check_saved(self, saved: Any, strict: bool) -> None:
         """Compare the config stored in a sparsifier state with this one.
@@ -178,8 +186,11 @@ class SparsityConfig:
         _check_choice("drop_criterion", self.drop_criterion, list_drop_criteria())
         _check_choice("redistribute", self.redistribute, REDISTRIBUTIONS)
         _check_choice("reinit_regrown", self.reinit_regrown, REINIT_REGROWN)
+        if not isinstance(self.protect_units, bool):
+            raise ValueError(f"protect_units must be true or false, got {self.protect_units!r}")
         _check_choice("drop_decay", self.drop_decay, list_drop_decays())
-        if isinstance(self.update_interval, bool) or not isinstance(self.update_interval, int) or self.update_interval < 1:
+        interval = self.update_interval
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"update_interval must be a positive integer, got {self.update_interval!r}")
         for name in ("drop_fraction", "drop_fraction_end"):
             value = getattr(self, name)

@@ -1,6 +1,6 @@
 """The figures of ``granet report``: accuracy vs sparsity, training curves, per-layer density.
 
-Each function takes the runs read by :func:`granet.report.load_runs` and writes one PNG with the Agg
+Each function takes the runs read by :func:`granet.report_runs.load_runs` and writes one PNG with the Agg
 renderer (:func:`granet.stats.figure`); matplotlib is needed (``pip install 'granet[plots]'``).
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .report import MAX_LAYER_PANELS, PathLike, Run, _accuracy_scale, group_runs
+from .report_runs import MAX_LAYER_PANELS, PathLike, Run, accuracy_scale, group_runs
 from .stats import figure, mean_std
 
 
@@ -36,7 +36,7 @@ def plot_accuracy_vs_sparsity(runs: Sequence[Run], path: PathLike) -> Path:
     Returns:
         The written PNG's path.
     """
-    scale = _accuracy_scale(runs)
+    scale = accuracy_scale(runs)
     use_test = any(r.test_accuracy is not None for r in runs)
     colors = _method_colors(runs)
     panels = sorted({(r.model, r.dataset) for r in runs}, key=lambda p: (p[1], p[0]))
@@ -51,8 +51,8 @@ def plot_accuracy_vs_sparsity(runs: Sequence[Run], path: PathLike) -> Path:
             for (m, mo, ds, density), members in groups.items():
                 if (m, mo, ds) != (method, model, dataset):
                     continue
-                accs = [r.test_accuracy if use_test else r.best_val_accuracy for r in members]
-                accs = [scale * a for a in accs if a is not None]
+                values = [r.test_accuracy if use_test else r.best_val_accuracy for r in members]
+                accs = [scale * a for a in values if a is not None]
                 if not accs:
                     continue
                 xs.append(100.0 * (1.0 - density))
@@ -117,7 +117,7 @@ def plot_training_curves(runs: Sequence[Run], path: PathLike) -> Path:
     return out
 
 
-def _layer_panel_runs(runs: Sequence[Run], limit: int) -> list[Run]:
+def layer_panel_runs(runs: Sequence[Run], limit: int) -> list[Run]:
     """Up to ``limit`` runs with layer densities: one per group first, then the other seeds."""
     groups = [[r for r in members if r.layer_density] for members in group_runs(runs).values()]
     chosen = [members[0] for members in groups if members][:limit]
@@ -137,7 +137,7 @@ def plot_layer_density(runs: Sequence[Run], path: PathLike, max_runs: int = MAX_
     Returns:
         The written PNG's path, or ``None`` when no run recorded layer densities.
     """
-    chosen = _layer_panel_runs(runs, max_runs)
+    chosen = layer_panel_runs(runs, max_runs)
     if not chosen:
         return None
     n_layers = max(len(r.layer_density) for r in chosen)

@@ -88,12 +88,15 @@ class EpochRecord:
     regrown: int = 0
     time_s: float = 0.0
     round: Optional[int] = None  # lottery tickets: the training round (0 = dense) this epoch belongs to
+    health: Optional[dict[str, Any]] = None  # granet.health.HealthReport of the epoch's end, as a dict
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dictionary (one JSON line); ``round`` only for runs that have rounds."""
+        """Plain dictionary (one JSON line); ``round`` only for runs that have rounds, ``health``
+        only where it was checked."""
         out = dataclasses.asdict(self)
-        if out["round"] is None:
-            del out["round"]
+        for key in ("round", "health"):
+            if out[key] is None:
+                del out[key]
         return out
 
     @classmethod

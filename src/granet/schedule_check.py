@@ -28,7 +28,7 @@ def prune_steps(schedule: PruningSchedule, total_steps: Optional[int] = None) ->
 def regrowth_steps(schedule: DropFractionSchedule, total_steps: int) -> int:
     """How many drop-and-regrow updates ``schedule`` makes in ``total_steps`` steps."""
     last = min(schedule.end - 1, total_steps)
-    first = max(schedule.start, 1)
+    first = max(schedule.first_update, 1)
     if schedule.initial <= 0 or last < first:
         return 0
     return last // schedule.interval - (first - 1) // schedule.interval
@@ -66,7 +66,7 @@ def schedule_warnings(
         if regrowth_steps(regrowth, total_steps) == 0:
             messages.append(
                 f"no drop-and-regrow update happens in {total_steps} steps (update_interval={regrowth.interval}, "
-                f"regrowth window {regrowth.start}..{regrowth.end}); set update_interval <= "
+                f"regrowth window {regrowth.first_update}..{regrowth.end}); set update_interval <= "
                 f"{max(1, min(regrowth.end - 1, total_steps))} for at least one"
             )
     return messages

@@ -13,12 +13,16 @@ topology at the same optimizer steps on 1 or N processes and at any batch size.
 * :class:`DropFractionSchedule` — the fraction r(t) of active weights dropped (and regrown) per
   update, decayed from ``initial`` to ``final`` over [start, end] by a registered decay
   (``cosine``, ``constant``; :func:`register_drop_decay` adds one, chosen by name in the config).
+  Updates happen at the multiples of ΔT in [first, end), where ``first`` (default ``start``) may be
+  later than the decay's start: GraNet's r_t decays over the whole run [0, T] while its updates
+  begin at t0 (the authors' code updates only at steps >= t0).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
+
 from .registry import Registry
 
 DropDecay = Callable[[float, float, float], float]
@@ -37,7 +41,7 @@ def register_drop_decay(name: str, decay: DropDecay) -> None:
 
 
 def list_drop_decays() -> tuple[str, ...]:
-    """Names of the registered drop-fraction decays, in registration order."""
+    """Names of the registered drop-fraction decays, sorted."""
     return _DROP_DECAYS.names()
 
 
@@ -109,10 +113,13 @@ class DropFractionSchedule:
     Attributes:
         initial: r_0, the fraction at ``start``.
         final: the fraction reached at ``end`` (cosine decay) — ignored when ``decay`` is constant.
-        start: first step at which updates happen.
-        end: updates happen at steps strictly before ``end``.
+        start: step where r(t)'s decay starts (and, unless ``first`` is given, the first step at
+            which updates may happen).
+        end: updates happen at steps strictly before ``end``; the decay ends there.
         interval: ΔT, steps between updates.
         decay: name of a registered decay (``"cosine"``, ``"constant"``, ...).
+        first: first step at which updates may happen (``None``: ``start``). Only the update
+            window moves: r(t) still decays over [start, end], so the first update uses r(first).
     """
 
     initial: float
@@ -121,6 +128,7 @@ class DropFractionSchedule:
     end: int
     interval: int
     decay: str = "cosine"
+    first: Optional[int] = None
 
     def __post_init__(self) -> None:
         _DROP_DECAYS.get(self.decay)  # ValueError naming the valid decays
@@ -129,6 +137,14 @@ class DropFractionSchedule:
                 raise ValueError(f"drop fractions must be in [0, 1], got {value}")
         if self.interval < 1:
             raise ValueError(f"update interval must be >= 1, got {self.interval}")
+        if self.first is not None and (isinstance(self.first, bool) or not isinstance(self.first, int)
+                                       or self.first < 0):
+            raise ValueError(f"the first update step must be an int >= 0, got {self.first!r}")
+
+    @property
+    def first_update(self) -> int:
+        """The first step at which an update may happen: ``first``, else ``start``."""
+        return self.start if self.first is None else self.first
 
     def fraction(self, step: int) -> float:
         """r(t): the decay from ``initial`` at ``start`` to ``final`` at ``end`` (``initial`` if end <= start)."""
@@ -138,5 +154,6 @@ class DropFractionSchedule:
         return _DROP_DECAYS.get(self.decay)(progress, self.initial, self.final)
 
     def is_update_step(self, step: int) -> bool:
-        """Whether a drop-and-regrow update happens at ``step``."""
-        return self.initial > 0 and self.start <= step < self.end and step > 0 and step % self.interval == 0
+        """Whether a drop-and-regrow update happens at ``step``: a multiple of ΔT in [first, end), not 0."""
+        return (self.initial > 0 and self.first_update <= step < self.end and step > 0
+                and step % self.interval == 0)

@@ -51,16 +51,22 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .criteria import require_momentum
 from .config import SparsityConfig
 from .coverage import Coverage, log_coverage
+from .criteria import require_momentum
 from .errors import short_repr
+from .health import HealthMonitor, HealthReport, alive_units, unit_dims
 from .masking import MaskState
 from .ranks import ProcessLayout, SingleProcess, process_layout
 from .schedule_check import schedule_warnings
 from .schedules import DropFractionSchedule, PruningSchedule
-from .selection import DEFAULT_LAYER_TYPES, LayerType, Selection, select_parameters
-from .selection import sparsifiable_parameters  # noqa: F401  (re-exported: granet.sparsifier.sparsifiable_parameters)
+from .selection import (
+    DEFAULT_LAYER_TYPES,
+    LayerType,
+    Selection,
+    select_parameters,
+    sparsifiable_parameters,  # noqa: F401  (re-exported: granet.sparsifier.sparsifiable_parameters)
+)
 from .topology import UpdateReport
 from .updater import TopologyUpdater
 
@@ -76,6 +82,13 @@ def _count_entry(value: Any, key: str) -> int:
     if not _is_count(value):
         raise ValueError(f"sparsifier state has an invalid {key} {short_repr(value)} (expected an int >= 0)")
     return int(value)
+
+
+def _health_entry(value: Any) -> Optional[Mapping[str, Any]]:
+    """The state's health entry (``None`` when absent: saved before health checks existed)."""
+    if value is not None and not isinstance(value, Mapping):
+        raise ValueError(f"sparsifier state has an invalid health entry {short_repr(value)}")
+    return value
 
 
 _DETACHED = ("this sparsifier was restored from a pickle: it holds the state and config but no model, "
@@ -141,7 +154,14 @@ class Sparsifier:
         self._ranks: ProcessLayout = process_layout(names, params, distributed)
         self._state = MaskState(names, params, optimizer, cfg.mask_optimizer_state, self._ranks)
         self._model_ref: Optional[weakref.ReferenceType[nn.Module]] = weakref.ref(model)
-        self._updater = TopologyUpdater(cfg, select=self._ranks.select)
+        dims = unit_dims([c.kind for c in self.selection.candidates if c.selected])
+        if cfg.protect_units and self._ranks.sharded and any(dims):
+            in_by_out = [n for n, d in zip(names, dims) if d]
+            raise ValueError(f"protect_units under FSDP needs weights stored out x in; {', '.join(in_by_out[:3])} "
+                             "are in x out (transformers' Conv1D, transposed convolutions): keep them dense or "
+                             "train without protect_units")
+        self._unit_dims = dims
+        self._updater = TopologyUpdater(cfg, select=self._ranks.select, unit_dims=dims)
         if self._updater.grow.needs_momentum and self._updater.regrowth is not None:
             require_momentum(optimizer)
         for message in schedule_warnings(self._updater.pruning, self._updater.regrowth, cfg.total_steps):
@@ -153,6 +173,7 @@ class Sparsifier:
         self._last_update: Optional[UpdateReport] = None
         self._detached = False
         self._state.start(self._updater.initial_masks(params), cfg.track_exploration)
+        self._health = HealthMonitor(names, self._state.shapes, dims)
         self._init_counts = self._state.counts
         self._final_counts = self._updater.final_layer_counts(self._state.shapes, self._init_counts)
         self._state.apply()
@@ -344,6 +365,9 @@ class Sparsifier:
                 # the step alone: a rank that skipped alone raises instead of deadlocking the others.
                 self.verify_masks()
             return report
+        # The network that trained since the previous update, before this one changes it.
+        report.health = self._health.check(step, params, list(state.masks.values()), state.counts, self._ranks,
+                                           update=True).to_dict()
         reset: list[Optional[torch.Tensor]] = [None] * len(params)
         if self._updater.is_prune_step(step):  # pruning only removes positions: nothing new explored
             self._take(self._updater.prune(
@@ -351,9 +375,10 @@ class Sparsifier:
                 names=names, optimizer=state.optimizer,
             ), report, pruning=True)
         if self._updater.is_regrowth_step(step):
-            regrowth = self._updater.drop_and_grow(
-                step, names, params, list(state.masks.values()), state.counts, state.optimizer, report
-            )
+            masks = list(state.masks.values())
+            alive = alive_units(masks, self._unit_dims, self._ranks) if self._config.protect_units else None
+            regrowth = self._updater.drop_and_grow(step, names, params, masks, state.counts, state.optimizer, report,
+                                                   alive=alive)
             regrown = self._take(regrowth.masks, report, pruning=False)
             reset = regrowth.reset
             if state.ever_active is not None:
@@ -436,6 +461,42 @@ class Sparsifier:
         """The schedule's target density at ``step`` (default: the current step)."""
         return self._updater.target_density(self._step_count if step is None else step)
 
+    @torch.no_grad()
+    def check_health(self, loss: Optional[float] = None, classes: Optional[int] = None) -> HealthReport:
+        """Check the network for the signs of a collapse now (see :mod:`granet.health`).
+
+        Topology updates run the check by themselves (``UpdateReport.health``); a training loop may
+        call this at the end of each epoch, with the epoch's training loss and the number of
+        classes to also follow how long the loss has been at chance level, ln(classes). Each
+        condition found is logged once as a one-line warning. Under FSDP every rank must call it.
+
+        Args:
+            loss: the epoch's mean training loss (``None``: not followed).
+            classes: the number of classes of that loss (needed with ``loss``).
+
+        Returns:
+            The report, also kept as :attr:`health` and in :meth:`stats`.
+
+        Raises:
+            ValueError: ``loss`` without a valid ``classes``.
+        """
+        self._require_model()
+        if loss is not None:
+            self._health.observe_loss(float(loss), classes)  # type: ignore[arg-type]
+        state = self._state
+        return self._health.check(self._step_count, state.params, list(state.masks.values()), state.counts,
+                                  self._ranks, update=False)
+
+    @property
+    def health(self) -> Optional[HealthReport]:
+        """The latest health check (at a topology update or :meth:`check_health`), ``None`` before one."""
+        return self._health.last
+
+    @property
+    def health_flags(self) -> dict[str, int]:
+        """``{condition: optimizer step it was first found}`` of every health condition found so far."""
+        return self._health.first_seen
+
     def coverage(self) -> Coverage:
         """Which of the model's weights are under masks (with current densities), which are dense and why."""
         if self.selection is None:
@@ -460,6 +521,8 @@ class Sparsifier:
                 "step": last.step, "pruned": last.pruned, "dropped": last.dropped,
                 "regrown": last.regrown, "skipped": last.skipped,
             },
+            "health": None if self._health.last is None else self._health.last.to_dict(),
+            "health_flags": self._health.first_seen,
         }
 
     # ------------------------------------------------------------------ state
@@ -486,6 +549,7 @@ class Sparsifier:
             "final_counts": list(self._final_counts),
             "skipped_updates": self._skipped_updates,
             "last_update": None if self._last_update is None else asdict(self._last_update),
+            "health": self._health.state_dict(self._ranks, list(state.masks.values())),
         }
 
     @torch.no_grad()
@@ -527,6 +591,7 @@ class Sparsifier:
             raise ValueError(f"sparsifier state has an invalid last_update {short_repr(last)}") from None
         counts = [int(torch.count_nonzero(m)) for m in checked]  # full masks: whole-layer counts
         rows = self._ranks.rows
+        health = self._health.parse_state(_health_entry(state.get("health")), self._ranks)
         self._state.load(
             [rows(m, i) for i, m in enumerate(checked)], counts,
             None if ever_active is None else [rows(e, i, packed=True) for i, e in enumerate(ever_active)],
@@ -536,6 +601,7 @@ class Sparsifier:
         self._step_count = step
         self._skipped_updates = skipped
         self._last_update = last_update
+        self._health.restore(health)  # a state saved before health checks existed: afresh
         self._pending_steps = 0
         self._state.apply()
         if self._ranks.replicated:
@@ -661,6 +727,8 @@ class Sparsifier:
         self._last_update = None if last is None else UpdateReport(**last)
         self._init_counts = list(state["init_counts"])
         self._final_counts = list(state["final_counts"])
+        self._health = HealthMonitor(names, self._state.shapes, [0] * len(names))  # views only: no weights here
+        self._health.load_state_dict(state.get("health"), self._ranks)
 
     def __repr__(self) -> str:
         return (

@@ -23,15 +23,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
 import torch
 
-from .criteria import momentum_buffer, seeded_generator, select_top
 from . import native
+from .criteria import momentum_buffer, seeded_generator, select_top
+from .distributions import allocate_counts, get_distribution, layer_counts
 from .topk import _BRACKET_MIN_SIZE, Scores, scratch, select_top_segments
 from .workers import layer_map, on_cpu
-from .distributions import allocate_counts, get_distribution, layer_counts
 
 
 @dataclass
@@ -48,6 +48,9 @@ class UpdateReport:
         drop_fraction: r_t used by the drop phase (0 when there was none).
         skipped: True when the update was skipped because gradients were not finite.
         layers: per-layer ``{name: {"pruned": n, "dropped": n, "regrown": n}}``.
+        health: the health check of the network that trained since the previous update, made
+            before this one changed it (:class:`granet.health.HealthReport` as a dict; ``None``
+            when the update was skipped).
     """
 
     step: int
@@ -59,6 +62,7 @@ class UpdateReport:
     drop_fraction: float = 0.0
     skipped: bool = False
     layers: dict[str, dict[str, int]] = field(default_factory=dict)
+    health: Optional[dict[str, Any]] = None
 
 
 @dataclass
@@ -132,7 +136,8 @@ class Selector(Protocol):
     ``select(problems)`` returns, per problem, one result per segment: a ``torch.bool`` mask shaped
     like the segment's values (or, where the problem asked for ``positions``, possibly the flat int64
     positions); for a chain (:attr:`Problem.then`), the results of its last problem. Every chain
-    of one call must have the same length on every process. ``local(tensor, layer)`` is the part of a layer's tensor this process selects on;
+    of one call must have the same length on every process. ``local(tensor, layer)`` is the part of a
+    layer's tensor this process selects on;
     ``gather_rows(pieces)`` concatenates each layer's 1-D pieces from every process in the full
     tensor's flat order (a collective under FSDP; ``None`` pieces stay ``None``).
     """
@@ -181,7 +186,8 @@ class LocalSelect:
         if len(segments) > 1:
             if all(s.among is None for s in segments):  # one draw over several tensors (a global initial mask)
                 keep = select_top(torch.cat([s.definition().reshape(-1) for s in segments]), k, generator)
-                return [m.view(s.values.shape) for m, s in zip(keep.split([s.values.numel() for s in segments]), segments)]
+                parts = keep.split([s.values.numel() for s in segments])
+                return [m.view(s.values.shape) for m, s in zip(parts, segments)]
             return select_over(segments, k, generator)
         s = segments[0]
         if s.among is None:

@@ -18,7 +18,8 @@ update from the current weights, masks and counts. It never stores masks: the
 :class:`~granet.sparsifier.Sparsifier` owns them and installs what the updater returns, so the
 policy can be tested (and replaced) on plain lists of tensors.
 
-Order inside one update at optimizer step t:
+Updates happen at the multiples of ΔT in [first, end) (:func:`first_regrowth_step`: t0 for a
+pruning method, whose r_t may start decaying earlier). Order inside one update at optimizer step t:
 
 1. if t is a pruning step (multiple of ΔT in (t0, tf], or tf): prune to the cubic target ``d(t)``
    by the prune score, globally (one threshold over all sparsified tensors) or per layer;
@@ -38,6 +39,7 @@ layer), so an update is a function of its inputs alone.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Optional, Sequence
@@ -47,15 +49,57 @@ import torch
 from . import topology
 from .config import SparsityConfig
 from .criteria import (
-    Criterion, GrowCriterion, get_drop_criterion, get_grow_criterion, get_prune_criterion, seeded_generator,
+    Criterion,
+    GrowCriterion,
+    get_drop_criterion,
+    get_grow_criterion,
+    get_prune_criterion,
+    seeded_generator,
 )
 from .distributions import allocate_counts, layer_counts
 from .schedules import DropFractionSchedule, PruningSchedule
 from .topology import LOCAL, Problem, Segment, Selector, UpdateReport
-from .workers import layer_map, on_cpu
+from .workers import on_cpu
 
 # Regrowth of fewer than 1/_POSITIONS_BELOW of a layer's entries is handled as positions, more as a mask.
 _POSITIONS_BELOW = 16
+
+
+def first_regrowth_step(steps: dict[str, int]) -> int:
+    """The first step of drop-and-regrow updates, from a config's resolved steps.
+
+    ``regrow_start`` (where r_t's decay starts), but never before t0 = ``prune_start`` when the
+    method prunes: GraNet's r_t decays over [0, T] while its updates, as in the authors' code
+    (CIFAR and ImageNet cores alike), begin at t0. With t0 = 0 this is ``regrow_start``.
+    """
+    return max(steps["regrow_start"], steps.get("prune_start", 0))
+
+
+def protect_units(scores: torch.Tensor, among: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``scores`` with each unit's highest-scoring entry of ``among`` raised above every other score.
+
+    Units are the slices along ``dim`` (rows of an out × in weight; 1 for in × out weights); a unit
+    with no entry in ``among`` has nothing to protect; the first highest entry of a unit (in flat
+    order) is the one raised. A raised score ``s >= 0`` becomes ``C (1 + s / (1 + s))`` with
+    ``C = 2**(maxexp - 2)`` of the dtype (2**126 for float32): above any score below ``C``, and in
+    the order of ``s`` among themselves, so when fewer are kept than there are units, the units with
+    the strongest best weight keep theirs. No statistic of the whole layer is needed, so the
+    protection is the same on FSDP row shards as in one process.
+    """
+    if scores.dim() < 2:
+        return scores
+    out = scores.clone()
+    moved = out.movedim(dim, 0) if dim else out  # a view: writing it writes ``out``
+    keep = among.movedim(dim, 0) if dim else among
+    units, fan_in = moved.shape[0], math.prod(moved.shape[1:])  # explicit: an FSDP rank may hold 0 rows
+    ranked = torch.where(keep, moved, torch.full_like(moved, -1.0)).reshape(units, fan_in)
+    best = ranked.argmax(dim=1)
+    alive = keep.reshape(units, fan_in).any(dim=1).nonzero().squeeze(1)
+    at = (alive, *torch.unravel_index(best[alive], moved.shape[1:]))
+    value = moved[at].clamp(min=0)
+    big = 2.0 ** (math.frexp(torch.finfo(out.dtype).max)[1] - 2)  # 2**126 for float32
+    moved[at] = big * (1 + value / (1 + value))  # index_put_ on the view writes ``out``
+    return out
 
 
 @dataclass(frozen=True)
@@ -113,11 +157,14 @@ class TopologyUpdater:
         config: a validated sparsity configuration.
         select: how selections are solved (default :data:`~granet.topology.LOCAL`).
         criteria: the scores (default: those the config names, :meth:`Criteria.of`).
+        unit_dims: per layer, the dimension of its output units, for ``protect_units`` (default:
+            0 for every layer, the out × in layout of ``nn.Linear`` and convolutions).
     """
 
     def __init__(self, config: SparsityConfig, select: Optional[Selector] = None,
-                 criteria: Optional[Criteria] = None) -> None:
+                 criteria: Optional[Criteria] = None, unit_dims: Optional[Sequence[int]] = None) -> None:
         self.config = config
+        self.unit_dims = None if unit_dims is None else list(unit_dims)
         steps = config.resolve_steps()
         self.criteria = Criteria.of(config) if criteria is None else criteria
         self.select: Selector = LOCAL if select is None else select
@@ -128,6 +175,7 @@ class TopologyUpdater:
         self.regrowth: Optional[DropFractionSchedule] = None if config.drop_fraction <= 0 else DropFractionSchedule(
             initial=config.drop_fraction, final=config.drop_fraction_end, start=steps["regrow_start"],
             end=steps["regrow_end"], interval=config.update_interval, decay=config.drop_decay,
+            first=first_regrowth_step(steps),
         )
 
     @property
@@ -222,7 +270,8 @@ class TopologyUpdater:
             then the ties'), else one per layer, made only if the score function runs."""
             return [self._segment(self.criteria.prune, i, params[i], names[i], optimizer,
                                   partial(seeded_generator, seed, "prune", step, i) if generator is None else
-                                  (lambda: generator), among=masks[i], count=counts[i]) for i in layers]
+                                  (lambda: generator), among=masks[i], count=counts[i],
+                                  protect=self.config.protect_units) for i in layers]
 
         if self.config.prune == "global":
             target = self.global_prune_target(step, params, counts)
@@ -255,13 +304,16 @@ class TopologyUpdater:
         counts: Sequence[int],
         optimizer: Optional[torch.optim.Optimizer],
         report: UpdateReport,
+        alive: Optional[Sequence[int]] = None,
     ) -> Regrowth:
         """Zero-cost neuroregeneration: per layer, drop r_t of the active weights and regrow as many.
 
         Fills ``report.drop_fraction`` and the per-layer ``dropped`` / ``regrown`` counts. Regrown
         positions that start afresh are all regrown ones with ``reinit_regrown="all"``; with
         ``"new"`` only those inactive before the drop, so a weight dropped and regrown at once is
-        untouched.
+        untouched. With ``protect_units``, ``alive`` gives each layer's units that have an active
+        weight: the drop keeps one weight per such unit (each unit's best by the drop score), so it
+        drops at most ``counts - alive``.
         """
         cfg = self.config
         seed, cpu, n = cfg.seed, on_cpu(params), len(params)
@@ -270,6 +322,8 @@ class TopologyUpdater:
         result = Regrowth(masks=list(masks), reset=[None] * n, grown=[None] * n)
         # floor, as in RigL; dense layers (and tiny ones, n_drop = 0) are left alone
         drops = [0 if counts[i] == p.numel() else int(fraction * counts[i]) for i, p in enumerate(params)]
+        if cfg.protect_units and alive is not None:  # never a unit's last weight
+            drops = [max(0, min(d, c - a)) for d, c, a in zip(drops, counts, alive)]
         layers = [i for i in range(n) if drops[i] > 0]
         if not layers:
             return result
@@ -278,7 +332,9 @@ class TopologyUpdater:
         def drop(j: int, then: Optional[Callable[[list[torch.Tensor]], Problem]] = None) -> Problem:
             i, generator = layers[j], seeded_generator(seed, "drop", step, layers[j])
             return Problem(counts[i] - drops[i], generator, lambda: [self._segment(
-                self.criteria.drop, i, params[i], names[i], optimizer, lambda: generator, among=masks[i], count=counts[i],
+                self.criteria.drop, i, params[i], names[i], optimizer, lambda: generator, among=masks[i],
+                count=counts[i],
+                protect=cfg.protect_units,
             )], sizes[j], cpu, then=then)
 
         def grow(j: int, kept: torch.Tensor, n_grow: int) -> Problem:
@@ -313,15 +369,22 @@ class TopologyUpdater:
 
     def _segment(self, criterion: Criterion, i: int, param: torch.Tensor, name: str,
                  optimizer: Optional[torch.optim.Optimizer], generator: Callable[[], torch.Generator],
-                 among: torch.Tensor, count: int, outside: bool = False) -> Segment:
+                 among: torch.Tensor, count: int, outside: bool = False, protect: bool = False) -> Segment:
         """Layer ``i``'s scores by ``criterion``, as the select holds them: the magnitudes of a tensor
         the criterion names, read in place, or its scores in the parameter's dtype. ``generator``
-        makes the layer's generator (only called when the score function runs)."""
+        makes the layer's generator (only called when the score function runs). With ``protect``
+        (``protect_units``), each unit's highest-scoring active entry outranks every other entry."""
         source = None if criterion.magnitude_of is None else criterion.magnitude_of(param, name, optimizer)
         if source is not None and source.dtype == param.dtype and source.shape == param.shape:
-            return Segment(self.select.local(source, i), absolute=True, among=among, outside=outside, count=count)
-        scores = criterion.score(param, name, optimizer, generator()).to(param.dtype)
-        return Segment(self.select.local(scores, i), among=among, outside=outside, count=count)
+            if not protect:
+                return Segment(self.select.local(source, i), absolute=True, among=among, outside=outside, count=count)
+            scores = self.select.local(source, i).detach().abs()
+        else:
+            scores = self.select.local(criterion.score(param, name, optimizer, generator()).to(param.dtype), i)
+        if protect:
+            dim = 0 if self.unit_dims is None else self.unit_dims[i]
+            scores = protect_units(scores.detach(), among, dim)
+        return Segment(scores, among=among, outside=outside, count=count)
 
     def _combine(self, result: Regrowth, i: int, old: torch.Tensor, kept: torch.Tensor, grown: torch.Tensor) -> None:
         """Layer ``i``'s new mask and reset positions from the mask after the drop and the regrown

@@ -33,13 +33,30 @@ from .. import __version__
 from ..errors import CheckpointError, ConfigError, short_text
 from ..flops import TrainingFlopsLedger, layer_flops, scoring_flops
 from ..methods import method_config
-from ..rundir import (CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, EpochRecord, append_metrics, atomic_write,
-                      kept_checkpoint_name, write_metrics, write_status)
+from ..rundir import (
+    CHECKPOINT_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    EpochRecord,
+    append_metrics,
+    atomic_write,
+    kept_checkpoint_name,
+    write_metrics,
+    write_status,
+)
 from ..saliency import needs_init_scoring, require_scoring_before_training
 from ..sparsifier import Sparsifier
 from . import fsdp, runtime
-from .checkpoint import (FORMAT, Progress, capture_rng, load_file, load_model_state, read_checkpoint, restore_rng,
-                         save_file)
+from .checkpoint import (
+    FORMAT,
+    Progress,
+    capture_rng,
+    load_file,
+    load_model_state,
+    read_checkpoint,
+    restore_rng,
+    save_file,
+)
 from .config import TrainConfig
 from .parts import build_model, dataset_size, evaluate, load_data
 
@@ -210,7 +227,8 @@ class Trainer:
         keys = ("model", "dataset", "epochs", "batch_size", "optimizer", "lr_schedule", "milestones", "dataset_options")
         differing = [k for k in keys if theirs.get(k) != ours[k]]
         if differing:
-            raise ConfigError(f"init_from {path}: its run differs in {', '.join(differing)}; they must match to continue it")
+            raise ConfigError(
+                f"init_from {path}: its run differs in {', '.join(differing)}; they must match to continue it")
         return state
 
     def score_at_init(self) -> None:
@@ -443,7 +461,9 @@ class Trainer:
                 self.tensorboard.close()
 
     def epoch_record(self, train: dict[str, float], val: Optional[dict[str, float]]) -> EpochRecord:
-        """The metrics line of the epoch that just ended."""
+        """The metrics line of the epoch that just ended, with the network's health check (which
+        logs a condition once, the first time it is found; :mod:`granet.health`)."""
+        health = self.sparsifier.check_health(loss=train["loss"], classes=self.data.info.num_classes)
         stats = self.sparsifier.stats()
         return EpochRecord(
             epoch=self.progress.epoch, step=self.progress.step, lr=self.optimizer.param_groups[0]["lr"],
@@ -452,7 +472,7 @@ class Trainer:
             density=stats["density"], sparsity=stats["sparsity"], exploration_rate=stats["exploration_rate"],
             train_flops=self.ledger.relative, topology_updates=len(self.updates),
             pruned=sum(u["pruned"] for u in self.updates), regrown=sum(u["regrown"] for u in self.updates),
-            time_s=self.progress.wall_time,
+            time_s=self.progress.wall_time, health={k: v for k, v in health.to_dict().items() if k != "step"},
         )
 
     def end_epoch(self, train: dict[str, float], val: Optional[dict[str, float]]) -> None:

@@ -18,18 +18,39 @@ from typing import Any, Mapping, Optional
 import torch
 import yaml
 
-from ..errors import CheckpointError, ConfigError, Interrupted, PeerFailure, RunDirError, short_text
 from .. import native
+from ..errors import CheckpointError, ConfigError, Interrupted, PeerFailure, RunDirError, short_text
 from ..flops import inference_flops, inference_flops_relative
-from ..rundir import (CHECKPOINT_FILE, CONFIG_FILE, COVERAGE_FILE, KEPT_CHECKPOINT, METRICS_FILE, MODEL_FILE,
-                      STATUS_FILE, SUMMARY_FILE, RunLock, RunSummary, atomic_write_text, prepare_run_dir,
-                      remove_temporary_files, run_files_in, write_status)
+from ..rundir import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    COVERAGE_FILE,
+    KEPT_CHECKPOINT,
+    METRICS_FILE,
+    MODEL_FILE,
+    STATUS_FILE,
+    SUMMARY_FILE,
+    RunLock,
+    RunSummary,
+    atomic_write_text,
+    prepare_run_dir,
+    remove_temporary_files,
+    run_files_in,
+    write_status,
+)
 from .checkpoint import checkpointed_epoch, load_file, read_checkpoint
-from .config import (LTH_KEYS, SPARSITY_KEYS, TrainConfig, check_resume_compatible, flat_values, read_yaml_mapping,
-                     resume_config)
+from .config import (
+    LTH_KEYS,
+    SPARSITY_KEYS,
+    TrainConfig,
+    check_resume_compatible,
+    flat_values,
+    read_yaml_mapping,
+    resume_config,
+)
 from .loop import Trainer
-from .parts import build_model, evaluate, load_data
 from .lottery_run import LotteryTrainer
+from .parts import build_model, evaluate, load_data
 from .runtime import Dist, SignalGuard, intra_op_threads, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -82,7 +103,8 @@ def check_restartable(root: Path) -> None:
     Raises:
         RunDirError: results are present (named), with what to do instead.
     """
-    results = [name for name in run_files_in(root) if name in (MODEL_FILE, SUMMARY_FILE) or KEPT_CHECKPOINT.fullmatch(name)]
+    results = [name for name in run_files_in(root)
+               if name in (MODEL_FILE, SUMMARY_FILE) or KEPT_CHECKPOINT.fullmatch(name)]
     metrics = root / METRICS_FILE
     if metrics.is_file() and metrics.stat().st_size > 0:
         results.insert(0, METRICS_FILE)
@@ -285,11 +307,13 @@ def _finish(trainer: Trainer) -> dict[str, Any]:
         test_loss=test["loss"], epochs=p.epoch, steps=p.step, wall_time_s=p.wall_time,
         exploration_rate=s.exploration_rate(), train_flops=trainer.ledger.relative,
         inference_flops=inference_flops_relative(trainer.layer_flops, layer_density),
-        train_flops_total=trainer.ledger.total, inference_flops_total=inference_flops(trainer.layer_flops, layer_density),
+        train_flops_total=trainer.ledger.total,
+        inference_flops_total=inference_flops(trainer.layer_flops, layer_density),
         dense_inference_flops=trainer.layer_flops.dense, device=str(trainer.device), world_size=trainer.dist.world_size,
         threads=cfg.machine.threads, native_kernels=native.status(),
     )
     fields.update(trainer.summary_overrides())
+    fields["extra"] = dict(fields.get("extra") or {}, health=_health_summary(trainer))
     summary = RunSummary(**fields).to_dict()
     if trainer.dist.is_main:
         atomic_write_text(trainer.out / SUMMARY_FILE, _json(summary))
@@ -301,6 +325,20 @@ def _finish(trainer: Trainer) -> dict[str, Any]:
             p.wall_time, trainer.out,
         )
     return summary
+
+
+def _health_summary(trainer: Trainer) -> dict[str, Any]:
+    """``summary.json``'s ``health``: every condition the run's health checks found, with the step and
+    epoch it was first found, and the last check (see :mod:`granet.health`)."""
+    history = trainer.progress.history
+    # The sparsifier counts steps from its own start (a run continued with init_from starts it later).
+    offset = trainer.progress.step - trainer.sparsifier.step_count
+    flags = {}
+    for flag, step in sorted(trainer.sparsifier.health_flags.items(), key=lambda kv: kv[1]):
+        epoch = next((r.epoch for r in history if r.step >= step + offset), None)  # the epoch that found it
+        flags[flag] = {"step": step + offset, "epoch": epoch}
+    last = trainer.sparsifier.health
+    return {"healthy": not flags, "flags": flags, "last": None if last is None else last.to_dict()}
 
 
 def _json(values: dict[str, Any]) -> str:
@@ -315,7 +353,8 @@ def evaluate_run(run_dir: str, device: str = "auto", data_dir: Optional[str] = N
     artifact = load_file(path, "model file")
     missing = [k for k in ("config", "model", "masks", "epoch") if k not in artifact]
     if missing or not isinstance(artifact.get("config"), dict) or not isinstance(artifact.get("masks"), dict):
-        raise CheckpointError(f"{path} is not a granet model file (missing or malformed {', '.join(missing) or 'entries'})")
+        raise CheckpointError(
+            f"{path} is not a granet model file (missing or malformed {', '.join(missing) or 'entries'})")
     # The record of a finished run, read as it is: its method need not be registered in this process.
     values = dict(artifact["config"], **({} if data_dir is None else {"data_dir": data_dir}))
     config = TrainConfig.from_dict(values, check=False)
