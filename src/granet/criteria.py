@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+
 from .registry import Registry
 from .topk import select_top, select_top_plain  # noqa: F401  (re-exported: the selection API)
 
@@ -174,7 +175,7 @@ def register_grow_criterion(criterion: GrowCriterion) -> GrowCriterion:
 
 
 def list_grow_criteria() -> tuple[str, ...]:
-    """Names of the registered grow criteria, in registration order."""
+    """Names of the registered grow criteria, sorted."""
     return _GROW_CRITERIA.names()
 
 
@@ -195,7 +196,7 @@ def register_drop_criterion(criterion: Criterion) -> Criterion:
 
 
 def list_drop_criteria() -> tuple[str, ...]:
-    """Names of the registered drop criteria, in registration order."""
+    """Names of the registered drop criteria, sorted."""
     return _DROP_CRITERIA.names()
 
 
@@ -210,7 +211,7 @@ def register_prune_criterion(criterion: Criterion) -> Criterion:
 
 
 def list_prune_criteria() -> tuple[str, ...]:
-    """Names of the registered prune criteria, in registration order."""
+    """Names of the registered prune criteria, sorted."""
     return _PRUNE_CRITERIA.names()
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
+
 from .registry import Registry
 
 RawDensity = Callable[[Sequence[int], float], float]
@@ -61,7 +62,7 @@ def register_distribution(distribution: Distribution) -> Distribution:
 
 
 def list_distributions() -> tuple[str, ...]:
-    """Names of the registered distributions, in registration order."""
+    """Names of the registered distributions, sorted."""
     return _DISTRIBUTIONS.names()
 
 

@@ -40,18 +40,25 @@ before the first step; it never changes afterwards (see :mod:`granet.saliency`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .config import SparsityConfig
+from .registry import Registry
 from .saliency import needs_init_scoring, require_scoring_before_training
 from .sparsifier import DEFAULT_LAYER_TYPES, Sparsifier
 
-_REGISTRY: dict[str, dict[str, Any]] = {}
-_DESCRIPTIONS: dict[str, str] = {}
-_LOCKED: dict[str, dict[str, Any]] = {}
+
+@dataclass(frozen=True)
+class _Method:
+    preset: dict[str, Any]  # the SparsityConfig fields it sets, ``method`` included
+    locked: dict[str, Any]  # the fields that cannot be overridden
+
+
+_METHODS: Registry[_Method] = Registry("method")
 
 
 def register_method(name: str, description: str, locked: Optional[dict[str, Any]] = None, **preset: Any) -> None:
@@ -85,12 +92,9 @@ def register_method(name: str, description: str, locked: Optional[dict[str, Any]
         **preset: field values; unknown fields raise ``ValueError``. ``method`` is set to ``name``.
     """
     SparsityConfig().replace(**preset, **(locked or {}))  # validates the field names
-    if name in _REGISTRY:
-        raise ValueError(f"method {name!r} is already registered")
     preset.pop("method", None)  # a preset copied from another method names that method
-    _REGISTRY[name] = dict(preset, **(locked or {}), method=name)
-    _LOCKED[name] = dict(locked or {}, method=name)
-    _DESCRIPTIONS[name] = description
+    _METHODS.register(name, _Method(dict(preset, **(locked or {}), method=name), dict(locked or {}, method=name)),
+                      description)
 
 
 def method_preset(name: str) -> dict[str, Any]:
@@ -99,24 +103,17 @@ def method_preset(name: str) -> dict[str, Any]:
     Step fields keep their registered form (a float is a fraction of ``total_steps``), so the
     preset can seed another method or a recipe without knowing the run length.
     """
-    _check_method(name)
-    return dict(_REGISTRY[name])
+    return dict(_METHODS.get(name).preset)
 
 
 def list_methods() -> list[str]:
     """Names of the registered methods, sorted."""
-    return sorted(_REGISTRY)
+    return list(_METHODS.names())
 
 
 def describe_method(name: str) -> str:
     """One-line description of a method."""
-    _check_method(name)
-    return _DESCRIPTIONS[name]
-
-
-def _check_method(name: str) -> None:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(list_methods())}")
+    return _METHODS.describe(name)
 
 
 def method_config(name: str, **overrides: Any) -> SparsityConfig:
@@ -125,11 +122,11 @@ def method_config(name: str, **overrides: Any) -> SparsityConfig:
     Raises:
         ValueError: unknown method (valid ones listed), unknown option, or invalid values.
     """
-    _check_method(name)
-    for key, value in _LOCKED[name].items():
+    method = _METHODS.get(name)
+    for key, value in method.locked.items():
         if key in overrides and overrides[key] != value:
             raise ValueError(f"method {name!r} requires {key}={value!r}, got {overrides[key]!r}")
-    config = SparsityConfig().replace(**_REGISTRY[name]).replace(**overrides)
+    config = SparsityConfig().replace(**method.preset).replace(**overrides)
     config.validate()
     config.resolve_steps()
     return config
@@ -180,14 +177,17 @@ def create_sparsifier(
     return sparsifier
 
 
-_DST = dict(update_interval=100, drop_fraction=0.3, drop_fraction_end=0.0, regrow_start=0, regrow_end=0.75)
+_DST: dict[str, Any] = dict(
+    update_interval=100, drop_fraction=0.3, drop_fraction_end=0.0, regrow_start=0, regrow_end=0.75,
+)
 # regrow_start=0: GraNet's r_t decays over the whole run from step 0, whatever t0 is.
-_GRANET = dict(
+_GRANET: dict[str, Any] = dict(
     prune="global", prune_start=0, prune_end=0.5, update_interval=1000, regrow_start=0,
     drop_fraction=0.5, drop_fraction_end=0.005, regrow_end=1.0, grow="gradient",
 )
 
-register_method("dense", "dense training (no masks change; reference point)", locked=dict(density=1.0, init_density=1.0))
+register_method("dense", "dense training (no masks change; reference point)",
+                locked=dict(density=1.0, init_density=1.0))
 register_method("static", "static sparse: a fixed random ERK mask at the target density")
 register_method("gmp", "gradual magnitude pruning (Zhu & Gupta cubic schedule), global threshold",
                 init_density=1.0, prune="global", update_interval=1000, prune_end=0.5)
@@ -208,7 +208,7 @@ register_method("granet-st", "GraNet-ST: sparse-to-sparse (ERK 50% start) gradua
 # the target density d from step 1 on; with the mask already at d it never prunes anything. With an
 # optimizer, a first optimizer step without the scored mask raises (create_sparsifier installs the
 # check); without one, step 1 would fall back to global magnitude pruning.
-_AT_INIT = dict(init_density=1.0, prune="global", prune_start=0, prune_end=1, drop_fraction=0.0)
+_AT_INIT: dict[str, Any] = dict(init_density=1.0, prune="global", prune_start=0, prune_end=1, drop_fraction=0.0)
 register_method("snip", "SNIP: prune once at init by connection sensitivity |g*w|, global; mask fixed",
                 distribution="global", locked=_AT_INIT)
 register_method("grasp", "GraSP: prune once at init keeping gradient flow, score -w*(Hg), global; mask fixed",

@@ -34,6 +34,8 @@ published MD5 checksums; set ``GRANET_DATA_MIRROR`` (or pass ``mirror=...``) to 
 
 from __future__ import annotations
 
+# The built-in loaders register their datasets when imported (they import the registry, never the reverse).
+from . import cifar, digits, imagenet, mnist, mnist1d, synthetic  # noqa: F401
 from .base import (
     DATA_DIR_ENV_VAR,
     DatasetError,
@@ -46,7 +48,14 @@ from .base import (
 )
 from .download import CHECKSUMS, MIRROR_ENV_VAR, MIRRORS, check_integrity, md5sum
 from .imagenet import ImageFolderDataset
-from .registry import build_datasets, dataset_input_shape, dataset_shape, list_datasets, register_dataset
+from .registry import (
+    build_datasets,
+    dataset_input_shape,
+    dataset_shape,
+    describe_dataset,
+    list_datasets,
+    register_dataset,
+)
 
 __all__ = [
     "CHECKSUMS",
@@ -64,6 +73,7 @@ __all__ = [
     "dataset_input_shape",
     "dataset_shape",
     "default_data_dir",
+    "describe_dataset",
     "list_datasets",
     "md5sum",
     "register_dataset",

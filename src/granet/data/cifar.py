@@ -259,7 +259,8 @@ def _register(name: str, title: str, folder: str, classes: int) -> Callable[...,
         return _build(_SPECS[name], data_dir, val_fraction, seed, download, augment, mirror)
 
     builder.__name__ = builder.__qualname__ = f"build_{name}"
-    builder.__doc__ = f"""Build the {title} splits (50000 train incl. validation, 10000 test, 3 x 32 x 32, {classes} classes).
+    builder.__doc__ = f"""Build the {title} splits (50000 train incl. validation, 10000 test, 3 x 32 x 32,
+    {classes} classes).
 
     Args:
         data_dir: Root directory (files in ``<data_dir>/{folder}``).
@@ -272,7 +273,7 @@ def _register(name: str, title: str, folder: str, classes: int) -> Callable[...,
     Raises:
         DatasetError: If the files are missing, corrupt or cannot be downloaded.
     """
-    return register_dataset(name)(builder)
+    return register_dataset(name, f"{title}: 3 x 32 x 32, {classes} classes (python batches, downloadable)")(builder)
 
 
 build_cifar10 = _register("cifar10", "CIFAR-10", "cifar-10-batches-py", 10)

@@ -238,7 +238,7 @@ def _check_val_classes(root: Path, classes: List[str]) -> None:
     )
 
 
-@register_dataset("imagenet")
+@register_dataset("imagenet", "ImageNet from train/ and val/ image folders (needs Pillow; not downloadable)")
 def build_imagenet(
     data_dir: Path,
     *,

@@ -227,7 +227,7 @@ def _register(name: str, title: str) -> Callable[..., DatasetSplits]:
     Raises:
         DatasetError: If the files are missing, corrupt or cannot be downloaded.
     """
-    return register_dataset(name)(builder)
+    return register_dataset(name, f"{title}: 1 x 28 x 28, 10 classes (IDX files, downloadable)")(builder)
 
 
 build_mnist = _register("mnist", "MNIST")

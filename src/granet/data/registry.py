@@ -7,16 +7,17 @@ dataset-specific ``options`` accepted by :func:`build_datasets`.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Union
+from typing import Any, Callable, List, Optional, Union
 
+from ..registry import Registry, first_doc_line
 from .base import DatasetSplits, default_data_dir
 
-__all__ = ["build_datasets", "dataset_input_shape", "dataset_shape", "list_datasets", "register_dataset"]
+__all__ = ["build_datasets", "dataset_input_shape", "dataset_shape", "describe_dataset", "list_datasets",
+           "register_dataset"]
 
 #: Datasets whose samples are 1-D signals ``(C, L)`` rather than images ``(C, H, W)``.
 SIGNAL_DATASETS = frozenset({"mnist1d"})
@@ -25,10 +26,6 @@ logger = logging.getLogger(__name__)
 
 DatasetBuilder = Callable[..., DatasetSplits]
 
-_REGISTRY: Dict[str, DatasetBuilder] = {}
-# Modules whose import registers the built-in datasets; imported lazily so that importing the
-# registry alone (or a single loader module) stays cheap and free of import cycles.
-_BUILTIN_MODULES = ("cifar", "digits", "imagenet", "mnist", "mnist1d", "synthetic")
 _COMMON_PARAMETERS = ("data_dir", "val_fraction", "seed", "download", "augment")
 
 
@@ -37,11 +34,16 @@ def _normalise_name(name: str) -> str:
     return name.strip().lower().replace("-", "_")
 
 
-def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
+_DATASETS: Registry[DatasetBuilder] = Registry("dataset", normalise=_normalise_name)
+
+
+def register_dataset(name: str, description: Optional[str] = None) -> Callable[[DatasetBuilder], DatasetBuilder]:
     """Decorator registering a dataset builder under ``name``.
 
     Args:
         name: Registry name.
+        description: One line for listings (``granet datasets``); defaults to the first line of the
+            builder's docstring.
 
     Returns:
         A decorator that registers the builder and returns it unchanged.
@@ -49,22 +51,13 @@ def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
     Raises:
         ValueError: If ``name`` is already registered to a different builder.
     """
-    key = _normalise_name(name)
 
     def decorator(builder: DatasetBuilder) -> DatasetBuilder:
-        existing = _REGISTRY.get(key)
-        if existing is not None and existing is not builder:
-            raise ValueError(f"dataset {key!r} is already registered")
-        _REGISTRY[key] = builder
-        return builder
+        if name in _DATASETS and _DATASETS.get(name) is builder:
+            return builder  # registering the same builder again changes nothing
+        return _DATASETS.register(name, builder, first_doc_line(builder) if description is None else description)
 
     return decorator
-
-
-def _load_builtins() -> None:
-    """Import the built-in loader modules so they register themselves."""
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(f"{__package__}.{module}")
 
 
 def list_datasets() -> List[str]:
@@ -73,8 +66,16 @@ def list_datasets() -> List[str]:
     Returns:
         The dataset names accepted by :func:`build_datasets`.
     """
-    _load_builtins()
-    return sorted(_REGISTRY)
+    return list(_DATASETS.names())
+
+
+def describe_dataset(name: str) -> str:
+    """One-line description of a registered dataset (case-insensitive, ``-`` or ``_``).
+
+    Raises:
+        ValueError: If ``name`` is unknown (the message lists the valid names).
+    """
+    return _DATASETS.describe(name)
 
 
 def _dataset_options(builder: DatasetBuilder) -> List[str]:
@@ -125,11 +126,8 @@ def build_datasets(
         TypeError: If an option is not accepted by the dataset (the message lists valid options).
         DatasetError: If the dataset files are missing, corrupt or cannot be downloaded.
     """
-    _load_builtins()
-    key = _normalise_name(name)
-    builder = _REGISTRY.get(key)
-    if builder is None:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(_REGISTRY))}")
+    key = _DATASETS.key(name)
+    builder = _DATASETS.get(key)
     if not 0.0 <= float(val_fraction) < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     accepted = _dataset_options(builder)
@@ -188,11 +186,8 @@ def dataset_shape(name: str) -> tuple[int, int, int]:
         "imagenet": (1000, 3, 224),
         "mnist1d": (10, 1, 40),  # 1-D signals of length 40 (see dataset_input_shape)
     }
-    _load_builtins()
-    key = _normalise_name(name)
-    builder = _REGISTRY.get(key)
-    if builder is None:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(_REGISTRY))}")
+    key = _DATASETS.key(name)
+    builder = _DATASETS.get(key)
     if key in known:
         return known[key]
     defaults = {

@@ -35,7 +35,7 @@ def _sample(prototypes: Tensor, n: int, noise: float, generator: torch.Generator
     return images.clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8), labels
 
 
-@register_dataset("synthetic")
+@register_dataset("synthetic", "seeded random images with learnable labels, classes and size as options (no files)")
 def build_synthetic(
     data_dir: Path,
     *,

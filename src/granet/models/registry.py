@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import torch.nn as nn
+
+from ..registry import Registry, first_doc_line
 
 logger = logging.getLogger("granet.models")
 
@@ -16,11 +18,10 @@ ModelBuilder = Callable[[int, int, int], nn.Module]
 @dataclass(frozen=True)
 class _Entry:
     builder: ModelBuilder
-    description: str
     input_dims: int = 2  # 2: images (C, H, W); 1: signals (C, L)
 
 
-_REGISTRY: Dict[str, _Entry] = {}
+_MODELS: Registry[_Entry] = Registry("model")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -44,22 +45,13 @@ def register_model(
     Raises:
         ValueError: If ``name`` is empty or already registered.
     """
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"model name must be a non-empty string, got {name!r}")
-    if name in _REGISTRY:
-        raise ValueError(f"a model named {name!r} is already registered")
+    _MODELS.require_new(name)
     if input_dims not in (1, 2):
         raise ValueError(f"input_dims must be 1 (signals) or 2 (images), got {input_dims!r}")
 
     def decorator(fn: ModelBuilder) -> ModelBuilder:
-        if name in _REGISTRY:
-            raise ValueError(f"a model named {name!r} is already registered")
-        desc = description
-        if desc is None:
-            doc = (fn.__doc__ or "").strip()
-            desc = doc.splitlines()[0].strip() if doc else name
-        _REGISTRY[name] = _Entry(builder=fn, description=desc, input_dims=input_dims)
-        return fn
+        desc = description if description is not None else first_doc_line(fn) or name
+        return _MODELS.register(name, _Entry(builder=fn, input_dims=input_dims), desc).builder
 
     return decorator
 
@@ -70,16 +62,7 @@ def list_models() -> List[str]:
     Returns:
         The registered names, sorted alphabetically.
     """
-    return sorted(_REGISTRY)
-
-
-def _lookup(name: str) -> _Entry:
-    entry = _REGISTRY.get(name) if isinstance(name, str) else None
-    if entry is None:
-        raise ValueError(
-            f"unknown model {name!r}; valid names are: {', '.join(list_models())}"
-        )
-    return entry
+    return list(_MODELS.names())
 
 
 def describe_model(name: str) -> str:
@@ -94,7 +77,7 @@ def describe_model(name: str) -> str:
     Raises:
         ValueError: If ``name`` is not registered (the message lists the valid names).
     """
-    return _lookup(name).description
+    return _MODELS.describe(name)
 
 
 def model_input_dims(name: str) -> int:
@@ -103,7 +86,7 @@ def model_input_dims(name: str) -> int:
     Raises:
         ValueError: If ``name`` is not registered (the message lists the valid names).
     """
-    return _lookup(name).input_dims
+    return _MODELS.get(name).input_dims
 
 
 def _check_positive_int(value: object, what: str) -> int:
@@ -144,10 +127,10 @@ def create_model(
             model takes inputs of other dimensions than ``input_dims`` (the message lists the
             models that fit).
     """
-    entry = _lookup(name)
+    entry = _MODELS.get(name)
     if input_dims is not None and input_dims != entry.input_dims:
         kinds = {1: "1-D signals (N, C, L)", 2: "images (N, C, H, W)"}
-        fitting = [n for n in list_models() if _REGISTRY[n].input_dims == input_dims]
+        fitting = [n for n, e in _MODELS.items() if e.input_dims == input_dims]
         raise ValueError(f"{name!r} takes {kinds[entry.input_dims]}, the data are {kinds[input_dims]}; "
                          f"models for them: {', '.join(fitting)}")
     num_classes = _check_positive_int(num_classes, "num_classes")

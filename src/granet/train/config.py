@@ -34,6 +34,7 @@ from typing import Any, Mapping, Optional, Union
 
 from ..config import STEP_FIELDS, SparsityConfig, StepSpec, field_help, step_spec
 from ..errors import ConfigError, short_repr
+from ..registry import Registry, unknown_name
 from ..safeyaml import MAX_BYTES, load_yaml
 
 #: The embedded default job (``granet train`` with no arguments). Its sparsity settings belong to its
@@ -45,8 +46,11 @@ DEFAULT_DENSITY = 0.05
 
 #: Methods that are training procedures rather than sparsifier presets: ``lth`` trains the network
 #: R + 1 times (see :mod:`granet.train.lottery_run`).
-TRAINING_METHODS = {"lth": "lottery ticket / iterative magnitude pruning with rewinding: R+1 trainings, global "
-                           "magnitude pruning between them (--lth-rounds, --lth-prune-fraction, --lth-rewind)"}
+#: Each entry is the module that implements the procedure (:mod:`granet.train.run` picks its trainer).
+TRAINING_METHODS: Registry[str] = Registry("training method")
+TRAINING_METHODS.register("lth", "granet.train.lottery_run",
+                          "lottery ticket / iterative magnitude pruning with rewinding: R+1 trainings, global "
+                          "magnitude pruning between them (--lth-rounds, --lth-prune-fraction, --lth-rewind)")
 #: Pruning rounds of ``lth`` when none are given (4 trainings).
 DEFAULT_LTH_ROUNDS = 3
 
@@ -115,6 +119,7 @@ class SparsityOptions:
     drop_criterion: Optional[str] = _preset("drop_criterion")
     redistribute: Optional[str] = _preset("redistribute")
     reinit_regrown: Optional[str] = _preset("reinit_regrown")
+    protect_units: Optional[bool] = _preset("protect_units")
     mask_optimizer_state: Optional[bool] = _preset("mask_optimizer_state")
     track_exploration: Optional[bool] = _preset("track_exploration")
 
@@ -421,11 +426,11 @@ def _check_names(config: TrainConfig) -> None:
     from ..methods import list_methods
     from ..models import list_models
 
-    methods = sorted([*list_methods(), *TRAINING_METHODS])
+    methods = sorted([*list_methods(), *TRAINING_METHODS.names()])
     for name, value, valid in (("method", config.method, methods), ("model", config.model, list_models()),
                                ("dataset", config.data.dataset, list_datasets())):
         if value not in valid:
-            raise ConfigError(f"unknown {name} {value!r}; valid {name}s: {', '.join(valid)}")
+            raise ConfigError(unknown_name(name, value, valid))
     choices = (
         ("optimizer", config.optim.optimizer, ("sgd", "adam", "adamw")),
         ("lr_schedule", config.optim.lr_schedule, ("cosine", "multistep", "constant")),
