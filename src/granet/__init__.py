@@ -10,28 +10,95 @@ as a sparsifier you step after ``optimizer.step()`` in your own training loop::
     ...
     optimizer.step()
     sparsifier.step()
+
+Importing ``granet`` is cheap: each public name is imported from its module on first use (PEP 562),
+so the ``granet`` command answers ``--help`` without loading torch.
 """
-from .config import SparsityConfig
-from .criteria import (
-    Criterion, GrowCriterion, list_drop_criteria, list_grow_criteria, list_prune_criteria, register_drop_criterion,
-    register_grow_criterion, register_prune_criterion,
-)
-from .coverage import Coverage, ParameterEntry
-from .distributed import MaskDivergenceError, broadcast_masks, mask_checksum, verify_masks
-from .distributions import Distribution, allocate_counts, layer_counts, list_distributions, register_distribution
-from .export import ExportInfo, export_run, export_sparse, load_masks, load_sparse
-from .inference import plan_sparse_inference, to_semi_structured, to_sparse_inference
-from .lottery import LotteryTicket
-from .methods import (
-    create_sparsifier, describe_method, list_methods, method_config, method_preset, register_method,
-)
-from .saliency import prune_at_init
-from .selection import describe_sparsity, select_parameters, sparsifiable_parameters
-from .schedules import DropFractionSchedule, PruningSchedule, list_drop_decays, register_drop_decay
-from .sparsifier import Sparsifier
-from .topology import UpdateReport
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is imported on first use
+    from .config import SparsityConfig
+    from .coverage import Coverage, ParameterEntry
+    from .criteria import (
+        Criterion,
+        GrowCriterion,
+        list_drop_criteria,
+        list_grow_criteria,
+        list_prune_criteria,
+        register_drop_criterion,
+        register_grow_criterion,
+        register_prune_criterion,
+    )
+    from .distributed import MaskDivergenceError, broadcast_masks, mask_checksum, verify_masks
+    from .distributions import Distribution, allocate_counts, layer_counts, list_distributions, register_distribution
+    from .export import ExportInfo, export_run, export_sparse, load_masks, load_sparse
+    from .inference import plan_sparse_inference, to_semi_structured, to_sparse_inference
+    from .lottery import LotteryTicket
+    from .methods import (
+        create_sparsifier,
+        describe_method,
+        list_methods,
+        method_config,
+        method_preset,
+        register_method,
+    )
+    from .saliency import prune_at_init
+    from .schedules import DropFractionSchedule, PruningSchedule, list_drop_decays, register_drop_decay
+    from .selection import describe_sparsity, select_parameters, sparsifiable_parameters
+    from .sparsifier import Sparsifier
+    from .topology import UpdateReport
 
 __version__ = "0.1.0"
+
+#: Each public name and the module (of this package) that defines it.
+_EXPORTS: dict[str, str] = {
+    "SparsityConfig": "config",
+    "Criterion": "criteria", "GrowCriterion": "criteria", "list_drop_criteria": "criteria",
+    "list_grow_criteria": "criteria", "list_prune_criteria": "criteria", "register_drop_criterion": "criteria",
+    "register_grow_criterion": "criteria", "register_prune_criterion": "criteria",
+    "Coverage": "coverage", "ParameterEntry": "coverage",
+    "MaskDivergenceError": "distributed", "broadcast_masks": "distributed", "mask_checksum": "distributed",
+    "verify_masks": "distributed",
+    "Distribution": "distributions", "allocate_counts": "distributions", "layer_counts": "distributions",
+    "list_distributions": "distributions", "register_distribution": "distributions",
+    "ExportInfo": "export", "export_run": "export", "export_sparse": "export", "load_masks": "export",
+    "load_sparse": "export",
+    "plan_sparse_inference": "inference", "to_semi_structured": "inference", "to_sparse_inference": "inference",
+    "LotteryTicket": "lottery",
+    "create_sparsifier": "methods", "describe_method": "methods", "list_methods": "methods",
+    "method_config": "methods", "method_preset": "methods", "register_method": "methods",
+    "prune_at_init": "saliency",
+    "describe_sparsity": "selection", "select_parameters": "selection", "sparsifiable_parameters": "selection",
+    "DropFractionSchedule": "schedules", "PruningSchedule": "schedules", "list_drop_decays": "schedules",
+    "register_drop_decay": "schedules",
+    "Sparsifier": "sparsifier",
+    "UpdateReport": "topology",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name (or a submodule) on first use."""
+    if name.startswith("__"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = _EXPORTS.get(name)
+    if module is None:
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "SparsityConfig",

@@ -19,27 +19,34 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import GranetError
-from ..export import LAYOUTS, export_run
-from . import _one_line
+from ._parser import add_bool, add_command, describe
+from ._parser import one_line as _one_line
 
 
 def add_parser(subparsers: Any) -> None:
     """Register the ``export`` sub-command on an ``argparse`` sub-parsers object."""
-    p = subparsers.add_parser("export", help="write a run's sparse model as a compressed safetensors file",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_command(subparsers, "export", _options, help="write a run's sparse model as a compressed safetensors file")
+
+
+def _options(p: argparse.ArgumentParser) -> None:
+    from ..export import LAYOUTS
+
+    describe(p, __doc__, raw=True)
     p.add_argument("run_dir", metavar="RUN_DIR", help="a granet run directory (holds model.pt)")
     p.add_argument("--out", metavar="FILE", default=None,
                    help="output file (default RUN_DIR/model.sparse.safetensors)")
     p.add_argument("--format", dest="layout", choices=LAYOUTS, default="bitmask",
                    help="bitmask: active values + 1 bit per weight; csr: values + row pointers + column indices")
-    p.add_argument("--drop-zero-signs", action="store_true",
-                   help="store inactive weights as +0.0 even where the run holds -0.0 (smaller file; "
-                        "identical outputs, but not bit-identical tensors)")
+    add_bool(p, "--drop-zero-signs",
+             help="store inactive weights as +0.0 even where the run holds -0.0 (smaller file; identical outputs, "
+                  "but not bit-identical tensors; default: false)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Export ``args.run_dir``; print sizes and ratios. Returns the exit status (2 on bad input)."""
+    from ..export import export_run
+
     checkpoint = Path(args.run_dir) / "model.pt"
     try:
         info = export_run(args.run_dir, args.out, layout=args.layout, keep_zero_signs=not args.drop_zero_signs)

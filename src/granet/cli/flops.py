@@ -7,29 +7,26 @@ import math
 import sys
 from typing import Optional
 
-import torch
-
-from ..data import dataset_input_shape
-from ..distributions import layer_counts
-from ..flops import DEFAULT_DENSITY, DEFAULT_DISTRIBUTION, _NOMINAL_STEPS
-from ..flops_table import flops_table, format_flops_table
-from ..methods import method_config
-from ..models import create_model
-from ..selection import sparsifiable_parameters
+from ._parser import add_bool, add_command
 
 HELP = "per-layer and total inference FLOPs of a (sparse) model"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``granet flops``."""
-    p = sub.add_parser("flops", help=HELP, description=HELP[0].upper() + HELP[1:] + ", without training.")
-    add_arguments(p)
-    p.set_defaults(func=run)
+    add_command(sub, "flops", _options, help=HELP, description=HELP[0].upper() + HELP[1:] + ", without training.")
+
+
+def _options(parser: argparse.ArgumentParser) -> None:
+    add_arguments(parser)
+    parser.set_defaults(func=run)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``granet flops`` options to ``parser``."""
-    parser.add_argument("--model", required=True, help="model name (see granet.models.list_models())")
+    from ..flops import DEFAULT_DENSITY
+
+    parser.add_argument("--model", required=True, help="model name (see `granet models`)")
     parser.add_argument("--dataset", default="cifar10",
                         help="dataset giving classes / channels / image size (default: cifar10; no data is loaded)")
     parser.add_argument("--method", default=None,
@@ -40,11 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"overall density of the sparsified weights, in (0, 1] (default: {DEFAULT_DENSITY})")
     parser.add_argument("--keep-dense", nargs="+", action="extend", default=[], metavar="PATTERN",
                         help="fnmatch patterns of layers kept dense (e.g. conv1 fc)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_bool(parser, "--json", help="print one JSON object instead of a table (default: false)")
 
 
 def _resolve_method(args: argparse.Namespace) -> tuple[float, str, tuple[str, ...], Optional[str]]:
     """Density, distribution, keep-dense patterns and an optional note for the requested setting."""
+    from ..flops import _NOMINAL_STEPS, DEFAULT_DENSITY, DEFAULT_DISTRIBUTION
+    from ..methods import method_config
 
     keep = tuple(args.keep_dense or ())
     density = DEFAULT_DENSITY if args.density is None else args.density
@@ -76,6 +75,13 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         0 on success, 2 on bad input (a one-line message on stderr).
     """
+    import torch
+
+    from ..data import dataset_input_shape
+    from ..distributions import layer_counts
+    from ..flops_table import flops_table, format_flops_table
+    from ..models import create_model
+    from ..selection import sparsifiable_parameters
 
     try:
         if args.density is not None and not (math.isfinite(args.density) and 0.0 < args.density <= 1.0):

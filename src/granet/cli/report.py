@@ -5,16 +5,20 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..report import load_runs, markdown_table, write_report
+from ._parser import add_bool, add_command
 
 HELP = "compare runs: markdown table and plots"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``granet report``."""
-    p = sub.add_parser("report", help=HELP, description="Compare run directories: a markdown table and PNG plots.")
-    add_arguments(p)
-    p.set_defaults(func=run)
+    add_command(sub, "report", _options, help=HELP,
+                description="Compare run directories: a markdown table and PNG plots.")
+
+
+def _options(parser: argparse.ArgumentParser) -> None:
+    add_arguments(parser)
+    parser.set_defaults(func=run)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by granet train")
     parser.add_argument("--out", default="report",
                         help="output directory for report.md and the PNGs (default: ./report)")
-    parser.add_argument("--no-plots", action="store_true", help="write report.md without figures")
+    add_bool(parser, "--plots", default=True,
+             help="write the PNG figures beside report.md (default: true; --no-plots: report.md only)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,12 +36,14 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         0 on success, 2 on bad input (a one-line message on stderr).
     """
+    from ..report import load_runs, markdown_table, write_report
+
     try:
         runs = load_runs(args.runs)
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} exists and is not a directory")
-        write_report(runs, out, plots=not getattr(args, "no_plots", False))
+        write_report(runs, out, plots=getattr(args, "plots", True))
     except (ValueError, OSError) as exc:
         message = str(exc).strip().replace("\n", " ") or type(exc).__name__
         print(f"granet report: error: {message}", file=sys.stderr)

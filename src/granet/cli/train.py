@@ -10,21 +10,28 @@ import argparse
 import json
 import os
 import typing
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Optional
 
-from ..config import step_spec
 from ..errors import short_repr, short_text
+from ._parser import add_bool, add_command, describe
 
 _PRESET = " (default: the method's preset)"
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
+def bool_keys() -> list[str]:
+    """The config keys that are boolean flags (``bool`` or ``Optional[bool]``)."""
+    from ..train.config import config_keys
+
+    return [key.name for key in config_keys() if _bool_hint(key.hint) is not None]
+
+
+def _bool_hint(hint: Any) -> Optional[bool]:
+    """For a type hint: ``False`` if it is ``bool``, ``True`` if ``Optional[bool]``, else ``None``."""
+    if hint is bool:
         return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+    if typing.get_origin(hint) is typing.Union and set(typing.get_args(hint)) == {bool, type(None)}:
+        return True
+    return None
 
 
 def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -36,6 +43,8 @@ def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 def _step(text: str) -> Any:
+    from ..config import step_spec
+
     value = step_spec(text)
     if isinstance(value, str):
         raise argparse.ArgumentTypeError(f"expected a step (int) or a fraction of training (float), got {text!r}")
@@ -65,6 +74,16 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     from ..train.config import STEP_KEYS, config_keys
 
     for key in config_keys():
+        flag = "--" + key.name.replace("_", "-")
+        optional_bool = _bool_hint(key.hint)
+        if optional_bool is not None:
+            text = key.help.replace("%", "%%")
+            if key.preset:
+                text += _PRESET
+            elif key.default is not None:
+                text += f" (default: {str(key.default).lower()})"
+            add_bool(parser, flag, dest=key.name, default=argparse.SUPPRESS, optional=optional_bool, help=text)
+            continue
         args = typing.get_args(key.hint)
         optional = type(None) in args
         base = next(a for a in args if a is not type(None)) if optional and len(args) == 2 else key.hint
@@ -77,15 +96,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs.update(nargs="*", metavar="VALUE", type=_number if item is float else item)
         elif key.name in STEP_KEYS:
             kwargs.update(type=_optional(_step), metavar="STEP|FRACTION")
-        elif base is bool:
-            kwargs.update(type=_optional(_parse_bool) if optional else _parse_bool, metavar="BOOL")
         elif base in (int, float, str):
             kwargs.update(type=_optional(base) if optional else base, metavar=base.__name__.upper())
         if key.preset:
             kwargs["help"] += _PRESET
         elif kwargs["help"] and key.default is not None and not isinstance(key.default, (tuple, dict)):
             kwargs["help"] += f" (default: {key.default})"
-        parser.add_argument("--" + key.name.replace("_", "-"), **kwargs)
+        parser.add_argument(flag, **kwargs)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -123,11 +140,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_entries(entries: Iterable[tuple[str, str]], width: int) -> None:
+    """One line per registry entry: its name, padded to ``width``, and its description."""
+    for name, description in entries:
+        print(f"{name:{width}s} {description}".rstrip())
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from ..models import describe_model, list_models
 
-    for name in list_models():
-        print(f"{name:20s} {describe_model(name)}")
+    _print_entries(((name, describe_model(name)) for name in list_models()), 20)
     return 0
 
 
@@ -135,43 +157,52 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     from ..methods import describe_method, list_methods
     from ..train.config import TRAINING_METHODS
 
-    for name in list_methods():
-        print(f"{name:15s} {describe_method(name)}")
-    for name, text in TRAINING_METHODS.items():  # training procedures of `granet train`, not sparsifier presets
-        print(f"{name:15s} {text}")
+    _print_entries(((name, describe_method(name)) for name in list_methods()), 15)
+    # then the training procedures of `granet train`, which are not sparsifier presets
+    _print_entries(TRAINING_METHODS.descriptions(), 15)
     return 0
 
 
 def _cmd_datasets(args: argparse.Namespace) -> int:
-    from ..data import list_datasets
+    from ..data import describe_dataset, list_datasets
 
-    for name in list_datasets():
-        print(name)
+    _print_entries(((name, describe_dataset(name)) for name in list_datasets()), 15)
     return 0
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """Register ``train``, ``evaluate``, ``models``, ``methods`` and ``datasets``."""
-    p = sub.add_parser(
-        "train", help="train a sparse model (no arguments: GraNet on digits)",
-        description="Train a sparse model. Defaults are the embedded digits recipe (GraNet, 95% sparsity, "
-                    "ΔT 20 steps); --config FILE.yaml overrides them and flags override the file. Sparsity "
-                    "options left unset take the method's preset (see `granet methods`).")
+def _train_options(p: argparse.ArgumentParser) -> None:
+    describe(p, "Train a sparse model. Defaults are the embedded digits recipe (GraNet, 95% sparsity, ΔT 20 steps); "
+                 "--config FILE.yaml overrides them and flags override the file. Sparsity options left unset take "
+                 "the method's preset (see `granet methods`).")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config keys (see configs/)")
     add_config_arguments(p)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="re-evaluate saved runs on their test split")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--json", action="store_true", help="also print the results as JSON")
+
+def _evaluate_options(p: argparse.ArgumentParser) -> None:
+    describe(p, "Re-evaluate the selected model of saved runs on their test split; prints test accuracy, test loss "
+                 "and sparsity, one line per run.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by `granet train`")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda or cuda:N (default: auto, a CUDA device if there is one)")
+    p.add_argument("--data-dir", default=None,
+                   help="where the datasets live (default: the directory each run was trained with)")
+    add_bool(p, "--json", help="also print the results as JSON (default: false)")
     p.set_defaults(func=_cmd_evaluate)
 
+
+def _listing(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.ArgumentParser], None]:
+    return lambda p: p.set_defaults(func=func)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register ``train``, ``evaluate``, ``models``, ``methods`` and ``datasets``."""
+    add_command(sub, "train", _train_options, help="train a sparse model (no arguments: GraNet on digits)")
+    add_command(sub, "evaluate", _evaluate_options, help="re-evaluate saved runs on their test split")
     for name, func, text in (("models", _cmd_models, "list the models"),
                              ("methods", _cmd_methods, "list the sparse-training methods"),
                              ("datasets", _cmd_datasets, "list the datasets")):
-        sub.add_parser(name, help=text).set_defaults(func=func)
+        add_command(sub, name, _listing(func), help=text, description=text[0].upper() + text[1:] + ".")
 
 
-__all__ = ["add_parsers", "add_config_arguments"]
+__all__ = ["add_parsers", "add_config_arguments", "bool_keys"]
