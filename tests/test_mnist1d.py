@@ -135,6 +135,7 @@ def test_without_the_package_one_line_names_the_extra(tmp_path, monkeypatch):
     ("mnist1d_mlp", 78_336, [(256, 40), (256, 256), (10, 256)]),
     ("mnist1d_mlp_wide", 287_744, [(512, 40), (512, 512), (10, 512)]),
     ("mnist1d_cnn", 5_125, [(25, 1, 5), (25, 25, 3), (25, 25, 3), (10, 125)]),
+    ("mnist1d_cnn_64", 28_096, [(64, 1, 5), (64, 64, 3), (64, 64, 3), (10, 320)]),
     ("mnist1d_cnn_wide", 251_000, [(200, 1, 5), (200, 200, 3), (200, 200, 3), (10, 1000)]),
 ])
 def test_the_papers_networks(name, weights, shapes):
@@ -149,7 +150,7 @@ def test_a_model_for_other_inputs_is_refused_naming_those_that_fit():
     with pytest.raises(ValueError) as info:
         create_model("resnet20", 10, 1, 40, input_dims=1)
     assert str(info.value) == ("'resnet20' takes images (N, C, H, W), the data are 1-D signals (N, C, L); models for "
-                               "them: mnist1d_cnn, mnist1d_cnn_wide, mnist1d_mlp, mnist1d_mlp_wide")
+                               "them: mnist1d_cnn, mnist1d_cnn_64, mnist1d_cnn_wide, mnist1d_mlp, mnist1d_mlp_wide")
     with pytest.raises(ValueError, match="'mnist1d_cnn' takes 1-D signals"):
         create_model("mnist1d_cnn", 10, 1, 8, input_dims=2)
     with pytest.raises(ValueError, match="input_size=3 is too short for a 1-D CNN"):

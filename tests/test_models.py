@@ -25,6 +25,7 @@ EXPECTED_MODELS = [
     "lenet5",
     "mlp",
     "mnist1d_cnn",
+    "mnist1d_cnn_64",
     "mnist1d_cnn_wide",
     "mnist1d_mlp",
     "mnist1d_mlp_wide",
@@ -122,10 +123,9 @@ def test_smallest_accepted_input_sizes_work() -> None:
 def scratch_registry() -> Iterator[None]:
     from granet.models import registry
 
-    saved = dict(registry._REGISTRY)
+    saved = registry._MODELS.snapshot()
     yield
-    registry._REGISTRY.clear()
-    registry._REGISTRY.update(saved)
+    registry._MODELS.restore(saved)
 
 
 def test_register_model_roundtrip_and_duplicates(scratch_registry: None) -> None:

@@ -29,8 +29,9 @@ Registered models:
 * ``imagenet_resnet50`` -- ResNet-50 (v1.5) with torchvision's exact layout and parameter names.
 * ``digits_cnn`` -- a small, wide CNN for scikit-learn's 8x8 digits.
 * ``mnist1d_mlp`` / ``mnist1d_cnn`` -- the MNIST-1D paper's MLP (hidden 256) and 1-D CNN (25
-  channels), and their wide variants ``mnist1d_mlp_wide`` (hidden 512) / ``mnist1d_cnn_wide`` (200
-  channels); they take 1-D signals ``(N, in_channels, input_size)`` (``input_dims=1``).
+  channels), their wide variants ``mnist1d_mlp_wide`` (hidden 512) / ``mnist1d_cnn_wide`` (200
+  channels), and ``mnist1d_cnn_64`` (64 channels, the CNN of the method comparison); they take 1-D
+  signals ``(N, in_channels, input_size)`` (``input_dims=1``).
 """
 from __future__ import annotations
 
@@ -39,10 +40,17 @@ import torch.nn as nn
 from .cifar import VGG, VGG19_CFG, BasicBlock, Bottleneck, CifarBasicBlock, CifarResNet, ResNet
 from .imagenet import ImageNetBottleneck, ImageNetResNet
 from .mnist1d import SignalCNN, SignalMLP
-from .registry import (ModelBuilder, _require_min_size, create_model, describe_model, init_weights, list_models,
-                       model_input_dims, register_model)
+from .registry import (
+    ModelBuilder,
+    _require_min_size,
+    create_model,
+    describe_model,
+    init_weights,
+    list_models,
+    model_input_dims,
+    register_model,
+)
 from .small import MLP, DigitsCNN, LeNet5
-
 
 __all__ = [
     "ModelBuilder",
@@ -150,13 +158,23 @@ def _digits_cnn(num_classes: int, in_channels: int, input_size: int) -> nn.Modul
     return DigitsCNN(num_classes, in_channels)
 
 
-# MNIST-1D (1-D signals): the paper's networks and one wider variant of each.
+# MNIST-1D (1-D signals): the paper's networks and wider variants.
+def _signal_mlp(hidden: int) -> ModelBuilder:
+    def build(num_classes: int, in_channels: int, input_size: int) -> nn.Module:
+        return SignalMLP(num_classes, in_channels * input_size, hidden)
+    return build
+
+
+def _signal_cnn(channels: int) -> ModelBuilder:
+    def build(num_classes: int, in_channels: int, input_size: int) -> nn.Module:
+        return SignalCNN(num_classes, in_channels, input_size, channels)
+    return build
+
+
 for _name, _hidden in (("mnist1d_mlp", 256), ("mnist1d_mlp_wide", 512)):
     register_model(_name, description=f"MNIST-1D MLP: flatten -> {_hidden} -> {_hidden} -> classes (ReLU), for 1-D "
-                                      "signals", input_dims=1)(
-        lambda num_classes, in_channels, input_size, _h=_hidden: SignalMLP(num_classes, in_channels * input_size, _h))
-for _name, _channels in (("mnist1d_cnn", 25), ("mnist1d_cnn_wide", 200)):
+                                      "signals", input_dims=1)(_signal_mlp(_hidden))
+for _name, _channels in (("mnist1d_cnn", 25), ("mnist1d_cnn_64", 64), ("mnist1d_cnn_wide", 200)):
     register_model(_name, description=f"MNIST-1D CNN: three Conv1d of {_channels} channels (kernels 5/3/3, stride 2) "
-                                      "and a Linear head, for 1-D signals", input_dims=1)(
-        lambda num_classes, in_channels, input_size, _c=_channels: SignalCNN(num_classes, in_channels, input_size, _c))
+                                      "and a Linear head, for 1-D signals", input_dims=1)(_signal_cnn(_channels))
 del _name, _hidden, _channels

@@ -7,7 +7,10 @@
 * :class:`SignalCNN`: three 1-D convolutions with ReLU — kernel 5 stride 2, then kernel 3 stride 2
   twice, padding 1 — and a Linear head on the flattened features (no pooling, no normalisation).
   The paper's CNN has 25 channels (``mnist1d_cnn``: 5,125 weights); ``mnist1d_cnn_wide`` has 200
-  (251,000 weights, 2,510 at density 0.01).
+  (251,000 weights, 2,510 at density 0.01). ``mnist1d_cnn_64`` has 64 (28,096 weights, 281 at
+  density 0.01): the CNN of the method comparison (benchmarks/compare_methods.py --setting mnist1d),
+  whose 13 methods x 4 densities x 5 seeds fit in about an hour of two shared CPU cores where the
+  200-channel network, about 5 times slower per step, does not (docs/results.md).
 
 Both keep PyTorch's default initialisation, as the paper's code does.
 """
