@@ -1,6 +1,10 @@
 """Small models and loops shared by the engine tests."""
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import torch
 from torch import nn
 
@@ -107,3 +111,17 @@ def spawn_ranks(target, args_per_rank: list, timeout_s: float) -> tuple[list, li
         procs[r].kill()
         procs[r].join()
     return procs, hung
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative: str) -> ModuleType:
+    """A script of the repository that is not part of the package (``benchmarks/x.py``,
+    ``configs/make_recipes.py``), imported as a module."""
+    path = ROOT / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,9 +1,9 @@
 """benchmarks/bench_engine.py: the --quick smoke run reports every measure, with exact memory figures."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 
 from granet import native
 
@@ -11,10 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_engine", ROOT / "benchmarks" / "bench_engine.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_engine.py")
 
 
 def test_floor_bytes_hand_worked():

@@ -1,12 +1,11 @@
 """The prepared device check (benchmarks/device_check.py): its CPU rehearsal runs every part, and a
 device whose masks differ from the CPU's is reported as a failure."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_script
 
 from granet.methods import list_methods
 
@@ -15,12 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def device_check():
-    spec = importlib.util.spec_from_file_location("device_check", ROOT / "benchmarks" / "device_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["device_check"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("device_check", None)
+    return load_script("benchmarks/device_check.py")
 
 
 @pytest.mark.slow

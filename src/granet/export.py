@@ -624,7 +624,8 @@ def _read(path: Union[str, Path], dense: bool = True, masks: bool = True,
     if model is not None:
         _check_model(path, entries, model)
     _check_memory(path, entries, dense)
-    state, found = {}, {}
+    state: dict[str, torch.Tensor] = {}
+    found: dict[str, torch.Tensor] = {}
     try:
         for entry in entries:
             if entry.tied_to is not None:  # the same tensor as an earlier key's, as when exported
@@ -716,5 +717,6 @@ def export_run(run_dir: Union[str, Path], out_path: Optional[Union[str, Path]] =
                          keep_zero_signs=keep_zero_signs)
 
 
-__all__ = ["ExportInfo", "FORMAT_NAME", "FORMAT_VERSION", "LAYOUTS", "READABLE_VERSIONS", "SparseExportError", "export_run",
+__all__ = ["ExportInfo", "FORMAT_NAME", "FORMAT_VERSION", "LAYOUTS", "READABLE_VERSIONS", "SparseExportError",
+           "export_run",
            "export_sparse", "load_masks", "load_sparse", "pack_bits", "read_metadata", "unpack_bits"]

@@ -8,6 +8,7 @@ from torch import nn
 
 from .flops import ExampleInput, LayerFlops, _check_densities, inference_flops, layer_flops
 
+
 def flops_table(
     model: nn.Module,
     example_input: ExampleInput,

@@ -278,7 +278,7 @@ def _calibrate(layer: nn.Module, x: torch.Tensor, vector_threads: Union[int, str
     else:
         options = [vector_threads if linear else None]
     modules = [_sparse_module(layer, t) for t in options]
-    calls = [functools.partial(m, x) for m in modules]
+    calls: list[Callable[[], object]] = [functools.partial(m, x) for m in modules]
     dense_ms, sparse_ms = _times_after_dense(lambda: layer(x), calls, repeats)
     if sparse_ms and 0.8 * min_speedup <= dense_ms / max(min(sparse_ms), 1e-9) <= 1.25 * min_speedup:
         more_dense, more_sparse = _times_after_dense(lambda: layer(x), calls, repeats)  # close call: look again

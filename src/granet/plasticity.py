@@ -41,12 +41,12 @@ from typing import Any, Optional
 
 import yaml
 
+from .errors import ConfigError, RunDirError
 from .methods import method_config
+from .rundir import atomic_output, atomic_write_text
 from .schedules import DropFractionSchedule
 from .stats import figure
 from .sweep import run_many, run_to_completion
-from .errors import ConfigError, RunDirError
-from .rundir import atomic_output, atomic_write_text
 from .train import TrainConfig
 from .train.config import check_threads, read_yaml_mapping
 from .train.runtime import DEFAULT_MILESTONES

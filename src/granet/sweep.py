@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .train import TrainConfig, train
-from .train.run import check_restartable
 from .train.config import check_threads
+from .train.run import check_restartable
 
 logger = logging.getLogger(__name__)
 

@@ -93,7 +93,8 @@ def build_sparsifier(
         sparsifier.remove()
         detail = str(exc).replace("pass strict=False to load it anyway",
                                   "pass strict=False to the callback to resume with the new options")
-        raise CheckpointError(f"the sparsifier state in {source} does not fit this model and callback: {detail}") from None
+        raise CheckpointError(
+            f"the sparsifier state in {source} does not fit this model and callback: {detail}") from None
     return sparsifier
 
 

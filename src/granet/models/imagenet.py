@@ -9,6 +9,7 @@ import torch.nn as nn
 from .cifar import _conv1x1, _conv3x3
 from .registry import init_weights
 
+
 # --------------------------------------------------------------------------------------------------
 # torchvision-compatible ImageNet ResNet-50 (v1.5)
 # --------------------------------------------------------------------------------------------------

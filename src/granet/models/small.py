@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from .cifar import _conv3x3
 from .registry import _require_min_size, init_weights
 
+
 # --------------------------------------------------------------------------------------------------
 # LeNet-300-100 and LeNet-5
 # --------------------------------------------------------------------------------------------------

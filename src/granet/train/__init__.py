@@ -14,8 +14,16 @@ processes of a ``torchrun`` job), so the number of optimizer steps — and there
 schedule — is the same on 1 or N processes.
 """
 from ..errors import ConfigError
-from .config import (DataConfig, LotteryOptions, MachineConfig, OptimConfig, OutputConfig, SparsityOptions, TrainConfig,
-                     load_config)
+from .config import (
+                     DataConfig,
+                     LotteryOptions,
+                     MachineConfig,
+                     OptimConfig,
+                     OutputConfig,
+                     SparsityOptions,
+                     TrainConfig,
+                     load_config,
+)
 from .run import default_out_dir, evaluate_run, resume_point, train
 from .runtime import lr_factor
 

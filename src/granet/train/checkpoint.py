@@ -90,7 +90,8 @@ def read_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     if "progress" not in state and "epoch" in state:  # format 1: progress at the top level
         saved_best = state.get("best")
         best: dict[str, Any] = saved_best if isinstance(saved_best, dict) else {}
-        state["progress"] = {"epoch": state["epoch"], "step": state.get("step"), "wall_time": state.get("wall_time", 0.0),
+        state["progress"] = {"epoch": state["epoch"], "step": state.get("step"),
+                             "wall_time": state.get("wall_time", 0.0),
                              "best_val_accuracy": best.get("val_accuracy"), "best_epoch": best.get("epoch")}
     missing = [k for k in REQUIRED if k not in state]
     if missing:

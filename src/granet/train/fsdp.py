@@ -27,7 +27,8 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["broadcast_buffers_like_ddp", "check_fsdp", "shard_model", "full_model_state", "full_optimizer_state", "load_full_model_state",
+__all__ = ["broadcast_buffers_like_ddp", "check_fsdp", "shard_model", "full_model_state", "full_optimizer_state",
+           "load_full_model_state",
            "load_full_optimizer_state"]
 
 
@@ -36,7 +37,8 @@ def check_fsdp(world_size: int, amp: str, method: str) -> None:
     if world_size < 2:
         raise ConfigError("fsdp: true needs 2 or more processes: launch with torchrun --nproc_per_node=N (N >= 2)")
     if amp == "fp16":
-        raise ConfigError("fsdp: true does not support amp fp16 (GradScaler on sharded gradients); use --amp bf16 or off")
+        raise ConfigError(
+            "fsdp: true does not support amp fp16 (GradScaler on sharded gradients); use --amp bf16 or off")
     from ..saliency import needs_init_scoring
 
     if needs_init_scoring(method):
