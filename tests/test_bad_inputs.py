@@ -105,6 +105,14 @@ def test_bad_flag(args, fragment, tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # a refused run leaves no directory behind
 
 
+def test_a_field_the_method_locks_is_refused_before_the_data_is_loaded(tmp_path, capsys):
+    code, err = run_cli(["train", *FAST, "--method", "snip", "--prune-end", "0.7", "--out", str(tmp_path / "run")],
+                        capsys)
+    assert_one_line(code, err, "method 'snip' requires prune_end=1, got 0.7")
+    assert err.rstrip().endswith("got 0.7")  # no "(this run has N optimizer steps)": it needs no run length
+    assert "dataset digits" not in err  # refused before the data was loaded
+
+
 # ---------------------------------------------------------------------------- YAML files
 
 YAML_CASES = [

@@ -41,7 +41,7 @@ before the first step; it never changes afterwards (see :mod:`granet.saliency`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -116,6 +116,18 @@ def describe_method(name: str) -> str:
     return _METHODS.describe(name)
 
 
+def check_locked(name: str, overrides: Mapping[str, Any]) -> None:
+    """Refuse ``overrides`` that change a field method ``name`` locks (``dense``'s density,
+    the one-step schedule of the methods that score at initialisation); needs no run length.
+
+    Raises:
+        ValueError: unknown method, or the first overridden locked field, named with both values.
+    """
+    for key, value in _METHODS.get(name).locked.items():
+        if key in overrides and overrides[key] != value:
+            raise ValueError(f"method {name!r} requires {key}={value!r}, got {overrides[key]!r}")
+
+
 def method_config(name: str, **overrides: Any) -> SparsityConfig:
     """The :class:`SparsityConfig` of method ``name`` with ``overrides`` applied and validated.
 
@@ -123,9 +135,7 @@ def method_config(name: str, **overrides: Any) -> SparsityConfig:
         ValueError: unknown method (valid ones listed), unknown option, or invalid values.
     """
     method = _METHODS.get(name)
-    for key, value in method.locked.items():
-        if key in overrides and overrides[key] != value:
-            raise ValueError(f"method {name!r} requires {key}={value!r}, got {overrides[key]!r}")
+    check_locked(name, overrides)
     config = SparsityConfig().replace(**method.preset).replace(**overrides)
     config.validate()
     config.resolve_steps()

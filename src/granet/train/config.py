@@ -506,12 +506,16 @@ def _check_schedule(config: TrainConfig) -> None:
 def _check_sparsity(config: TrainConfig) -> None:
     """The method's preset with this config's options, checked without the run's length.
 
-    Steps given as fractions are turned into steps, and checked against each other and the run's
-    length, when the run is built and its length known (the trainer); so are the fields a method
-    locks (e.g. ``snip``'s schedule), which :func:`granet.methods.method_config` checks.
+    The fields a method locks (e.g. ``snip``'s schedule) are checked here. Steps given as fractions
+    are turned into steps, and checked against each other and the run's length, when the run is
+    built and its length known (the trainer).
     """
-    from ..methods import method_preset
+    from ..methods import check_locked, method_preset
 
+    try:  # the fields the method locks (e.g. snip's one-step schedule): no run length needed
+        check_locked(config.method, config.sparsity_options())
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     options = config.sparsity
     # Step fields given in the same unit can be ordered now, with the numbers the user wrote.
     for first, second in (("prune_start", "prune_end"), ("regrow_start", "regrow_end")):
