@@ -311,3 +311,14 @@ def test_tensorboard_and_coverage_are_written(tmp_path):
     # the MLP's three Linear weights are masked, its biases dense: 50,200 of 50,610 parameters
     assert (coverage["masked_params"], coverage["total_params"]) == (50_200, 50_610)
     assert sorted(summary["layer_density"]) == ["layers.0.weight", "layers.2.weight", "layers.4.weight"]
+
+
+def test_the_run_log_says_what_is_sparse_once(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="granet"):
+        assert main(["train", "--model", "mlp", "--max-steps", "2", "--out", str(tmp_path / "run"),
+                     "--progress", "log"]) == 0
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert text.count("tensors under masks:") == 1  # the summary line (logged when the sparsifier is built)
+    table = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("what is sparse:"))
+    assert table.splitlines()[1].split() == ["parameter", "shape", "params", "status"]
+    assert len(table.splitlines()) == 1 + 1 + 3 + 1  # title, header, LeNet-300-100's 3 weights, the 1-D line

@@ -145,6 +145,11 @@ class Coverage:
         )
 
     def __str__(self) -> str:
+        return f"{self.table()}\n{self.summary()}"
+
+    def table(self) -> str:
+        """One line per 2-D weight (its shape, size and density, or why it stays dense) and one for
+        the 1-D tensors: :meth:`__str__` without the :meth:`summary` line."""
         rows = [("parameter", "shape", "params", "status")]
         for e in self.entries:
             if len(e.shape) < 2:
@@ -158,7 +163,6 @@ class Coverage:
         lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows]
         if one_d:
             lines.append(f"({len(one_d)} 1-D tensors, {sum(e.numel for e in one_d):,} params: biases / norms, dense)")
-        lines.append(self.summary())
         return "\n".join(lines)
 
 

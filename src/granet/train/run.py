@@ -209,7 +209,7 @@ def _run(config: TrainConfig, out: Path, state: Optional[dict[str, Any]]) -> dic
                 resolved = dict(trainer.config.to_dict(), out=str(out), resume=None, overwrite=False)
                 atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(resolved, sort_keys=False))
                 coverage = trainer.sparsifier.coverage()
-                logger.info("what is sparse:\n%s", coverage)
+                logger.info("what is sparse:\n%s", coverage.table())  # its summary line was logged at build
                 atomic_write_text(out / COVERAGE_FILE, _json(coverage.to_dict()))
             if trainer.dist.is_main:
                 trainer.write_status("running")
