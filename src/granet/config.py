@@ -32,6 +32,16 @@ def _field(default: Any, text: str) -> Any:
     return field(default=default, metadata={"help": text})
 
 
+class SavedConfigMismatch(ValueError):
+    """A sparsifier state made with another configuration, or with none: ``reason`` says which; the
+    message adds the way out that :meth:`~granet.sparsifier.Sparsifier.load_state_dict` offers
+    (callers offering another way, like the trainer callbacks, word their own from ``reason``)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"{reason}; pass strict=False to load it anyway")
+        self.reason = reason
+
+
 @dataclass
 class SparsityConfig:
     """Everything that defines a sparse-training method.
@@ -138,19 +148,16 @@ class SparsityConfig:
         """Compare the config stored in a sparsifier state with this one.
 
         Raises:
-            ValueError: under ``strict``, ``saved`` is not a config or differs (fields named);
+            SavedConfigMismatch: under ``strict``, ``saved`` is not a config or differs (fields named);
                 without ``strict`` a difference is only logged as a warning.
         """
         if not isinstance(saved, Mapping):
             if strict:
-                raise ValueError("sparsifier state has no 'config' entry; pass strict=False to load it anyway")
+                raise SavedConfigMismatch("sparsifier state has no 'config' entry")
             return
         differing = self.differences(saved)
         if differing and strict:
-            raise ValueError(
-                f"sparsifier state was made with another config ({'; '.join(differing)}); "
-                "pass strict=False to load it anyway"
-            )
+            raise SavedConfigMismatch(f"sparsifier state was made with another config ({'; '.join(differing)})")
         if differing:
             logger.warning("loading sparsifier state saved with a different config (%s)", "; ".join(differing))
 
@@ -318,5 +325,5 @@ def field_help() -> dict[str, str]:
     return {f.name: f.metadata["help"] for f in dataclasses.fields(SparsityConfig)}
 
 
-__all__ = ["SparsityConfig", "PRUNE_SCOPES", "REDISTRIBUTIONS", "REINIT_REGROWN", "STEP_FIELDS", "step_spec",
-           "field_help"]
+__all__ = ["SavedConfigMismatch", "SparsityConfig", "PRUNE_SCOPES", "REDISTRIBUTIONS", "REINIT_REGROWN", "STEP_FIELDS",
+           "step_spec", "field_help"]

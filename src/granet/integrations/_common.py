@@ -15,6 +15,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
+from ..config import SavedConfigMismatch
 from ..errors import CheckpointError, short_repr
 from ..methods import create_sparsifier
 from ..sparsifier import Sparsifier, UpdateReport
@@ -91,8 +92,8 @@ def build_sparsifier(
         sparsifier.load_state_dict(dict(state), strict=strict)
     except (ValueError, TypeError) as exc:
         sparsifier.remove()
-        detail = str(exc).replace("pass strict=False to load it anyway",
-                                  "pass strict=False to the callback to resume with the new options")
+        detail = (f"{exc.reason}; pass strict=False to the callback to resume with the new options"
+                  if isinstance(exc, SavedConfigMismatch) else str(exc))
         raise CheckpointError(
             f"the sparsifier state in {source} does not fit this model and callback: {detail}") from None
     return sparsifier
