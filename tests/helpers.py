@@ -7,6 +7,7 @@ from types import ModuleType
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def tiny_cnn(seed: int = 0, classes: int = 5) -> nn.Module:
@@ -125,3 +126,20 @@ def load_script(relative: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class AtenCalls(TorchDispatchMode):
+    """Records the aten operations run inside ``with AtenCalls() as calls:``: ``calls.names``, and
+    ``calls.calls`` as ``(name, args)`` pairs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, tuple]] = []
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((str(func), args))
+        return func(*args, **(kwargs or {}))

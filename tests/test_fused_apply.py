@@ -2,8 +2,7 @@
 devices) gives the same bits as the per-layer pass, and is one operation per step."""
 import pytest
 import torch
-from helpers import tiny_cnn, train_step
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import AtenCalls, tiny_cnn, train_step
 
 import granet
 from granet import masking, native
@@ -49,16 +48,6 @@ def test_fused_apply_gives_the_same_bits(method, optimizer, native_on, monkeypat
     assert sum(int((w != 0).sum()) for w in sparse) <= sum(int(m.sum()) for m in masks)
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_a_step_re_applies_every_mask_with_one_operation(monkeypatch):
     monkeypatch.setattr(masking, "FUSED_APPLY_DEVICES", ("cpu",))
     model = tiny_cnn(0)
@@ -67,7 +56,7 @@ def test_a_step_re_applies_every_mask_with_one_operation(monkeypatch):
     train_step(model, opt, 0)
     sparsifier.step()  # the first apply makes the float masks
     train_step(model, opt, 1)
-    with _Ops() as ops:
+    with AtenCalls() as ops:
         assert sparsifier.step() is None  # step 2: no topology update, masks only re-applied
     # 4 sparsified layers x (weight + momentum) in one multiply; nothing per layer.
     assert ops.names == ["aten._foreach_mul_.List"]
@@ -77,12 +66,12 @@ def test_a_step_re_applies_every_mask_with_one_operation(monkeypatch):
         sparsifier.step()
     assert sparsifier.last_update is not None and sparsifier.last_update.step == 50
     train_step(model, opt, 50)
-    with _Ops() as ops:
+    with AtenCalls() as ops:
         sparsifier.step()
     assert ops.names.count("aten._foreach_mul_.List") == 1
     conversions = [n for n in ops.names if n != "aten._foreach_mul_.List"]
     assert 0 < len(conversions) <= 4 * 3  # at most a view and a copy per changed layer
     train_step(model, opt, 51)
-    with _Ops() as ops:
+    with AtenCalls() as ops:
         sparsifier.step()
     assert ops.names == ["aten._foreach_mul_.List"]
