@@ -1,8 +1,8 @@
 """Build of granet's optional native kernels; everything else about the package is in pyproject.toml.
 
-``src/granet/_native.c`` is compiled by the normal build (``pip install .``, ``pip install -e .``,
-``python -m build``) into the extension module ``granet._native_kernels``, which
-:mod:`granet.native` loads with ctypes. The kernels are optional, as PyYAML's LibYAML binding is:
+``src/granet/kernels/_native.c`` is compiled by the normal build (``pip install .``, ``pip install -e .``,
+``python -m build``) into the extension module ``granet.kernels._native_kernels``, which
+:mod:`granet.kernels.native` loads with ctypes. The kernels are optional, as PyYAML's LibYAML binding is:
 without a working C compiler (or Python's headers) the build warns, the install still succeeds,
 and granet runs the torch operations that give the same masks. No compiler runs after install.
 
@@ -19,11 +19,11 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 from setuptools.errors import CCompilerError, ExecError, PlatformError
 
-SOURCE = os.path.join("src", "granet", "_native.c")
+SOURCE = os.path.join("src", "granet", "kernels", "_native.c")
 
 
 def source_hash(path: str) -> int:
-    """The first 60 bits of the file's SHA-256 (as ``granet.native`` computes them)."""
+    """The first 60 bits of the file's SHA-256 (as ``granet.kernels.native`` computes them)."""
     with open(path, "rb") as f:
         return int(hashlib.sha256(f.read()).hexdigest()[:15], 16)
 
@@ -81,7 +81,7 @@ class OptionalBuildExt(build_ext):
 setup(
     ext_modules=[
         Extension(
-            "granet._native_kernels",
+            "granet.kernels._native_kernels",
             sources=[SOURCE],
             define_macros=[("GRANET_SOURCE_HASH", f"0x{source_hash(SOURCE):015x}ULL")],
             optional=True,  # an in-place (editable) build then skips copying a library it did not build

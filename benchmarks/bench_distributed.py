@@ -37,8 +37,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import granet
-from granet import distributed as gd
 from granet.models import create_model
+from granet.parallel import mask_sync as gd
 
 # (registry name, input channels, input size, per-rank batch): ~1M sparsified weights each. The
 # ResNet is a realistic step; the MLP is the worst case (a step that costs almost nothing).

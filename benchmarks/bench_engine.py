@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 import granet
-from granet import native, topk
+from granet.kernels import native, topk
 from granet.models import create_model
 
 logger = logging.getLogger("bench_engine")
@@ -357,7 +357,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="comma-separated subset of cnn (ResNet-50 GraNet updates), methods (every dynamic "
                              "method's update on the ResNet-50), synthetic (Linear stack), step")
     parser.add_argument("--kernels", default=None,
-                        help="comma-separated subset of native (granet.native's fused selection kernels) and torch "
+                        help="comma-separated subset of native (granet.kernels.native's fused selection kernels) and torch "
                              "(torch operations only, as where granet was installed without a C compiler) to time "
                              "updates with; default: both where the native kernels are built, else torch")
     args = parser.parse_args(argv)

@@ -7,7 +7,7 @@
 For each layer shape (in -> out: the GPT-2 MLP's 768 -> 3072 and 3072 -> 768, and 4096 -> 4096),
 each batch size (1, 64) and each density, a random unstructured mask of exactly
 ``round(density * numel)`` weights is drawn and the dense ``nn.Linear`` is timed against
-``granet.inference.SparseLinear`` (``torch.sparse.mm`` on a CSR weight; ``torch.mv`` for one row,
+``granet.deploy.inference.SparseLinear`` (``torch.sparse.mm`` on a CSR weight; ``torch.mv`` for one row,
 at batch 1 also with ``vector_threads=1``). The whole GPT-2 MLP block (768 -> 3072, GELU,
 3072 -> 768) converted by ``granet.to_sparse_inference`` is timed the same way, and so are three
 ResNet-50 1x1 convolutions at batch 1 (``SparseConv1x1``).
@@ -37,7 +37,7 @@ from typing import Callable, Sequence  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from granet.inference import SparseConv1x1, SparseLinear, to_sparse_inference  # noqa: E402
+from granet.deploy.inference import SparseConv1x1, SparseLinear, to_sparse_inference  # noqa: E402
 
 SHAPES = ((768, 3072), (3072, 768), (4096, 4096))  # (in_features, out_features)
 BATCHES = (1, 64)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import granet
-from granet import saliency
+from granet.baselines import saliency
 from granet.models import create_model
 
 

@@ -26,7 +26,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import granet
-from granet import native
+from granet.kernels import native
 
 
 def build(seed: int = 0) -> GPT2LMHeadModel:

@@ -42,10 +42,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from granet.experiments.sweep import run_many
 from granet.methods import list_methods
-from granet.report import load_runs, write_report
-from granet.stats import figure, mean_std, paired_interval
-from granet.sweep import run_many
+from granet.reports.report import load_runs, write_report
+from granet.reports.stats import figure, mean_std, paired_interval
 from granet.train import TrainConfig
 from granet.train.config import read_yaml_mapping
 

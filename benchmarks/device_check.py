@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 import granet
-from granet import native
+from granet.kernels import native
 from granet.methods import list_methods
 from granet.models import create_model
 
@@ -280,7 +280,7 @@ def semi_structured(device: torch.device) -> dict[str, Any]:
         return {"status": "skipped", "reason": "2:4 semi-structured kernels need CUDA"}
     if torch.cuda.get_device_capability(device) < (8, 0):
         return {"status": "skipped", "reason": f"compute capability {torch.cuda.get_device_capability(device)} < 8.0"}
-    from granet.inference import to_semi_structured
+    from granet.deploy.inference import to_semi_structured
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096)).half().to(device).eval()

@@ -1,5 +1,5 @@
 """A frozen, deliberately plain copy of the topology-update algorithm: the test oracle for the
-optimised code in ``granet.criteria`` / ``granet.topology`` / ``granet.masking``.
+optimised code in ``granet.sparsity.criteria`` / ``granet.sparsity.topology`` / ``granet.sparsity.masking``.
 
 Everything here follows the written definition with no shortcuts: float score copies, one full
 ``kthvalue`` for the threshold, ties at the threshold broken by ``torch.randperm`` over the tied
@@ -16,8 +16,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from granet.criteria import momentum_buffer, seeded_generator
-from granet.distributions import allocate_counts, get_distribution, layer_counts
+from granet.sparsity.criteria import momentum_buffer, seeded_generator
+from granet.sparsity.distributions import allocate_counts, get_distribution, layer_counts
 
 
 def select_top(scores: torch.Tensor, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:

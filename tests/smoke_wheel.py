@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import granet
-from granet import native
+from granet.kernels import native
 
 
 def train() -> list[torch.Tensor]:
@@ -41,7 +41,7 @@ def train() -> list[torch.Tensor]:
 
 
 def _count_calls(names: list[str]) -> dict[str, int]:
-    """Wrap granet.native's kernel functions (looked up on the module by their callers) to count calls."""
+    """Wrap granet.kernels.native's kernel functions (looked up on the module by their callers) to count calls."""
     calls = dict.fromkeys(names, 0)
     for name in names:
         def counted(*args, _name=name, _fn=getattr(native, name), **kwargs):

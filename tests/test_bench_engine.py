@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from helpers import load_script
 
-from granet import native
+from granet.kernels import native
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -67,7 +67,7 @@ def test_granet_imports_its_public_names_on_first_use():
     assert shown == granet._EXPORTS and sorted(shown) == sorted(granet.__all__)
     for name, module in shown.items():
         assert getattr(granet, name) is getattr(importlib.import_module(f"granet.{module}"), name)
-    assert granet.topk.__name__ == "granet.topk"  # submodules, as before
+    assert granet.kernels.topk.__name__ == "granet.kernels.topk"  # submodules, as before
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         granet.nope  # noqa: B018
 
@@ -234,8 +234,8 @@ _MARKUP = re.compile(r"``|:[a-z]+:`|::\s*$", re.M)
 
 
 def test_plain_renders_sphinx_markup():
-    assert plain("a :class:`~granet.config.SparsityConfig` field") == "a `SparsityConfig` field"
-    assert plain("see :func:`~granet.schedules.register_drop_decay`") == "see `register_drop_decay()`"
+    assert plain("a :class:`~granet.sparsity.config.SparsityConfig` field") == "a `SparsityConfig` field"
+    assert plain("see :func:`~granet.sparsity.schedules.register_drop_decay`") == "see `register_drop_decay()`"
     assert plain(":meth:`TrainConfig.from_dict` and :py:class:`granet.Sparsifier`") == \
         "`TrainConfig.from_dict()` and `granet.Sparsifier`"
     assert plain(":doc:`the guide <guide/start>`") == "`the guide`"

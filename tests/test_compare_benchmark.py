@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from helpers import load_script
 
-from granet.stats import paired_interval
+from granet.reports.stats import paired_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import granet
-from granet import criteria
+from granet.sparsity import criteria
 
 
 def test_select_top_exact_with_ties():

@@ -1,4 +1,4 @@
-"""Multi-process tests of mask synchronisation (``granet.distributed``) on the gloo backend.
+"""Multi-process tests of mask synchronisation (``granet.parallel.mask_sync``) on the gloo backend.
 
 Each multi-process test spawns 2 fresh processes (``spawn`` start method, ``file://`` rendezvous in
 a temporary directory) that run one *scenario* function of this module and write their results to
@@ -20,15 +20,15 @@ import pytest
 import torch
 import torch.distributed as dist
 from filelock import FileLock
+from helpers import batch, spawn_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import granet
-from granet import distributed as gd
-from granet.saliency import needs_init_scoring
-from granet.sparsifier import Sparsifier
-from granet.updater import TopologyUpdater
-from helpers import batch, spawn_ranks
+from granet.baselines.saliency import needs_init_scoring
+from granet.parallel import mask_sync as gd
+from granet.sparsity.sparsifier import Sparsifier
+from granet.sparsity.updater import TopologyUpdater
 
 WORLD = 2
 GROUP_TIMEOUT_S = 150  # whole spawned group, start-up included (2 shared CPU cores)

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from granet.distributions import allocate_counts, layer_counts
+from granet.sparsity.distributions import allocate_counts, layer_counts
 
 
 def test_allocate_counts_hand_worked_with_capacity():

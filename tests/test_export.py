@@ -21,9 +21,19 @@ import safetensors.torch as st  # noqa: E402
 import granet  # noqa: E402
 from granet.cli import export as cli_export  # noqa: E402
 from granet.cli import main as granet_main  # noqa: E402
+from granet.deploy.export import (  # noqa: E402
+    FORMAT_NAME,
+    LAYOUTS,
+    SparseExportError,
+    export_run,
+    export_sparse,
+    load_masks,
+    load_sparse,
+    pack_bits,
+    read_metadata,
+    unpack_bits,
+)
 from granet.errors import GranetError  # noqa: E402
-from granet.export import (FORMAT_NAME, LAYOUTS, SparseExportError, export_run,  # noqa: E402
-                           export_sparse, load_masks, load_sparse, pack_bits, read_metadata, unpack_bits)
 from granet.models import create_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -514,7 +524,7 @@ _MEASURE = """
 import json, resource, sys, time
 import torch
 from torch import nn
-from granet.export import load_sparse
+from granet.deploy.export import load_sparse
 results = []
 for path, model_shapes in json.loads(sys.argv[1]):
     model = None

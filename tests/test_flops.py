@@ -5,13 +5,11 @@ import argparse
 import json
 
 import pytest
-
-from granet.cli import flops as cli_flops
 import torch
 from torch import nn
 
 import granet
-from granet.flops import (
+from granet.accounting.flops import (
     LayerFlops,
     TrainingFlopsLedger,
     inference_flops,
@@ -19,7 +17,8 @@ from granet.flops import (
     layer_flops,
     step_needs_dense_gradient,
 )
-from granet.flops_table import flops_table, format_flops_table, human_readable
+from granet.accounting.flops_table import flops_table, format_flops_table, human_readable
+from granet.cli import flops as cli_flops
 from granet.models import create_model
 
 # ------------------------------------------------------------------ a hand-worked tiny model
@@ -178,7 +177,7 @@ def test_rigl_published_inference_flops(
     resnet50: tuple[nn.Module, LayerFlops], kind: str, sparsity: float, keep_dense: tuple[str, ...], published: float
 ) -> None:
     # RigL Table 2 (ImageNet ResNet-50 test FLOPs). Uniform keeps conv1 dense and sparsifies fc
-    # (RigL's counting colab); see granet.flops' docstring for the small residual differences.
+    # (RigL's counting colab); see granet.accounting.flops' docstring for the small residual differences.
     model, flops = resnet50
     ratio = inference_flops_relative(flops, _densities(model, kind, 1.0 - sparsity, keep_dense))
     assert abs(ratio - published) <= 0.01, ratio

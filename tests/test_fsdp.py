@@ -1,4 +1,4 @@
-"""Sparsity on FSDP2 shards (``granet.fsdp``, ``granet.sharded``) with real gloo process groups.
+"""Sparsity on FSDP2 shards (``granet.sparsity.fsdp_layout``, ``granet.parallel.sharded_topk``) with real gloo process groups.
 
 One spawned group of 2 and one of 4 processes each run every scenario once (process start-up is
 most of the cost). Every rank trains on the *same* full batch, so FSDP's averaged gradients equal a
@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import batch, spawn_ranks
 from torch import nn
 
 import granet
-from granet.criteria import select_top
-from granet.sharded import COMM, row_shard, select_top_sharded
-from helpers import batch, spawn_ranks
+from granet.parallel.sharded_topk import COMM, row_shard, select_top_sharded
+from granet.sparsity.criteria import select_top
 
 pytestmark = pytest.mark.slow  # spawned process groups: ~45 s for the module on 2 CPU cores
 
@@ -161,7 +161,7 @@ def scenario_edges(rank: int) -> dict:
     opt.step()
     report = s.step()
     out["skipped"] = (report.step, report.skipped, s.skipped_updates)
-    # The collectives of one RigL update (3 layers): counted by granet.sharded.COMM.
+    # The collectives of one RigL update (3 layers): counted by granet.parallel.sharded_topk.COMM.
     model, opt, s = make("rigl", sharded=True)
     train(model, opt, s, range(1, 3))
     x, y = batch(3, n=8, classes=3)
@@ -243,7 +243,7 @@ def scenario(rank: int, world: int) -> dict:
         }
     # SNFS again with one all-gather per layer for its kept momentum values (the grouping of layers
     # into gathers must not change anything).
-    from granet import fsdp
+    from granet.sparsity import fsdp_layout as fsdp
 
     budget, fsdp.GATHER_ENTRIES = fsdp.GATHER_ENTRIES, 1
     try:
@@ -257,7 +257,10 @@ def scenario(rank: int, world: int) -> dict:
     result.update(scenario_edges(rank))
     # Resume: save at RESUME_AT (full state dicts), rebuild from another seed, load, continue.
     from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
         set_optimizer_state_dict,
     )
 

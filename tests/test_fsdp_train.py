@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import torchrun
 
 from granet.cli import main
-from helpers import torchrun
 
 ARGS = ["train", "--model", "mlp", "--method", "granet", "--density", "0.1", "--epochs", "3",
         "--update-interval", "5", "--device", "cpu", "--progress", "log", "--keep-checkpoints", "1"]

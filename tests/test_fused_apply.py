@@ -5,7 +5,8 @@ import torch
 from helpers import AtenCalls, tiny_cnn, train_step
 
 import granet
-from granet import masking, native
+from granet.kernels import native
+from granet.sparsity import masking
 
 STEPS = 24
 

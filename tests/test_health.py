@@ -1,4 +1,4 @@
-"""The health checks (granet.health): hand-worked dead units, zero layers, stuck weights and chance
+"""The health checks (granet.sparsity.health): hand-worked dead units, zero layers, stuck weights and chance
 loss; one warning per condition; the record in the sparsifier's state, its stats and update reports."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from helpers import tiny_mlp, train_step
 
 import granet
-from granet.health import HealthMonitor, HealthThresholds
-from granet.ranks import SingleProcess
+from granet.sparsity.health import HealthMonitor, HealthThresholds
+from granet.sparsity.layouts import SingleProcess
 
 LAYOUT = SingleProcess()
 
@@ -96,7 +96,7 @@ def test_chance_loss_after_n_epochs_within_epsilon() -> None:
 def test_each_condition_is_warned_once(caplog) -> None:
     monitor = _monitor([(2, 2)])
     zero, mask = torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.bool)
-    with caplog.at_level(logging.WARNING, logger="granet.health"):
+    with caplog.at_level(logging.WARNING, logger="granet.sparsity.health"):
         for step in range(3):
             monitor.check(step, [zero], [mask], [4], LAYOUT, update=False)
     lines = [r.getMessage() for r in caplog.records]
@@ -179,8 +179,8 @@ def test_a_bad_health_entry_leaves_the_sparsifier_as_it_was() -> None:
 
 
 def test_zero_positions_by_the_kernel_and_by_torch_agree() -> None:
-    from granet import native
-    from granet.health import zero_positions
+    from granet.kernels import native
+    from granet.sparsity.health import zero_positions
 
     g = torch.Generator().manual_seed(3)
     w = torch.randn(40, 30, generator=g)
@@ -211,14 +211,14 @@ def test_a_collapsing_run_says_so_in_its_log_and_summary(tmp_path, caplog) -> No
     import json
 
     from granet.cli import main
-    from granet.report import load_runs, markdown_table
+    from granet.reports.report import load_runs, markdown_table
 
     out = tmp_path / "collapsed"
-    with caplog.at_level(logging.WARNING, logger="granet.health"):
+    with caplog.at_level(logging.WARNING, logger="granet.sparsity.health"):
         assert main(["train", "--model", "mlp", "--method", "granet-st", "--density", "0.05", "--epochs", "8",
                      "--update-interval", "10", "--lr", "2", "--seed", "0", "--threads", "1", "--out", str(out),
                      "--progress", "log"]) == 0
-    warnings = [r.getMessage() for r in caplog.records if r.name == "granet.health"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "granet.sparsity.health"]
     assert len(warnings) == 2 and all(len(w.splitlines()) == 1 for w in warnings)
     assert warnings[0].startswith("step 30: sparse network health: ") and "stuck at exactly 0" in warnings[0]
     assert warnings[1] == ("step 160: sparse network health: training loss at chance level (ln classes) for 2 "

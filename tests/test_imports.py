@@ -356,9 +356,9 @@ def test_the_core_never_imports_train_cli_or_integrations():
     # the reverse, not even inside a function.
     edges = import_edges(PACKAGE_DIR, defining_module)
     exported = {defining_module("granet", name) for name in granet.__all__}
-    assert {"granet.sparsifier", "granet.methods", "granet.lottery"} <= exported
+    assert {"granet.sparsity.sparsifier", "granet.methods", "granet.baselines.lottery"} <= exported
     core = _reachable(edges, sorted({"granet"} | exported - {None}))
-    assert {"granet.updater", "granet.topology", "granet.registry"} <= set(core)  # the imports were followed
+    assert {"granet.sparsity.updater", "granet.sparsity.topology", "granet.registry"} <= set(core)  # the imports were followed
     above = ("granet.train", "granet.cli", "granet.integrations", "granet.__main__")
     leaks = [" -> ".join(path) for name, path in sorted(core.items()) if name.startswith(above)]
     assert not leaks, "the core imports a layer above it:\n" + "\n".join(leaks)
@@ -369,3 +369,77 @@ def test_only_the_command_line_imports_the_command_line():
     outside = sorted({f"{e.importer} {_describe(e)}" for e in edges if e.imported.startswith("granet.cli")
                       and not e.importer.startswith(("granet.cli", "granet.__main__"))})
     assert not outside, "modules outside granet.cli import it:\n" + "\n".join(outside)
+
+
+#: The layers of granet, bottom up, and the layers each may import (besides itself); what a layer
+#: may import, the layers above it may too. A module's layer is its subpackage, or its own name for
+#: the modules at the top of the package (docs/architecture.md draws the same picture).
+LAYERS: dict[str, tuple[str, ...]] = {
+    "foundation": (),
+    "kernels": ("foundation",),
+    "parallel": ("foundation",),
+    "models": ("foundation",),
+    "data": ("foundation",),
+    "reports": ("foundation",),
+    "deploy": ("foundation",),
+    "sparsity": ("kernels", "parallel"),
+    "accounting": ("sparsity",),
+    "baselines": ("accounting",),
+    "methods": ("baselines",),
+    "integrations": ("methods",),
+    "train": ("methods", "models", "data", "reports", "deploy"),
+    "experiments": ("train",),
+    "cli": ("experiments", "integrations"),
+}
+FOUNDATION = {"granet", "granet.errors", "granet.registry", "granet.safeyaml", "granet.rundir"}
+
+
+def layer_of(module: str) -> str:
+    if module in FOUNDATION:
+        return "foundation"
+    if module == "granet.__main__":
+        return "cli"
+    return module.split(".")[1]
+
+
+def may_import(layer: str) -> set[str]:
+    """``layer`` and every layer below it in :data:`LAYERS`."""
+    seen, todo = {layer}, [layer]
+    while todo:
+        for below in LAYERS[todo.pop()]:
+            if below not in seen:
+                seen.add(below)
+                todo.append(below)
+    return seen
+
+
+def upward_imports(edges: Iterable[Edge]) -> list[str]:
+    """The edges from a layer to one it may not import (the package ``granet`` itself exports every layer)."""
+    return sorted(f"{e.importer} ({layer_of(e.importer)}) -> {e.imported} ({layer_of(e.imported)}) {_describe(e)}"
+                  for e in edges
+                  if e.importer != "granet" and layer_of(e.imported) not in may_import(layer_of(e.importer)))
+
+
+def test_every_module_belongs_to_a_layer_and_imports_only_layers_below_it():
+    edges = import_edges(PACKAGE_DIR, defining_module)
+    modules = module_files(PACKAGE_DIR)
+    unplaced = sorted(m for m in modules if layer_of(m) not in LAYERS)
+    assert not unplaced, f"modules in no layer of LAYERS (add them to docs/architecture.md too): {unplaced}"
+    assert {layer_of(m) for m in modules} == set(LAYERS)  # no layer is empty or left over
+    upward = upward_imports(edges)
+    assert not upward, "imports against the layering:\n" + "\n".join(upward)
+
+
+def test_the_layer_rule_names_an_upward_import_and_allows_downward_ones():
+    assert may_import("sparsity") == {"sparsity", "kernels", "parallel", "foundation"}
+    edges = [Edge("granet.sparsity.updater", "granet.kernels.topk", 3, False),     # down: allowed
+             Edge("granet.cli.train", "granet.sparsity.config", 4, True),           # down, deferred
+             Edge("granet.sparsity.health", "granet.sparsity.masking", 5, False),   # same layer
+             Edge("granet.kernels.topk", "granet.sparsity.masking", 7, True),      # up, deferred
+             Edge("granet.methods", "granet.train.config", 9, False),              # up
+             Edge("granet.parallel.mask_sync", "granet.kernels.native", 2, False)]  # sideways
+    assert upward_imports(edges) == [
+        "granet.kernels.topk (kernels) -> granet.sparsity.masking (sparsity) (line 7, deferred)",
+        "granet.methods (methods) -> granet.train.config (train) (line 9)",
+        "granet.parallel.mask_sync (parallel) -> granet.kernels.native (kernels) (line 2)",
+    ]

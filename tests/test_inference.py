@@ -6,8 +6,15 @@ import torch
 from torch import nn
 
 import granet
-from granet.inference import (LayerDecision, SparseConv1x1, SparseLinear, _is_two_four, plan_sparse_inference,
-                              to_semi_structured, to_sparse_inference)
+from granet.deploy.inference import (
+    LayerDecision,
+    SparseConv1x1,
+    SparseLinear,
+    _is_two_four,
+    plan_sparse_inference,
+    to_semi_structured,
+    to_sparse_inference,
+)
 
 
 def _sparsify(layer: nn.Module, density: float, seed: int) -> nn.Module:
@@ -111,7 +118,7 @@ def test_calibration_picks_a_5_percent_dense_4096_layer_under_a_stalling_clock(m
     the fastest calls still show the layer's real speed-up."""
     import time
 
-    from granet import inference
+    from granet.deploy import inference
 
     calls, stalled = [0], [0.0]
 

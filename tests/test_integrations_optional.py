@@ -20,7 +20,7 @@ import torch, granet
 s = granet.create_sparsifier("static", torch.nn.Sequential(torch.nn.Linear(4, 4)), density=0.5)
 assert sum(s.counts) == 8
 assert not [m for m in sys.modules if m.split(".")[0] in ("transformers", "lightning")]
-for module in ("granet.integrations.hf", "granet.integrations.lightning", "granet.tensorboard"):
+for module in ("granet.integrations.hf", "granet.integrations.lightning", "granet.train.tensorboard"):
     try:
         importlib.import_module(module)
     except ImportError as exc:
@@ -39,7 +39,7 @@ def test_import_without_optional_packages():
         "pip install granet[hf] (or pip install transformers)",
         "granet.integrations.lightning | granet.integrations.lightning needs the 'lightning.pytorch' package: "
         "pip install granet[lightning] (or pip install lightning)",
-        "granet.tensorboard | granet.tensorboard needs the 'tensorboard' package: "
+        "granet.train.tensorboard | granet.train.tensorboard needs the 'tensorboard' package: "
         "pip install granet[tensorboard] (or pip install tensorboard)",
     ]
 

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from granet.cli import main
-
 from helpers import kill_tree, torchrun
 from test_resume import ROOT, _args, assert_same_run
+
+from granet.cli import main
 
 
 def _env():

@@ -5,12 +5,12 @@ import io
 
 import pytest
 import torch
+from helpers import batch, tiny_cnn
 from torch import nn
 
 import granet
-from granet.flops import TrainingFlopsLedger, inference_flops, layer_flops
-from granet.lottery import LotteryTicket
-from helpers import batch, tiny_cnn
+from granet.accounting.flops import TrainingFlopsLedger, inference_flops, layer_flops
+from granet.baselines.lottery import LotteryTicket
 
 STEPS = 8  # iterations per round (the schedule length T)
 

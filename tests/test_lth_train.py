@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_resume import assert_same_run
 
 from granet.cli import main
 from granet.train import OptimConfig, TrainConfig, lr_factor
-from test_resume import assert_same_run
 
 N, SPE, T, K, R, DENSITY = 50_200, 20, 40, 5, 2, 0.1
 DENSE_FORWARD = 2 * N  # the MLP's forward pass: 2 FLOPs per weight (no other counted op)
@@ -158,7 +158,7 @@ def _agree_worker(rank: int, init_method: str, out_dir: str) -> None:
 
     import torch.distributed as dist
 
-    from granet.lottery import _check_ranks_agree
+    from granet.baselines.lottery import _check_ranks_agree
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2,

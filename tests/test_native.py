@@ -1,4 +1,4 @@
-"""Native selection kernels (granet.native): each output equals the torch expression it replaces,
+"""Native selection kernels (granet.kernels.native): each output equals the torch expression it replaces,
 bit for bit, on inputs with ties, signed zeros, infinities and NaN, at every instruction-set level
 the CPU runs; whole GraNet runs are identical with the kernels and without them. The kernels are
 built by the install (setup.py), loaded without running any program, refused when stale or when
@@ -7,8 +7,8 @@ them the torch path runs and says so once."""
 from __future__ import annotations
 
 import ctypes
-import json
 import importlib.util
+import json
 import logging
 import os
 import shlex
@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 import granet
-from granet import native
+from granet.kernels import native
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = ROOT / "src" / "granet" / "_native.c"
+SOURCE = ROOT / "src" / "granet" / "kernels" / "_native.c"
 
 
 def _compiler() -> Optional[list[str]]:
@@ -162,10 +162,10 @@ def test_zero_outside_equals_multiplying_by_the_float_mask(n, level):
         got = [t.clone() for t in tensors]
         native.zero_outside(got, mask, positions)
         assert all(_bits(a) == _bits(b) for a, b in zip(got, want)), positions is None  # -0.0 and NaN too
-        # granet.masking.zero_outside gives the same bits with and without the kernel
+        # granet.sparsity.masking.zero_outside gives the same bits with and without the kernel
         for flag in (True, False):
             again = [t.clone() for t in tensors]
-            _with_native(flag, granet.masking.zero_outside, again, mask, also=positions)
+            _with_native(flag, granet.sparsity.masking.zero_outside, again, mask, also=positions)
             assert all(_bits(a) == _bits(b) for a, b in zip(again, want)), flag
 
 
@@ -183,7 +183,7 @@ def test_zero_outside_leaves_other_dtypes_and_layouts_to_torch():
     weight = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)
     half = torch.randn(4, 3, 5, 5).half()
     want = [weight * mask, half * mask]
-    granet.masking.zero_outside([weight, half], mask)
+    granet.sparsity.masking.zero_outside([weight, half], mask)
     assert torch.equal(weight, want[0]) and torch.equal(half, want[1])
     assert weight.is_contiguous(memory_format=torch.channels_last)
 
@@ -210,7 +210,7 @@ def test_kth_smallest_leaves_nan_to_torch(level):
     assert native.kth_smallest(torch.tensor([1.0, float("nan"), 0.0]), 2) is None
     # select_top then orders NaN last, as torch does.
     scores = torch.tensor([0.3, float("nan"), 0.1, 0.2] * 20_000)
-    assert torch.equal(granet.criteria.select_top(scores, 30_000), _with_native(False, granet.criteria.select_top,
+    assert torch.equal(granet.sparsity.criteria.select_top(scores, 30_000), _with_native(False, granet.sparsity.criteria.select_top,
                                                                                    scores, 30_000))
 
 
@@ -256,7 +256,7 @@ def test_training_is_identical_with_and_without_the_kernels(method, two_threads)
 
 
 def test_the_installed_kernels_are_in_use_at_the_widest_level_this_cpu_runs():
-    origin = importlib.util.find_spec("granet._native_kernels").origin
+    origin = importlib.util.find_spec("granet.kernels._native_kernels").origin
     assert native.available() and native.library()._name == origin
     assert native.status() == f"in use ({native._LEVELS[max(_cpu_levels())]})"
 
@@ -299,7 +299,8 @@ def test_loading_and_using_the_kernels_runs_no_program():
             elif event == "ctypes.dlopen":
                 events.append("dlopen " + str(args[0]))
         sys.addaudithook(hook)
-        from granet import native, criteria
+        from granet.kernels import native
+        from granet.sparsity import criteria
         s = torch.rand(100_000, generator=torch.Generator().manual_seed(0))
         print(int(criteria.select_top(s, 777).sum()), native.status())
         print(events)
@@ -312,7 +313,8 @@ def test_loading_and_using_the_kernels_runs_no_program():
 
 
 def test_the_environment_switch_turns_them_off_and_is_not_a_missing_build():
-    code = ("import logging, torch; logging.basicConfig(level=logging.INFO); from granet import native, criteria; "
+    code = ("import logging, torch; logging.basicConfig(level=logging.INFO); from granet.kernels import native; "
+            "from granet.sparsity import criteria; "
             "s = torch.rand(100_000, generator=torch.Generator().manual_seed(0)); "
             "print(int(criteria.select_top(s, 777).sum()), native.available(), native.status())")
     for value in ("0", " Off "):
@@ -345,13 +347,13 @@ def _pretend_not_built(monkeypatch) -> None:
 
 def test_without_the_built_kernels_the_torch_path_runs_and_warns_once(monkeypatch, caplog):
     scores = torch.rand(100_000, generator=torch.Generator().manual_seed(0))
-    want = granet.criteria.select_top(scores, 777)  # with the kernels
+    want = granet.sparsity.criteria.select_top(scores, 777)  # with the kernels
     _pretend_not_built(monkeypatch)
     # Tensors the kernels could never take do not even look for them (nor warn).
     assert not native.supports([torch.empty(3, device="meta")]) and not native._loaded
     assert not native.supports([torch.empty(3, dtype=torch.float64)]) and not native._loaded
-    with caplog.at_level(logging.INFO, logger="granet.native"):
-        got = [granet.criteria.select_top(scores, 777) for _ in range(2)]
+    with caplog.at_level(logging.INFO, logger="granet.kernels.native"):
+        got = [granet.sparsity.criteria.select_top(scores, 777) for _ in range(2)]
     assert all(torch.equal(g, want) for g in got)
     assert not native.available() and native.status() == native._NOT_BUILT == \
         "not built (no working C compiler when granet was installed)"
@@ -399,7 +401,7 @@ def test_zero_outside_rejects_positions_out_of_range_on_both_paths(positions, le
         tensors = [torch.randn(5, generator=torch.Generator().manual_seed(c)) for c in range(2)]
         before = [t.clone() for t in tensors]
         with pytest.raises(IndexError, match=f"^index {bad} is out of bounds for dimension 0 with size 5$"):
-            _with_native(flag, granet.masking.zero_outside, tensors, mask, also=also)
+            _with_native(flag, granet.sparsity.masking.zero_outside, tensors, mask, also=also)
         assert all(_bits(a) == _bits(b) for a, b in zip(tensors, before)), flag  # nothing written
         if flag:
             with pytest.raises(IndexError):
@@ -413,7 +415,7 @@ def test_zero_outside_counts_negative_positions_from_the_end_as_torch_does(level
     want = [t * torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0]) for t in tensors]
     for flag in (True, False):
         got = [t.clone() for t in tensors]
-        _with_native(flag, granet.masking.zero_outside, got, mask, also=also)
+        _with_native(flag, granet.sparsity.masking.zero_outside, got, mask, also=also)
         assert all(_bits(a) == _bits(b) for a, b in zip(got, want)), flag
 
 
@@ -474,11 +476,12 @@ def test_the_byte_at_a_time_scan_for_an_unknown_byte_order_gives_the_same_result
 def _copy_project(tmp_path: Path) -> Path:
     """What setup.py needs to build the kernels: itself, pyproject.toml, the README and the source."""
     project = tmp_path / "project"
-    (project / "src" / "granet").mkdir(parents=True)
+    (project / "src" / "granet" / "kernels").mkdir(parents=True)
     for name in ("setup.py", "pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, project / name)
-    shutil.copy(SOURCE, project / "src" / "granet" / "_native.c")
+    shutil.copy(SOURCE, project / "src" / "granet" / "kernels" / "_native.c")
     (project / "src" / "granet" / "__init__.py").write_text("")
+    (project / "src" / "granet" / "kernels" / "__init__.py").write_text("")
     return project
 
 
@@ -490,10 +493,10 @@ def test_setup_builds_the_kernels_and_without_a_compiler_succeeds_and_removes_a_
     build = [sys.executable, "setup.py", "-q", "build_ext", "--inplace", "--build-temp", str(tmp_path / "temp")]
     built = subprocess.run(build, cwd=project, capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr
-    library = project / "src" / "granet" / Path(native.library()._name).name
-    lib, state = native._open(str(library), str(project / "src" / "granet" / "_native.c"))
+    library = project / "src" / "granet" / "kernels" / Path(native.library()._name).name
+    lib, state = native._open(str(library), str(project / "src" / "granet" / "kernels" / "_native.c"))
     assert lib is not None and state == native.status()
-    assert [p.name for p in (project / "build").glob("lib*/granet/*")] == [library.name]
+    assert [p.name for p in (project / "build").glob("lib*/granet/kernels/*")] == [library.name]
     # No compiler: the build warns and succeeds, and removes the libraries it could not rebuild, in
     # place and in the build directory (where a wheel would take it from).
     none = subprocess.run([*build, "--force"], cwd=project, capture_output=True, text=True, timeout=300,
@@ -501,7 +504,7 @@ def test_setup_builds_the_kernels_and_without_a_compiler_succeeds_and_removes_a_
     assert none.returncode == 0, none.stderr
     assert "WARNING: granet's native kernels were not built (" in none.stderr
     assert not library.exists()
-    assert list((project / "build").glob("lib*/granet/*")) == []
+    assert list((project / "build").glob("lib*/granet/kernels/*")) == []
 
 
 def test_version_and_summary_say_whether_the_kernels_ran(tmp_path, capsys):

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from granet.cli import main
-from granet.plasticity import PlasticityConfig, granet_drop_fraction, load_study_config, run_study, trial_configs
+from granet.experiments.plasticity import (
+    PlasticityConfig,
+    granet_drop_fraction,
+    load_study_config,
+    run_study,
+    trial_configs,
+)
 from granet.train import ConfigError
 
 TINY = dict(train=dict(model="mlp", dataset="digits", epochs=4, batch_size=64, lr_schedule="multistep",

@@ -13,11 +13,12 @@ import torch
 from torch import nn
 
 import granet
-from granet import criteria, distributions, methods, schedules
+from granet import methods
 from granet.data import registry as data_registry
 from granet.errors import ConfigError
 from granet.models import registry as model_registry
 from granet.registry import Registry
+from granet.sparsity import criteria, distributions, schedules
 from granet.train import config as train_config
 
 #: Every registry of the library: kind, the registry, its public listing and its public look-up.

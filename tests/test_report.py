@@ -8,17 +8,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
-
-from granet.cli import report as cli_report
-from granet.rundir import EpochRecord, write_metrics
 import yaml
 
-from granet.report import (
+from granet.cli import report as cli_report
+from granet.reports.report import (
     load_run,
     load_runs,
     markdown_table,
     write_report,
 )
+from granet.rundir import EpochRecord, write_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAYERS = ["conv1.weight", "layer1.0.conv1.weight", "layer1.0.conv2.weight", "fc.weight"]

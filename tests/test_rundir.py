@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from granet import rundir
-from granet.rundir import atomic_output, atomic_write_text
 from granet.errors import RunDirError
+from granet.rundir import atomic_output, atomic_write_text
 
 
 def test_atomic_write_fsyncs_file_then_directory(tmp_path, monkeypatch):

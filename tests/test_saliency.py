@@ -5,12 +5,13 @@ import copy
 
 import pytest
 import torch
+from helpers import batch, tiny_cnn, train_step
 from torch import nn
 from torch.func import functional_call
 
 import granet
-from granet import criteria, saliency
-from helpers import batch, tiny_cnn, train_step
+from granet.baselines import saliency
+from granet.sparsity import criteria
 
 CE = nn.functional.cross_entropy
 

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from granet.schedules import DropFractionSchedule, PruningSchedule
+from granet.sparsity.schedules import DropFractionSchedule, PruningSchedule
 
 
 def test_cubic_endpoints_and_midpoint():

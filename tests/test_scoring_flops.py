@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from granet.accounting.flops import SCORING_PASSES, LayerFlops, TrainingFlopsLedger, layer_flops, scoring_flops
 from granet.cli import main
-from granet.flops import SCORING_PASSES, LayerFlops, TrainingFlopsLedger, layer_flops, scoring_flops
 
 F_D, ACTIVE = 100_400, round(0.05 * 50_200)  # dense forward per example; weights kept at density 0.05
 STEPS_COST = 2 * 3 * 2 * ACTIVE  # two training steps of 3 sparse forwards (2 FLOPs per active weight)

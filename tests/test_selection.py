@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 import granet
-from granet.flops import layer_flops
-from granet.schedule_check import prune_steps, schedule_warnings
-from granet.schedules import DropFractionSchedule, PruningSchedule
-from granet.selection import fan_in_out, select_parameters
+from granet.accounting.flops import layer_flops
+from granet.sparsity.schedule_check import prune_steps, schedule_warnings
+from granet.sparsity.schedules import DropFractionSchedule, PruningSchedule
+from granet.sparsity.targets import fan_in_out, select_parameters
 
 transformers = pytest.importorskip("transformers")
 
@@ -173,7 +173,7 @@ def test_multihead_attention_in_proj_and_out_proj():
 
 def test_lstm_dense_by_default_with_warning_and_selected_when_asked(caplog):
     model = LSTMNet()
-    with caplog.at_level(logging.WARNING, logger="granet.coverage"):
+    with caplog.at_level(logging.WARNING, logger="granet.sparsity.coverage"):
         s = granet.create_sparsifier("static", model, density=0.5)
     assert s.names == ["head.weight"]
     lstm_2d = 4 * 16 * 8 + 3 * 4 * 16 * 16
@@ -233,7 +233,7 @@ def test_schedule_warnings_say_what_happens(caplog):
     ]
     gradual = PruningSchedule(1.0, 0.1, start=0, end=25, interval=12)
     assert schedule_warnings(gradual, DropFractionSchedule(0.5, 0.0, 0, 50, 12), 50) == []
-    with caplog.at_level(logging.WARNING, logger="granet.sparsifier"):
+    with caplog.at_level(logging.WARNING, logger="granet.sparsity.sparsifier"):
         granet.create_sparsifier("granet", nn.Sequential(nn.Linear(4, 4)), density=0.5, total_steps=50)
     assert "pruning happens once, at step 25" in caplog.text
     assert "never be updated" not in caplog.text

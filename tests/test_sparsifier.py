@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
+from helpers import batch, tiny_cnn, tiny_mlp, train_step
 from torch import nn
 
 import granet
-from granet.saliency import needs_init_scoring
-from helpers import batch, tiny_cnn, tiny_mlp, train_step
+from granet.baselines.saliency import needs_init_scoring
 
 METHODS = granet.list_methods()
 STEPS = 60

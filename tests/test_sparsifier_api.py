@@ -3,10 +3,10 @@ import logging
 
 import pytest
 import torch
+from helpers import tiny_mlp
 from torch import nn
 
 import granet
-from helpers import tiny_mlp
 
 
 def _linear(weights, momentum=None):
@@ -123,7 +123,7 @@ def test_load_state_dict_is_strict_about_the_config(caplog):
     with pytest.raises(ValueError, match=r"method='rigl' in the state, 'set' here; grow='gradient' in the state, "
                                          r"'random' here\)"):
         other.load_state_dict(state)
-    with caplog.at_level(logging.WARNING, logger="granet.sparsifier"):
+    with caplog.at_level(logging.WARNING, logger="granet.sparsity.sparsifier"):
         target.load_state_dict(state, strict=False)
     assert "different config (density=0.2 in the state, 0.1 here)" in caplog.text
     assert all(torch.equal(a, b) for a, b in zip(source.masks.values(), target.masks.values()))

@@ -1,9 +1,17 @@
-"""granet.stats: Student-t quantiles, paired intervals and verdicts, checked against closed forms."""
+"""granet.reports.stats: Student-t quantiles, paired intervals and verdicts, checked against closed forms."""
 import math
 
 import pytest
 
-from granet.stats import HOLDS, NOT_SEPARABLE, REVERSED, paired_interval, t_quantile, t_two_sided_probability, verdict
+from granet.reports.stats import (
+    HOLDS,
+    NOT_SEPARABLE,
+    REVERSED,
+    paired_interval,
+    t_quantile,
+    t_two_sided_probability,
+    verdict,
+)
 
 
 @pytest.mark.parametrize("t", [0.0, 0.3, 1.0, 2.5, 40.0])

@@ -12,13 +12,12 @@ import shutil
 import pytest
 import torch
 import yaml
+from test_bad_inputs import assert_one_line, run_cli
 
 from granet.cli import main
 from granet.errors import ConfigError
-from granet.sweep import run_many
+from granet.experiments.sweep import run_many
 from granet.train import TrainConfig, train
-
-from test_bad_inputs import assert_one_line, run_cli
 
 # 20 optimizer steps with 4 RigL updates: long enough for the convolutions' float sums to matter.
 CNN = dict(model="digits_cnn", method="rigl", density=0.1, update_interval=5, epochs=1, progress="log")
@@ -172,8 +171,8 @@ def test_library_resume_with_unset_threads_takes_the_run_count(tmp_path, torch_t
 
 def test_run_to_completion_starts_a_run_over_only_when_nothing_is_lost(tmp_path):
     from granet.errors import RunDirError
+    from granet.experiments.sweep import run_to_completion
     from granet.rundir import RunLock
-    from granet.sweep import run_to_completion
 
     config = TrainConfig.from_dict(dict(TINY, out=str(tmp_path / "run")))
     run = tmp_path / "run"

@@ -14,7 +14,7 @@ from helpers import AtenCalls
 from torch import nn
 
 import granet
-from granet import native
+from granet.kernels import native
 
 PER_LAYER = 10
 _READS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.is_nonzero")

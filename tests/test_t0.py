@@ -13,9 +13,9 @@ from helpers import tiny_cnn, train_step
 
 import granet
 from granet.methods import list_methods, method_config
-from granet.schedule_check import regrowth_steps
-from granet.schedules import DropFractionSchedule
-from granet.updater import TopologyUpdater, first_regrowth_step
+from granet.sparsity.schedule_check import regrowth_steps
+from granet.sparsity.schedules import DropFractionSchedule
+from granet.sparsity.updater import TopologyUpdater, first_regrowth_step
 
 T, DT = 1000, 50
 

@@ -6,7 +6,7 @@ import pytest
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-from granet.tensorboard import TensorBoardWriter  # noqa: E402
+from granet.train.tensorboard import TensorBoardWriter  # noqa: E402
 
 
 def test_log_epoch_scalars_and_layer_density_histogram(tmp_path):

@@ -5,21 +5,22 @@ over tied positions in index order, float score copies. Inputs are random, with 
 few distinct values, -1 "inactive" scores), on both sides of the sampled-bracket size threshold.
 The last test runs the real sparsifier for every dynamic method and checks each update against the
 frozen copy of the update algorithm, state injected at every update. Every test runs twice: with the
-native kernels of ``granet.native`` (where they build) and with torch operations only.
+native kernels of ``granet.kernels.native`` (where they build) and with torch operations only.
 """
 from __future__ import annotations
 
+import frozen_topology as ref
 import pytest
 import torch
 from torch import nn
 
-import frozen_topology as ref
 import granet
-from granet import criteria, native, topology
-from granet.criteria import seeded_generator
-from granet.masking import pack_bits, set_bits, zero_outside
-from granet.topk import select_top_segments
-from granet.topology import LOCAL, Problem, Segment
+from granet.kernels import native
+from granet.kernels.topk import select_top_segments
+from granet.sparsity import criteria, topology
+from granet.sparsity.criteria import seeded_generator
+from granet.sparsity.masking import pack_bits, set_bits, zero_outside
+from granet.sparsity.topology import LOCAL, Problem, Segment
 
 BELOW, ABOVE = 5_000, (1 << 16) + 37  # either side of the bracketed path's size threshold
 

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import kill_tree, torchrun
 
 from granet.cli import main
-
-from helpers import kill_tree, torchrun
 from granet.train import OptimConfig, TrainConfig, load_config, lr_factor, train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,8 +11,8 @@ import yaml
 
 from granet.cli import build_parser, main
 from granet.cli.train import add_config_arguments
-from granet.config import SparsityConfig, field_help
 from granet.errors import ConfigError
+from granet.sparsity.config import SparsityConfig, field_help
 from granet.train import OptimConfig, SparsityOptions, TrainConfig
 from granet.train.config import SPARSITY_KEYS, config_keys
 
@@ -226,9 +226,9 @@ def test_a_run_saved_before_the_criterion_keys_resumes_bit_identically(tmp_path)
     import shutil
 
     import torch
+    from test_resume import _args, assert_same_run
 
     from granet.cli import main
-    from test_resume import _args, assert_same_run
 
     ref = tmp_path / "reference"
     assert main(_args(ref, "rigl", epochs=3, extra=("--keep-checkpoints", "1"))) == 0

@@ -1,5 +1,5 @@
 """The update policy on plain lists of tensors: hand-worked prune and drop-and-regrow results, with
-the built-in pieces and with injected criteria and select."""
+the built-in pieces and with injected criteria and solver."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -7,11 +7,11 @@ from typing import Optional, Sequence
 import pytest
 import torch
 
-from granet.config import SparsityConfig
-from granet.criteria import Criterion, get_grow_criterion, get_prune_criterion
 from granet.methods import method_config
-from granet.topology import LOCAL, Problem, UpdateReport
-from granet.updater import Criteria, TopologyUpdater
+from granet.sparsity.config import SparsityConfig
+from granet.sparsity.criteria import Criterion, get_grow_criterion, get_prune_criterion
+from granet.sparsity.topology import LOCAL, Problem, UpdateReport
+from granet.sparsity.updater import Criteria, TopologyUpdater
 
 
 def _report(names: list[str]) -> UpdateReport:
@@ -151,7 +151,7 @@ def test_an_injected_prune_criterion_sets_the_global_threshold() -> None:
 
 
 class _Recording:
-    """A select solving each call's problems round by round as a sharded select does (first every
+    """A solver solving each call's problems round by round as a sharded solver does (first every
     chain's first problems, then every follow-up), with LOCAL's exact paths, recording what each
     round was asked. ``sharded``: present itself as sharded (SNFS then gathers its kept values)."""
 
@@ -183,7 +183,7 @@ class _Recording:
 
 
 def test_one_selection_round_per_phase_with_one_problem_per_changed_layer() -> None:
-    # What the sharded select relies on for a fixed number of collectives: the drops of every layer
+    # What the sharded solver relies on for a fixed number of collectives: the drops of every layer
     # in one round, the regrowths in another (SNFS, sharded, gathers its kept momentum once in
     # between: with one rank, the same shares as the local path). The masks equal LOCAL's.
     g = torch.Generator().manual_seed(0)
@@ -201,7 +201,7 @@ def test_one_selection_round_per_phase_with_one_problem_per_changed_layer() -> N
                             regrow_start=0, regrow_end=100, total_steps=100)
         recording = _Recording(sharded=method == "snfs")
         names = ["a", "b", "dense", "tiny"]
-        got = TopologyUpdater(cfg, select=recording).drop_and_grow(1, names, params, masks, counts, opt, _report(names))
+        got = TopologyUpdater(cfg, solver=recording).drop_and_grow(1, names, params, masks, counts, opt, _report(names))
         want = TopologyUpdater(cfg).drop_and_grow(1, names, params, masks, counts, opt, _report(names))
         assert all(torch.equal(x, y) for x, y in zip(got.masks, want.masks))
         assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(got.reset, want.reset))

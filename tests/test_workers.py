@@ -1,4 +1,4 @@
-"""Layer threads (granet.workers): order, fallbacks, errors, grad mode, and bit-identical updates."""
+"""Layer threads (granet.kernels.layer_threads): order, fallbacks, errors, grad mode, and bit-identical updates."""
 from __future__ import annotations
 
 import threading
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import granet
-from granet import workers
+from granet.kernels import layer_threads as workers
 
 
 def test_layer_map_keeps_order_and_uses_the_pool(two_threads):
@@ -77,7 +77,7 @@ def test_updates_are_identical_on_one_and_two_threads():
 
 
 def test_scratch_is_per_thread_and_counted_over_all_threads(two_threads):
-    from granet import topk
+    from granet.kernels import topk
 
     topk.release_scratch()
     assert topk.scratch_bytes() == 0

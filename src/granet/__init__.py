@@ -20,9 +20,22 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is imported on first use
-    from .config import SparsityConfig
-    from .coverage import Coverage, ParameterEntry
-    from .criteria import (
+    from .baselines.lottery import LotteryTicket
+    from .baselines.saliency import prune_at_init
+    from .deploy.export import ExportInfo, export_run, export_sparse, load_masks, load_sparse
+    from .deploy.inference import plan_sparse_inference, to_semi_structured, to_sparse_inference
+    from .methods import (
+        create_sparsifier,
+        describe_method,
+        list_methods,
+        method_config,
+        method_preset,
+        register_method,
+    )
+    from .parallel.mask_sync import MaskDivergenceError, broadcast_masks, mask_checksum, verify_masks
+    from .sparsity.config import SparsityConfig
+    from .sparsity.coverage import Coverage, ParameterEntry
+    from .sparsity.criteria import (
         Criterion,
         GrowCriterion,
         list_drop_criteria,
@@ -32,51 +45,39 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is i
         register_grow_criterion,
         register_prune_criterion,
     )
-    from .distributed import MaskDivergenceError, broadcast_masks, mask_checksum, verify_masks
-    from .distributions import Distribution, allocate_counts, layer_counts, list_distributions, register_distribution
-    from .export import ExportInfo, export_run, export_sparse, load_masks, load_sparse
-    from .inference import plan_sparse_inference, to_semi_structured, to_sparse_inference
-    from .lottery import LotteryTicket
-    from .methods import (
-        create_sparsifier,
-        describe_method,
-        list_methods,
-        method_config,
-        method_preset,
-        register_method,
+    from .sparsity.distributions import (
+        Distribution,
+        allocate_counts,
+        layer_counts,
+        list_distributions,
+        register_distribution,
     )
-    from .saliency import prune_at_init
-    from .schedules import DropFractionSchedule, PruningSchedule, list_drop_decays, register_drop_decay
-    from .selection import describe_sparsity, select_parameters, sparsifiable_parameters
-    from .sparsifier import Sparsifier
-    from .topology import UpdateReport
+    from .sparsity.schedules import DropFractionSchedule, PruningSchedule, list_drop_decays, register_drop_decay
+    from .sparsity.sparsifier import Sparsifier
+    from .sparsity.targets import describe_sparsity, select_parameters, sparsifiable_parameters
+    from .sparsity.topology import UpdateReport
 
 __version__ = "0.1.0"
 
 #: Each public name and the module (of this package) that defines it.
-_EXPORTS: dict[str, str] = {
-    "SparsityConfig": "config",
-    "Criterion": "criteria", "GrowCriterion": "criteria", "list_drop_criteria": "criteria",
-    "list_grow_criteria": "criteria", "list_prune_criteria": "criteria", "register_drop_criterion": "criteria",
-    "register_grow_criterion": "criteria", "register_prune_criterion": "criteria",
-    "Coverage": "coverage", "ParameterEntry": "coverage",
-    "MaskDivergenceError": "distributed", "broadcast_masks": "distributed", "mask_checksum": "distributed",
-    "verify_masks": "distributed",
-    "Distribution": "distributions", "allocate_counts": "distributions", "layer_counts": "distributions",
-    "list_distributions": "distributions", "register_distribution": "distributions",
-    "ExportInfo": "export", "export_run": "export", "export_sparse": "export", "load_masks": "export",
-    "load_sparse": "export",
-    "plan_sparse_inference": "inference", "to_semi_structured": "inference", "to_sparse_inference": "inference",
-    "LotteryTicket": "lottery",
-    "create_sparsifier": "methods", "describe_method": "methods", "list_methods": "methods",
-    "method_config": "methods", "method_preset": "methods", "register_method": "methods",
-    "prune_at_init": "saliency",
-    "describe_sparsity": "selection", "select_parameters": "selection", "sparsifiable_parameters": "selection",
-    "DropFractionSchedule": "schedules", "PruningSchedule": "schedules", "list_drop_decays": "schedules",
-    "register_drop_decay": "schedules",
-    "Sparsifier": "sparsifier",
-    "UpdateReport": "topology",
-}
+_EXPORTS: dict[str, str] = {name: module for module, names in {
+    "sparsity.config": "SparsityConfig",
+    "sparsity.criteria": (
+        "Criterion GrowCriterion list_drop_criteria list_grow_criteria list_prune_criteria register_drop_criterion "
+        "register_grow_criterion register_prune_criterion"),
+    "sparsity.coverage": "Coverage ParameterEntry",
+    "parallel.mask_sync": "MaskDivergenceError broadcast_masks mask_checksum verify_masks",
+    "sparsity.distributions": "Distribution allocate_counts layer_counts list_distributions register_distribution",
+    "deploy.export": "ExportInfo export_run export_sparse load_masks load_sparse",
+    "deploy.inference": "plan_sparse_inference to_semi_structured to_sparse_inference",
+    "baselines.lottery": "LotteryTicket",
+    "methods": "create_sparsifier describe_method list_methods method_config method_preset register_method",
+    "baselines.saliency": "prune_at_init",
+    "sparsity.targets": "describe_sparsity select_parameters sparsifiable_parameters",
+    "sparsity.schedules": "DropFractionSchedule PruningSchedule list_drop_decays register_drop_decay",
+    "sparsity.sparsifier": "Sparsifier",
+    "sparsity.topology": "UpdateReport",
+}.items() for name in names.split()}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,10 +1,10 @@
-"""Sparse-training methods as named presets of :class:`~granet.config.SparsityConfig`.
+"""Sparse-training methods as named presets of :class:`~granet.sparsity.config.SparsityConfig`.
 
 Every method is the same engine with different pieces: a distribution for the initial mask, an
 optional gradual pruning schedule, and an optional drop-and-regrow rule with a grow criterion.
 Gradual pruning and the drop phase rank active weights by the prune and drop criteria, magnitude
 ``|w|`` for every method below (:func:`granet.register_prune_criterion` /
-:func:`granet.register_drop_criterion` add others; see :mod:`granet.criteria`).
+:func:`granet.register_drop_criterion` add others; see :mod:`granet.sparsity.criteria`).
 
 method            initial mask   gradual prune    regrowth (r_t decay)   grow score  ΔT, r_0     regrown
 ================  =============  ===============  =====================  ==========  ==========  =========
@@ -36,7 +36,7 @@ the authors' code are listed in ``docs/differences.md``.
 
 ``snip``, ``grasp`` and ``synflow`` prune once at initialisation: the sparsifier starts dense (the
 weights are left intact for scoring) and :func:`granet.prune_at_init` installs the scored global mask
-before the first step; it never changes afterwards (see :mod:`granet.saliency`).
+before the first step; it never changes afterwards (see :mod:`granet.baselines.saliency`).
 """
 from __future__ import annotations
 
@@ -46,10 +46,10 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .config import SparsityConfig
+from .baselines.saliency import needs_init_scoring, require_scoring_before_training
 from .registry import Registry
-from .saliency import needs_init_scoring, require_scoring_before_training
-from .sparsifier import DEFAULT_LAYER_TYPES, Sparsifier
+from .sparsity.config import SparsityConfig
+from .sparsity.sparsifier import DEFAULT_LAYER_TYPES, Sparsifier
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def register_method(name: str, description: str, locked: Optional[dict[str, Any]
 
         # my_method.py: RigL that regrows by |gradient| x |weight of the same input unit|, say
         import granet
-        from granet.criteria import GrowCriterion, gradient_scores, register_grow_criterion
+        from granet.sparsity.criteria import GrowCriterion, gradient_scores, register_grow_criterion
 
         def scaled_gradient(param, name, optimizer, generator):
             return gradient_scores(param, name) * param.detach().abs().mean(dim=0, keepdim=True)
@@ -171,7 +171,7 @@ def create_sparsifier(
         distributed: keep masks identical across ``torch.distributed`` ranks (``None``: when a process
             group with 2+ ranks is initialised); see :class:`Sparsifier`.
         include, exclude, dense_embeddings: parameter-level selection, see
-            :func:`granet.selection.select_parameters`.
+            :func:`granet.sparsity.targets.select_parameters`.
         **options: :class:`SparsityConfig` fields, e.g. ``density``, ``init_density``, ``total_steps``,
             ``update_interval``, ``distribution``, ``keep_dense``, ``seed``.
 

@@ -88,7 +88,7 @@ class EpochRecord:
     regrown: int = 0
     time_s: float = 0.0
     round: Optional[int] = None  # lottery tickets: the training round (0 = dense) this epoch belongs to
-    health: Optional[dict[str, Any]] = None  # granet.health.HealthReport of the epoch's end, as a dict
+    health: Optional[dict[str, Any]] = None  # granet.sparsity.health.HealthReport of the epoch's end, as a dict
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dictionary (one JSON line); ``round`` only for runs that have rounds, ``health``
@@ -139,7 +139,7 @@ class RunSummary:
     device: str = "cpu"
     world_size: int = 1
     threads: Optional[int] = None  # torch intra-op threads per process (results depend on it)
-    native_kernels: Optional[str] = None  # granet.native.status(): whether the fused C kernels ran
+    native_kernels: Optional[str] = None  # granet.kernels.native.status(): whether the fused C kernels ran
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

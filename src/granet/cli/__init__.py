@@ -50,7 +50,7 @@ class _Version(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: Optional[str] = None) -> None:
-        from .. import native
+        from ..kernels import native
 
         sys.stdout.write(f"granet {__version__} (native kernels: {native.status()})\n")
         parser.exit()

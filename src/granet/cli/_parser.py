@@ -7,7 +7,7 @@
   (true/false, yes/no, on/off, 1/0; ``none`` too where the option may be unset), so
   ``granet evaluate --json RUN_DIR`` leaves ``RUN_DIR`` to the positional argument.
 * **Help is plain text**: the help strings come from docstrings and field metadata written for
-  Sphinx; their markup (````None````, ``:class:`~granet.config.SparsityConfig```) is rendered as
+  Sphinx; their markup (````None````, ``:class:`~granet.sparsity.config.SparsityConfig```) is rendered as
   the words a reader sees (```None```, ```SparsityConfig```) when the parser is built.
 * **Sub-commands are built when used**: a sub-command's options (and the heavy modules they
   describe: torch, the registries) are added only when that sub-command is parsed, so
@@ -67,7 +67,7 @@ def _role(match: "re.Match[str]") -> str:
 def plain(text: Optional[str]) -> Optional[str]:
     """Sphinx markup as the words it renders to: roles and double backticks become single backticks.
 
-    ``:class:`~granet.config.SparsityConfig``` → ```SparsityConfig```, ``:func:`f``` → ```f()```,
+    ``:class:`~granet.sparsity.config.SparsityConfig``` → ```SparsityConfig```, ``:func:`f``` → ```f()```,
     ````None```` → ```None```, a literal-block marker ``text::`` → ``text:``.
     """
     if not text:

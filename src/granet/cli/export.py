@@ -29,7 +29,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _options(p: argparse.ArgumentParser) -> None:
-    from ..export import LAYOUTS
+    from ..deploy.export import LAYOUTS
 
     describe(p, __doc__, raw=True)
     p.add_argument("run_dir", metavar="RUN_DIR", help="a granet run directory (holds model.pt)")
@@ -45,7 +45,7 @@ def _options(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export ``args.run_dir``; print sizes and ratios. Returns the exit status (2 on bad input)."""
-    from ..export import export_run
+    from ..deploy.export import export_run
 
     checkpoint = Path(args.run_dir) / "model.pt"
     try:

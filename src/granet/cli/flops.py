@@ -24,7 +24,7 @@ def _options(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``granet flops`` options to ``parser``."""
-    from ..flops import DEFAULT_DENSITY
+    from ..accounting.flops import DEFAULT_DENSITY
 
     parser.add_argument("--model", required=True, help="model name (see `granet models`)")
     parser.add_argument("--dataset", default="cifar10",
@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _resolve_method(args: argparse.Namespace) -> tuple[float, str, tuple[str, ...], Optional[str]]:
     """Density, distribution, keep-dense patterns and an optional note for the requested setting."""
-    from ..flops import _NOMINAL_STEPS, DEFAULT_DENSITY, DEFAULT_DISTRIBUTION
+    from ..accounting.flops import _NOMINAL_STEPS, DEFAULT_DENSITY, DEFAULT_DISTRIBUTION
     from ..methods import method_config
 
     keep = tuple(args.keep_dense or ())
@@ -77,11 +77,11 @@ def run(args: argparse.Namespace) -> int:
     """
     import torch
 
+    from ..accounting.flops_table import flops_table, format_flops_table
     from ..data import dataset_input_shape
-    from ..distributions import layer_counts
-    from ..flops_table import flops_table, format_flops_table
     from ..models import create_model
-    from ..selection import sparsifiable_parameters
+    from ..sparsity.distributions import layer_counts
+    from ..sparsity.targets import sparsifiable_parameters
 
     try:
         if args.density is not None and not (math.isfinite(args.density) and 0.0 < args.density <= 1.0):

@@ -1,4 +1,4 @@
-"""``granet plasticity``: the pruning-plasticity study (see :mod:`granet.plasticity`)."""
+"""``granet plasticity``: the pruning-plasticity study (see :mod:`granet.experiments.plasticity`)."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _options(parser: argparse.ArgumentParser) -> None:
-    from .. import plasticity
+    from ..experiments import plasticity
 
     describe(parser, plasticity.__doc__, raw=True)
     add_arguments(parser)
@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``granet plasticity``."""
-    from ..plasticity import load_study_config, run_study
+    from ..experiments.plasticity import load_study_config, run_study
 
     values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func", "verbose")}
     train_overrides = {k: values.pop(k) for k in ("model", "dataset", "epochs", "data_dir") if k in values}

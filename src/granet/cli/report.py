@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         0 on success, 2 on bad input (a one-line message on stderr).
     """
-    from ..report import load_runs, markdown_table, write_report
+    from ..reports.report import load_runs, markdown_table, write_report
 
     try:
         runs = load_runs(args.runs)

@@ -2,7 +2,7 @@
 
 Every flat :class:`~granet.train.TrainConfig` key is a flag (``prune_end`` → ``--prune-end``),
 generated from :func:`~granet.train.config.config_keys`: its type, default and help text (the
-fields' metadata; sparsity options take theirs from :class:`~granet.config.SparsityConfig`'s fields).
+fields' metadata; sparsity options take theirs from :class:`~granet.sparsity.config.SparsityConfig`'s fields).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 def _step(text: str) -> Any:
-    from ..config import step_spec
+    from ..sparsity.config import step_spec
 
     value = step_spec(text)
     if isinstance(value, str):

@@ -15,10 +15,10 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from ..config import SavedConfigMismatch
 from ..errors import CheckpointError, short_repr
 from ..methods import create_sparsifier
-from ..sparsifier import Sparsifier, UpdateReport
+from ..sparsity.config import SavedConfigMismatch
+from ..sparsity.sparsifier import Sparsifier, UpdateReport
 
 #: Added by the callbacks to the sparsifier state they save: the optimizer steps the trainer counted
 #: but the sparsifier did not (steps the AMP gradient scaler skipped), so that a resume can check the

@@ -12,7 +12,7 @@ one way in from it: it refuses unknown keys, parses step values, and checks ever
 checked without the data, so a ``TrainConfig`` built by it is passed down and never checked again.
 :meth:`TrainConfig.to_dict` is the way out.
 
-Sparsity options are the :class:`~granet.config.SparsityConfig` fields the user may set (every field
+Sparsity options are the :class:`~granet.sparsity.config.SparsityConfig` fields the user may set (every field
 except ``method``, ``total_steps`` and ``seed``, which the run sets); their default ``None`` means
 "the method's preset", so a method's own ΔT, t0, tf and r_0 are used unless the user sets them.
 When the run's length is known, the trainer resolves them once into the ``SparsityConfig`` its
@@ -32,10 +32,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
-from ..config import STEP_FIELDS, SparsityConfig, StepSpec, field_help, step_spec
 from ..errors import ConfigError, short_repr
 from ..registry import Registry, unknown_name
 from ..safeyaml import MAX_BYTES, load_yaml
+from ..sparsity.config import STEP_FIELDS, SparsityConfig, StepSpec, field_help, step_spec
 
 #: The embedded default job (``granet train`` with no arguments). Its sparsity settings belong to its
 #: own dataset and method: the digits run is ~750 optimizer steps, so GraNet's ΔT of 1000 would prune
@@ -92,7 +92,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class SparsityOptions:
-    """The target density and the :class:`~granet.config.SparsityConfig` fields a user may set.
+    """The target density and the :class:`~granet.sparsity.config.SparsityConfig` fields a user may set.
 
     ``None`` means the method's preset (``density``: 1 for ``dense``, else :data:`DEFAULT_DENSITY`).
     The fields are those of ``SparsityConfig`` except ``method``, ``total_steps`` and ``seed``;
@@ -292,7 +292,7 @@ class TrainConfig:
         return DEFAULT_LTH_ROUNDS if rounds is None else rounds
 
     def sparsity_options(self) -> dict[str, Any]:
-        """The :class:`~granet.config.SparsityConfig` overrides of this config (unset keys: the preset's)."""
+        """The :class:`~granet.sparsity.config.SparsityConfig` overrides of this config (unset keys: the preset's)."""
         out = {name: getattr(self.sparsity, name) for name in SPARSITY_KEYS
                if getattr(self.sparsity, name) is not None}
         if self.method != "dense":

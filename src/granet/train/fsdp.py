@@ -3,7 +3,7 @@
 The model is wrapped with ``torch.distributed.fsdp.fully_shard`` (every module owning parameters
 is one unit, then the root) before the optimizer and the sparsifier are built, so both see the
 sharded ``DTensor`` parameters; the sparsifier then keeps its masks sharded too (see
-:mod:`granet.fsdp`).
+:mod:`granet.sparsity.fsdp_layout`).
 
 Buffers (BatchNorm running statistics) are not sharded, so without help every rank would keep its own
 running averages. DDP broadcasts rank 0's buffers before every forward pass that follows a
@@ -39,7 +39,7 @@ def check_fsdp(world_size: int, amp: str, method: str) -> None:
     if amp == "fp16":
         raise ConfigError(
             "fsdp: true does not support amp fp16 (GradScaler on sharded gradients); use --amp bf16 or off")
-    from ..saliency import needs_init_scoring
+    from ..baselines.saliency import needs_init_scoring
 
     if needs_init_scoring(method):
         raise ConfigError(f"fsdp: true does not support method {method!r} (scoring at initialisation); use DDP")

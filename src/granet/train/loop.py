@@ -7,7 +7,7 @@ checkpoint (:meth:`Trainer.state_dict`), the selected model and the metrics line
 :mod:`granet.rundir`).
 
 The trainer takes a checked :class:`~granet.train.config.TrainConfig` and resolves its sparsity
-options once, when the run's length is known, into the :class:`~granet.config.SparsityConfig` the
+options once, when the run's length is known, into the :class:`~granet.sparsity.config.SparsityConfig` the
 sparsifier is built from; ``trainer.config`` then records the resolved values.
 
 Honest evaluation: the validation split (held out from the official training split) selects the
@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..accounting.flops import TrainingFlopsLedger, layer_flops, scoring_flops
+from ..baselines.saliency import needs_init_scoring, require_scoring_before_training
 from ..errors import CheckpointError, ConfigError, short_text
-from ..flops import TrainingFlopsLedger, layer_flops, scoring_flops
 from ..methods import method_config
 from ..rundir import (
     CHECKPOINT_FILE,
@@ -44,8 +45,7 @@ from ..rundir import (
     write_metrics,
     write_status,
 )
-from ..saliency import needs_init_scoring, require_scoring_before_training
-from ..sparsifier import Sparsifier
+from ..sparsity.sparsifier import Sparsifier
 from . import fsdp, runtime
 from .checkpoint import (
     FORMAT,
@@ -128,7 +128,7 @@ class Trainer:
         self.checkpoint_epoch: Optional[int] = None  # epoch of the last checkpoint on disk
         self.tensorboard: Any = None
         if config.output.tensorboard and self.dist.is_main:
-            from ..tensorboard import TensorBoardWriter
+            from .tensorboard import TensorBoardWriter
 
             self.tensorboard = TensorBoardWriter(self.out / "tensorboard", enabled=True)
         if init_from is not None and start is not None:  # continuing another run
@@ -234,7 +234,7 @@ class Trainer:
     def score_at_init(self) -> None:
         """SNIP / GraSP / SynFlow: score the initial weights on the run's first training batches and
         fix the mask (a fresh start only; a resumed run restores the scored mask)."""
-        from ..saliency import needs_init_scoring, prune_at_init
+        from ..baselines.saliency import needs_init_scoring, prune_at_init
 
         if not needs_init_scoring(self.config.method):
             return
@@ -462,7 +462,7 @@ class Trainer:
 
     def epoch_record(self, train: dict[str, float], val: Optional[dict[str, float]]) -> EpochRecord:
         """The metrics line of the epoch that just ended, with the network's health check (which
-        logs a condition once, the first time it is found; :mod:`granet.health`)."""
+        logs a condition once, the first time it is found; :mod:`granet.sparsity.health`)."""
         health = self.sparsifier.check_health(loss=train["loss"], classes=self.data.info.num_classes)
         stats = self.sparsifier.stats()
         return EpochRecord(

@@ -1,7 +1,7 @@
-"""Lottery tickets as a training run: ``granet train --method lth`` (see :mod:`granet.lottery`).
+"""Lottery tickets as a training run: ``granet train --method lth`` (see :mod:`granet.baselines.lottery`).
 
 :class:`LotteryTrainer` is the :class:`~granet.train.loop.Trainer` with a
-:class:`~granet.lottery.LotteryTicket` in place of the sparsifier. With ``R = lth_rounds``, the run
+:class:`~granet.baselines.lottery.LotteryTicket` in place of the sparsifier. With ``R = lth_rounds``, the run
 trains the network ``R + 1`` times over the same schedule of ``T`` steps (``epochs`` epochs, or
 ``max_steps``):
 
@@ -28,11 +28,11 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from ..config import StepSpec
+from ..baselines.lottery import LotteryTicket
 from ..errors import ConfigError
-from ..lottery import LotteryTicket
 from ..rundir import EpochRecord
-from ..sparsifier import Sparsifier
+from ..sparsity.config import StepSpec
+from ..sparsity.sparsifier import Sparsifier
 from . import runtime
 from .config import TrainConfig
 from .loop import Trainer

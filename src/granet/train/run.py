@@ -18,9 +18,9 @@ from typing import Any, Mapping, Optional
 import torch
 import yaml
 
-from .. import native
+from ..accounting.flops import inference_flops, inference_flops_relative
 from ..errors import CheckpointError, ConfigError, Interrupted, PeerFailure, RunDirError, short_text
-from ..flops import inference_flops, inference_flops_relative
+from ..kernels import native
 from ..rundir import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -329,7 +329,7 @@ def _finish(trainer: Trainer) -> dict[str, Any]:
 
 def _health_summary(trainer: Trainer) -> dict[str, Any]:
     """``summary.json``'s ``health``: every condition the run's health checks found, with the step and
-    epoch it was first found, and the last check (see :mod:`granet.health`)."""
+    epoch it was first found, and the last check (see :mod:`granet.sparsity.health`)."""
     history = trainer.progress.history
     # The sparsifier counts steps from its own start (a run continued with init_from starts it later).
     offset = trainer.progress.step - trainer.sparsifier.step_count

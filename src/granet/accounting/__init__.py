@@ -1,0 +1,1 @@
+"""FLOPs accounting: the training and inference FLOPs sparse-training results are reported in."""

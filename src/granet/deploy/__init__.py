@@ -1,0 +1,1 @@
+"""Deployment: compressed export to ``safetensors`` and sparse CPU inference."""

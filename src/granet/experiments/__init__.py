@@ -1,0 +1,1 @@
+"""Many runs at once: resumable parallel sweeps and the pruning-plasticity study."""

@@ -1,0 +1,1 @@
+"""``granet report``: run directories read, grouped, tabulated and plotted; statistics over seeds."""
