@@ -68,3 +68,38 @@ def test_nccl_two_processes_identical_masks(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["sparsity"] == pytest.approx(0.95, abs=1e-5)
+
+
+@cuda
+def test_the_counter_stream_is_the_same_on_cuda_and_cpu():
+    from granet.kernels.counter_rng import CounterGenerator
+
+    for key in (0, 12345, (1 << 64) - 1):
+        g = CounterGenerator(key)
+        assert torch.equal(g.bits(1_000_003, "cuda").cpu(), g.bits(1_000_003))
+        assert torch.equal(g.rand((1000, 1001), "cuda").cpu(), g.rand((1000, 1001)))
+        assert torch.equal(g.randperm(100_000, "cuda").cpu(), g.randperm(100_000))
+
+
+@cuda
+@pytest.mark.parametrize("method", ["set", "static"])
+def test_device_randomness_gives_the_cpu_masks_on_cuda(method):
+    # lr 0: the weights stay the initial ones (made on the CPU), so every choice is the magnitudes'
+    # (identical), the counter stream's (initial masks, SET's regrowth) or its tie order (regrown zeros).
+    def masks(device):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        sparsifier = granet.create_sparsifier(method, model, optimizer, density=0.1, update_interval=2,
+                                              total_steps=20, rng="device")
+        g = torch.Generator().manual_seed(1)
+        for _ in range(20):
+            x, y = torch.randn(16, 64, generator=g).to(device), torch.randint(0, 10, (16,), generator=g).to(device)
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            sparsifier.step()
+        return {n: m.cpu() for n, m in sparsifier.masks.items()}
+
+    on_cpu, on_cuda = masks("cpu"), masks("cuda")
+    assert all(torch.equal(on_cpu[n], on_cuda[n]) for n in on_cpu)

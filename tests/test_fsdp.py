@@ -254,6 +254,7 @@ def scenario(rank: int, world: int) -> dict:
     result["initial"] = initial_masks(sharded=True)
     result["protect"] = train(*make("granet-st", sharded=True, protect_units=True, density=0.05),
                               range(1, STEPS + 1))
+    result["rng_device"] = train(*make("set", sharded=True, adam=True, rng="device"), range(1, STEPS + 1))
     result.update(scenario_edges(rank))
     # Resume: save at RESUME_AT (full state dicts), rebuild from another seed, load, continue.
     from torch.distributed.checkpoint.state_dict import (
@@ -334,6 +335,7 @@ def reference() -> dict:
                            "state": s.state_dict(), "exploration": s.exploration_rate()}
         out["protect"] = train(*make("granet-st", sharded=False, protect_units=True, density=0.05),
                                range(1, STEPS + 1))
+        out["rng_device"] = train(*make("set", sharded=False, adam=True, rng="device"), range(1, STEPS + 1))
     finally:
         torch.set_num_threads(threads)
     return out
@@ -395,6 +397,20 @@ def test_protect_units_equals_single_process(group: tuple[int, list[dict]], refe
         for got, exp in zip(res["protect"], expected):
             assert all(torch.equal(a, b) for a, b in zip(got["masks"], exp["masks"])), (world, got["step"])
             assert got["layers"] == exp["layers"] and got["health"] == exp["health"]
+
+
+def test_device_randomness_equals_single_process(group: tuple[int, list[dict]], reference: dict) -> None:
+    # rng="device": the counter stream is drawn for the full tensor on every rank and sliced, and
+    # ties are ordered by it over the global tie list, as in one process.
+    world, results = group
+    expected = reference["rng_device"]
+    assert [u["step"] for u in expected] == UPDATE_STEPS["set"]
+    assert not all(torch.equal(a, b) for u, v in zip(expected, reference["set"]["updates"])
+                   for a, b in zip(u["masks"], v["masks"]))  # another stream than the CPU generator's
+    for res in results:
+        for got, exp in zip(res["rng_device"], expected):
+            assert all(torch.equal(a, b) for a, b in zip(got["masks"], exp["masks"])), (world, got["step"])
+            assert got["layers"] == exp["layers"]
 
 
 def test_exact_density(group: tuple[int, list[dict]]) -> None:

@@ -377,7 +377,7 @@ def test_only_the_command_line_imports_the_command_line():
 LAYERS: dict[str, tuple[str, ...]] = {
     "foundation": (),
     "kernels": ("foundation",),
-    "parallel": ("foundation",),
+    "parallel": ("kernels",),
     "models": ("foundation",),
     "data": ("foundation",),
     "reports": ("foundation",),
@@ -437,9 +437,9 @@ def test_the_layer_rule_names_an_upward_import_and_allows_downward_ones():
              Edge("granet.sparsity.health", "granet.sparsity.masking", 5, False),   # same layer
              Edge("granet.kernels.topk", "granet.sparsity.masking", 7, True),      # up, deferred
              Edge("granet.methods", "granet.train.config", 9, False),              # up
-             Edge("granet.parallel.mask_sync", "granet.kernels.native", 2, False)]  # sideways
+             Edge("granet.models.small", "granet.kernels.native", 2, False)]  # sideways
     assert upward_imports(edges) == [
         "granet.kernels.topk (kernels) -> granet.sparsity.masking (sparsity) (line 7, deferred)",
         "granet.methods (methods) -> granet.train.config (train) (line 9)",
-        "granet.parallel.mask_sync (parallel) -> granet.kernels.native (kernels) (line 2)",
+        "granet.models.small (models) -> granet.kernels.native (kernels) (line 2)",
     ]

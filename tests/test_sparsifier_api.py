@@ -177,3 +177,27 @@ def test_model_and_optimizer_must_be_the_right_types():
         granet.create_sparsifier("rigl", "resnet18", None, density=0.1, total_steps=10)
     with pytest.raises(TypeError, match=r"optimizer must be a torch.optim.Optimizer or None, got dict"):
         granet.create_sparsifier("rigl", tiny_mlp(), {"lr": 0.1}, density=0.1, total_steps=10)
+
+
+def test_a_config_is_checked_and_resolved_once_into_what_the_sparsifier_runs(monkeypatch):
+    from granet.sparsity.config import ResolvedSparsity, SparsityConfig
+
+    config = granet.method_config("granet", density=0.2, total_steps=400, update_interval=10)
+    resolved = config.resolve()
+    assert isinstance(resolved, ResolvedSparsity) and resolved.given == config
+    assert (config.prune_end, resolved.config.prune_end, resolved.config.init_density) == (0.5, 200, 1.0)
+    assert dict(resolved.steps) == {"prune_start": 0, "prune_end": 200, "regrow_start": 0, "regrow_end": 400}
+    assert resolved.explicit().given == resolved.config == config.resolved()
+    calls = []
+    for name in ("validate", "resolve", "resolve_steps"):
+        original = getattr(SparsityConfig, name)
+        monkeypatch.setattr(SparsityConfig, name, lambda self, *a, _n=name, _f=original: calls.append(_n) or _f(self, *a))
+    model = tiny_mlp()
+    sparsifier = granet.Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), resolved)
+    assert calls == []  # nothing checks or resolves it again
+    assert sparsifier.config == config  # the config as given (fractions kept), as its state records
+    assert sparsifier.state_dict()["config"] == config.to_dict()
+    assert (sparsifier.pruning.end, sparsifier.target_density(200), sparsifier.target_density(100)) == (
+        200, 0.2, pytest.approx(0.2 + 0.8 * (1 - 100 / 200) ** 3))
+    granet.Sparsifier(model, None, config)  # a plain config: resolved by the sparsifier, once
+    assert calls == ["resolve", "validate", "resolve_steps"]

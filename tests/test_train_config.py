@@ -29,7 +29,7 @@ FLAT_KEYS = [
     "init_from", "score_batches", "tensorboard", "dist_timeout", "fsdp",
 ]
 #: Keys added since (a config.yaml without them reads as the method's preset, the behaviour it had).
-NEW_KEYS = ["prune_criterion", "drop_criterion", "protect_units"]
+NEW_KEYS = ["prune_criterion", "drop_criterion", "protect_units", "rng"]
 
 #: A config.yaml as that version wrote it (`granet train --model mlp --method rigl --epochs 2
 #: --update-interval 5 --density 0.05 --lr-schedule multistep --milestones 0.5 0.75 --keep-checkpoints 1`):
@@ -195,11 +195,16 @@ def test_lr_factor_takes_the_optimisation_section():
 
 
 def test_a_run_checks_its_config_once_and_resolves_its_sparsity_once(tmp_path, monkeypatch):
-    """`granet train` and `granet train --resume`: one TrainConfig check, one SparsityConfig."""
+    """`granet train` and `granet train --resume`: one TrainConfig check; the sparsity settings checked
+    once without the run's length (when the config is loaded) and resolved once with it, into the
+    ResolvedSparsity the sparsifier and its update policy are built from (neither checks it again)."""
     import granet.train.loop as loop
 
-    calls = {"validate": 0, "method_config": 0, "resolved": 0}
-    validate, method_config, resolved = TrainConfig.validate, loop.method_config, SparsityConfig.resolved
+    counted = {"TrainConfig.validate": (TrainConfig, "validate"), "resolve_method": (loop, "resolve_method"),
+               "SparsityConfig.validate": (SparsityConfig, "validate"),
+               "SparsityConfig.resolve": (SparsityConfig, "resolve"),
+               "SparsityConfig.resolve_steps": (SparsityConfig, "resolve_steps")}
+    calls = dict.fromkeys(counted, 0)
 
     def counting(name, function):
         def inner(*args, **kwargs):
@@ -207,16 +212,17 @@ def test_a_run_checks_its_config_once_and_resolves_its_sparsity_once(tmp_path, m
             return function(*args, **kwargs)
         return inner
 
-    monkeypatch.setattr(TrainConfig, "validate", counting("validate", validate))
-    monkeypatch.setattr(loop, "method_config", counting("method_config", method_config))
-    monkeypatch.setattr(SparsityConfig, "resolved", counting("resolved", resolved))
+    for name, (owner, attribute) in counted.items():
+        monkeypatch.setattr(owner, attribute, counting(name, getattr(owner, attribute)))
+    once = {"TrainConfig.validate": 1, "resolve_method": 1, "SparsityConfig.validate": 2,
+            "SparsityConfig.resolve": 1, "SparsityConfig.resolve_steps": 1}
     run = tmp_path / "run"
     assert main(["train", "--model", "mlp", "--method", "rigl", "--epochs", "1", "--max-steps", "3",
                  "--update-interval", "2", "--out", str(run), "--progress", "log"]) == 0
-    assert calls == {"validate": 1, "method_config": 1, "resolved": 1}
-    calls.update(validate=0, method_config=0, resolved=0)
+    assert calls == once
+    calls.update(dict.fromkeys(counted, 0))
     assert main(["train", "--resume", str(run), "--workers", "0", "--progress", "log"]) == 0
-    assert calls == {"validate": 1, "method_config": 1, "resolved": 1}
+    assert calls == once
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert state["sparsifier"]["config"]["update_interval"] == state["config"]["update_interval"] == 2
 
@@ -252,3 +258,38 @@ def test_an_unknown_criterion_is_one_line(tmp_path, capsys):
     code, err = run_cli(["train", *FAST, "--method", "rigl", "--drop-criterion", "nope", "--out", str(tmp_path / "r")],
                         capsys)
     assert_one_line(code, err, "unknown drop_criterion 'nope'; valid: magnitude")
+
+
+def test_the_embedded_recipe_gives_every_scheduled_method_its_update_interval_on_digits(tmp_path):
+    from granet.methods import list_methods, updates_topology
+    from granet.train.config import EMBEDDED_RECIPE, load_config
+
+    scheduled = [m for m in list_methods() if updates_topology(m)]
+    assert scheduled == ["gmp", "gmp-layerwise", "granet", "granet-st", "rigl", "set", "snfs"]
+    recipe = EMBEDDED_RECIPE["sparsity"]["update_interval"]
+    for method in list_methods():
+        got = load_config(None, {"method": method}).sparsity.update_interval
+        assert got == (recipe if method in scheduled else None), method
+    assert load_config(None, {"method": "lth"}).sparsity.update_interval is None
+    assert load_config(None, {"method": "rigl", "update_interval": 7}).sparsity.update_interval == 7  # given wins
+    assert load_config(None, {"method": "rigl", "dataset": "mnist1d"}).sparsity.update_interval is None  # digits only
+    path = tmp_path / "recipe.yaml"
+    path.write_text("method: rigl\n")
+    assert load_config(str(path), {}).sparsity.update_interval is None  # a file is the user's recipe
+
+
+@pytest.mark.parametrize("method, values, warning", [
+    ("static", {"update_interval": 5}, "update_interval=5 has no effect on method 'static' "
+                                       "(its masks never change after the initial one)"),
+    ("gmp", {"grow": "random", "regrow_end": 0.5}, "regrow_end=0.5, grow='random' has no effect on method 'gmp' "
+                                                   "(it does not regrow)"),
+    ("rigl", {"prune_end": 0.3}, "prune_end=0.3 has no effect on method 'rigl' (it does not prune)"),
+    ("granet", {"update_interval": 5, "grow": "random"}, None),
+])
+def test_a_sparsity_option_the_method_does_not_use_is_named_in_a_warning(method, values, warning, caplog):
+    from granet.train.config import load_config
+
+    with caplog.at_level("WARNING", logger="granet.train.config"):
+        load_config(None, {"method": method, **values})
+    assert [r.getMessage() for r in caplog.records if r.name == "granet.train.config"] == \
+        ([warning] if warning else [])

@@ -48,7 +48,7 @@ from torch import nn
 
 from .baselines.saliency import needs_init_scoring, require_scoring_before_training
 from .registry import Registry
-from .sparsity.config import SparsityConfig
+from .sparsity.config import ResolvedSparsity, SparsityConfig
 from .sparsity.sparsifier import DEFAULT_LAYER_TYPES, Sparsifier
 
 
@@ -106,6 +106,19 @@ def method_preset(name: str) -> dict[str, Any]:
     return dict(_METHODS.get(name).preset)
 
 
+def updates_topology(name: str) -> bool:
+    """Whether method ``name`` changes its masks while training, every ΔT (``update_interval``) steps
+    by a schedule (pruning or drop-and-regrow), unlike ``dense``, ``static`` and the methods that fix
+    their mask at initialisation (``snip``, ``grasp``, ``synflow``: their one-step schedule is locked).
+
+    Raises:
+        ValueError: unknown method.
+    """
+    method = _METHODS.get(name)
+    config = SparsityConfig().replace(**method.preset)
+    return "update_interval" not in config.unused_fields() and "prune_end" not in method.locked
+
+
 def list_methods() -> list[str]:
     """Names of the registered methods, sorted."""
     return list(_METHODS.names())
@@ -128,18 +141,26 @@ def check_locked(name: str, overrides: Mapping[str, Any]) -> None:
             raise ValueError(f"method {name!r} requires {key}={value!r}, got {overrides[key]!r}")
 
 
+def resolve_method(name: str, **overrides: Any) -> ResolvedSparsity:
+    """Method ``name``'s preset with ``overrides`` applied, checked and resolved once
+    (:meth:`SparsityConfig.resolve`): what a :class:`Sparsifier` is built from.
+
+    Raises:
+        ValueError: unknown method (valid ones listed), a field the method locks, unknown option, or
+            invalid values.
+    """
+    method = _METHODS.get(name)
+    check_locked(name, overrides)
+    return SparsityConfig().replace(**method.preset).replace(**overrides).resolve()
+
+
 def method_config(name: str, **overrides: Any) -> SparsityConfig:
     """The :class:`SparsityConfig` of method ``name`` with ``overrides`` applied and validated.
 
     Raises:
         ValueError: unknown method (valid ones listed), unknown option, or invalid values.
     """
-    method = _METHODS.get(name)
-    check_locked(name, overrides)
-    config = SparsityConfig().replace(**method.preset).replace(**overrides)
-    config.validate()
-    config.resolve_steps()
-    return config
+    return resolve_method(name, **overrides).given
 
 
 def create_sparsifier(
@@ -179,7 +200,7 @@ def create_sparsifier(
         The sparsifier; the model's inactive weights are already zero.
     """
     sparsifier = Sparsifier(
-        model, optimizer, method_config(method, **options), layer_types=layer_types, distributed=distributed,
+        model, optimizer, resolve_method(method, **options), layer_types=layer_types, distributed=distributed,
         include=include, exclude=exclude, dense_embeddings=dense_embeddings,
     )
     if optimizer is not None and needs_init_scoring(method):

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..kernels.counter_rng import RandomSource
 from ..sparsity import criteria
 from ..sparsity.sparsifier import Sparsifier
 
@@ -157,7 +158,7 @@ def _preserved(model: nn.Module, train_mode: bool) -> Iterator[None]:
 
 
 def _keep_top(
-    names: Sequence[str], scores: Sequence[torch.Tensor], keep: int, generator: torch.Generator, what: str
+    names: Sequence[str], scores: Sequence[torch.Tensor], keep: int, generator: RandomSource, what: str
 ) -> dict[str, torch.Tensor]:
     """Exact global top-``keep`` of the concatenated ``scores``, split back into named masks."""
     device = scores[0].device

@@ -35,6 +35,7 @@ from typing import Callable, Optional, Sequence, cast
 import torch
 
 from . import native
+from .counter_rng import RandomSource, permutation
 from .layer_threads import layer_map, on_cpu
 
 # Below this many entries a full kthvalue is cheap; above it, selection brackets the threshold.
@@ -131,7 +132,7 @@ def release_scratch() -> None:
             buffers.by_key.clear()
 
 
-def select_top_plain(scores: torch.Tensor, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def select_top_plain(scores: torch.Tensor, k: int, generator: Optional[RandomSource] = None) -> torch.Tensor:
     """The definition of exact top-k: full ``kthvalue`` threshold, ``randperm`` among the ties."""
     flat = scores.reshape(-1)
     n = flat.numel()
@@ -147,7 +148,7 @@ def select_top_plain(scores: torch.Tensor, k: int, generator: Optional[torch.Gen
         ties = (flat == threshold).nonzero().squeeze(1)
         keep = ties.numel() - extra
         if generator is not None:
-            ties = ties[torch.randperm(ties.numel(), generator=generator).to(ties.device)]
+            ties = ties[permutation(ties.numel(), generator, ties.device)]
         mask[ties[keep:]] = False
     return mask.view_as(scores)
 
@@ -162,7 +163,7 @@ def _kth_smallest(flat: torch.Tensor, j: int) -> torch.Tensor:
     return flat.kthvalue(j).values
 
 
-def select_top(scores: torch.Tensor, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def select_top(scores: torch.Tensor, k: int, generator: Optional[RandomSource] = None) -> torch.Tensor:
     """Boolean mask selecting exactly the ``k`` largest entries of ``scores`` (see the module notes).
 
     Args:
@@ -188,7 +189,7 @@ def select_top_segments(
     valids: Sequence[Optional[torch.Tensor]],
     sizes: Sequence[int],
     k: int,
-    generator: Optional[torch.Generator],
+    generator: Optional[RandomSource],
     sentinel: Optional[float] = -1.0,
     competitors: Optional[Sequence[int]] = None,
     as_index: bool = False,
@@ -311,7 +312,7 @@ def _bracketed(loads, gathers, valids, sizes, competitors, k, generator, sentine
     if generator is None or keep == n_ties:
         chosen[:keep] = True
     else:
-        chosen[torch.randperm(n_ties, generator=generator)[:keep]] = True
+        chosen[permutation(n_ties, generator)[:keep]] = True
     return _finish(marks, None, ties, chosen, sizes, as_index)
 
 
@@ -386,7 +387,7 @@ def _mark(marks: list[Optional[torch.Tensor]], index: list[torch.Tensor], chosen
             mark.scatter_(0, idx, pick.to(idx.device))
 
 
-def _select_band(values: torch.Tensor, k: int, generator: Optional[torch.Generator], parent: int) -> torch.Tensor:
+def _select_band(values: torch.Tensor, k: int, generator: Optional[RandomSource], parent: int) -> torch.Tensor:
     """Top-k of a band or competitor list gathered from ``parent`` entries: one kthvalue when small
     or hardly thinner than its parent (a mass of ties), else bracketed again."""
     if values.numel() < _BRACKET_MIN_SIZE or 2 * values.numel() > parent:

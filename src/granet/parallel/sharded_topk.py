@@ -33,6 +33,8 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ..kernels.counter_rng import RandomSource, permutation
+
 __all__ = ["COMM", "CommCounter", "RowShard", "row_shard", "order_keys", "select_top_sharded"]
 
 #: Key bits resolved per round of the threshold search: 4 rounds for float32 scores, 8 for float64.
@@ -184,7 +186,7 @@ def _thresholds(
     return lows
 
 
-def _chosen_ties(ties: torch.Tensor, keep: int, generator: Optional[torch.Generator], rank: int) -> list[torch.Tensor]:
+def _chosen_ties(ties: torch.Tensor, keep: int, generator: Optional[RandomSource], rank: int) -> list[torch.Tensor]:
     """Which of this rank's ties at the threshold to keep, per segment of one problem.
 
     ``ties[r, j]`` is rank r's tie count in segment j. The global tie list is segment-major, then
@@ -197,7 +199,7 @@ def _chosen_ties(ties: torch.Tensor, keep: int, generator: Optional[torch.Genera
         chosen = torch.ones(n_ties, dtype=torch.bool)
     else:
         chosen = torch.zeros(n_ties, dtype=torch.bool)
-        winners = torch.randperm(n_ties, generator=generator)[:keep] if generator is not None else torch.arange(keep)
+        winners = permutation(n_ties, generator)[:keep] if generator is not None else torch.arange(keep)
         chosen[winners] = True
     picks, offset = [], 0
     for j in range(ties.shape[1]):
@@ -212,7 +214,7 @@ def select_top_sharded(
     owner: Sequence[int],
     sizes: Sequence[int],
     ks: Sequence[int],
-    generators: Sequence[Optional[torch.Generator]],
+    generators: Sequence[Optional[RandomSource]],
     group: Optional[Any] = None,
 ) -> list[torch.Tensor]:
     """Local masks of exact top-k selections over row-sharded scores, one selection per problem.

@@ -3,8 +3,12 @@
 A method (``granet``, ``rigl``, ...) is a preset of these fields (see :mod:`granet.methods`); every
 field can be overridden. Step-valued fields (``prune_start``, ``prune_end``, ``regrow_start``,
 ``regrow_end``) accept an ``int`` (optimizer steps) or a ``float`` in [0, 1] (a fraction of
-``total_steps``). They are resolved to steps once, by :meth:`SparsityConfig.resolve_steps`; nothing
-is ever derived from epochs, loader lengths or world size.
+``total_steps``); nothing is ever derived from epochs, loader lengths or world size.
+
+A configuration is checked and its steps resolved **once**, by :meth:`SparsityConfig.resolve`, into a
+frozen :class:`ResolvedSparsity`: the value the sparsifier and its update policy are built from and
+read, never checking or resolving it again (a :class:`~granet.sparsity.sparsifier.Sparsifier` given a
+plain ``SparsityConfig`` resolves it itself, once).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ StepSpec = Union[int, float]
 PRUNE_SCOPES = ("global", "layerwise")
 REDISTRIBUTIONS = ("none", "momentum")
 REINIT_REGROWN = ("new", "all")
+RNG_SOURCES = ("cpu", "device")
 STEP_FIELDS = ("prune_start", "prune_end", "regrow_start", "regrow_end")
 
 
@@ -106,6 +111,11 @@ class SparsityConfig:
     mask_optimizer_state: bool = _field(
         True, "zero the optimizer state of inactive weights after every step. SNFS turns it off because it "
               "regrows by the momentum that inactive weights accumulate.")
+    rng: str = _field(
+        "cpu", "where the random numbers of an update (initial mask, random regrowth, tie-breaking) are made: "
+               "``cpu`` (default: a seeded CPU generator, moved to the weights' device) or ``device`` (a counter-based "
+               "stream made on the weights' device, no host transfer; slower than ``cpu`` on a CPU). Both give the "
+               "same masks on every device; their masks differ from each other.")
     total_steps: Optional[int] = _field(
         None, "number of optimizer steps of the whole run; needed when a step field is a fraction.")
     seed: int = _field(0, "seed of every random choice (initial mask, random regrowth, tie-breaking).")
@@ -193,6 +203,7 @@ class SparsityConfig:
         _check_choice("drop_criterion", self.drop_criterion, list_drop_criteria())
         _check_choice("redistribute", self.redistribute, REDISTRIBUTIONS)
         _check_choice("reinit_regrown", self.reinit_regrown, REINIT_REGROWN)
+        _check_choice("rng", self.rng, RNG_SOURCES)
         if not isinstance(self.protect_units, bool):
             raise ValueError(f"protect_units must be true or false, got {self.protect_units!r}")
         _check_choice("drop_decay", self.drop_decay, list_drop_decays())
@@ -214,6 +225,20 @@ class SparsityConfig:
             raise ValueError(
                 f"layer-wise pruning needs a per-layer distribution ({', '.join(per_layer)}), not {self.distribution!r}"
             )
+
+    def unused_fields(self) -> list[str]:
+        """The fields that have no effect on this configuration, in field order: the pruning schedule's
+        without ``prune``, the regrowth's without ``drop_fraction``, and ΔT and ``protect_units`` when
+        the masks never change after the initial one (``static``, ``dense``)."""
+        unused = set()
+        if self.prune is None:
+            unused |= {"prune_start", "prune_end", "prune_criterion"}
+        if self.drop_fraction <= 0:
+            unused |= {"regrow_start", "regrow_end", "drop_fraction_end", "drop_decay", "grow", "drop_criterion",
+                       "redistribute", "reinit_regrown"}
+        if self.prune is None and self.drop_fraction <= 0:
+            unused |= {"update_interval", "protect_units"}
+        return [name for name in self.field_names() if name in unused]
 
     def uses_field(self, name: str) -> bool:
         """Whether a step field matters for this configuration."""
@@ -261,17 +286,29 @@ class SparsityConfig:
             )
         return resolved
 
+    def resolve(self) -> "ResolvedSparsity":
+        """Check this config (:meth:`validate`) and resolve its steps (:meth:`resolve_steps`), once.
+
+        Raises:
+            ValueError: as :meth:`validate` and :meth:`resolve_steps`, naming the field.
+        """
+        self.validate()
+        steps = self.resolve_steps()
+        given = self.replace()
+        return ResolvedSparsity(given, given.replace(**steps, init_density=self.effective_init_density), steps)
+
     def resolved(self) -> "SparsityConfig":
-        """This config as a sparsifier runs it: step fields in optimizer steps, ``init_density`` explicit.
+        """This config as a sparsifier runs it: step fields in optimizer steps, ``init_density`` explicit
+        (:attr:`ResolvedSparsity.config` of :meth:`resolve`).
 
         Step fields the configuration does not use (see :meth:`uses_field`) keep their values.
         Resolving a resolved config gives an equal one, so the values a run records rebuild exactly
         the same sparsifier.
 
         Raises:
-            ValueError: as :meth:`resolve_steps`.
+            ValueError: as :meth:`resolve`.
         """
-        return self.replace(**self.resolve_steps(), init_density=self.effective_init_density)
+        return self.resolve().config
 
     def _to_step(self, name: str, value: StepSpec) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -290,12 +327,33 @@ class SparsityConfig:
         return int(round(value * self.total_steps))
 
 
+@dataclass(frozen=True)
+class ResolvedSparsity:
+    """A :class:`SparsityConfig` checked, with its steps resolved: what a sparsifier runs.
+
+    Made by :meth:`SparsityConfig.resolve` only. The sparsifier and its update policy read it and
+    never check or resolve it again.
+
+    Attributes:
+        given: the configuration as given: what :attr:`Sparsifier.config
+            <granet.sparsity.sparsifier.Sparsifier.config>` returns and a sparsifier's state records.
+        config: the configuration as it runs: step fields in optimizer steps, ``init_density`` explicit.
+        steps: ``{step field: optimizer step}`` for the step fields the configuration uses.
+    """
+
+    given: SparsityConfig
+    config: SparsityConfig
+    steps: Mapping[str, int]
+
+    def explicit(self) -> "ResolvedSparsity":
+        """This resolution with its resolved values as the given configuration: what a training run
+        records (``config.yaml``, checkpoints), so that a resume rebuilds exactly the same sparsifier."""
+        return dataclasses.replace(self, given=self.config)
+
+
 def _check_choice(name: str, value: object, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
-
-
-
 
 
 def step_spec(value: Any) -> Any:
@@ -325,5 +383,5 @@ def field_help() -> dict[str, str]:
     return {f.name: f.metadata["help"] for f in dataclasses.fields(SparsityConfig)}
 
 
-__all__ = ["SavedConfigMismatch", "SparsityConfig", "PRUNE_SCOPES", "REDISTRIBUTIONS", "REINIT_REGROWN", "STEP_FIELDS",
-           "step_spec", "field_help"]
+__all__ = ["ResolvedSparsity", "SavedConfigMismatch", "SparsityConfig", "PRUNE_SCOPES", "REDISTRIBUTIONS",
+           "REINIT_REGROWN", "RNG_SOURCES", "STEP_FIELDS", "step_spec", "field_help"]

@@ -34,6 +34,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..kernels.counter_rng import CounterGenerator, RandomSource, uniform
 from ..kernels.topk import select_top, select_top_plain  # noqa: F401  (re-exported: the selection API)
 from ..registry import Registry
 
@@ -41,8 +42,9 @@ from ..registry import Registry
 MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
 
 
-def seeded_generator(seed: int, *tags: object) -> torch.Generator:
-    """A CPU generator whose seed is a stable hash of ``seed`` and ``tags``.
+def seeded_generator(seed: int, *tags: object, counter: bool = False) -> RandomSource:
+    """A CPU generator whose seed is a stable hash of ``seed`` and ``tags``; with ``counter``, the
+    :class:`~granet.kernels.counter_rng.CounterGenerator` keyed by the same hash (``rng="device"``).
 
     Used for every random choice (initial masks, random regrowth, tie-breaking) so the choice is a
     pure function of (seed, purpose, step, layer): identical across processes and resumes, and
@@ -50,7 +52,8 @@ def seeded_generator(seed: int, *tags: object) -> torch.Generator:
     """
     text = ":".join(str(t) for t in (seed, *tags)).encode()
     digest = hashlib.blake2b(text, digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    key = int.from_bytes(digest, "little") & ((1 << 63) - 1)
+    return CounterGenerator(key) if counter else torch.Generator().manual_seed(key)
 
 
 def active_magnitudes(param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -105,12 +108,13 @@ def momentum_scores(
     return momentum_of(param, name, optimizer).abs()
 
 
-def random_scores(param: torch.Tensor, name: str, optimizer: object, generator: torch.Generator) -> torch.Tensor:
-    """Grow score: uniform noise drawn on the CPU (device-independent), moved to ``param``'s device."""
-    return torch.rand(param.shape, generator=generator).to(param.device)
+def random_scores(param: torch.Tensor, name: str, optimizer: object, generator: RandomSource) -> torch.Tensor:
+    """Grow score: uniform noise, the same on every device: drawn on the CPU and moved to ``param``'s
+    device, or made there by a counter stream (``rng="device"``)."""
+    return uniform(param.shape, generator, param.device)
 
 
-ScoreFunction = Callable[[torch.Tensor, str, Optional[torch.optim.Optimizer], torch.Generator], torch.Tensor]
+ScoreFunction = Callable[[torch.Tensor, str, Optional[torch.optim.Optimizer], RandomSource], torch.Tensor]
 MagnitudeSource = Callable[[torch.Tensor, str, Optional[torch.optim.Optimizer]], torch.Tensor]
 DENSE_GRADIENT_NEEDS = ("never", "update_steps", "every_step")
 

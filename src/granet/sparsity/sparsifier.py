@@ -46,13 +46,13 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import asdict
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from ..errors import short_repr
-from .config import SparsityConfig
+from .config import ResolvedSparsity, SparsityConfig
 from .coverage import Coverage, log_coverage
 from .criteria import require_momentum
 from .health import HealthMonitor, HealthReport, alive_units, unit_dims
@@ -106,7 +106,8 @@ class Sparsifier:
             steps and gradient-accumulation micro-steps do not count), to zero the optimizer state of
             pruned and regrown weights, and for momentum regrowth. ``None`` makes every ``step()``
             call count as one optimizer step and leaves optimizer state alone.
-        config: the method's configuration.
+        config: the method's configuration, checked and resolved here (:meth:`SparsityConfig.resolve
+            <granet.sparsity.config.SparsityConfig.resolve>`) unless it already is a resolution.
         layer_types: module types (or class names) whose weights are sparsified; the default covers
             ``nn.Linear``, ``nn.Conv*``, ``transformers``' ``Conv1D`` and ``nn.MultiheadAttention``.
         include: parameter-name patterns selecting the masked tensors instead of ``layer_types``.
@@ -126,7 +127,7 @@ class Sparsifier:
         self,
         model: nn.Module,
         optimizer: Optional[torch.optim.Optimizer] = None,
-        config: Optional[SparsityConfig] = None,
+        config: Optional[Union[SparsityConfig, ResolvedSparsity]] = None,
         layer_types: Sequence[LayerType] = DEFAULT_LAYER_TYPES,
         distributed: Optional[bool] = None,
         include: Sequence[str] = (),
@@ -137,8 +138,9 @@ class Sparsifier:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__} {short_repr(model)}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
-        self._config = config if config is not None else SparsityConfig()
-        self._config.validate()
+        resolved = config if isinstance(config, ResolvedSparsity) else (
+            config if config is not None else SparsityConfig()).resolve()
+        self._config = resolved.given
         self.selection: Optional[Selection] = select_parameters(
             model, layer_types, self._config.keep_dense, include, exclude, dense_embeddings
         )
@@ -146,7 +148,7 @@ class Sparsifier:
         if not targets:
             raise ValueError("the model has no sparsifiable weights: " + self.selection.coverage().dense_reasons())
         names, params = [n for n, _ in targets], [p for _, p in targets]
-        cfg = self._config
+        cfg = resolved.config
         total = sum(p.numel() for p in params)
         if round(cfg.density * total) < 1:
             raise ValueError(f"density {cfg.density:g} keeps no weight: {cfg.density:g} x {total:,} sparsified "
@@ -161,7 +163,7 @@ class Sparsifier:
                              "are in x out (transformers' Conv1D, transposed convolutions): keep them dense or "
                              "train without protect_units")
         self._unit_dims = dims
-        self._updater = TopologyUpdater(cfg, solver=self._ranks.solver, unit_dims=dims)
+        self._updater = TopologyUpdater(resolved, solver=self._ranks.solver, unit_dims=dims)
         if self._updater.grow.needs_momentum and self._updater.regrowth is not None:
             require_momentum(optimizer)
         for message in schedule_warnings(self._updater.pruning, self._updater.regrowth, cfg.total_steps):
@@ -711,7 +713,7 @@ class Sparsifier:
         state = pickled["state"]
         self._config = SparsityConfig().replace(**state["config"])
         self._ranks = SingleProcess()
-        self._updater = TopologyUpdater(self._config)
+        self._updater = TopologyUpdater(self._config.resolve())
         names = list(state["names"])
         ever = state["ever_active"]
         self._state = MaskState.restored(names, state["shapes"], [state["masks"][n] for n in names],

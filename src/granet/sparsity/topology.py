@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence, Union
 import torch
 
 from ..kernels import native
+from ..kernels.counter_rng import RandomSource, uniform
 from ..kernels.layer_threads import layer_map, on_cpu
 from ..kernels.topk import _BRACKET_MIN_SIZE, Scores, scratch, select_top_segments
 from .criteria import momentum_buffer, seeded_generator, select_top
@@ -118,7 +119,7 @@ class Problem:
     """
 
     k: int
-    generator: Optional[torch.Generator]
+    generator: Optional[RandomSource]
     segments: Union[Sequence[Segment], Callable[[], Sequence[Segment]]]
     size: int
     cpu: bool = True
@@ -202,7 +203,7 @@ class LocalSolver:
 LOCAL = LocalSolver()
 
 
-def select_over(segments: Sequence[Segment], k: int, generator: Optional[torch.Generator]) -> list[torch.Tensor]:
+def select_over(segments: Sequence[Segment], k: int, generator: Optional[RandomSource]) -> list[torch.Tensor]:
     """One threshold over several segments (the global prune), computed segment by segment (no
     concatenated copy: scratch is O(largest segment)): a mask per segment, shaped like its values."""
     loads = [Scores(s.values, absolute=s.absolute) for s in segments]
@@ -216,14 +217,15 @@ def select_over(segments: Sequence[Segment], k: int, generator: Optional[torch.G
 
 def random_masks(
     params: Sequence[torch.Tensor], distribution: str, density: float, seed: int, power_scale: float = 1.0,
-    solver: Optional[TopKSolver] = None,
+    solver: Optional[TopKSolver] = None, counter: bool = False,
 ) -> list[torch.Tensor]:
     """Random masks at ``density`` with exact counts: per layer from ``distribution``, or one draw
     over all layers for a distribution without per-layer quotas (``global``).
 
     Layer ``i``'s scores come from the generator seeded by (seed, "init", i), drawn in full on every
     process (and sliced by ``solver.local``), so the masks are a function of the arguments alone
-    (the same on every rank and after a restart). ``solver``: :data:`LOCAL` by default.
+    (the same on every rank and after a restart). ``solver``: :data:`LOCAL` by default. With
+    ``counter`` the scores are the counter stream of the same seed, made on the parameter's device.
     """
     solver = LOCAL if solver is None else solver
     if density >= 1.0:
@@ -232,7 +234,8 @@ def random_masks(
     cpu = on_cpu(params)
 
     def scores(*layers: int) -> list[Segment]:
-        return [Segment(solver.local(torch.rand(params[i].shape, generator=seeded_generator(seed, "init", i)), i))
+        return [Segment(solver.local(uniform(params[i].shape, seeded_generator(seed, "init", i, counter=counter),
+                                             params[i].device if counter else "cpu"), i))
                 for i in layers]
 
     if not get_distribution(distribution).per_layer:
@@ -266,7 +269,7 @@ def gradients_finite(params: Sequence[torch.Tensor]) -> bool:
 
 
 def prune_global(
-    params: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], target: int, generator: torch.Generator,
+    params: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], target: int, generator: RandomSource,
     counts: Optional[Sequence[int]] = None,
 ) -> list[torch.Tensor]:
     """Keep the ``target`` largest-magnitude active weights over all layers (one threshold).
@@ -279,7 +282,7 @@ def prune_global(
                         for i, (p, m) in enumerate(zip(params, masks))], target, generator)
 
 
-def keep_largest(param: torch.Tensor, mask: torch.Tensor, keep: int, generator: Optional[torch.Generator],
+def keep_largest(param: torch.Tensor, mask: torch.Tensor, keep: int, generator: Optional[RandomSource],
                  active: Optional[int] = None, absolute: bool = True) -> torch.Tensor:
     """The ``keep`` highest-scoring active entries of one layer (layer-wise pruning and the drop).
 
@@ -295,7 +298,7 @@ def keep_largest(param: torch.Tensor, mask: torch.Tensor, keep: int, generator: 
     return out[0].view(param.shape)
 
 
-def grow_positions(scores: torch.Tensor, kept: torch.Tensor, n_grow: int, generator: Optional[torch.Generator],
+def grow_positions(scores: torch.Tensor, kept: torch.Tensor, n_grow: int, generator: Optional[RandomSource],
                    free: Optional[int] = None, magnitude: bool = False) -> torch.Tensor:
     """Flat positions (int64, in no particular order) of the ``n_grow`` highest-scoring entries
     outside ``kept`` (the mask after the drop); the scores are ``|scores|`` with ``magnitude``.
@@ -308,7 +311,7 @@ def grow_positions(scores: torch.Tensor, kept: torch.Tensor, n_grow: int, genera
     return _grow(scores, kept, n_grow, generator, free, magnitude, as_index=True)
 
 
-def grow_layer(scores: torch.Tensor, kept: torch.Tensor, n_grow: int, generator: Optional[torch.Generator],
+def grow_layer(scores: torch.Tensor, kept: torch.Tensor, n_grow: int, generator: Optional[RandomSource],
                free: Optional[int] = None, magnitude: bool = False) -> torch.Tensor:
     """:func:`grow_positions` as a mask shaped like ``scores`` (cheaper when many are regrown)."""
     return _grow(scores, kept, n_grow, generator, free, magnitude, as_index=False).view(scores.shape)

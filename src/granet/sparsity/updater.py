@@ -42,13 +42,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
+from ..kernels.counter_rng import RandomSource
 from ..kernels.layer_threads import on_cpu
 from . import topology
-from .config import SparsityConfig
+from .config import ResolvedSparsity, SparsityConfig
 from .criteria import (
     Criterion,
     GrowCriterion,
@@ -65,7 +66,7 @@ from .topology import LOCAL, Problem, Segment, TopKSolver, UpdateReport
 _POSITIONS_BELOW = 16
 
 
-def first_regrowth_step(steps: dict[str, int]) -> int:
+def first_regrowth_step(steps: Mapping[str, int]) -> int:
     """The first step of drop-and-regrow updates, from a config's resolved steps.
 
     ``regrow_start`` (where r_t's decay starts), but never before t0 = ``prune_start`` when the
@@ -154,20 +155,24 @@ class TopologyUpdater:
     that computes masks is a collective: all ranks call it at the same step.
 
     Args:
-        config: a validated sparsity configuration.
+        config: the resolved configuration (:meth:`SparsityConfig.resolve
+            <granet.sparsity.config.SparsityConfig.resolve>`); a plain ``SparsityConfig`` is resolved here.
         solver: how selections are solved (default :data:`~granet.sparsity.topology.LOCAL`).
         criteria: the scores (default: those the config names, :meth:`Criteria.of`).
         unit_dims: per layer, the dimension of its output units, for ``protect_units`` (default:
             0 for every layer, the out × in layout of ``nn.Linear`` and convolutions).
     """
 
-    def __init__(self, config: SparsityConfig, solver: Optional[TopKSolver] = None,
+    def __init__(self, config: Union[ResolvedSparsity, SparsityConfig], solver: Optional[TopKSolver] = None,
                  criteria: Optional[Criteria] = None, unit_dims: Optional[Sequence[int]] = None) -> None:
-        self.config = config
+        resolved = config if isinstance(config, ResolvedSparsity) else config.resolve()
+        self.config = config = resolved.config
         self.unit_dims = None if unit_dims is None else list(unit_dims)
-        steps = config.resolve_steps()
+        steps = resolved.steps
         self.criteria = Criteria.of(config) if criteria is None else criteria
         self.solver: TopKSolver = LOCAL if solver is None else solver
+        #: ``generator(seed, *tags)``: every random choice's source (see :func:`.criteria.seeded_generator`).
+        self.generator: Callable[..., RandomSource] = partial(seeded_generator, counter=config.rng == "device")
         self.pruning: Optional[PruningSchedule] = None if config.prune is None else PruningSchedule(
             init_density=config.effective_init_density, final_density=config.density,
             start=steps["prune_start"], end=steps["prune_end"], interval=config.update_interval,
@@ -224,7 +229,7 @@ class TopologyUpdater:
         """Random masks at the initial density, with exact per-layer counts from the distribution."""
         cfg = self.config
         return topology.random_masks(params, cfg.distribution, cfg.effective_init_density, cfg.seed,
-                                     cfg.erk_power_scale, solver=self.solver)
+                                     cfg.erk_power_scale, solver=self.solver, counter=cfg.rng == "device")
 
     def final_layer_counts(self, shapes: Sequence[Sequence[int]], init_counts: Sequence[int]) -> list[int]:
         """Per-layer counts at the final density (layer-wise pruning targets; empty for other methods)."""
@@ -265,11 +270,11 @@ class TopologyUpdater:
         seed, cpu = self.config.seed, on_cpu(params)
         names = [str(i) for i in range(len(params))] if names is None else names
 
-        def segments(*layers: int, generator: Optional[torch.Generator] = None) -> list[Segment]:
+        def segments(*layers: int, generator: Optional[RandomSource] = None) -> list[Segment]:
             """The layers' prune scores; their generators are ``generator`` (one layer's: the score's,
             then the ties'), else one per layer, made only if the score function runs."""
             return [self._segment(self.criteria.prune, i, params[i], names[i], optimizer,
-                                  partial(seeded_generator, seed, "prune", step, i) if generator is None else
+                                  partial(self.generator, seed, "prune", step, i) if generator is None else
                                   (lambda: generator), among=masks[i], count=counts[i],
                                   protect=self.config.protect_units) for i in layers]
 
@@ -277,7 +282,7 @@ class TopologyUpdater:
             target = self.global_prune_target(step, params, counts)
             if target is None:
                 return list(masks)
-            problem = Problem(target, seeded_generator(seed, "prune", step), partial(segments, *range(len(params))),
+            problem = Problem(target, self.generator(seed, "prune", step), partial(segments, *range(len(params))),
                               sum(p.numel() for p in params), cpu)
             return [m.to(p.device) for m, p in zip(self.solver([problem])[0], params)]
         pruning = self.pruning
@@ -286,7 +291,7 @@ class TopologyUpdater:
         for i in range(len(params)):
             target = round(pruning.interpolate(step, init_counts[i], final_counts[i]))
             if counts[i] > target:
-                generator = seeded_generator(seed, "prune", step, i)
+                generator = self.generator(seed, "prune", step, i)
                 problems.append(Problem(target, generator, partial(segments, i, generator=generator), params[i].numel(),
                                         cpu))
                 pruned.append(i)
@@ -330,7 +335,7 @@ class TopologyUpdater:
         sizes = [params[i].numel() for i in layers]
 
         def drop(j: int, then: Optional[Callable[[list[torch.Tensor]], Problem]] = None) -> Problem:
-            i, generator = layers[j], seeded_generator(seed, "drop", step, layers[j])
+            i, generator = layers[j], self.generator(seed, "drop", step, layers[j])
             return Problem(counts[i] - drops[i], generator, lambda: [self._segment(
                 self.criteria.drop, i, params[i], names[i], optimizer, lambda: generator, among=masks[i],
                 count=counts[i],
@@ -338,7 +343,7 @@ class TopologyUpdater:
             )], sizes[j], cpu, then=then)
 
         def grow(j: int, kept: torch.Tensor, n_grow: int) -> Problem:
-            i, generator = layers[j], seeded_generator(seed, "grow", step, layers[j])  # the score's, then the ties'
+            i, generator = layers[j], self.generator(seed, "grow", step, layers[j])  # the score's, then the ties'
 
             def combine(grown: list[torch.Tensor]) -> None:
                 self._combine(result, i, masks[i], kept, grown[0])
@@ -368,7 +373,7 @@ class TopologyUpdater:
         return result
 
     def _segment(self, criterion: Criterion, i: int, param: torch.Tensor, name: str,
-                 optimizer: Optional[torch.optim.Optimizer], generator: Callable[[], torch.Generator],
+                 optimizer: Optional[torch.optim.Optimizer], generator: Callable[[], RandomSource],
                  among: torch.Tensor, count: int, outside: bool = False, protect: bool = False) -> Segment:
         """Layer ``i``'s scores by ``criterion``, as the solver holds them: the magnitudes of a tensor
         the criterion names, read in place, or its scores in the parameter's dtype. ``generator``

@@ -20,13 +20,14 @@ sparsifier is built from, and records the resolved values (:meth:`TrainConfig.wi
 ``config.yaml`` and every checkpoint, so a resume rebuilds exactly the same sparsifier.
 
 Layering, from weakest to strongest: the defaults ← the embedded digits recipe (only when no
-``--config`` file is given, and only for its own dataset and method) ← ``--config FILE.yaml`` ←
+``--config`` file is given, and only on its own dataset; see :data:`EMBEDDED_RECIPE`) ← ``--config FILE.yaml`` ←
 command-line flags. A resume layers the checkpoint's config ← flags that do not change the result.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import typing
 from dataclasses import dataclass, field
@@ -37,9 +38,12 @@ from ..registry import Registry, unknown_name
 from ..safeyaml import MAX_BYTES, load_yaml
 from ..sparsity.config import STEP_FIELDS, SparsityConfig, StepSpec, field_help, step_spec
 
+logger = logging.getLogger(__name__)
+
 #: The embedded default job (``granet train`` with no arguments). Its sparsity settings belong to its
-#: own dataset and method: the digits run is ~750 optimizer steps, so GraNet's ΔT of 1000 would prune
-#: once; other methods on digits keep their presets.
+#: own dataset: the digits run is 600 optimizer steps, so the presets' ΔT of 100-1000 would update the
+#: masks a few times or once; every method that updates its masks on a schedule
+#: (:func:`granet.methods.updates_topology`) takes the recipe's ΔT on digits unless one is given.
 EMBEDDED_RECIPE: dict[str, Any] = {"dataset": "digits", "method": "granet", "sparsity": {"update_interval": 20}}
 #: The density of a sparse method when none is given (the embedded recipe's 95% sparsity).
 DEFAULT_DENSITY = 0.05
@@ -121,6 +125,7 @@ class SparsityOptions:
     reinit_regrown: Optional[str] = _preset("reinit_regrown")
     protect_units: Optional[bool] = _preset("protect_units")
     mask_optimizer_state: Optional[bool] = _preset("mask_optimizer_state")
+    rng: Optional[str] = _preset("rng")
     track_exploration: Optional[bool] = _preset("track_exploration")
 
 
@@ -189,7 +194,7 @@ class OutputConfig:
     progress: str = _key("auto", "auto (bar when interactive), bar or log")
     keep_checkpoints: tuple[int, ...] = _key((), "epochs after which a copy checkpoint_epochN.pt is kept")
     tensorboard: bool = _key(False, "also write TensorBoard scalars and per-layer density histograms to "
-                                    "RUN_DIR/tensorboard (pip install 'granet[tensorboard]')")
+                                    'RUN_DIR/tensorboard (pip install -c constraints.txt -e ".[tensorboard]")')
 
 
 @dataclass(frozen=True)
@@ -523,9 +528,16 @@ def _check_sparsity(config: TrainConfig) -> None:
         if a is not None and b is not None and isinstance(a, int) == isinstance(b, int) and a >= b:
             raise ConfigError(f"{first} ({a}) must be before {second} ({b})")
     try:
-        SparsityConfig().replace(**method_preset(config.method)).replace(**config.sparsity_options()).validate()
+        sparsity = SparsityConfig().replace(**method_preset(config.method)).replace(**config.sparsity_options())
+        sparsity.validate()
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    given = [k for k in sparsity.unused_fields() if k in SPARSITY_KEYS and getattr(options, k) is not None]
+    if given:
+        never = "its masks never change after the initial one" if "update_interval" in sparsity.unused_fields() \
+            else "it does not " + ("prune" if sparsity.prune is None else "regrow")
+        logger.warning("%s has no effect on method %r (%s)",
+                       ", ".join(f"{k}={getattr(options, k)!r}" for k in given), config.method, never)
 
 
 def _check_lottery(config: TrainConfig) -> None:
@@ -585,13 +597,21 @@ def read_yaml_mapping(path: str) -> dict[str, Any]:
     return loaded
 
 
+def _updates_topology(method: Any) -> bool:
+    """:func:`granet.methods.updates_topology`, False for a name that is not a sparsifier method
+    (``lth``, or an unknown name that validation then names)."""
+    from ..methods import list_methods, updates_topology
+
+    return method in list_methods() and updates_topology(method)
+
+
 def load_config(path: Optional[str], overrides: Mapping[str, Any]) -> TrainConfig:
     """Defaults ← embedded recipe (no file) ← the YAML file ← ``overrides``; checked."""
     values: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
     values.update(overrides)
     defaults = TrainConfig()
     target = (values.get("dataset", defaults.data.dataset), values.get("method", defaults.method))
-    if path is None and target == (EMBEDDED_RECIPE["dataset"], EMBEDDED_RECIPE["method"]):
+    if path is None and target[0] == EMBEDDED_RECIPE["dataset"] and _updates_topology(target[1]):
         values = {**EMBEDDED_RECIPE["sparsity"], **values}
     return TrainConfig.from_dict(values)
 

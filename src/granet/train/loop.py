@@ -33,7 +33,7 @@ from .. import __version__
 from ..accounting.flops import TrainingFlopsLedger, layer_flops, scoring_flops
 from ..baselines.saliency import needs_init_scoring, require_scoring_before_training
 from ..errors import CheckpointError, ConfigError, short_text
-from ..methods import method_config
+from ..methods import resolve_method
 from ..rundir import (
     CHECKPOINT_FILE,
     METRICS_FILE,
@@ -159,14 +159,14 @@ class Trainer:
             # The method's preset with the run's options, its steps resolved now that the run's length
             # is known: the one SparsityConfig of the run. Its values are recorded in config.yaml and
             # every checkpoint, so a resumed run builds exactly the same sparsifier.
-            sparsity = method_config(cfg.method, total_steps=sparse_steps, seed=cfg.seed,
-                                     **cfg.sparsity_options()).resolved()
+            sparsity = resolve_method(cfg.method, total_steps=sparse_steps, seed=cfg.seed,
+                                      **cfg.sparsity_options()).explicit()
             sparsifier = Sparsifier(self.model, self.optimizer, sparsity)
         except ValueError as exc:
             raise ConfigError(f"{exc} (this run has {sparse_steps} optimizer steps)") from None
         if needs_init_scoring(cfg.method):  # a scored method must not train before its mask is installed
             require_scoring_before_training(sparsifier, self.optimizer)
-        self.config = cfg.with_sparsity(sparsity)
+        self.config = cfg.with_sparsity(sparsity.config)
         return sparsifier
 
     # -------------------------------------------------------------- hooks (the lottery-ticket trainer overrides them)
