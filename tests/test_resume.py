@@ -234,7 +234,8 @@ def test_config_yaml_records_the_values_used(tmp_path):
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert None not in [saved[k] for k in ("update_interval", "drop_fraction", "regrow_start", "regrow_end",
                                            "distribution", "init_density", "density")]
-    assert (saved["update_interval"], saved["drop_fraction"], saved["regrow_end"]) == (100, 0.3, 2)  # 0.75 x 3 steps
+    # ΔT: the embedded recipe's on digits; r_0 and tf: rigl's preset (tf = 0.75 x 3 steps)
+    assert (saved["update_interval"], saved["drop_fraction"], saved["regrow_end"]) == (20, 0.3, 2)
 
 
 def test_library_resume_with_the_unresolved_config(tmp_path):
@@ -244,7 +245,7 @@ def test_library_resume_with_the_unresolved_config(tmp_path):
 
     ref = tmp_path / "reference"
     config = load_config(None, dict(model="mlp", method="rigl", epochs=3, progress="log", keep_checkpoints=[1]))
-    assert config.sparsity.update_interval is None  # the preset's, resolved only when the run starts
+    assert config.sparsity.drop_fraction is None  # the preset's, resolved only when the run starts
     train(config.with_values(out=str(ref)))
     res = tmp_path / "resumed"
     res.mkdir()

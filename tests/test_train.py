@@ -272,9 +272,10 @@ def test_list_and_mapping_flags_parse():
 @pytest.mark.parametrize("method", ["dense", "static", "gmp", "gmp-layerwise", "set", "rigl", "snfs", "granet",
                                     "granet-st", "snip", "grasp", "synflow"])
 def test_method_presets_win_over_command_defaults(method, tmp_path):
-    """`granet train --method M` runs M's own ΔT, t0, tf and r_0; config.yaml records them resolved."""
-    from granet.methods import method_config
-    from granet.train.config import SPARSITY_KEYS
+    """`granet train --method M` runs M's own t0, tf and r_0, and its ΔT except on digits, where every
+    scheduled method takes the embedded recipe's; config.yaml records them resolved."""
+    from granet.methods import method_config, updates_topology
+    from granet.train.config import EMBEDDED_RECIPE, SPARSITY_KEYS
 
     run = tmp_path / "run"
     assert main(["train", "--model", "mlp", "--method", method, "--max-steps", "4", "--out", str(run),
@@ -283,8 +284,8 @@ def test_method_presets_win_over_command_defaults(method, tmp_path):
     density = 1.0 if method == "dense" else 0.05
     preset = method_config(method, total_steps=4, **({} if method == "dense" else {"density": density}))
     expected = dict(preset.to_dict(), **preset.resolve_steps(), init_density=preset.effective_init_density)
-    if method == "granet":  # the embedded digits recipe's own ΔT (no --config, dataset digits)
-        expected["update_interval"] = 20
+    if updates_topology(method):  # the embedded digits recipe's ΔT (no --config, dataset digits)
+        expected["update_interval"] = EMBEDDED_RECIPE["sparsity"]["update_interval"]
     assert {k: saved[k] for k in SPARSITY_KEYS} == {k: expected[k] for k in SPARSITY_KEYS}
     assert saved["density"] == density
     state = torch.load(run / "checkpoint.pt", weights_only=True)
