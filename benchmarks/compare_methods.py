@@ -15,13 +15,15 @@ Two settings share everything except the network:
 
 All methods share one recipe (SGD + Nesterov, lr 0.1 cosine, weight decay 5e-4, batch 64, ΔT = 20
 steps); only the knobs that define each method differ (GraNet/GMP prune until half of training,
-GraNet regrows with r_0 = 0.5 cosine-decayed to 0.005, RigL/SET/SNFS use RigL's r_0 = 0.3 until 75%
-of training). Lottery tickets (``lth``) train the network ``LTH_ROUNDS + 1`` = 4 times over the same
-recipe (dense, then 3 rounds of global magnitude pruning to the final density, each rewound to the
-initialisation), so they cost about 4 runs' wall time; their training FLOPs are summed over all rounds
-and reported relative to one dense training. Runs go to ``--out`` (default ``runs/compare``), one
-directory each; rerunning skips finished runs and resumes interrupted ones. Outputs per setting: ``results.md`` (mean ± std over
-seeds, claims), ``accuracy_vs_sparsity.png``, plus the per-run ``report.md``.
+GraNet regrows with r_0 = 0.5 cosine-decayed to 0.005; RigL and SET use RigL's r_0 = 0.3 and SNFS
+its preset's r_0 = 0.5, cosine-decayed to 0 at 75% of training). Lottery tickets (``lth``) train the
+network ``LTH_ROUNDS + 1`` = 4 times over the same recipe (dense, then 3 rounds of global magnitude
+pruning to the final density, each rewound to the initialisation), so they cost about 4 runs' wall
+time; their training FLOPs are summed over all rounds and reported relative to one dense training.
+Runs go to ``--out`` (default ``runs/compare``), one directory each; rerunning skips finished runs
+and resumes interrupted ones. Outputs per setting:
+``results.md`` (mean ± std over seeds, claims; a claim none of whose methods ran is left out),
+``accuracy_vs_sparsity.png``, plus ``report/report.md`` (the per-run tables, no figures).
 
 ``mnist1d`` (the benchmark where the methods separate, docs/results.md) runs every method — dense,
 static, gmp, gmp-layerwise, set, rigl, snfs, granet, granet-st, snip, grasp, synflow and lth — on
@@ -45,7 +47,7 @@ from typing import Any, Optional, Sequence
 from granet.experiments.sweep import run_many
 from granet.methods import list_methods
 from granet.reports.report import load_runs, write_report
-from granet.reports.stats import figure, mean_std, paired_interval
+from granet.reports.stats import SIDE_BY_SIDE_NOTE, errorbar_side_by_side, figure, mean_std, paired_interval
 from granet.train import TrainConfig
 from granet.train.config import read_yaml_mapping
 
@@ -133,41 +135,62 @@ def results_table(table: dict[tuple[str, float], dict[str, Any]]) -> str:
 
 
 def claims(table: dict[tuple[str, float], dict[str, Any]], densities: list[float]) -> str:
-    """The paper's three claims, checked against the measured means (std in brackets)."""
+    """The paper's three claims, checked against the measured means (std in brackets).
+
+    A section none of whose comparisons was run (``--methods`` without its methods) is left out.
+    """
 
     def acc(method: str, d: float) -> Optional[tuple[float, float]]:
         row = table.get((method, round(d, 9)))
         return row["accuracy"] if row else None
 
-    out = ["Claim 1: GraNet (dense-to-sparse) beats GMP at the same final sparsity, most at high sparsity.", ""]
+    sections: list[tuple[str, list[str]]] = []
+    lines = []
     for d in densities:
         g, m = acc("granet", d), acc("gmp", d)
         if g and m:
-            out.append(f"* density {d:g}: granet {g[0]:.2f} (±{g[1]:.2f}) vs gmp {m[0]:.2f} (±{m[1]:.2f}): "
-                       f"difference {g[0] - m[0]:+.2f} points")
-    out += ["", "Claim 2: GraNet-ST (sparse-to-sparse) beats RigL and SET at the same sparsity and training length.", ""]
+            lines.append(f"* density {d:g}: granet {g[0]:.2f} (±{g[1]:.2f}) vs gmp {m[0]:.2f} (±{m[1]:.2f}): "
+                         f"difference {g[0] - m[0]:+.2f} points")
+    sections.append(("Claim 1: GraNet (dense-to-sparse) beats GMP at the same final sparsity, most at high sparsity.",
+                     lines))
+    lines = []
     for d in densities:
         g, r, s = acc("granet-st", d), acc("rigl", d), acc("set", d)
         if g and r and s:
-            out.append(f"* density {d:g}: granet-st {g[0]:.2f} (±{g[1]:.2f}) vs rigl {r[0]:.2f} (±{r[1]:.2f}), "
-                       f"set {s[0]:.2f} (±{s[1]:.2f}): {g[0] - r[0]:+.2f} / {g[0] - s[0]:+.2f} points")
-    out += ["", "Claim 3: sparse-to-sparse methods need far fewer training FLOPs than dense-to-sparse ones.", ""]
+            lines.append(f"* density {d:g}: granet-st {g[0]:.2f} (±{g[1]:.2f}) vs rigl {r[0]:.2f} (±{r[1]:.2f}), "
+                         f"set {s[0]:.2f} (±{s[1]:.2f}): {g[0] - r[0]:+.2f} / {g[0] - s[0]:+.2f} points")
+    sections.append(("Claim 2: GraNet-ST (sparse-to-sparse) beats RigL and SET at the same sparsity and training "
+                     "length.", lines))
+    lines = []
     for d in densities:
         rows = {m: table.get((m, round(d, 9))) for m in DENSE_TO_SPARSE + SPARSE_TO_SPARSE}
         parts = [f"{m} {row['train_flops'][0]:.3f}" for m, row in rows.items() if row]
-        out.append(f"* density {d:g}: training FLOPs (x dense) " + ", ".join(parts))
-    out += ["", f"Reference: lottery tickets ({LTH_ROUNDS + 1} trainings, FLOPs of all rounds) vs GraNet.", ""]
+        if parts:
+            lines.append(f"* density {d:g}: training FLOPs (x dense) " + ", ".join(parts))
+    sections.append(("Claim 3: sparse-to-sparse methods need far fewer training FLOPs than dense-to-sparse ones.",
+                     lines))
+    lines = []
     for d in densities:
         t, g = table.get(("lth", round(d, 9))), table.get(("granet", round(d, 9)))
         if t and g:
-            out.append(f"* density {d:g}: lth {t['accuracy'][0]:.2f} (±{t['accuracy'][1]:.2f}) at "
-                       f"{t['train_flops'][0]:.3f} x dense vs granet {g['accuracy'][0]:.2f} "
-                       f"(±{g['accuracy'][1]:.2f}) at {g['train_flops'][0]:.3f} x dense")
-    return "\n".join(out) + "\n"
+            lines.append(f"* density {d:g}: lth {t['accuracy'][0]:.2f} (±{t['accuracy'][1]:.2f}) at "
+                         f"{t['train_flops'][0]:.3f} x dense vs granet {g['accuracy'][0]:.2f} "
+                         f"(±{g['accuracy'][1]:.2f}) at {g['train_flops'][0]:.3f} x dense")
+    sections.append((f"Reference: lottery tickets ({LTH_ROUNDS + 1} trainings, FLOPs of all rounds) vs GraNet.",
+                     lines))
+    out = []
+    for heading, bullets in sections:
+        if bullets:
+            out += [*([""] if out else []), heading, "", *bullets]
+    return "\n".join(out) + "\n" if out else ""
 
 
 def _density_panel(ax: Any, table: dict[tuple[str, float], dict[str, Any]], title: str, legend: bool = True) -> None:
-    """One panel of accuracy (mean ± std) vs density on an inverted log axis; dense as a reference band."""
+    """One panel of accuracy (mean ± std) vs density on an inverted log axis; dense as a reference band.
+
+    The methods share the densities, so they are drawn side by side (a few points apart, the data
+    unchanged) and close accuracies stay visible; the figure's caption says so (SIDE_BY_SIDE_NOTE).
+    """
     dense = table.get(("dense", 1.0))
     if dense:
         mean, std = dense["accuracy"]
@@ -180,9 +203,9 @@ def _density_panel(ax: Any, table: dict[tuple[str, float], dict[str, Any]], titl
     for i, method in enumerate(methods):
         rows = sorted((d, row["accuracy"]) for (m, d), row in table.items() if m == method)
         # 10 colours repeat from the 11th method on: another marker keeps the lines apart.
-        ax.errorbar([d for d, _ in rows], [a[0] for _, a in rows], yerr=[a[1] for _, a in rows],
-                    marker="os^"[i // 10 % 3], capsize=3, label=method, color=f"C{i % 10}",
-                    linestyle="-" if method.startswith("granet") else "--")
+        errorbar_side_by_side(ax, i, len(methods), [d for d, _ in rows], [a[0] for _, a in rows],
+                              [a[1] for _, a in rows], marker="os^"[i // 10 % 3], capsize=3, label=method,
+                              color=f"C{i % 10}", linestyle="-" if method.startswith("granet") else "--")
     ax.set_xscale("log")
     ax.invert_xaxis()
     densities = sorted({d for (m, d) in table if m != "dense"}, reverse=True)
@@ -196,12 +219,13 @@ def _density_panel(ax: Any, table: dict[tuple[str, float], dict[str, Any]], titl
         ax.legend(fontsize=8, loc="lower left")
 
 
-def plot(table: dict[tuple[str, float], dict[str, Any]], path: Path, title: str) -> None:
-    """Accuracy (mean ± std) vs density on an inverted log axis; dense as a reference band."""
-    fig = figure(7.5, 4.8, constrained=False)
+def plot(table: dict[tuple[str, float], dict[str, Any]], path: Path, title: str) -> Any:
+    """Accuracy (mean ± std) vs density on an inverted log axis; dense as a reference band. Returns the figure."""
+    fig = figure(7.5, 5.0)
     _density_panel(fig.add_subplot(1, 1, 1), table, title)
-    fig.tight_layout()
+    fig.supxlabel(SIDE_BY_SIDE_NOTE, fontsize=8, color="dimgrey")
     fig.savefig(path, dpi=120)
+    return fig
 
 
 def mnist1d_methods() -> list[str]:
@@ -417,8 +441,12 @@ def run_mnist1d(args: argparse.Namespace) -> int:
             panel(ax, table, f"MNIST-1D {MNIST1D_MODELS[short]}, {epochs} epochs, {args.seeds} seed(s)", legend=False)
         if axes:  # one legend for both panels, outside them (13 methods)
             fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right center", fontsize=8)
+        if panel is _density_panel:
+            fig.supxlabel(SIDE_BY_SIDE_NOTE, fontsize=8, color="dimgrey")
         fig.savefig(root / name, dpi=110)
     (root / "results.md").write_text("\n".join(text))
+    logger.info("wrote %s, %s and %s", root / "results.md", root / "accuracy_vs_density.png",
+                root / "accuracy_vs_train_flops.png")
     print("\n".join(text))
     return 0
 
@@ -484,6 +512,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         text = (f"# {setting}: {spec['model']} on digits, {epochs} epochs, {args.seeds} seeds\n\n"
                 + results_table(table) + "\n" + claims(table, args.densities))
         (root / "results.md").write_text(text)
+        logger.info("wrote %s and %s", root / "results.md", root / "accuracy_vs_sparsity.png")
         print(text)
     return 0
 

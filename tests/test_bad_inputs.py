@@ -298,6 +298,7 @@ def _limited_run(args, limit_bytes):
 
 def test_full_disk_while_checkpointing(tmp_path):
     run = tmp_path / "run"
+    run.mkdir()  # a directory the run did not create keeps its record of the failure (test_newcomer_runs.py)
     proc = _limited_run(["train", *FAST, "--model", "digits_cnn", "--out", str(run)], 200_000)
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = proc.stderr.strip().splitlines()

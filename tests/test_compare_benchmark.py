@@ -73,3 +73,50 @@ def test_mnist1d_comparison_verdicts_lr_check_and_resume(tmp_path, capsys):
         with pytest.raises(SystemExit) as info:
             compare.main(["--setting", "mnist1d", *bad, "--out", str(tmp_path)])
         assert info.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]
+
+
+def _row(acc, flops):
+    return {"seeds": 2, "accuracy": (acc, 0.5), "sparsity": (95.0, 0.0), "train_flops": (flops, 0.0),
+            "inference_flops": (0.05, 0.0), "wall_time": (1.0, 0.0)}
+
+
+def test_claims_leave_out_sections_whose_methods_did_not_run():
+    compare = _load()
+    table = {("gmp", 0.05): _row(80.0, 0.6), ("granet", 0.05): _row(81.5, 0.5)}
+    text = compare.claims(table, [0.05])
+    assert text == ("Claim 1: GraNet (dense-to-sparse) beats GMP at the same final sparsity, most at high sparsity.\n"
+                    "\n"
+                    "* density 0.05: granet 81.50 (±0.50) vs gmp 80.00 (±0.50): difference +1.50 points\n"
+                    "\n"
+                    "Claim 3: sparse-to-sparse methods need far fewer training FLOPs than dense-to-sparse ones.\n"
+                    "\n"
+                    "* density 0.05: training FLOPs (x dense) gmp 0.600, granet 0.500\n")
+    with_lth = compare.claims({**table, ("lth", 0.05): _row(82.0, 3.2)}, [0.05])
+    assert with_lth.endswith("Reference: lottery tickets (4 trainings, FLOPs of all rounds) vs GraNet.\n\n"
+                             "* density 0.05: lth 82.00 (±0.50) at 3.200 x dense vs granet 81.50 (±0.50) at 0.500 "
+                             "x dense\n")
+    assert compare.claims({}, [0.05]) == ""
+
+
+def test_density_plot_draws_methods_side_by_side_and_says_so(tmp_path):
+    from granet.reports.stats import SIDE_BY_SIDE_NOTE, side_by_side_offsets
+
+    compare = _load()
+    table = {("dense", 1.0): _row(90.0, 1.0)}
+    for method in ("gmp", "granet", "granet-st"):
+        for density in (0.05, 0.01):
+            table[(method, density)] = _row(80.0, 0.5)  # equal accuracies: the points would coincide
+    fig = compare.plot(table, tmp_path / "a.png", "title")
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+    ax = fig.axes[0]
+    assert [c.get_label() for c in ax.containers] == ["gmp", "granet", "granet-st"]
+    shifts = []
+    for container in ax.containers:
+        line = container.lines[0]
+        assert sorted(line.get_xdata()) == [0.01, 0.05] and list(line.get_ydata()) == [80.0, 80.0]
+        point = (0.05, 80.0)
+        shifts.append(float(line.get_transform().transform(point)[0] - ax.transData.transform(point)[0]))
+    assert [s * 72.0 / fig.dpi for s in shifts] == pytest.approx(side_by_side_offsets(3)) == [-5.0, 0.0, 5.0]
+    assert fig.get_supxlabel() == SIDE_BY_SIDE_NOTE
+    low, high = ax.get_ylim()
+    assert low < 79.5 and high > 80.5  # the side-by-side points are inside the axes' limits

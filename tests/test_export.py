@@ -309,7 +309,8 @@ def test_import_granet_without_safetensors_names_the_extra():
             "except ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")}).stdout
-    assert out.strip() == "granet export needs the safetensors package: pip install granet[export]"
+    assert out.strip() == ("granet export needs the safetensors package: pip install -c constraints.txt "
+                           '-e ".[export]" in the granet checkout (or pip install safetensors)')
 
 
 @pytest.fixture(scope="module")

@@ -36,11 +36,11 @@ def test_import_without_optional_packages():
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [
         "granet.integrations.hf | granet.integrations.hf needs the 'transformers' package: "
-        "pip install granet[hf] (or pip install transformers)",
+        'pip install -c constraints.txt -e ".[hf]" in the granet checkout (or pip install transformers)',
         "granet.integrations.lightning | granet.integrations.lightning needs the 'lightning.pytorch' package: "
-        "pip install granet[lightning] (or pip install lightning)",
+        'pip install -c constraints.txt -e ".[lightning]" in the granet checkout (or pip install lightning)',
         "granet.train.tensorboard | granet.train.tensorboard needs the 'tensorboard' package: "
-        "pip install granet[tensorboard] (or pip install tensorboard)",
+        'pip install -c constraints.txt -e ".[tensorboard]" in the granet checkout (or pip install tensorboard)',
     ]
 
 

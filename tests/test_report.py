@@ -221,9 +221,14 @@ def test_cli_errors(runs: list[Path], tmp_path: Path, capsys: pytest.CaptureFixt
     assert f"run directory {missing} does not exist" in captured.err and "Traceback" not in captured.err
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert _cli([str(empty)]) == 2
+    assert _cli([str(empty), "--out", str(tmp_path / "r")]) == 2  # no directory holds a run: refused
+    assert capsys.readouterr().err == f"granet report: error: none of the directories holds a granet run: {empty}\n"
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text("method: rigl\n")
+    assert _cli([str(runs[0]), str(unfinished), "--out", str(tmp_path / "r")]) == 2  # a run, incomplete: refused
     err = capsys.readouterr().err
-    assert "missing config.yaml, metrics.jsonl, summary.json" in err and str(empty) in err
+    assert "missing metrics.jsonl, summary.json" in err and str(unfinished) in err
     assert not (tmp_path / "r").exists()
 
 
@@ -244,18 +249,178 @@ def test_runs_with_health_warnings_get_a_table(runs: list[Path]) -> None:
 
 
 def test_the_report_modules_import_one_way() -> None:
-    """report -> report_plots -> report_runs, and report -> report_runs: no module imports back."""
+    """reports/: report -> plots -> runs, and report -> runs: no module imports back."""
     import ast
 
     import granet
 
-    root = Path(granet.__file__).parent
+    root = Path(granet.__file__).parent / "reports"
 
     def imports(name: str) -> set[str]:
         tree = ast.parse((root / f"{name}.py").read_text())
         return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1
                 and node.module}
 
-    assert "report" not in imports("report_plots") and "report" not in imports("report_runs")
-    assert "report_plots" not in imports("report_runs")
-    assert {"report_runs", "report_plots"} <= imports("report")
+    assert "report" not in imports("plots") and "report" not in imports("runs")
+    assert "plots" not in imports("runs")
+    assert {"runs", "plots"} <= imports("report")
+
+
+# ---------------------------------------------------------------------------------------------- issue 30
+
+
+def test_report_skips_directories_that_hold_no_run(runs: list[Path], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str],
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    empty = tmp_path / "left-by-a-failed-start"
+    empty.mkdir()
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("not a run\n")
+    out = tmp_path / "r"
+    with caplog.at_level("WARNING", logger="granet.reports.runs"):
+        assert _cli([str(empty), *map(str, runs), str(notes), "--out", str(out), "--no-plots"]) == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        f"skipping {empty}: the directory holds no granet run", f"skipping {notes}: the directory holds no granet run"]
+    per_run = rows(capsys.readouterr().out, "### Runs")
+    assert sorted(r[0] for r in per_run[1:]) == ["granet-s0", "rigl-s0", "rigl-s1"]
+    assert (notes / "todo.txt").read_text() == "not a run\n" and empty.is_dir()  # skipped, never touched
+    with pytest.raises(ValueError, match="no run directories given"):
+        load_runs([])
+    with pytest.raises(ValueError) as info:  # the library call refuses unless told to skip
+        load_runs([*runs, empty])
+    assert str(info.value) == f"{empty} is not a complete granet run directory: missing config.yaml, metrics.jsonl, " \
+                              f"summary.json"
+
+
+def _seed_runs(root: Path, accuracies: list[tuple[int, float]], method: str = "rigl") -> list[Path]:
+    return [make_run(root, f"{method}-{i}-s{seed}", method=method, seed=seed, density=0.1, sparsity=0.9, test=acc,
+                     val=acc, train_flops=0.3 + 0.01 * i, inference_flops=0.25)
+            for i, (seed, acc) in enumerate(accuracies)]
+
+
+def test_a_repeated_seed_is_a_duplicate_run_not_another_seed(tmp_path: Path) -> None:
+    # Seed 0 twice (90 and 92) and seed 1 (95): two seeds, seed 0's value is the mean of its duplicates.
+    grouped = rows(markdown_table(load_runs(_seed_runs(tmp_path / "a", [(0, 0.90), (0, 0.92), (1, 0.95)]))),
+                   "### Mean ± std over seeds")
+    # mean of 91 and 95 = 93, sample std sqrt(2 * 2^2 / 1) = 2.828...; FLOPs: seed 0 (0.30 + 0.31) / 2 = 0.305,
+    # seed 1 0.32: mean 0.3125, std 0.015 / sqrt(2) = 0.0106
+    assert grouped[1][4:] == ["0, 1 (seed 0: 2 runs, duplicates averaged)", "93.00 ± 2.83", "93.00 ± 2.83",
+                              "0.312 ± 0.011", "0.250 ± 0.000"]
+    only_duplicates = rows(markdown_table(load_runs(_seed_runs(tmp_path / "b", [(0, 0.90), (0, 0.92)]))),
+                           "### Mean ± std over seeds")
+    assert only_duplicates[1][4:6] == ["0 (seed 0: 2 runs, duplicates averaged)", "91.00"]  # one seed: no "± 0.00"
+    distinct = rows(markdown_table(load_runs(_seed_runs(tmp_path / "c", [(0, 0.90), (1, 0.92)]))),
+                    "### Mean ± std over seeds")
+    assert distinct[1][4:6] == ["0, 1", "91.00 ± 1.41"]
+
+
+def _matrix(root: Path) -> list[Path]:
+    """8 runs: four methods x seeds 0 and 1 at density 0.1, plus rigl at density 0.05 (seed 0)."""
+    paths = []
+    for method in ("gmp", "granet", "rigl", "set"):
+        for seed in (0, 1):
+            paths.append(make_run(root, f"{method}-s{seed}", method=method, seed=seed, density=0.1,
+                                  sparsity=0.9, test=0.9 + 0.01 * seed, val=0.9, train_flops=0.3,
+                                  inference_flops=0.2))
+    paths.append(make_run(root, "rigl-d0.05-s0", method="rigl", seed=0, density=0.05, sparsity=0.95, test=0.85,
+                          val=0.85, train_flops=0.2, inference_flops=0.1))
+    return paths
+
+
+def test_training_curves_draw_every_run_distinguishably_with_a_legend_that_says_which(tmp_path: Path) -> None:
+    from matplotlib.colors import to_rgb
+
+    from granet.reports.plots import curves_figure
+
+    loaded = load_runs(_matrix(tmp_path))
+    fig = curves_figure(loaded)
+    sparsity_axes = fig.axes[0]
+    lines = sparsity_axes.get_lines()
+    assert len(lines) == 9
+    looks = [(to_rgb(line.get_color()), line.get_linestyle(), line.get_marker()) for line in lines]
+    assert len(set(looks)) == 9  # no two runs drawn alike
+    by_run = dict(zip((r.name for r in loaded), looks))
+    assert by_run["rigl-s0"][0] == by_run["rigl-s1"][0] and by_run["rigl-s0"][1] != by_run["rigl-s1"][1]
+    assert by_run["rigl-s0"][1] == by_run["set-s0"][1] and by_run["rigl-s0"][0] != by_run["set-s0"][0]
+    # rigl at 0.05 is rigl's colour, lighter (sparser) than rigl at 0.1, and seed 0's line style
+    denser, sparser = by_run["rigl-s0"][0], by_run["rigl-d0.05-s0"][0]
+    assert all(s > d for s, d in zip(sparser, denser)) and by_run["rigl-d0.05-s0"][1] == by_run["rigl-s0"][1]
+    legend = fig.axes[1].get_legend()
+    names = {r.name: f"{r.method}, density {r.target_density:g}, seed {r.seed}" for r in loaded}
+    assert [t.get_text() for t in legend.get_texts()] == [names[r.name] for r in loaded]
+    assert legend.get_title().get_text() == "method, density, seed\n(colour, shade, line style)"
+    handles = legend.legend_handles
+    assert [(to_rgb(h.get_color()), h.get_linestyle()) for h in handles] == [look[:2] for look in looks]
+
+
+def test_duplicate_runs_are_named_in_the_curve_legend(tmp_path: Path) -> None:
+    from granet.reports.plots import curve_styles
+
+    loaded = load_runs(_seed_runs(tmp_path, [(0, 0.90), (0, 0.92), (1, 0.95)]))
+    assert [s["label"] for s in curve_styles(loaded)] == [
+        "rigl, density 0.1, seed 0 (rigl-0-s0)", "rigl, density 0.1, seed 0 (rigl-1-s0)", "rigl, density 0.1, seed 1"]
+
+
+def test_accuracy_plot_draws_methods_side_by_side_at_their_exact_values(tmp_path: Path) -> None:
+    from granet.reports.plots import ACCURACY_CAPTION, accuracy_figure
+    from granet.reports.stats import SIDE_BY_SIDE_NOTE, side_by_side_offsets
+
+    loaded = load_runs(_matrix(tmp_path))
+    fig = accuracy_figure(loaded)
+    ax = fig.axes[0]
+    data_lines = [c.lines[0] for c in ax.containers]  # one errorbar container per method
+    assert [c.get_label() for c in ax.containers] == ["gmp", "granet", "rigl", "set"]
+    assert [list(line.get_xdata()) for line in data_lines] == [[90.0], [90.0], [90.0, 95.0], [90.0]]
+    # mean over the two seeds (90 and 91), std sqrt(0.5) over them; rigl at 95% sparsity: one seed
+    assert list(data_lines[0].get_ydata()) == pytest.approx([90.5])
+    assert list(data_lines[2].get_ydata()) == pytest.approx([90.5, 85.0])
+    # every method is shifted by its own offset on the screen, the data untouched
+    shifts = []
+    for line in data_lines:
+        point = (float(line.get_xdata()[0]), float(line.get_ydata()[0]))
+        shifted, plain = line.get_transform().transform(point), ax.transData.transform(point)
+        assert shifted[1] == pytest.approx(plain[1])
+        shifts.append(float(shifted[0] - plain[0]) * 72.0 / fig.dpi)  # pixels -> points
+    assert shifts == pytest.approx(side_by_side_offsets(4)) and side_by_side_offsets(4) == [-7.5, -2.5, 2.5, 7.5]
+    # the caption is in the figure, and under it in report.md
+    assert fig.get_supxlabel() == SIDE_BY_SIDE_NOTE and SIDE_BY_SIDE_NOTE in ACCURACY_CAPTION
+    assert side_by_side_offsets(13) == pytest.approx([(i - 6) * 2.5 for i in range(13)])  # at most 30 points wide
+
+
+def test_layer_density_figure_says_which_runs_it_shows_and_why(tmp_path: Path) -> None:
+    from granet.reports.plots import LAYER_LABEL_SIZE, layer_density_figure, layer_panel_caption
+
+    loaded = load_runs(_matrix(tmp_path))
+    fig = layer_density_figure(loaded, max_runs=6)
+    titles = [ax.get_title().split(":")[0] for ax in fig.axes]
+    # one per group (method, density; lowest seed) first, in group order, then the groups' second seeds
+    assert titles == ["gmp-s0", "granet-s0", "rigl-s0", "rigl-d0.05-s0", "set-s0", "gmp-s1"]
+    assert layer_panel_caption(loaded, 6) == (
+        "6 of the 9 runs with per-layer densities, as the figure holds at most 6 panels: one run per method and "
+        "target density first (its lowest seed), then further seeds in the same order. Shown: `gmp-s0`, "
+        "`granet-s0`, `rigl-s0`, `rigl-d0.05-s0`, `set-s0`, `gmp-s1`. Not shown: `granet-s1`, `rigl-s1`, `set-s1`.")
+    assert fig.get_suptitle() == ("Per-layer density of the selected model\n6 of 9 runs: one per method and "
+                                        "density first (lowest seed), then further seeds")
+    for ax in fig.axes:
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["conv1", "layer1.0.conv1", "layer1.0.conv2", "fc"]
+        assert {t.get_fontsize() for t in ax.get_xticklabels()} == {LAYER_LABEL_SIZE} == {9}
+    few = load_runs(_matrix(tmp_path / "few")[:2])
+    assert layer_panel_caption(few, 6) == "One panel per run: `gmp-s0`, `gmp-s1`."
+
+
+def test_report_md_carries_the_captions_and_the_log_names_the_figures(runs: list[Path], tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    from granet.reports.plots import ACCURACY_CAPTION, CURVES_CAPTION
+
+    with caplog.at_level("INFO", logger="granet.reports.report"):
+        write_report(load_runs(runs), tmp_path / "with")
+        write_report(load_runs(runs), tmp_path / "without", plots=False)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"wrote {tmp_path / 'with' / 'report.md'} and 3 figure(s): accuracy_vs_sparsity.png, training_curves.png, "
+        f"layer_density.png",
+        f"wrote {tmp_path / 'without' / 'report.md'} (no figures)"]
+    report = (tmp_path / "with" / "report.md").read_text()
+    assert f"![Accuracy vs sparsity](accuracy_vs_sparsity.png)\n\n{ACCURACY_CAPTION}\n" in report
+    assert f"(training_curves.png)\n\n{CURVES_CAPTION}\n" in report
+    assert "(layer_density.png)\n\nOne panel per run: `granet-s0`, `rigl-s0`, `rigl-s1`.\n" in report

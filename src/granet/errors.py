@@ -63,7 +63,21 @@ class Interrupted(KeyboardInterrupt):
 
 
 __all__ = ["GranetError", "ConfigError", "CheckpointError", "RunDirError", "PeerFailure", "Interrupted", "short_text",
-           "short_repr"]
+           "short_repr", "install_hint"]
+
+
+def install_hint(extra: str, package: Optional[str] = None) -> str:
+    """How to install an optional dependency group of granet, for messages and docstrings.
+
+    granet is installed from its source checkout (it is not on a package index), so the hint names
+    the extra as ``pip install -c constraints.txt -e ".[extra]"`` run there, and ``package`` (the
+    distribution the extra brings, when there is one) as the way for an installed copy of granet.
+
+    >>> install_hint("plots", "matplotlib")
+    'pip install -c constraints.txt -e ".[plots]" in the granet checkout (or pip install matplotlib)'
+    """
+    hint = f'pip install -c constraints.txt -e ".[{extra}]" in the granet checkout'
+    return hint if package is None else f"{hint} (or pip install {package})"
 
 
 def short_text(text: str, limit: int = 60) -> str:

@@ -23,7 +23,9 @@ def _options(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``granet report`` arguments to ``parser``."""
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by granet train")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help="run directories written by granet train (a directory that holds no run is skipped, "
+                             "with a warning)")
     parser.add_argument("--out", default="report",
                         help="output directory for report.md and the PNGs (default: ./report)")
     add_bool(parser, "--plots", default=True,
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from ..reports.report import load_runs, markdown_table, write_report
 
     try:
-        runs = load_runs(args.runs)
+        runs = load_runs(args.runs, skip_empty=True)
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} exists and is not a directory")

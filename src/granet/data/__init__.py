@@ -25,7 +25,7 @@ Datasets (layout below ``data_dir``, default ``$GRANET_DATA_DIR`` or ``./data``)
 * ``imagenet``: ``imagenet/train/<class>/*`` and ``imagenet/val/<class>/*`` (needs Pillow; not
   downloadable).
 * ``mnist1d``: MNIST-1D, 1-D signals ``(1, 40)`` generated offline by the ``mnist1d`` package
-  (``granet[mnist1d]``) and cached in ``mnist1d/`` with a checksum; option ``num_samples``.
+  (the ``[mnist1d]`` extra) and cached in ``mnist1d/`` with a checksum; option ``num_samples``.
 
 Missing or corrupt files raise :class:`DatasetError` with a one-line message naming the expected
 files, their directory and, where possible, how to download them. Downloads are checked against the

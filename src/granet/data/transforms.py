@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import install_hint
+
 __all__ = [
     "CenterCrop",
     "Compose",
@@ -50,8 +52,7 @@ def require_pil() -> Any:
         from PIL import Image
     except ImportError as exc:  # pragma: no cover - Pillow is installed in the test environment
         raise ImportError(
-            "Pillow is required to decode image files (imagenet dataset); install it with "
-            "`pip install 'granet[images]'` or `pip install Pillow`"
+            f"Pillow is required to decode image files (imagenet dataset): {install_hint('images', 'Pillow')}"
         ) from exc
     return Image
 

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, GranetError, RunDirError, short_repr, short_text
+from ..errors import CheckpointError, GranetError, RunDirError, install_hint, short_repr, short_text
 from ..rundir import MODEL_FILE, atomic_output, load_file, refuse_run_file
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ READABLE_VERSIONS = ("1", "2")
 LAYOUTS = ("bitmask", "csr")
 _SEP = "::"
 _MAX_CSR_COLS = 2**31  # CSR column indices are at most int32
-_INSTALL_HINT = "granet export needs the safetensors package: pip install granet[export]"
+_INSTALL_HINT = f"granet export needs the safetensors package: {install_hint('export', 'safetensors')}"
 
 
 class SparseExportError(GranetError, ValueError):
@@ -273,7 +273,8 @@ def export_sparse(state_dict_or_model: Union[nn.Module, Mapping[str, torch.Tenso
     any earlier file at ``path`` as it was.
 
     Raises:
-        TypeError / ValueError: one line naming the offending key, mask or option.
+        TypeError: a model, state-dict entry, mask or ``metadata`` of the wrong type; one line naming it.
+        ValueError: one line naming the offending key, mask or option.
         SparseExportError: ``path`` is a directory, is in a missing directory, or is one of a run
             directory's own files (``model.pt``, ``checkpoint.pt``, ...); checked before any work.
         RunDirError: the file could not be written (read-only or full disk, file-size limit).
@@ -658,7 +659,7 @@ def load_sparse(path: Union[str, Path], model: Optional[nn.Module] = None) -> di
 
     Raises:
         FileNotFoundError: no such file.
-        SparseExportError (a ValueError): not a granet sparse export, an unsupported version, a
+        SparseExportError: (a ``ValueError``) not a granet sparse export, an unsupported version, a
             corrupt or inconsistent file, tensors larger than this machine's memory, or keys,
             shapes or dtypes that do not fit ``model``; one line.
     """
@@ -696,7 +697,7 @@ def export_run(run_dir: Union[str, Path], out_path: Optional[Union[str, Path]] =
 
     Raises:
         FileNotFoundError: ``run_dir`` has no ``model.pt``.
-        SparseExportError (a ValueError): ``model.pt`` is unreadable, truncated, holds Python objects
+        SparseExportError: (a ``ValueError``) ``model.pt`` is unreadable, truncated, holds Python objects
             or lacks ``model`` / ``masks``; or ``out_path`` is refused (a directory, a missing
             directory, or one of a run's own files).
         RunDirError: and the other errors of :func:`export_sparse`.

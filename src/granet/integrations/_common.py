@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, short_repr
+from ..errors import CheckpointError, install_hint, short_repr
 from ..methods import create_sparsifier
 from ..sparsity.config import SavedConfigMismatch
 from ..sparsity.sparsifier import Sparsifier, UpdateReport
@@ -34,8 +34,7 @@ def require(package: str, extra: str, module: str, distribution: Optional[str] =
         return importlib.import_module(package)
     except ImportError as exc:
         raise ImportError(
-            f"{module} needs the '{package}' package: pip install granet[{extra}] "
-            f"(or pip install {distribution or package})"
+            f"{module} needs the '{package}' package: {install_hint(extra, distribution or package)}"
         ) from exc
 
 

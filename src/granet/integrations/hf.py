@@ -14,7 +14,7 @@ What it does:
   sparsifier state saved with the checkpoint, so the resumed run is bit-identical to an uninterrupted
   one. A missing, unreadable or foreign state file, a state of another method or one saved at another
   step is refused with a :class:`granet.errors.CheckpointError` naming the file (the rule of
-  :func:`granet.integrations._common.check_resume_state`; the Trainer's ``global_step`` counts an
+  ``granet.integrations._common.check_resume_state``; the Trainer's ``global_step`` counts an
   optimizer step the AMP gradient scaler skipped, the sparsifier does not, and the saved state records
   the difference).
 * ``on_optimizer_step`` (right after ``optimizer.step()``, gradients still present): steps the

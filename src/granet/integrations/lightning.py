@@ -22,7 +22,7 @@ What it does:
   (``checkpoint["callbacks"]``, under :attr:`SparsityCallback.state_key`, one key per method), so
   ``fit(..., ckpt_path=...)`` resumes bit-identically.
 * ``on_load_checkpoint``: refuses (:class:`granet.errors.CheckpointError`) a checkpoint the fit
-  cannot continue from (the rule of :func:`granet.integrations._common.check_resume_state`).
+  cannot continue from (the rule of ``granet.integrations._common.check_resume_state``).
 
 Resuming. Lightning calls ``on_load_checkpoint(trainer, module, checkpoint)`` on every callback when
 ``fit`` restores a checkpoint holding callback states (``ckpt_path``; ``trainer.ckpt_path`` names the

@@ -6,7 +6,8 @@ per-layer densities of the selected model). This module reads any number of them
 
 * a Markdown table with one row per run (:func:`markdown_table`), and a second one that groups runs
   of the same method, target density, model and dataset and gives mean ± sample standard deviation
-  (``n - 1`` in the denominator) over their seeds; runs whose health checks found signs of a
+  (``n - 1`` in the denominator) over their distinct seeds (runs that repeat a seed are duplicates:
+  averaged into one value, and the seeds column says so); runs whose health checks found signs of a
   collapse get a third one (:func:`health_table`, see :mod:`granet.sparsity.health`);
 * PNG figures (matplotlib, Agg renderer, no display needed): accuracy vs sparsity per method with
   error bars over seeds, sparsity and exploration rate over training, and per-layer densities;
@@ -26,9 +27,20 @@ import logging
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..errors import RunDirError
+from ..errors import RunDirError, install_hint
 from ..rundir import atomic_write_text
-from .runs import MAX_LAYER_PANELS, RUN_FILES, PathLike, Run, accuracy_scale, group_runs, load_run, load_runs
+from .runs import (
+    MAX_LAYER_PANELS,
+    RUN_FILES,
+    PathLike,
+    Run,
+    accuracy_scale,
+    group_runs,
+    load_run,
+    load_runs,
+    per_seed,
+    seeds_text,
+)
 from .stats import MISSING, format_mean_std
 
 logger = logging.getLogger(__name__)
@@ -58,6 +70,10 @@ LAYERS_PNG = "layer_density.png"
 
 def _fmt(value: Optional[float], digits: int) -> str:
     return MISSING if value is None else f"{value:.{digits}f}"
+
+
+def _scaled(value: Optional[float], scale: float) -> Optional[float]:
+    return None if value is None else scale * value
 
 
 def _md_row(cells: Sequence[str]) -> str:
@@ -100,13 +116,12 @@ def markdown_table(runs: Sequence[Run]) -> str:
                     "best val acc (%)", "train FLOPs (× dense)", "inference FLOPs (× dense)"]
     group_rows = []
     for (method, model, dataset, density), members in groups.items():
-        seeds = ", ".join(MISSING if r.seed is None else str(r.seed) for r in members)
         group_rows.append([
-            method, model, dataset, _fmt(100.0 * (1.0 - density), 2), seeds,
-            format_mean_std([None if r.test_accuracy is None else scale * r.test_accuracy for r in members], 2),
-            format_mean_std([None if r.best_val_accuracy is None else scale * r.best_val_accuracy for r in members], 2),
-            format_mean_std([r.train_flops for r in members], 3),
-            format_mean_std([r.inference_flops for r in members], 3),
+            method, model, dataset, _fmt(100.0 * (1.0 - density), 2), seeds_text(members),
+            format_mean_std(per_seed(members, lambda r: _scaled(r.test_accuracy, scale)), 2),
+            format_mean_std(per_seed(members, lambda r: _scaled(r.best_val_accuracy, scale)), 2),
+            format_mean_std(per_seed(members, lambda r: r.train_flops), 3),
+            format_mean_std(per_seed(members, lambda r: r.inference_flops), 3),
         ])
     tables = [
         "### Runs", "", _md_table(per_run_header, rows, right_from=4), "",
@@ -153,35 +168,44 @@ def write_report(runs: Sequence[Run], out_dir: PathLike, plots: bool = True) -> 
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RunDirError(f"cannot create the report directory {out}: {exc.strerror or exc}") from None
-    figures: list[tuple[str, Path]] = []
+    figures: list[tuple[str, Path, str]] = []  # (title, file, caption)
     if plots:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            logger.warning("matplotlib is not installed: report.md is written without figures "
-                           "(pip install 'granet[plots]')")
+            logger.warning("matplotlib is not installed: report.md is written without figures (%s)",
+                           install_hint("plots", "matplotlib"))
             plots = False
     if plots:
-        from .plots import layer_panel_runs, plot_accuracy_vs_sparsity, plot_layer_density, plot_training_curves
+        from .plots import (
+            ACCURACY_CAPTION,
+            CURVES_CAPTION,
+            layer_panel_caption,
+            plot_accuracy_vs_sparsity,
+            plot_layer_density,
+            plot_training_curves,
+        )
 
-        figures.append(("Accuracy vs sparsity", plot_accuracy_vs_sparsity(runs, out / ACCURACY_PNG)))
-        figures.append(("Sparsity and exploration rate over training", plot_training_curves(runs, out / CURVES_PNG)))
+        figures.append(("Accuracy vs sparsity", plot_accuracy_vs_sparsity(runs, out / ACCURACY_PNG), ACCURACY_CAPTION))
+        figures.append(("Sparsity and exploration rate over training", plot_training_curves(runs, out / CURVES_PNG),
+                        CURVES_CAPTION))
         layers = plot_layer_density(runs, out / LAYERS_PNG)
         if layers is not None:
-            shown = len(layer_panel_runs(runs, MAX_LAYER_PANELS))
-            with_layers = sum(1 for r in runs if r.layer_density)
-            title = "Per-layer density" + (f" ({shown} of {with_layers} runs)" if shown < with_layers else "")
-            figures.append((title, layers))
+            figures.append(("Per-layer density", layers, layer_panel_caption(runs, MAX_LAYER_PANELS)))
     lines = [
         "# granet report", "",
         f"{len(runs)} run(s): " + ", ".join(f"`{r.path}`" for r in runs), "",
         "Sparsity is the achieved sparsity of the selected model's sparsified weights; accuracies are in "
-        "percent; FLOPs are relative to the dense model (RigL's accounting). Mean ± sample std over seeds.",
+        "percent; FLOPs are relative to the dense model (RigL's accounting). Mean ± sample std over distinct "
+        "seeds.",
         "", markdown_table(runs), "",
     ]
-    for title, png in figures:
-        lines += [f"## {title}", "", f"![{title}]({png.name})", ""]
+    for title, png, caption in figures:
+        lines += [f"## {title}", "", f"![{title}]({png.name})", "", caption, ""]
     report = out / "report.md"
     atomic_write_text(report, "\n".join(lines))
-    logger.info("wrote %s and %d figure(s)", report, len(figures))
-    return [report] + [f for _, f in figures]
+    if figures:
+        logger.info("wrote %s and %d figure(s): %s", report, len(figures), ", ".join(png.name for _, png, _ in figures))
+    else:
+        logger.info("wrote %s (no figures)", report)
+    return [report] + [png for _, png, _ in figures]

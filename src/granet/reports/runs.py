@@ -7,15 +7,19 @@ the figures, and both import this.
 from __future__ import annotations
 
 import json
+import logging
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
-from ..rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics
+from ..rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics, run_files_in
 from ..safeyaml import load_yaml
 
 __all__ = ["Run", "RUN_FILES", "MAX_LAYER_PANELS", "PathLike", "GroupKey", "load_run", "load_runs", "group_runs",
-           "accuracy_scale", "number"]
+           "accuracy_scale", "number", "holds_no_run", "per_seed", "seeds_text"]
+
+logger = logging.getLogger(__name__)
 
 #: Files every run directory must contain.
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE)
@@ -195,23 +199,43 @@ def load_run(path: PathLike) -> Run:
     return run
 
 
-def load_runs(paths: Iterable[PathLike]) -> list[Run]:
+def holds_no_run(path: PathLike) -> bool:
+    """Whether ``path`` is a directory without any file of a run (empty, or only other files)."""
+    root = Path(path)
+    return root.is_dir() and not run_files_in(root)
+
+
+def load_runs(paths: Iterable[PathLike], skip_empty: bool = False) -> list[Run]:
     """Read several run directories; a directory given twice is read once.
 
     Display names are directory names, prefixed by as many parent directories as it takes to make
     them unique (``a/seed0`` and ``b/seed0``).
 
+    Args:
+        paths: the run directories.
+        skip_empty: skip a directory that holds no run at all (:func:`holds_no_run`, e.g. ``runs/*``
+            matching a directory left by a run that never started), with one warning line naming it,
+            instead of refusing the whole set. A directory with an incomplete run is still refused.
+
     Raises:
-        ValueError: as :func:`load_run`, or no path is given.
+        ValueError: as :func:`load_run`, or no path is given, or (``skip_empty``) none of the
+            directories holds a run.
     """
     runs: list[Run] = []
     seen: set[Path] = set()
+    skipped: list[str] = []
     for path in paths:
         resolved = Path(path).resolve()
         if resolved in seen:
             continue
         seen.add(resolved)
+        if skip_empty and holds_no_run(path):
+            logger.warning("skipping %s: the directory holds no granet run", path)
+            skipped.append(str(path))
+            continue
         runs.append(load_run(path))
+    if not runs and skipped:
+        raise ValueError(f"none of the directories holds a granet run: {', '.join(skipped)}")
     if not runs:
         raise ValueError("no run directories given")
     depth = 1
@@ -243,6 +267,38 @@ def group_runs(runs: Sequence[Run]) -> dict[GroupKey, list[Run]]:
         groups.setdefault(key, []).append(run)
     ordered = sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][1], kv[0][0], -kv[0][3]))
     return {k: sorted(v, key=lambda r: (r.seed is None, r.seed or 0, r.name)) for k, v in ordered}
+
+
+def per_seed(members: Sequence[Run], value: Callable[[Run], Optional[float]]) -> list[float]:
+    """``value`` of a group's runs, one number per distinct seed: statistics "over seeds" count seeds.
+
+    Runs that repeat a seed are duplicates (the same initialisation and data order), not more
+    samples: their values are averaged into that seed's one number. Runs without a recorded seed
+    count one each; runs whose value is ``None`` are left out.
+    """
+    by_seed: dict[Any, list[float]] = {}
+    for index, run in enumerate(members):
+        v = value(run)
+        if v is not None:
+            by_seed.setdefault(run.seed if run.seed is not None else ("no seed", index), []).append(v)
+    return [statistics.fmean(values) if len(values) > 1 else values[0] for values in by_seed.values()]
+
+
+def seeds_text(members: Sequence[Run]) -> str:
+    """The distinct seeds of a group (``0, 1, 2``), and which of them were run more than once.
+
+    ``0, 1 (seed 0: 2 runs, duplicates averaged)``; a run without a recorded seed is a dash.
+    """
+    counts: dict[int, int] = {}
+    unseeded = 0
+    for run in members:
+        if run.seed is None:
+            unseeded += 1
+        else:
+            counts[run.seed] = counts.get(run.seed, 0) + 1
+    text = ", ".join([str(seed) for seed in sorted(counts)] + ["—"] * unseeded)
+    repeated = [f"seed {seed}: {n} runs" for seed, n in sorted(counts.items()) if n > 1]
+    return text + (f" ({', '.join(repeated)}, duplicates averaged)" if repeated else "")
 
 
 def accuracy_scale(runs: Sequence[Run]) -> float:

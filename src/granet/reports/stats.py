@@ -18,6 +18,9 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from ..errors import install_hint
+
+#: What a table shows where a value is missing.
 MISSING = "—"
 
 
@@ -42,16 +45,58 @@ def format_mean_std(values: Sequence[Optional[float]], digits: int) -> str:
 
 
 def figure(width: float, height: float, constrained: bool = True) -> Any:
-    """A matplotlib ``Figure`` drawn by the Agg renderer (needs ``pip install granet[plots]``)."""
+    """A matplotlib ``Figure`` drawn by the Agg renderer (needs the ``[plots]`` extra, see
+    :func:`~granet.errors.install_hint`)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise ImportError("plots need matplotlib: pip install 'granet[plots]'") from None
+        raise ImportError(f"plots need matplotlib: {install_hint('plots', 'matplotlib')}") from None
     # Constrained layout keeps titles, the suptitle and outside legends from overlapping.
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained" if constrained else None)
     FigureCanvasAgg(fig)
     return fig
+
+
+#: The caption of figures drawn with :func:`side_by_side`.
+SIDE_BY_SIDE_NOTE = "methods at the same x are drawn side by side, a few points apart, so equal values stay visible"
+
+
+def side_by_side_offsets(count: int, step: float = 5.0, width: float = 30.0) -> list[float]:
+    """Horizontal offsets in points of ``count`` series drawn at the same x positions, centred on 0.
+
+    ``step`` points apart, closer when ``count`` series would span more than ``width`` points.
+    """
+    if count < 1:
+        return []
+    gap = step if count == 1 else min(step, width / (count - 1))
+    return [(i - (count - 1) / 2) * gap for i in range(count)]
+
+
+def side_by_side(ax: Any, index: int, count: int) -> Any:
+    """The data transform of ``ax`` shifted sideways for series ``index`` of ``count``
+    (:func:`side_by_side_offsets`): pass it as ``transform=`` to ``errorbar`` / ``plot``.
+
+    Series that share x positions (methods at the same densities) would hide each other where their
+    values agree; shifted by a few points on the screen each stays visible, while the plotted data
+    keep their exact values (``line.get_xdata()``). Say so in the caption (:data:`SIDE_BY_SIDE_NOTE`).
+    """
+    from matplotlib.transforms import offset_copy
+
+    return offset_copy(ax.transData, fig=ax.figure, x=side_by_side_offsets(count)[index], y=0.0, units="points")
+
+
+def errorbar_side_by_side(ax: Any, index: int, count: int, x: Sequence[float], y: Sequence[float],
+                          yerr: Sequence[float], **style: Any) -> Any:
+    """``ax.errorbar(x, y, yerr, **style)`` drawn as series ``index`` of ``count`` (:func:`side_by_side`).
+
+    matplotlib leaves lines drawn through another transform out of its autoscaling, so the points
+    and their error bars are added to the axes' data limits here.
+    """
+    container = ax.errorbar(x, y, yerr=yerr, transform=side_by_side(ax, index, count), **style)
+    ax.update_datalim([(xi, yi + sign * ei) for xi, yi, ei in zip(x, y, yerr) for sign in (-1, 1)])
+    ax.autoscale_view()
+    return container
 
 
 def t_two_sided_probability(t: float, df: int) -> float:
@@ -165,4 +210,5 @@ def paired_interval(a: Sequence[float], b: Sequence[float], confidence: float = 
 
 
 __all__ = ["mean_std", "format_mean_std", "figure", "MISSING", "t_two_sided_probability", "t_quantile",
-           "verdict", "PairedInterval", "paired_interval", "HOLDS", "REVERSED", "NOT_SEPARABLE"]
+           "verdict", "PairedInterval", "paired_interval", "HOLDS", "REVERSED", "NOT_SEPARABLE", "side_by_side",
+           "side_by_side_offsets", "errorbar_side_by_side", "SIDE_BY_SIDE_NOTE"]

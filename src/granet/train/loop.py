@@ -63,6 +63,13 @@ from .parts import build_model, dataset_size, evaluate, load_data
 logger = logging.getLogger(__name__)
 
 
+def metrics_text(train: Mapping[str, float], val: Optional[Mapping[str, float]]) -> str:
+    """``train loss L acc A | val loss L acc A`` (no validation part without ``val``), as the epoch lines
+    of the run log print an epoch's results."""
+    text = f"train loss {train['loss']:.4f} acc {train['accuracy']:.4f}"
+    return text if val is None else f"{text} | val loss {val['loss']:.4f} acc {val['accuracy']:.4f}"
+
+
 class Trainer:
     """Builds everything for a config and runs (or resumes) it. See :func:`granet.train.train`."""
 
@@ -432,33 +439,39 @@ class Trainer:
         """Train to the end, from wherever the checkpoint left off."""
         cfg = self.config
         bar = None
+        redirect: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if runtime.progress_enabled(cfg.output.progress, self.dist):
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             bar = tqdm(total=self.planned_steps(), initial=self.progress.step, unit="step", dynamic_ncols=True,
                        leave=False)
-        logger.info(
-            "%s | %s on %s | density %.4g | %d epochs x %d steps = %d steps | global batch %d | %s, %d process(es)",
-            cfg.method, cfg.model, cfg.data.dataset, self.sparsifier.config.density, cfg.optim.epochs,
-            self.steps_per_epoch, self.total_steps, cfg.optim.batch_size, self.device, self.dist.world_size,
-        )
-        try:
-            while self.training_left():
-                start = time.perf_counter()
-                self.updates = []
-                train = self.train_epoch(bar)
-                self.progress.epoch += 1
-                val = None
-                if self.data.val is not None and dataset_size(self.data.val) > 0:
-                    val = evaluate(self.model, self.data.val, cfg, self.device, self.dist, self.channels_last,
-                                   lockstep=self.fsdp)
-                self.progress.wall_time += time.perf_counter() - start
-                self.end_epoch(train, val)
-        finally:
-            if bar is not None:
-                bar.close()
-            if self.tensorboard is not None:
-                self.tensorboard.close()
+            # While the bar is drawn, console log records go through tqdm.write, which clears the bar,
+            # writes the line and draws the bar again below it: a log line never shares a line with it.
+            redirect = logging_redirect_tqdm(tqdm_class=tqdm)
+        with redirect:
+            logger.info(
+                "%s | %s on %s | density %.4g | %d epochs x %d steps = %d steps | global batch %d | %s, %d process(es)",
+                cfg.method, cfg.model, cfg.data.dataset, self.sparsifier.config.density, cfg.optim.epochs,
+                self.steps_per_epoch, self.total_steps, cfg.optim.batch_size, self.device, self.dist.world_size,
+            )
+            try:
+                while self.training_left():
+                    start = time.perf_counter()
+                    self.updates = []
+                    train = self.train_epoch(bar)
+                    self.progress.epoch += 1
+                    val = None
+                    if self.data.val is not None and dataset_size(self.data.val) > 0:
+                        val = evaluate(self.model, self.data.val, cfg, self.device, self.dist, self.channels_last,
+                                       lockstep=self.fsdp)
+                    self.progress.wall_time += time.perf_counter() - start
+                    self.end_epoch(train, val)
+            finally:
+                if bar is not None:
+                    bar.close()
+                if self.tensorboard is not None:
+                    self.tensorboard.close()
 
     def epoch_record(self, train: dict[str, float], val: Optional[dict[str, float]]) -> EpochRecord:
         """The metrics line of the epoch that just ended, with the network's health check (which
@@ -500,10 +513,8 @@ class Trainer:
                                                layer_density=self.sparsifier.layer_density())
                 self._keep_checkpoint()
                 self.write_status("running")
-            val_text = "" if val is None else f" | val loss {val['loss']:.4f} acc {val['accuracy']:.4f}"
-            logger.info("epoch %d/%d step %d | train loss %.4f acc %.4f%s | density %.4f | lr %.4g | %.1fs",
-                        p.epoch, self.planned_epochs(), p.step, train["loss"], train["accuracy"], val_text,
-                        record.density, record.lr, p.wall_time)
+            logger.info("epoch %d/%d step %d | %s | density %.4f | lr %.4g | %.1fs", p.epoch, self.planned_epochs(),
+                        p.step, metrics_text(train, val), record.density, record.lr, p.wall_time)
 
     def _gathers(self) -> bool:
         """Whether this rank builds the full checkpoint / model file (rank 0; every rank under FSDP)."""
@@ -537,4 +548,4 @@ class Trainer:
         return artifact, evaluate(selected, self.data.test, self.config, self.device, self.dist)
 
 
-__all__ = ["Trainer", "evaluate", "build_model", "load_data"]
+__all__ = ["Trainer", "evaluate", "build_model", "load_data", "metrics_text"]

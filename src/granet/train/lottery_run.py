@@ -35,9 +35,16 @@ from ..sparsity.config import StepSpec
 from ..sparsity.sparsifier import Sparsifier
 from . import runtime
 from .config import TrainConfig
-from .loop import Trainer
+from .loop import Trainer, metrics_text
 
 logger = logging.getLogger(__name__)
+
+
+class _WithoutRoundLine(logging.Filter):
+    """Drops the ticket's own "lottery round" line (see :meth:`LotteryTrainer.after_selection`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.INFO and str(record.msg).startswith("lottery round"))
 
 
 def resolve_rewind(value: Optional[StepSpec], total_steps: int) -> int:
@@ -60,6 +67,7 @@ class LotteryTrainer(Trainer):
     rewind: int  # k, the iteration every round after the first starts from
 
     def __init__(self, config: TrainConfig, out_dir: Path, guard: Optional[runtime.SignalGuard] = None) -> None:
+        self._round_lines: list[str] = []  # the end of a round, logged after the epoch line that ends it
         super().__init__(config, out_dir, guard)
         self.ticket.ledger = self.ledger  # one ledger for every round (the ticket is built before it)
         # Cost of one dense training of the schedule: the unit of the run's train_flops.
@@ -130,18 +138,39 @@ class LotteryTrainer(Trainer):
         return record
 
     def after_selection(self, train: dict[str, float], val: Optional[dict[str, float]]) -> None:
-        """At the end of a round: log it; unless it was the last, prune, rewind and restart the LR schedule."""
+        """At the end of a round: record it; unless it was the last, prune, rewind and restart the LR schedule.
+
+        The round's lines are logged by :meth:`end_epoch` after the line of the epoch that ended it.
+        """
         if self.ticket.iteration < self.total_steps:
             return
+        t = self.ticket
         metrics = {"epoch": self.progress.epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
                    "val_loss": None if val is None else val["loss"],
                    "val_accuracy": None if val is None else val["accuracy"]}
-        self.ticket.next_round(metrics)
-        if not self.ticket.done:
+        self._round_lines.append(f"lottery round {t.round} of {t.rounds} ended | epoch {self.progress.epoch} step "
+                                 f"{self.progress.step} | {metrics_text(train, val)} | density {t.density():.4f} | "
+                                 f"{t.round_steps} steps")
+        # The ticket's own line for the round (raw values, before the epoch line) gives way to the one above.
+        ticket_log, without = logging.getLogger(LotteryTicket.__module__), _WithoutRoundLine()
+        ticket_log.addFilter(without)
+        try:
+            t.next_round(metrics)
+        finally:
+            ticket_log.removeFilter(without)
+        if not t.done:
             self.scheduler.step()  # the LR of the rewind iteration for the next round's first step
-            logger.info("lottery round %d of %d: %d weights active (density %.5f), rewound to iteration %d",
-                        self.ticket.round, self.ticket.rounds, sum(self.sparsifier.counts),
-                        self.sparsifier.density(), self.ticket.iteration)
+            self._round_lines.append(f"lottery round {t.round} of {t.rounds}: {sum(self.sparsifier.counts)} weights "
+                                     f"active (density {self.sparsifier.density():.4f}), rewound to iteration "
+                                     f"{t.iteration}")
+
+    def end_epoch(self, train: dict[str, float], val: Optional[dict[str, float]]) -> None:
+        """The base epoch end, then the lines of a round that ended with the epoch (rank 0 logs them)."""
+        super().end_epoch(train, val)
+        if self.dist.is_main:
+            for line in self._round_lines:
+                logger.info("%s", line)
+        self._round_lines.clear()
 
     def extra_state(self) -> dict[str, Any]:
         """The ticket's state (round, iteration, saved rewind weights, masks, history, ledger)."""

@@ -3,7 +3,8 @@
 :func:`train` owns the run directory (see :mod:`granet.rundir`): it refuses to reuse a directory
 that holds another run, writes the resolved ``config.yaml``, keeps ``status.json`` current, turns
 SIGINT/SIGTERM into a clean stop that leaves the last checkpoint loadable, and writes
-``summary.json`` after testing the selected model once.
+``summary.json`` after testing the selected model once. A run that fails before its first
+checkpoint leaves no trace: the directories it created are removed again (see :func:`train`).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from ..rundir import (
     CONFIG_FILE,
     COVERAGE_FILE,
     KEPT_CHECKPOINT,
+    LOCK_FILE,
     METRICS_FILE,
     MODEL_FILE,
     STATUS_FILE,
@@ -133,6 +135,12 @@ def train(config: TrainConfig, checkpoint: Optional[dict[str, Any]] = None) -> d
             :func:`~granet.train.load_config` or :func:`resume_point`); it is not checked again.
         checkpoint: the run's checkpoint when already read (see :func:`resume_point`); by default
             a resume reads ``checkpoint.pt`` from ``config.output.resume``.
+
+    A new run that fails (any error but an interruption, which says how to resume) before its first
+    checkpoint was written removes what it wrote (``config.yaml``, the empty ``metrics.jsonl``,
+    ``coverage.json``, ``status.json``, its TensorBoard event file) and the directories it created
+    (the run directory and any parents, ``runs/`` included), so a failed start leaves no empty
+    directory behind. A directory that existed before, or holds anything else, stays.
     """
     resume, given_out = config.output.resume, config.output.out
     resuming = resume is not None
@@ -144,16 +152,73 @@ def train(config: TrainConfig, checkpoint: Optional[dict[str, Any]] = None) -> d
     # Rank 0 owns the run directory: it holds the directory's lock from before its files are looked
     # at until the run has ended, so two runs can never write one directory.
     main_rank = int(os.environ.get("RANK", "0")) == 0
-    with RunLock(out) if main_rank else contextlib.nullcontext():
-        state = checkpoint
-        if state is None and resuming and (out / CHECKPOINT_FILE).is_file():
-            state = read_checkpoint(out / CHECKPOINT_FILE)
-        if state is not None:
-            config = _resumed_config(config, state["config"])
-        if main_rank:
-            _prepare(out, config, state)
-        with intra_op_threads(config.machine.threads) as threads:
-            return _run(config.with_run_values(threads=threads), out, state)
+    created = _missing_directories(out) if main_rank and not resuming else []
+    try:
+        with RunLock(out) if main_rank else contextlib.nullcontext():
+            state = checkpoint
+            if state is None and resuming and (out / CHECKPOINT_FILE).is_file():
+                state = read_checkpoint(out / CHECKPOINT_FILE)
+            if state is not None:
+                config = _resumed_config(config, state["config"])
+            if main_rank:
+                _prepare(out, config, state)
+            try:
+                with intra_op_threads(config.machine.threads) as threads:
+                    return _run(config.with_run_values(threads=threads), out, state)
+            except BaseException as exc:
+                if created and not isinstance(exc, KeyboardInterrupt):  # an interruption says how to resume
+                    with contextlib.suppress(OSError):  # never hide the error that ended the run
+                        _discard_failed_start(out)
+                raise
+    except BaseException:
+        # The lock has removed the run directory if it is empty; its new parents go the same way.
+        for directory in created:
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # fails, as it should, unless the directory is empty
+        raise
+
+
+def _missing_directories(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first (what creating it creates)."""
+    missing = []
+    for directory in (path, *path.parents):
+        if directory.exists() or directory.is_symlink():
+            break
+        missing.append(directory)
+    return missing
+
+
+#: What a new run writes before its first checkpoint: nothing of it can be resumed, reported or evaluated.
+_BEFORE_FIRST_CHECKPOINT = (CONFIG_FILE, METRICS_FILE, COVERAGE_FILE, STATUS_FILE)
+
+
+def _discard_failed_start(out: Path) -> None:
+    """Empty ``out``, a directory this run created, when the run failed before its first checkpoint
+    and the directory holds nothing but what the run wrote (then the run's lock removes it).
+
+    A run that got further (a checkpoint, a metrics line) keeps everything, and so does a directory
+    that holds anything else (a file some user put there): nothing is removed then.
+    """
+    events = out / "tensorboard"
+    event_files = sorted(events.glob("events.out.tfevents.*")) if events.is_dir() else []
+    written = {*_BEFORE_FIRST_CHECKPOINT, LOCK_FILE, *(["tensorboard"] if events.is_dir() else [])}
+    foreign = [p.name for p in out.iterdir() if p.name not in written and p.suffix != ".tmp"]
+    if events.is_dir() and len(event_files) != len(list(events.iterdir())):
+        foreign.append("tensorboard")
+    metrics = out / METRICS_FILE
+    if foreign or (metrics.is_file() and metrics.stat().st_size > 0):
+        return
+    removed = [name for name in _BEFORE_FIRST_CHECKPOINT if (out / name).is_file()]
+    for name in removed:
+        (out / name).unlink()
+    remove_temporary_files(out)
+    for event_file in event_files:  # the TensorBoard writer's file: no epoch was logged yet
+        event_file.unlink()
+    if events.is_dir():
+        events.rmdir()
+    if removed:
+        logger.info("%s: the run failed before its first checkpoint; removed what it wrote (%s)",
+                    out, ", ".join(removed))
 
 
 def _prepare(out: Path, config: TrainConfig, state: Optional[dict[str, Any]]) -> None:
@@ -254,9 +319,10 @@ def _ending(exc: BaseException, trainer: Optional[Trainer], config: TrainConfig,
                 f"operation failed or waited longer than dist_timeout={config.machine.dist_timeout:g} s); {where}")
         state, info = "failed", dict(checkpoint_epoch=epoch, error=type(error).__name__,
                                      message=short_text(" ".join(str(error).split()) or type(error).__name__, 500))
-    if started:
+    if started and (main_rank or out.is_dir()):
         # Rank 0 holds the run's lock and writes; another rank writes only when it can take the lock,
-        # that is when rank 0 is gone (killed) and nobody else would say how the run ended.
+        # that is when rank 0 is gone (killed) and nobody else would say how the run ended, and the
+        # directory is still there (rank 0 removes a run that failed before its first checkpoint).
         try:
             with contextlib.nullcontext() if main_rank else RunLock(out):
                 write_status(out, state, epoch=epoch or 0, **info)

@@ -1,4 +1,4 @@
-"""TensorBoard logging of training records (needs ``pip install granet[tensorboard]``).
+"""TensorBoard logging of training records (needs ``pip install -c constraints.txt -e ".[tensorboard]"``).
 
 ``granet train --tensorboard`` writes, beside ``metrics.jsonl``, one event file with every numeric
 field of each epoch record as a scalar (losses, accuracies, lr, density, pruned / regrown,
@@ -21,14 +21,15 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
+from ..errors import install_hint
+
 logger = logging.getLogger(__name__)
 
 try:
     from torch.utils.tensorboard import SummaryWriter
 except ImportError as exc:  # torch's writer imports the tensorboard package
     raise ImportError(
-        "granet.train.tensorboard needs the 'tensorboard' package: pip install granet[tensorboard] "
-        "(or pip install tensorboard)"
+        f"granet.train.tensorboard needs the 'tensorboard' package: {install_hint('tensorboard', 'tensorboard')}"
     ) from exc
 
 
