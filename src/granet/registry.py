@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Callable, Generic, Iterable, Iterator, Optional, TypeVar
 
+#: The type of the entries of a :class:`Registry`.
 T = TypeVar("T")
 
 

@@ -46,7 +46,7 @@ We do not add those: they are not operations the PyTorch models perform (most co
 bias), and the brief is to measure what the forward pass actually does.
 
 Command line: ``granet flops --model M [--dataset D] [--method NAME] [--distribution uniform|er|erk]
-[--density 0.1] [--keep-dense PATTERN ...] [--json]`` (see :func:`add_flops_arguments`).
+[--density 0.1] [--keep-dense PATTERN ...] [--json]`` (see :func:`granet.cli.flops.add_arguments`).
 """
 from __future__ import annotations
 

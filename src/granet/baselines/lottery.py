@@ -76,6 +76,11 @@ class LotteryTicket:
         distributed: as for :class:`Sparsifier`.
         density: the final density in (0, 1): the last round keeps exactly ``round(density * N)``
             weights. With ``prune_fraction`` too, the two must end at the same count.
+
+    Attributes:
+        iteration: the current round's iteration, the step its learning-rate schedule follows: counted
+            by :meth:`step`, set back to ``rewind_step`` (0 without rewinding) by :meth:`next_round`.
+        history: the summaries :meth:`next_round` returned, one per finished round.
     """
 
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], *, rounds: int,

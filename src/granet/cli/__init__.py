@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``granet`` argument parser with all sub-commands (one module per sub-command).
 
     A sub-command's options are added when it is parsed (or its help shown), so building this
-    parser imports neither torch nor the registries; :func:`granet.cli._parser.command_parsers`
+    parser imports neither torch nor the registries; ``granet.cli._parser.command_parsers``
     adds them all.
     """
     from . import export, flops, plasticity, report, train

@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence, TypeVar
 
 import torch
 
+#: The type of the result of one layer's work.
 T = TypeVar("T")
 
 #: At most this many layer threads: beyond it the largest layer dominates and intra-op threads help more.

@@ -6,7 +6,7 @@ operations these are seven passes and a slow compaction (``nonzero`` costs about
 one core); fused, they are one pass at a fraction of the cost. The kernels here are that fusion,
 in plain C (``_native.c``, no torch headers), compiled when the package is built (``setup.py``) into
 the extension module ``granet.kernels._native_kernels``. This module finds that file with importlib and
-loads it with :mod:`ctypes` on first use: no compiler runs at import or run time. When loaded, the
+loads it with ``ctypes`` on first use: no compiler runs at import or run time. When loaded, the
 library picks the widest instruction set this CPU runs (AVX-512 with or without VBMI, AVX2, or the
 portable baseline) and checks itself on a known case, which a wrong byte order would fail.
 

@@ -149,7 +149,7 @@ class Coverage:
 
     def table(self) -> str:
         """One line per 2-D weight (its shape, size and density, or why it stays dense) and one for
-        the 1-D tensors: :meth:`__str__` without the :meth:`summary` line."""
+        the 1-D tensors: ``str(coverage)`` without the :meth:`summary` line."""
         rows = [("parameter", "shape", "params", "status")]
         for e in self.entries:
             if len(e.shape) < 2:

@@ -4,18 +4,18 @@ A :class:`~granet.sparsity.sparsifier.Sparsifier` owns one of these strategies (
 :func:`process_layout` from its parameters and ``distributed`` option) besides its
 :class:`~granet.sparsity.masking.MaskState`; the strategy is the only thing that differs between the layouts:
 
-=====================  ==========================  ================================================
-                       masks held                  consistency
-=====================  ==========================  ================================================
-:class:`SingleProcess`  whole tensors               none needed (``broadcast_masks`` /
-                                                    ``verify_masks`` still work when called)
-:class:`Replicated`     whole tensors, every rank   broadcast from rank 0 at construction, on load
-                                                    and in ``set_masks``; checksums verified after
-                                                    every update (:mod:`granet.parallel.mask_sync`)
-:class:`Sharded`        this rank's rows (FSDP2)    selections solved on the shards
-                                                    (:class:`~granet.sparsity.fsdp_layout.ShardedSolver`); ranks
-                                                    agree on step and counts after every update
-=====================  ==========================  ================================================
+=======================  ==========================  ================================================
+                         masks held                  consistency
+=======================  ==========================  ================================================
+:class:`SingleProcess`   whole tensors               none needed (``broadcast_masks`` /
+                                                     ``verify_masks`` still work when called)
+:class:`Replicated`      whole tensors, every rank   broadcast from rank 0 at construction, on load
+                                                     and in ``set_masks``; checksums verified after
+                                                     every update (:mod:`granet.parallel.mask_sync`)
+:class:`Sharded`         this rank's rows (FSDP2)    selections solved on the shards
+                                                     (:class:`~granet.sparsity.fsdp_layout.ShardedSolver`); ranks
+                                                     agree on step and counts after every update
+=======================  ==========================  ================================================
 
 A strategy provides the update policy's top-k ``solver``, the local part of a tensor, whole-layer
 counts, full masks for a state dict and local rows from one, the finite-gradient vote, and the

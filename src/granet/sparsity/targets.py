@@ -3,18 +3,18 @@
 Selection works on *parameters*, not only on modules, so that weights that are not a module's
 ``weight`` can be chosen and every tensor is accounted for:
 
-===================  ==========================================  ======================  ==============
-kind                 parameter                                   stored as               selected by default
-===================  ==========================================  ======================  ==============
-``linear``           ``nn.Linear.weight``                        out × in                yes
-``conv``             ``nn.Conv{1,2,3}d.weight``                  out × in/groups × k…    yes
-``conv_transpose``   ``nn.ConvTranspose*d.weight``               in × out/groups × k…    yes
-``conv1d_hf``        ``transformers`` ``Conv1D.weight`` (GPT-2)  in × out                yes
-``mha_in_proj``      ``nn.MultiheadAttention.in_proj_weight``    3·E × E (q, k, v)       yes (+ out_proj)
-``rnn``              ``nn.LSTM/GRU/RNN.weight_ih_l*/weight_hh_l*``  gates·H × in          when asked
-``embedding``        ``nn.Embedding/EmbeddingBag.weight``        num × dim               no (see below)
-``other``            any other parameter with 2+ dimensions      unknown                 only by name
-===================  ==========================================  ======================  ==============
+==================  =============================================  ====================  ===================
+kind                parameter                                      stored as             selected by default
+==================  =============================================  ====================  ===================
+``linear``          ``nn.Linear.weight``                           out × in              yes
+``conv``            ``nn.Conv{1,2,3}d.weight``                     out × in/groups × k…  yes
+``conv_transpose``  ``nn.ConvTranspose*d.weight``                  in × out/groups × k…  yes
+``conv1d_hf``       ``transformers`` ``Conv1D.weight`` (GPT-2)     in × out              yes
+``mha_in_proj``     ``nn.MultiheadAttention.in_proj_weight``       3·E × E (q, k, v)     yes (+ out_proj)
+``rnn``             ``nn.LSTM/GRU/RNN.weight_ih_l*/weight_hh_l*``  gates·H × in          when asked
+``embedding``       ``nn.Embedding/EmbeddingBag.weight``           num × dim             no (see below)
+``other``           any other parameter with 2+ dimensions         unknown               only by name
+==================  =============================================  ====================  ===================
 
 Rules, in order (the first that applies gives a parameter's status and the reason shown):
 
