@@ -20,6 +20,7 @@ from typing import Any, Mapping, Optional, Union
 from .criteria import list_drop_criteria, list_grow_criteria, list_prune_criteria
 from .distributions import get_distribution, list_distributions
 from .schedules import list_drop_decays
+from .structure import Structure, parse_structure
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,12 @@ class SparsityConfig:
                "``cpu`` (default: a seeded CPU generator, moved to the weights' device) or ``device`` (a counter-based "
                "stream made on the weights' device, no host transfer; slower than ``cpu`` on a CPU). Both give the "
                "same masks on every device; their masks differ from each other.")
+    structure: str = _field(
+        "unstructured", "where each layer's active weights may be: ``unstructured`` (anywhere), ``N:M`` such as "
+                        "``2:4`` (exactly N active in every M consecutive inputs of an output unit; the final "
+                        "density must be N/M and every layer follows n_t:M, so ``distribution`` does not apply) "
+                        "or ``fan-in`` (every output unit of a layer keeps the same number of inputs; layer-wise "
+                        "pruning only). See :mod:`granet.sparsity.structure`.")
     total_steps: Optional[int] = _field(
         None, "number of optimizer steps of the whole run; needed when a step field is a fraction.")
     seed: int = _field(0, "seed of every random choice (initial mask, random regrowth, tie-breaking).")
@@ -172,6 +179,15 @@ class SparsityConfig:
             logger.warning("loading sparsifier state saved with a different config (%s)", "; ".join(differing))
 
     @property
+    def parsed_structure(self) -> Structure:
+        """:attr:`structure` parsed (:func:`~granet.sparsity.structure.parse_structure`).
+
+        Raises:
+            ValueError: not a structure, naming the value.
+        """
+        return parse_structure(self.structure)
+
+    @property
     def effective_init_density(self) -> float:
         """The initial density after applying the ``None`` default."""
         return self.density if self.init_density is None else self.init_density
@@ -225,11 +241,34 @@ class SparsityConfig:
             raise ValueError(
                 f"layer-wise pruning needs a per-layer distribution ({', '.join(per_layer)}), not {self.distribution!r}"
             )
+        self._check_structure()
+
+    def _check_structure(self) -> None:
+        """The rules of a structure (see the README's "Structured sparsity")."""
+        structure = self.parsed_structure
+        if not structure.structured:
+            return
+        if structure.kind == "n:m" and abs(self.density - structure.n / structure.m) > 1e-9:
+            raise ValueError(f"structure {structure} keeps {structure.n} of every {structure.m} weights, so the final "
+                             f"density must be {structure.n}/{structure.m}, got density={self.density!r}: pass "
+                             f"density={structure.n / structure.m!r}")
+        if self.redistribute != "none":
+            raise ValueError(f"redistribute={self.redistribute!r} moves regrowth between layers, which structure "
+                             f"{structure} does not allow (every group or row regrows what it lost): use "
+                             "redistribute='none'")
+        if structure.kind == "fan-in":
+            if self.prune == "global":
+                raise ValueError("structure fan-in keeps one count per row of each layer, which global pruning (one "
+                                 "threshold over all layers) does not give: pass prune='layerwise'")
+            if not get_distribution(self.distribution).per_layer:
+                raise ValueError(f"structure fan-in needs per-layer densities, which distribution "
+                                 f"{self.distribution!r} does not give: pass a per-layer distribution such as 'erk'")
 
     def unused_fields(self) -> list[str]:
         """The fields that have no effect on this configuration, in field order: the pruning schedule's
         without ``prune``, the regrowth's without ``drop_fraction``, and ΔT and ``protect_units`` when
-        the masks never change after the initial one (``static``, ``dense``)."""
+        the masks never change after the initial one (``static``, ``dense``), and the layer-wise
+        distribution under an N:M structure (every layer's density is then n_t / M)."""
         unused = set()
         if self.prune is None:
             unused |= {"prune_start", "prune_end", "prune_criterion"}
@@ -238,6 +277,8 @@ class SparsityConfig:
                        "redistribute", "reinit_regrown"}
         if self.prune is None and self.drop_fraction <= 0:
             unused |= {"update_interval", "protect_units"}
+        if isinstance(self.structure, str) and ":" in self.structure:
+            unused |= {"distribution", "erk_power_scale"}  # N:M: every layer follows n_t:M
         return [name for name in self.field_names() if name in unused]
 
     def uses_field(self, name: str) -> bool:

@@ -35,9 +35,9 @@ SNFS-style, their optimizer state) that the optimizer moved; at an update step i
 :class:`~granet.sparsity.updater.TopologyUpdater` for the new masks (pruning, then drop-and-regrow; see
 :mod:`granet.sparsity.updater` for the order and rules) and installs them in the same pass.
 
-A pickled sparsifier (``pickle.dumps(sparsifier)``, ``copy.deepcopy``) is its :meth:`state_dict`:
+A pickled sparsifier (``pickle.dumps(sparsifier)``, ``copy.deepcopy``) is its :meth:`Sparsifier.state_dict`:
 unpickled, it holds the config, step, masks, counts and exploration bits, but no model, parameters
-or optimizer (they belong to the training process), so :meth:`state_dict`, the views and the
+or optimizer (they belong to the training process), so :meth:`Sparsifier.state_dict`, the views and the
 statistics work and everything that touches weights raises. To train on, build a sparsifier on the
 model and ``load_state_dict(restored.state_dict())``.
 """
@@ -60,6 +60,7 @@ from .layouts import ProcessLayout, SingleProcess, process_layout
 from .masking import MaskState
 from .schedule_check import schedule_warnings
 from .schedules import DropFractionSchedule, PruningSchedule
+from .structure import check_layer
 from .targets import (
     DEFAULT_LAYER_TYPES,
     LayerType,
@@ -162,6 +163,14 @@ class Sparsifier:
             raise ValueError(f"protect_units under FSDP needs weights stored out x in; {', '.join(in_by_out[:3])} "
                              "are in x out (transformers' Conv1D, transposed convolutions): keep them dense or "
                              "train without protect_units")
+        structure = cfg.parsed_structure
+        if structure.structured:
+            if self._ranks.sharded:
+                raise ValueError(f"structure {structure} is not supported under FSDP yet (its per-group and per-row "
+                                 "selections are solved in one process or under DDP only): train with DDP or "
+                                 "without a structure")
+            for name, param, dim in zip(names, params, dims):
+                check_layer(structure, name, tuple(param.shape), dim)
         self._unit_dims = dims
         self._updater = TopologyUpdater(resolved, solver=self._ranks.solver, unit_dims=dims)
         if self._updater.grow.needs_momentum and self._updater.regrowth is not None:
@@ -175,6 +184,7 @@ class Sparsifier:
         self._last_update: Optional[UpdateReport] = None
         self._detached = False
         self._state.start(self._updater.initial_masks(params), cfg.track_exploration)
+        self._updater.check_structure(names, list(self._state.masks.values()))
         self._health = HealthMonitor(names, self._state.shapes, dims)
         self._init_counts = self._state.counts
         self._final_counts = self._updater.final_layer_counts(self._state.shapes, self._init_counts)
@@ -386,6 +396,7 @@ class Sparsifier:
             if state.ever_active is not None:
                 state.explore(regrown, regrowth.grown)
         state.install(reset)
+        self._updater.check_structure(names, list(state.masks.values()))
         for key in ("pruned", "dropped", "regrown"):
             setattr(report, key, sum(v[key] for v in report.layers.values()))
         report.density = state.density()
@@ -591,6 +602,7 @@ class Sparsifier:
             last_update = UpdateReport(**last) if last else None
         except TypeError:
             raise ValueError(f"sparsifier state has an invalid last_update {short_repr(last)}") from None
+        self._check_given_structure(checked, "the state")
         counts = [int(torch.count_nonzero(m)) for m in checked]  # full masks: whole-layer counts
         rows = self._ranks.rows
         health = self._health.parse_state(_health_entry(state.get("health")), self._ranks)
@@ -608,6 +620,14 @@ class Sparsifier:
         self._state.apply()
         if self._ranks.replicated:
             self.broadcast_masks()  # every rank resumes from rank 0's masks
+
+    def _check_given_structure(self, masks: Sequence[torch.Tensor], what: str) -> None:
+        """Refuse masks (full tensors) that break the configured structure, naming the first such layer."""
+        for i, (name, mask) in enumerate(zip(self._state.names, masks)):
+            violation = self._updater.structure_violation(i, mask)
+            if violation is not None:
+                raise ValueError(f"the mask of {name} in {what} breaks structure {self._updater.structure}: "
+                                 f"{violation}")
 
     def _checked_ever_active(self, ever_active: Any) -> Optional[list[torch.Tensor]]:
         """The saved exploration bits in parameter order (``None`` if absent), checked against the layers."""
@@ -660,6 +680,7 @@ class Sparsifier:
         if not isinstance(masks, Mapping):
             raise TypeError(f"masks must be a mapping {{name: bool tensor}}, got {type(masks).__name__}")
         checked = self._state.check_masks(masks, "the mapping given to set_masks")
+        self._check_given_structure(checked, "the mapping given to set_masks")
         if self._step_count == 0:
             self._state.reset_exploration()
         checked = self._ranks.adopt(self._state, checked, self._step_count, self._skipped_updates, self._agreement())

@@ -60,6 +60,17 @@ from .criteria import (
 )
 from .distributions import allocate_counts, layer_counts
 from .schedules import DropFractionSchedule, PruningSchedule
+from .structure import (
+    Violation,
+    active_counts,
+    fan_in_count,
+    nm_count,
+    random_structured_mask,
+    room,
+    row_shape,
+    select_structured,
+    structure_violations,
+)
 from .topology import LOCAL, Problem, Segment, TopKSolver, UpdateReport
 
 # Regrowth of fewer than 1/_POSITIONS_BELOW of a layer's entries is handled as positions, more as a mask.
@@ -168,6 +179,8 @@ class TopologyUpdater:
         resolved = config if isinstance(config, ResolvedSparsity) else config.resolve()
         self.config = config = resolved.config
         self.unit_dims = None if unit_dims is None else list(unit_dims)
+        #: Where each layer's active weights may be (:mod:`granet.sparsity.structure`).
+        self.structure = config.parsed_structure
         steps = resolved.steps
         self.criteria = Criteria.of(config) if criteria is None else criteria
         self.solver: TopKSolver = LOCAL if solver is None else solver
@@ -228,17 +241,83 @@ class TopologyUpdater:
     def initial_masks(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Random masks at the initial density, with exact per-layer counts from the distribution."""
         cfg = self.config
+        if self.structure.structured:
+            return self._initial_structured(params)
         return topology.random_masks(params, cfg.distribution, cfg.effective_init_density, cfg.seed,
                                      cfg.erk_power_scale, solver=self.solver, counter=cfg.rng == "device")
+
+    def _dim(self, i: int) -> int:
+        """Layer ``i``'s output-unit dimension."""
+        return 0 if self.unit_dims is None else self.unit_dims[i]
+
+    def structured_count(self, i: int, shape: Sequence[int], density: float) -> int:
+        """Layer ``i``'s count per group (N:M: :func:`~.structure.nm_count` of ``density``) or per row
+        (fan-in: :func:`~.structure.fan_in_count` of the layer's ``density``)."""
+        structure = self.structure
+        if structure.kind == "n:m":
+            return nm_count(density, structure.n, structure.m)
+        return fan_in_count(density, row_shape(shape, self._dim(i))[1])
+
+    def structured_total(self, i: int, shape: Sequence[int], count: int) -> int:
+        """Layer ``i``'s active weights when every group (N:M) or row (fan-in) holds ``count``."""
+        rows, row_len = row_shape(shape, self._dim(i))
+        return rows * (row_len // self.structure.m) * count if self.structure.kind == "n:m" else rows * count
+
+    def _layer_densities(self, shapes: Sequence[Sequence[int]], density: float) -> list[float]:
+        """Per layer, the density ``density`` gives it: ``density`` itself under N:M (every layer alike),
+        the distribution's exact count over the layer's size for fan-in (at least one weight)."""
+        if self.structure.kind == "n:m":
+            return [density] * len(shapes)
+        cfg = self.config
+        counts = layer_counts(cfg.distribution, [tuple(s) for s in shapes], density, cfg.erk_power_scale)
+        return [max(c, 1) / math.prod(s) for c, s in zip(counts, shapes)]
+
+    def _initial_structured(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Random structured masks: each layer's count per group or row at its initial density, drawn
+        in full from (seed, "init", layer) on every process, then this process's part."""
+        cfg = self.config
+        densities = self._layer_densities([tuple(p.shape) for p in params], cfg.effective_init_density)
+        masks = []
+        for i, (p, d) in enumerate(zip(params, densities)):
+            if d >= 1.0:
+                mask = torch.ones(p.shape, dtype=torch.bool)
+            else:
+                mask = random_structured_mask(p.shape, self.structure, self.structured_count(i, p.shape, d),
+                                              self.generator(cfg.seed, "init", i), unit_dim=self._dim(i))
+            masks.append(self.solver.local(mask, i).to(p.device))
+        return masks
+
+    def structure_violation(self, i: int, mask: torch.Tensor) -> Optional[Violation]:
+        """The first group (N:M) or row (fan-in) of layer ``i``'s ``mask`` whose count differs from the
+        layer's mean count, rounded (every group holds ``n_t`` during the N:M schedule, ``N`` at its
+        end; every row the layer's ``k``), or ``None``."""
+        if not self.structure.structured or mask.numel() == 0:
+            return None
+        counts = active_counts(mask, self.structure, self._dim(i))
+        return structure_violations(mask, self.structure, self._dim(i), round(int(counts.sum()) / counts.numel()))
+
+    def check_structure(self, names: Sequence[str], masks: Sequence[torch.Tensor]) -> None:
+        """Raise ``RuntimeError`` naming the first layer whose mask breaks the structure (an internal
+        error: every update keeps it); nothing to check when unstructured."""
+        for i, (name, mask) in enumerate(zip(names, masks)):
+            violation = self.structure_violation(i, mask)
+            if violation is not None:
+                raise RuntimeError(f"internal error: the mask of {name} lost structure {self.structure}: {violation}")
 
     def final_layer_counts(self, shapes: Sequence[Sequence[int]], init_counts: Sequence[int]) -> list[int]:
         """Per-layer counts at the final density (layer-wise pruning targets; empty for other methods)."""
         cfg = self.config
         if cfg.prune != "layerwise":
             return []
+        if self.structure.kind == "n:m":  # every layer ends at N:M
+            return [self.structured_total(i, s, self.structure.n) for i, s in enumerate(shapes)]
         counts = layer_counts(cfg.distribution, [tuple(s) for s in shapes], cfg.density, cfg.erk_power_scale)
         # A layer never grows under pruning: cap at its initial count and hand the excess to others.
-        return allocate_counts(sum(counts), [float(c) for c in counts], list(init_counts))
+        final = allocate_counts(sum(counts), [float(c) for c in counts], list(init_counts))
+        if self.structure.kind == "fan-in":  # a whole number of inputs per output unit
+            return [self.structured_total(i, s, self.structured_count(i, s, max(c, 1) / math.prod(s)))
+                    for i, (c, s) in enumerate(zip(final, shapes))]
+        return final
 
     def global_prune_target(self, step: int, params: Sequence[torch.Tensor], counts: Sequence[int]) -> Optional[int]:
         """Active weights to keep over all layers at ``step`` (``None``: already at or below it)."""
@@ -269,6 +348,8 @@ class TopologyUpdater:
         assert self.pruning is not None
         seed, cpu = self.config.seed, on_cpu(params)
         names = [str(i) for i in range(len(params))] if names is None else names
+        if self.structure.structured:
+            return self._prune_structured(step, params, masks, counts, init_counts, final_counts, names, optimizer)
 
         def segments(*layers: int, generator: Optional[RandomSource] = None) -> list[Segment]:
             """The layers' prune scores; their generators are ``generator`` (one layer's: the score's,
@@ -298,6 +379,30 @@ class TopologyUpdater:
         new = list(masks)
         for i, (mask,) in zip(pruned, self.solver(problems)):
             new[i] = mask
+        return new
+
+    def _prune_structured(self, step: int, params: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
+                          counts: Sequence[int], init_counts: Sequence[int], final_counts: Sequence[int],
+                          names: Sequence[str], optimizer: Optional[torch.optim.Optimizer]) -> list[torch.Tensor]:
+        """Gradual pruning within the structure: every group keeps ``nm_count(d_t)`` (N:M), every row
+        ``fan_in_count`` of the layer's scheduled density (fan-in, layer-wise), by the prune score."""
+        assert self.pruning is not None
+        new = list(masks)
+        for i, param in enumerate(params):
+            shape = tuple(param.shape)
+            if self.structure.kind == "n:m":
+                density = self.pruning.density(step)
+            else:
+                density = max(round(self.pruning.interpolate(step, init_counts[i], final_counts[i])), 1) / param.numel()
+            count = self.structured_count(i, shape, density)
+            if counts[i] <= self.structured_total(i, shape, count):
+                continue
+            generator = self.generator(self.config.seed, "prune", step, i)  # the score's, then the ties'
+            segment = self._segment(self.criteria.prune, i, param, names[i], optimizer, partial(lambda g: g, generator),
+                                    among=masks[i], count=counts[i], protect=self.config.protect_units)
+            scores = segment.values.detach().abs() if segment.absolute else segment.values
+            new[i] = select_structured(scores, self.structure, count, generator, among=masks[i],
+                                       unit_dim=self._dim(i))
         return new
 
     def drop_and_grow(
@@ -357,7 +462,12 @@ class TopologyUpdater:
         def regrow_dropped(j: int, kept: list[torch.Tensor]) -> Problem:
             return grow(j, kept[0], drops[layers[j]])
 
-        if cfg.redistribute == "none":  # each layer regrows what it dropped: drop, regrowth, new mask in one chain
+        if self.structure.structured:  # every group or row regrows what it lost (redistribution is refused)
+            for j, (kept_mask,) in enumerate(self.solver([drop(j) for j in range(len(layers))])):
+                self._regrow_structured(result, layers[j], names[layers[j]], params[layers[j]], masks[layers[j]],
+                                        kept_mask, step, optimizer)
+            grows = drops
+        elif cfg.redistribute == "none":  # each layer regrows what it dropped: drop, regrowth, new mask in one chain
             grows = drops
             self.solver([drop(j, then=partial(regrow_dropped, j)) for j in range(len(layers))])
         else:  # the regrowth shares need every layer's drop first
@@ -371,6 +481,20 @@ class TopologyUpdater:
         for i in layers:
             report.layers[names[i]].update(dropped=drops[i], regrown=grows[i])
         return result
+
+    def _regrow_structured(self, result: Regrowth, i: int, name: str, param: torch.Tensor, old: torch.Tensor,
+                           kept: torch.Tensor, step: int, optimizer: Optional[torch.optim.Optimizer]) -> None:
+        """Layer ``i``'s regrowth within the structure: each group (N:M) or row (fan-in) regrows its
+        room, the entries it lost at the drop, among its entries inactive after the drop, by the grow score."""
+        generator = self.generator(self.config.seed, "grow", step, i)  # the score's, then the ties'
+        kept = kept.view(old.shape)
+        segment = self._segment(self.criteria.grow, i, param, name, optimizer, lambda: generator, among=kept,
+                                outside=True, count=param.numel() - int(kept.sum()))
+        scores = segment.values.detach().abs() if segment.absolute else segment.values
+        dim = self._dim(i)
+        grown = select_structured(scores, self.structure, room(old, kept, self.structure, dim), generator,
+                                  among=kept, outside=True, unit_dim=dim)
+        self._combine(result, i, old, kept, grown)
 
     def _segment(self, criterion: Criterion, i: int, param: torch.Tensor, name: str,
                  optimizer: Optional[torch.optim.Optimizer], generator: Callable[[], RandomSource],

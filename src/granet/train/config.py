@@ -37,6 +37,7 @@ from ..errors import ConfigError, short_repr
 from ..registry import Registry, unknown_name
 from ..safeyaml import MAX_BYTES, load_yaml
 from ..sparsity.config import STEP_FIELDS, SparsityConfig, StepSpec, field_help, step_spec
+from ..sparsity.structure import parse_structure
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class SparsityOptions:
     """
 
     density: Optional[float] = _key(None, "final density of the sparsified weights (1 - sparsity), in (0, 1]; "
-                                          "default 0.05 for sparse methods")
+                                          "default 0.05 for sparse methods, N / M with an N:M --structure")
     init_density: Optional[float] = _preset("init_density")
     distribution: Optional[str] = _preset("distribution")
     erk_power_scale: Optional[float] = _preset("erk_power_scale")
@@ -126,12 +127,13 @@ class SparsityOptions:
     protect_units: Optional[bool] = _preset("protect_units")
     mask_optimizer_state: Optional[bool] = _preset("mask_optimizer_state")
     rng: Optional[str] = _preset("rng")
+    structure: Optional[str] = _preset("structure")
     track_exploration: Optional[bool] = _preset("track_exploration")
 
 
 @dataclass(frozen=True)
 class LotteryOptions:
-    """Lottery-ticket options (method ``lth`` only; ``None``: derived, see :func:`_check_lottery`)."""
+    """Lottery-ticket options (method ``lth`` only; ``None``: derived, see ``_check_lottery``)."""
 
     lth_rounds: Optional[int] = _key(None, "method lth: pruning rounds R (R+1 trainings: a dense one, then one "
                                            "per round); default 3")
@@ -286,6 +288,9 @@ class TrainConfig:
         density, fraction = self.sparsity.density, self.lottery.lth_prune_fraction
         if density is not None:
             return density
+        nm = _nm_density(self.sparsity.structure)
+        if nm is not None and self.method not in ("dense", "lth"):  # N:M fixes the final density at N / M
+            return nm
         if self.method == "lth" and fraction is not None:
             return (1.0 - fraction) ** self.effective_lth_rounds
         return 1.0 if self.method == "dense" else DEFAULT_DENSITY
@@ -315,12 +320,23 @@ class TrainConfig:
             _check_sparsity(self)
 
 
+def _nm_density(structure: Optional[str]) -> Optional[float]:
+    """N / M of an N:M ``structure``; ``None`` for none, the others, and text that is no structure
+    (validation names it)."""
+    if structure is None:
+        return None
+    try:
+        return parse_structure(structure).density
+    except ValueError:
+        return None
+
+
 #: The sections of TrainConfig: field name -> its dataclass.
 _SECTIONS: dict[str, type] = {name: hint for name, hint in typing.get_type_hints(TrainConfig).items()
                               if isinstance(hint, type) and dataclasses.is_dataclass(hint)}
 #: The sparsity options that are ``SparsityConfig`` fields (``density`` aside, which every method has).
 SPARSITY_KEYS = tuple(f.name for f in dataclasses.fields(SparsityOptions) if f.name != "density")
-#: The lottery-ticket keys (default None: derived, see :func:`_check_lottery`).
+#: The lottery-ticket keys (default None: derived, see ``_check_lottery``).
 LTH_KEYS = tuple(f.name for f in dataclasses.fields(LotteryOptions))
 #: Keys holding a step value (optimizer steps as an int, or a fraction of the run as a float).
 STEP_KEYS = (*STEP_FIELDS, "lth_rewind")
@@ -533,6 +549,11 @@ def _check_sparsity(config: TrainConfig) -> None:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     given = [k for k in sparsity.unused_fields() if k in SPARSITY_KEYS and getattr(options, k) is not None]
+    by_structure = [k for k in given if k in ("distribution", "erk_power_scale") and _nm_density(sparsity.structure)]
+    if by_structure:  # N:M gives every layer the density n_t / M
+        logger.warning("%s has no effect with structure %s (every layer's density is n_t / M)",
+                       ", ".join(f"{k}={getattr(options, k)!r}" for k in by_structure), sparsity.structure)
+        given = [k for k in given if k not in by_structure]
     if given:
         never = "its masks never change after the initial one" if "update_interval" in sparsity.unused_fields() \
             else "it does not " + ("prune" if sparsity.prune is None else "regrow")
