@@ -327,3 +327,11 @@ def test_cli_without_density_follows_nm_and_refuses_a_layer_that_does_not_fit(tm
     err = capsys.readouterr().err
     assert "structure 2:4 does not fit features.0.weight (shape (64, 1, 3, 3)): each output unit has 9 inputs" in err
     assert err.count("\n") <= 2
+
+
+@pytest.mark.parametrize("method", ["snip", "grasp", "synflow"])
+def test_the_methods_that_score_at_initialisation_refuse_a_structure_in_one_line(method):
+    # Their scores choose an unstructured mask; the method locks structure to say so before any scoring.
+    with pytest.raises(ValueError, match=rf"^method '{method}' requires structure='unstructured', got '2:4'$"):
+        granet.method_config(method, density=0.5, structure="2:4")
+    assert granet.method_config(method, density=0.5).structure == "unstructured"

@@ -239,7 +239,8 @@ register_method("granet-st", "GraNet-ST: sparse-to-sparse (ERK 50% start) gradua
 # the target density d from step 1 on; with the mask already at d it never prunes anything. With an
 # optimizer, a first optimizer step without the scored mask raises (create_sparsifier installs the
 # check); without one, step 1 would fall back to global magnitude pruning.
-_AT_INIT: dict[str, Any] = dict(init_density=1.0, prune="global", prune_start=0, prune_end=1, drop_fraction=0.0)
+_AT_INIT: dict[str, Any] = dict(init_density=1.0, prune="global", prune_start=0, prune_end=1, drop_fraction=0.0,
+                               structure="unstructured")  # the scores choose an unstructured mask
 register_method("snip", "SNIP: prune once at init by connection sensitivity |g*w|, global; mask fixed",
                 distribution="global", locked=_AT_INIT)
 register_method("grasp", "GraSP: prune once at init keeping gradient flow, score -w*(Hg), global; mask fixed",
