@@ -29,7 +29,7 @@ FLAT_KEYS = [
     "init_from", "score_batches", "tensorboard", "dist_timeout", "fsdp",
 ]
 #: Keys added since (a config.yaml without them reads as the method's preset, the behaviour it had).
-NEW_KEYS = ["prune_criterion", "drop_criterion", "protect_units", "rng", "structure"]
+NEW_KEYS = ["prune_criterion", "drop_criterion", "protect_units", "rng", "structure", "execution"]
 
 #: A config.yaml as that version wrote it (`granet train --model mlp --method rigl --epochs 2
 #: --update-interval 5 --density 0.05 --lr-schedule multistep --milestones 0.5 0.75 --keep-checkpoints 1`):
@@ -109,7 +109,8 @@ def test_the_flat_keys_are_those_users_have():
 def test_an_old_config_yaml_reads_back_to_the_same_flat_dict():
     old = yaml.safe_load(OLD_CONFIG_YAML)
     config = TrainConfig.from_dict(old)
-    assert config.to_dict() == dict(old, **dict.fromkeys(NEW_KEYS))  # every value, lists as lists; new keys unset
+    # every value, lists as lists; new keys unset (the sparsity keys: the preset's) or at their default
+    assert config.to_dict() == dict(old, **dict(dict.fromkeys(NEW_KEYS), execution="dense"))
     assert (config.method, config.data.dataset, config.sparsity.regrow_end, config.optim.milestones,
             config.output.keep_checkpoints, config.machine.threads) == ("rigl", "digits", 30, (0.5, 0.75), (1,), 2)
     assert TrainConfig.from_dict(config.to_dict()) == config
@@ -243,7 +244,7 @@ def test_a_run_saved_before_the_criterion_keys_resumes_bit_identically(tmp_path)
     state = torch.load(ref / "checkpoint_epoch1.pt", weights_only=True)
     for config in (state["config"], state["sparsifier"]["config"]):
         for key in NEW_KEYS:
-            del config[key]
+            config.pop(key, None)  # the sparsifier's config never had the run's keys (execution)
     torch.save(state, old / "checkpoint.pt")
     on_disk = yaml.safe_load((ref / "config.yaml").read_text())
     (old / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in on_disk.items() if k not in NEW_KEYS}))

@@ -19,7 +19,7 @@ does the same by hand), from the sparsifier's public state only:
 
 * **masks changed** (a topology update, ``set_masks``, ``load_state_dict``): a layer's layout is
   rebuilt when its mask is another tensor, or the same tensor changed in place (its version);
-* **dense gradients**: when ``sparsifier.needs_dense_gradient(sparsifier.step_count + 1)`` (the
+* **dense gradients**: when ``sparsifier.needs_dense_gradient(sparsifier.upcoming_step)`` (the
   coming optimizer step is a regrowth update ranking inactive weights by their gradient: RigL,
   GraNet; every step for SNFS) the layers compute the dense weight gradient (forward and input
   gradient stay sparse). The same question the training-FLOPs ledger asks. Micro-batches of one
@@ -259,7 +259,7 @@ class SparseExecution:
         Runs by itself before every forward pass of the model."""
         sparsifier = self._sparsifier
         masks = sparsifier.masks
-        dense_grad = self._dense_every_step or sparsifier.needs_dense_gradient(sparsifier.step_count + 1)
+        dense_grad = self._dense_every_step or sparsifier.needs_dense_gradient(sparsifier.upcoming_step)
         any_sparse = False
         for layer in self._layers:
             mask = masks[layer.name]

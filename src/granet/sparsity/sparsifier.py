@@ -278,6 +278,12 @@ class Sparsifier:
         return self._step_count
 
     @property
+    def upcoming_step(self) -> int:
+        """The optimizer step (1-based) that the next backward pass computes gradients for: after the
+        steps counted and those the optimizer took since the last :meth:`step` call."""
+        return self._step_count + self._pending_steps + 1
+
+    @property
     def skipped_updates(self) -> int:
         """Topology updates skipped because gradients were not finite."""
         return self._skipped_updates

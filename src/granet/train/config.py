@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 #: masks a few times or once; every method that updates its masks on a schedule
 #: (:func:`granet.methods.updates_topology`) takes the recipe's ΔT on digits unless one is given.
 EMBEDDED_RECIPE: dict[str, Any] = {"dataset": "digits", "method": "granet", "sparsity": {"update_interval": 20}}
+#: How masked Linear layers compute (``execution``; see :mod:`granet.sparsity.execution`).
+EXECUTION_MODES = ("dense", "sparse", "auto")
 #: The density of a sparse method when none is given (the embedded recipe's 95% sparsity).
 DEFAULT_DENSITY = 0.05
 
@@ -183,6 +185,10 @@ class MachineConfig:
     dist_timeout: float = _key(600.0, "seconds a torchrun process waits for the others before failing (a dead or "
                                       "frozen rank)")
     fsdp: bool = _key(False, "shard the model with FSDP2 (torchrun, 2+ processes); checkpoints stay full-state")
+    execution: str = _key("dense", "how masked nn.Linear layers compute on the CPU: dense (dense matrices with "
+                                   "zeros, default), sparse (sparse kernels for every masked Linear) or auto (sparse "
+                                   "where a layer is large and at most 0.05 dense); masks are the same, weights equal "
+                                   "up to the order of float sums; see README 'Sparse execution'")
 
 
 @dataclass(frozen=True)
@@ -491,6 +497,19 @@ def _check_ranges(config: TrainConfig) -> None:
     if any(e < 1 for e in config.output.keep_checkpoints):
         kept = list(config.output.keep_checkpoints)  # named as the user wrote them: a list
         raise ConfigError(f"keep_checkpoints are epoch numbers >= 1, got {short_repr(kept)}")
+    if machine.execution not in EXECUTION_MODES:
+        raise ConfigError(f"execution must be one of {', '.join(EXECUTION_MODES)}, got {short_repr(machine.execution)}")
+    if machine.execution != "dense":
+        if machine.fsdp:
+            raise ConfigError(f"execution={machine.execution} runs whole layers on one CPU process; it does not "
+                              "combine with fsdp: true (use execution: dense)")
+        if config.method in ("lth", "dense"):
+            raise ConfigError(f"execution={machine.execution} follows a sparsifier's masks; method {config.method!r} "
+                              f"{'has none' if config.method == 'dense' else 'rebuilds its masks between trainings'} "
+                              "(use execution: dense)")
+        if machine.device.startswith("cuda"):
+            raise ConfigError(f"execution={machine.execution} is CPU execution; on {machine.device} use execution: "
+                              "dense (unstructured sparsity gives no speed-up on GPUs)")
     if machine.fsdp and config.method == "lth":
         raise ConfigError("fsdp: true does not support method 'lth' (lottery tickets prune full, unsharded weights); "
                           "use DDP")

@@ -123,6 +123,11 @@ class Trainer:
         if not self.fsdp:
             self.layer_flops = layer_flops(self.model, example)
         self.ledger = TrainingFlopsLedger(self.layer_flops)
+        self.execution: Optional[Any] = None
+        if machine.execution != "dense":  # after layer_flops: a sparse layer's FLOPs are not counted by the hooks
+            from ..sparsity.execution import SparseExecution
+
+            self.execution = SparseExecution(self.model, self.sparsifier, mode=machine.execution)  # logs its plan
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: runtime.lr_factor(optim, self.schedule_position(s), self.steps_per_epoch, self.total_steps),
