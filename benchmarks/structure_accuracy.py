@@ -87,7 +87,8 @@ def table(results: dict[tuple, float], settings: list[str], seeds: int) -> str:
                         diffs.append("—")
                         continue
                     d = paired_interval(acc[s], acc["unstructured"])
-                    diffs.append(f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}] {d.verdict}")
+                    said = "worse" if d.high < 0 else "better" if d.low > 0 else "not separable"
+                    diffs.append(f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}] {said}")
                 lines.append(f"| {setting} | {method} | {density:g} ({nm}) | " + " | ".join(cells + diffs) + " |")
     return "\n".join(lines)
 
