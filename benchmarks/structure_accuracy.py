@@ -1,6 +1,6 @@
 """What a structure costs in accuracy: unstructured vs N:M vs constant fan-in at the same density.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/structure_accuracy.py --workers 2     # ~15 min on 2 cores
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/structure_accuracy.py --workers 2     # ~8 min on 2 cores
     python benchmarks/structure_accuracy.py --settings mnist1d --seeds 2 --epochs 2  # a smoke run
 
 GraNet, GraNet-ST and RigL each train three ways that differ only in ``structure``: ``unstructured``,
