@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
                     for e in ("dense", "sparse"))
             same += all(torch.equal(m, b["sparsifier"]["masks"][n]) for n, m in a["sparsifier"]["masks"].items())
         d = paired_interval(sparse, dense)
+        said = "equal on every seed" if sparse == dense else d.verdict
         print(f"| {method} | {format_mean_std(dense, 2)} | {format_mean_std(sparse, 2)} | "
-              f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}] {d.verdict} | {same} of {args.seeds} |")
+              f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}] {said} | {same} of {args.seeds} |")
     return 0
 
 
