@@ -2,9 +2,11 @@
 
 ``src/granet/kernels/_native.c`` is compiled by the normal build (``pip install .``, ``pip install -e .``,
 ``python -m build``) into the extension module ``granet.kernels._native_kernels``, which
-:mod:`granet.kernels.native` loads with ctypes. The kernels are optional, as PyYAML's LibYAML binding is:
-without a working C compiler (or Python's headers) the build warns, the install still succeeds,
-and granet runs the torch operations that give the same masks. No compiler runs after install.
+:mod:`granet.kernels.native` loads with ctypes; ``src/granet/deploy/_condensed.c`` likewise into
+``granet.deploy._condensed_kernels``, which :mod:`granet.deploy.condensed` loads. The kernels are optional,
+as PyYAML's LibYAML binding is: without a working C compiler (or Python's headers) the build warns, the
+install still succeeds, and granet runs the torch operations that give the same results. No compiler runs
+after install.
 
 Flags: optimised, portable code (no ``-march``: the AVX2 and AVX-512 variants are chosen when
 the library is loaded, see ``_native.c``) and no floating-point contraction.
@@ -20,6 +22,7 @@ from setuptools.command.build_ext import build_ext
 from setuptools.errors import CCompilerError, ExecError, PlatformError
 
 SOURCE = os.path.join("src", "granet", "kernels", "_native.c")
+CONDENSED_SOURCE = os.path.join("src", "granet", "deploy", "_condensed.c")
 
 
 def source_hash(path: str) -> int:
@@ -86,6 +89,13 @@ setup(
             define_macros=[("GRANET_SOURCE_HASH", f"0x{source_hash(SOURCE):015x}ULL")],
             optional=True,  # an in-place (editable) build then skips copying a library it did not build
         )
-    ],
+    ] + ([
+        Extension(
+            "granet.deploy._condensed_kernels",
+            sources=[CONDENSED_SOURCE],
+            define_macros=[("GRANET_SOURCE_HASH", f"0x{source_hash(CONDENSED_SOURCE):015x}ULL")],
+            optional=True,
+        )
+    ] if os.path.exists(CONDENSED_SOURCE) else []),  # a partial copy of the tree (a test's) builds the rest
     cmdclass={"build_ext": OptionalBuildExt},
 )

@@ -3,6 +3,7 @@
     python benchmarks/bench_inference.py            # ~1-3 minutes on 2 CPU cores
     python benchmarks/bench_inference.py --quick    # fewer repeats and densities, for a smoke test
     python benchmarks/bench_inference.py --threads 1
+    python benchmarks/bench_inference.py --structured-only   # the fan-in table alone, 1 and 2 threads
 
 For each layer shape (in -> out: the GPT-2 MLP's 768 -> 3072 and 3072 -> 768, and 4096 -> 4096),
 each batch size (1, 64) and each density, a random unstructured mask of exactly
@@ -21,6 +22,14 @@ compares the candidate kernels at density 0.05 (why CSR). ``OMP_WAIT_POLICY=PASS
 torch loads: with spinning OpenMP threads on a shared machine, small sparse calls take milliseconds.
 
 Goal (issue: sparse models out): >= 3x at 95% sparsity (density 0.05) for the large shapes, batch 1.
+
+The structured table (``structured``) compares, for the same three shapes, batch 1 and 32, densities
+0.1 and 0.05, on 1 and then 2 torch threads: dense ``nn.Linear``; CSR (``SparseLinear``) on a random
+unstructured mask with the same number of active weights as the fan-in mask (``out * k``,
+``k = round(density * in)``), at batch 1 on 2 threads also its one-thread matrix-vector variant (the
+faster CSR variant counts); CSR on the fan-in mask itself; and ``CondensedLinear`` on the fan-in mask.
+Every variant runs right after a dense call, interleaved, medians. Goal (issue 31): condensed >= 1.3x
+faster than unstructured CSR at the same nnz.
 """
 from __future__ import annotations
 
@@ -37,6 +46,8 @@ from typing import Callable, Sequence  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from granet.deploy import condensed  # noqa: E402
+from granet.deploy.condensed import CondensedLinear  # noqa: E402
 from granet.deploy.inference import SparseConv1x1, SparseLinear, to_sparse_inference  # noqa: E402
 
 SHAPES = ((768, 3072), (3072, 768), (4096, 4096))  # (in_features, out_features)
@@ -87,6 +98,70 @@ def _sparse_linear(fan_in: int, fan_out: int, density: float, gen: torch.Generat
     with torch.no_grad():
         layer.weight.mul_(mask.view(fan_out, fan_in))
     return layer
+
+
+def _fan_in_linear(fan_in: int, fan_out: int, k: int, gen: torch.Generator) -> nn.Linear:
+    """A Linear layer whose every output unit has exactly ``k`` non-zero weights at random inputs."""
+    layer = nn.Linear(fan_in, fan_out)
+    picks = torch.rand(fan_out, fan_in, generator=gen).argsort(dim=1)[:, :k]
+    mask = torch.zeros(fan_out, fan_in, dtype=torch.bool).scatter_(1, picks, True)
+    with torch.no_grad():
+        layer.weight.copy_(torch.where(mask, layer.weight, torch.zeros(())))
+        layer.weight[mask & (layer.weight == 0)] = 1.0  # keep exactly k non-zeros per row
+    return layer
+
+
+def _linear_with_nnz(fan_in: int, fan_out: int, nnz: int, gen: torch.Generator) -> nn.Linear:
+    """A Linear layer with exactly ``nnz`` non-zero weights at random positions (unstructured)."""
+    layer = nn.Linear(fan_in, fan_out)
+    mask = torch.zeros(fan_in * fan_out, dtype=torch.bool)
+    mask[torch.randperm(fan_in * fan_out, generator=gen)[:nnz]] = True
+    with torch.no_grad():
+        layer.weight.copy_(torch.where(mask.view(fan_out, fan_in), layer.weight, torch.zeros(())))
+        layer.weight[mask.view(fan_out, fan_in) & (layer.weight == 0)] = 1.0
+    return layer
+
+
+def structured(densities: Sequence[float], repeats: int, thread_counts: Sequence[int]) -> list[float]:
+    """Condensed fan-in vs CSR (unstructured mask, same nnz) vs dense; returns condensed's speed-ups over CSR."""
+    print(f"## Constant fan-in: condensed vs CSR at the same nnz vs dense (median ms; native kernels "
+          f"{condensed.status()})\n")
+    print("| threads | shape in->out | batch | density (k) | dense | CSR unstructured | CSR fan-in mask | condensed "
+          "| condensed vs CSR unstructured | condensed vs dense | max abs diff | repeats |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    before = torch.get_num_threads()
+    ratios: list[float] = []
+    try:
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            gen = torch.Generator().manual_seed(3)
+            for fan_in, fan_out in ((4096, 4096), (768, 3072), (3072, 768)):
+                for density in densities:
+                    k = max(1, round(density * fan_in))
+                    fan = _fan_in_linear(fan_in, fan_out, k, gen)
+                    free = _linear_with_nnz(fan_in, fan_out, fan_out * k, gen)
+                    cond, csr_fan = CondensedLinear.from_dense(fan), SparseLinear.from_dense(fan)
+                    csr_free = [SparseLinear.from_dense(free)]
+                    for batch in (1, 32):
+                        x = torch.randn(batch, fan_in, generator=gen)
+                        csrs = csr_free + ([SparseLinear.from_dense(free, 1)] if batch == 1 and threads > 1 else [])
+                        mods: list[nn.Module] = [*csrs, csr_fan, cond]
+                        dense_ms, times = _after_dense(lambda f=fan, x=x: f(x),
+                                                       [lambda m=m, x=x: m(x) for m in mods], repeats)
+                        med = [statistics.median(ts) for ts in times]
+                        csr_ms, fan_ms, cond_ms = min(med[:len(csrs)]), med[-2], med[-1]
+                        d = statistics.median(dense_ms)
+                        ratios.append(csr_ms / cond_ms)
+                        diff = float((fan(x) - cond(x)).abs().max())
+                        print(f"| {threads} | {fan_in}->{fan_out} | {batch} | {density:g} ({k}) | {d:.3f} "
+                              f"| {csr_ms:.3f} | {fan_ms:.3f} | {cond_ms:.3f} | {csr_ms / cond_ms:.2f}x "
+                              f"| {d / cond_ms:.2f}x | {diff:.1e} | {len(times[-1])} |", flush=True)
+    finally:
+        torch.set_num_threads(before)
+    met = sum(r >= 1.3 for r in ratios)
+    print(f"\ncondensed >= 1.3x faster than unstructured CSR (same nnz) in {met} of {len(ratios)} rows; "
+          f"ratios {min(ratios):.2f}x-{max(ratios):.2f}x, median {statistics.median(ratios):.2f}x\n")
+    return ratios
 
 
 def kernels(repeats: int) -> None:
@@ -217,15 +292,28 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats and densities")
     parser.add_argument("--repeats", type=int, default=41, help="interleaved repeats per measurement (at most)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--structured-only", action="store_true",
+                        help="only the constant fan-in table (condensed vs CSR vs dense), on 1 and 2 threads")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     densities = (0.1, 0.05) if args.quick else (0.3, 0.2, 0.1, 0.05, 0.02)
     repeats = 7 if args.quick else args.repeats
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, MKL {torch.backends.mkl.is_available()}\n")
     started = time.perf_counter()
+    thread_counts = (1, 2) if args.threads is None else (args.threads,)
+    if args.structured_only:
+        with torch.inference_mode():
+            structured((0.1, 0.05), repeats, thread_counts)
+        print(f"total {time.perf_counter() - started:.0f} s")
+        return
     with torch.inference_mode():
+        structured((0.1, 0.05), repeats, thread_counts)
         kernels(repeats)
         speedups = layers(densities, repeats)
         speedups.update(mlp_block(densities, repeats))

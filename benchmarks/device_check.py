@@ -281,14 +281,13 @@ def semi_structured(device: torch.device) -> dict[str, Any]:
     if torch.cuda.get_device_capability(device) < (8, 0):
         return {"status": "skipped", "reason": f"compute capability {torch.cuda.get_device_capability(device)} < 8.0"}
     from granet.deploy.inference import to_semi_structured
+    from granet.sparsity.structure import keep_top_per_group
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096)).half().to(device).eval()
     with torch.no_grad():
-        for layer in (model[0], model[2]):  # keep the 2 largest of every 4 consecutive weights
-            w = layer.weight.view(-1, 4)
-            keep = w.abs().topk(2, dim=1).indices
-            layer.weight.copy_(torch.zeros_like(w).scatter_(1, keep, w.gather(1, keep)).view_as(layer.weight))
+        for layer in (model[0], model[2]):  # the library's 2:4 mask: the 2 largest of every 4 consecutive inputs
+            layer.weight.mul_(keep_top_per_group(layer.weight.float().abs(), 4, 2))
     sparse = to_semi_structured(model)
     x = torch.randn(1024, 4096, device=device, dtype=torch.float16)
     with torch.inference_mode():

@@ -268,7 +268,7 @@ def test_bad_inputs_are_one_line_errors(change, error, message, tmp_path):
 
 def test_bad_options_are_one_line_errors(tmp_path):
     state, masks = _masked_state(torch.float32)
-    with pytest.raises(ValueError, match="layout must be one of bitmask, csr, got 'coo'"):
+    with pytest.raises(ValueError, match="layout must be one of bitmask, csr, fan-in, got 'coo'"):
         export_sparse(state, masks, tmp_path / "m", layout="coo")
     with pytest.raises(TypeError, match="metadata must be a JSON-serialisable mapping"):
         export_sparse(state, masks, tmp_path / "m", metadata={"x": object()})
@@ -691,3 +691,74 @@ def test_load_into_a_model_applies_completely_or_not_at_all(layout, tmp_path):
         assert all(after[k].dtype == before[k].dtype and torch.equal(_bits(after[k]), _bits(before[k])) for k in before)
     load_sparse(export("good.st"), model=target)
     _assert_bit_identical(target.state_dict(), state)
+
+
+# Files written by granet before the fan-in layout (format versions 1 and 2), kept byte for byte: a
+# (2, 4) float32 weight with 4 active values and -0.0 at two inactive places, a dense bias, and (the
+# "tied" file) a token embedding shared with an output layer.
+_OLD_FILES = {
+    "bitmask": (
+        "yAEAAAAAAAB7Il9fbWV0YWRhdGFfXyI6eyJmb3JtYXRfdmVyc2lvbiI6IjEiLCJsYXlvdXQiOiJiaXRtYXNrIiwia2V5cyI6Iltc"
+        "IndcIiwgXCJiXCJdIiwiZm9ybWF0IjoiZ3JhbmV0LXNwYXJzZSIsInVzZXIiOiJ7XCJtYWRlXCI6IFwidjFcIn0iLCJzcGFyc2Ui"
+        "OiJ7XCJ3XCI6IHtcInNoYXBlXCI6IFsyLCA0XSwgXCJkdHlwZVwiOiBcImZsb2F0MzJcIiwgXCJubnpcIjogNH19In0sImIiOnsi"
+        "ZHR5cGUiOiJGMzIiLCJzaGFwZSI6WzJdLCJkYXRhX29mZnNldHMiOlswLDhdfSwidzo6dmFsdWVzIjp7ImR0eXBlIjoiRjMyIiwi"
+        "c2hhcGUiOls0XSwiZGF0YV9vZmZzZXRzIjpbOCwyNF19LCJ3OjptYXNrIjp7ImR0eXBlIjoiVTgiLCJzaGFwZSI6WzFdLCJkYXRh"
+        "X29mZnNldHMiOlsyNCwyNV19LCJ3OjpuZWd6ZXJvIjp7ImR0eXBlIjoiVTgiLCJzaGFwZSI6WzFdLCJkYXRhX29mZnNldHMiOlsy"
+        "NSwyNl19fSAgICAgICAAAIA/AACAvwAAAD8AAMC/AAAAQAAAgD6pQg=="
+    ),
+    "csr": (
+        "AAIAAAAAAAB7Il9fbWV0YWRhdGFfXyI6eyJzcGFyc2UiOiJ7XCJ3XCI6IHtcInNoYXBlXCI6IFsyLCA0XSwgXCJkdHlwZVwiOiBc"
+        "ImZsb2F0MzJcIiwgXCJubnpcIjogNH19IiwiZm9ybWF0X3ZlcnNpb24iOiIxIiwiZm9ybWF0IjoiZ3JhbmV0LXNwYXJzZSIsInVz"
+        "ZXIiOiJ7XCJtYWRlXCI6IFwidjFcIn0iLCJsYXlvdXQiOiJjc3IiLCJrZXlzIjoiW1wid1wiLCBcImJcIl0ifSwiYiI6eyJkdHlw"
+        "ZSI6IkYzMiIsInNoYXBlIjpbMl0sImRhdGFfb2Zmc2V0cyI6WzAsOF19LCJ3Ojp2YWx1ZXMiOnsiZHR5cGUiOiJGMzIiLCJzaGFw"
+        "ZSI6WzRdLCJkYXRhX29mZnNldHMiOls4LDI0XX0sInc6OmNyb3ciOnsiZHR5cGUiOiJJMzIiLCJzaGFwZSI6WzNdLCJkYXRhX29m"
+        "ZnNldHMiOlsyNCwzNl19LCJ3Ojpjb2wiOnsiZHR5cGUiOiJJMTYiLCJzaGFwZSI6WzRdLCJkYXRhX29mZnNldHMiOlszNiw0NF19"
+        "LCJ3OjpuZWd6ZXJvIjp7ImR0eXBlIjoiVTgiLCJzaGFwZSI6WzFdLCJkYXRhX29mZnNldHMiOls0NCw0NV19fSAgICAgIAAAgD8A"
+        "AIC/AAAAPwAAwL8AAABAAACAPgAAAAACAAAABAAAAAAAAwABAAMAQg=="
+    ),
+    "tied": (
+        "WAIAAAAAAAB7Il9fbWV0YWRhdGFfXyI6eyJsYXlvdXQiOiJjc3IiLCJrZXlzIjoiW1wid1wiLCBcImJcIiwgXCJlbWJcIiwgXCJo"
+        "ZWFkXCJdIiwic3BhcnNlIjoie1wid1wiOiB7XCJzaGFwZVwiOiBbMiwgNF0sIFwiZHR5cGVcIjogXCJmbG9hdDMyXCIsIFwibm56"
+        "XCI6IDR9fSIsImZvcm1hdF92ZXJzaW9uIjoiMiIsImZvcm1hdCI6ImdyYW5ldC1zcGFyc2UiLCJ1c2VyIjoie30iLCJ0aWVkIjoi"
+        "e1wiaGVhZFwiOiBcImVtYlwifSJ9LCJiIjp7ImR0eXBlIjoiRjMyIiwic2hhcGUiOlsyXSwiZGF0YV9vZmZzZXRzIjpbMCw4XX0s"
+        "ImVtYiI6eyJkdHlwZSI6IkYzMiIsInNoYXBlIjpbMiwyXSwiZGF0YV9vZmZzZXRzIjpbOCwyNF19LCJ3Ojp2YWx1ZXMiOnsiZHR5"
+        "cGUiOiJGMzIiLCJzaGFwZSI6WzRdLCJkYXRhX29mZnNldHMiOlsyNCw0MF19LCJ3Ojpjcm93Ijp7ImR0eXBlIjoiSTMyIiwic2hh"
+        "cGUiOlszXSwiZGF0YV9vZmZzZXRzIjpbNDAsNTJdfSwidzo6Y29sIjp7ImR0eXBlIjoiSTE2Iiwic2hhcGUiOls0XSwiZGF0YV9v"
+        "ZmZzZXRzIjpbNTIsNjBdfSwidzo6bmVnemVybyI6eyJkdHlwZSI6IlU4Iiwic2hhcGUiOlsxXSwiZGF0YV9vZmZzZXRzIjpbNjAs"
+        "NjFdfX0gICAAAIA/AACAvwAAgD8AAADAAABAQAAAAAAAAAA/AADAvwAAAEAAAIA+AAAAAAIAAAAEAAAAAAADAAEAAwBC"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(_OLD_FILES))
+def test_files_of_earlier_versions_still_load_and_are_written_byte_for_byte(name, tmp_path):
+    import base64
+
+    old = tmp_path / f"{name}.safetensors"
+    old.write_bytes(base64.b64decode(_OLD_FILES[name]))
+    w = torch.tensor([[0.5, -0.0, 0.0, -1.5], [0.0, 2.0, -0.0, 0.25]])
+    emb = torch.tensor([[1.0, -2.0], [3.0, 0.0]])
+    state = {"w": w, "b": torch.tensor([1.0, -1.0])}
+    if name == "tied":
+        state.update(emb=emb, head=emb)
+    restored = load_sparse(old)
+    _assert_bit_identical(restored, state)
+    assert torch.equal(load_masks(old)["w"], w != 0)
+    with st.safe_open(str(old), framework="pt") as f:
+        assert f.metadata()["format_version"] == ("2" if name == "tied" else "1")
+    if name == "tied":
+        assert restored["head"] is restored["emb"]
+    else:
+        assert read_metadata(old) == {"made": "v1"}
+    # This granet writes the layouts of those versions as before: the same header (safetensors orders
+    # the metadata differently in every process) and the same data bytes.
+    new = tmp_path / f"{name}.new.safetensors"
+    export_sparse(state, {"w": w != 0}, new, metadata=None if name == "tied" else {"made": "v1"},
+                  layout="csr" if name == "tied" else name)
+
+    def split(path: Path) -> tuple[dict, bytes]:
+        data = path.read_bytes()
+        size = struct.unpack("<Q", data[:8])[0]
+        return json.loads(data[8:8 + size]), data[8 + size:]
+
+    assert split(new) == split(old) and new.stat().st_size == old.stat().st_size

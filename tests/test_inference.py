@@ -200,6 +200,52 @@ def test_semi_structured_needs_cuda():
         to_semi_structured(nn.Linear(8, 8))
 
 
+def _library_two_four_model(device: str = "cpu", width: int = 32) -> nn.Sequential:
+    """Two Linear layers masked by the library's 2:4 selection (the 2 largest of every 4 inputs)."""
+    from granet.sparsity.structure import keep_top_per_group, parse_structure, structure_violations
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2 * width, width), nn.ReLU(), nn.Linear(width, width)).to(device)
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            mask = keep_top_per_group(layer.weight.abs(), 4, 2)
+            assert structure_violations(mask, parse_structure("2:4")) is None
+            layer.weight.mul_(mask)
+    return model
+
+
+def test_library_two_four_masks_are_two_four_and_refused_without_cuda(monkeypatch):
+    model = _library_two_four_model()
+    assert _is_two_four(model[0].weight) and _is_two_four(model[2].weight)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError) as exc:
+            to_semi_structured(model)
+        assert str(exc.value) == ("2:4 semi-structured kernels need a CUDA device; none is available "
+                                  "(use to_sparse_inference for the CPU)")
+    # A CUDA device too old for the kernels, and a model left on the CPU of a machine that has one:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with pytest.raises(RuntimeError, match=r"^2:4 semi-structured kernels need a CUDA device of compute capability "
+                                           r"8.0 or newer; this one has 7.5$"):
+        to_semi_structured(model)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    with pytest.raises(ValueError, match=r"^0: a 2:4 layer on cpu; move the model to the CUDA device first"):
+        to_semi_structured(model, inplace=True)
+    assert isinstance(model[0].weight, nn.Parameter) and model[0].weight.layout == torch.strided
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="2:4 semi-structured kernels need CUDA")
+def test_library_two_four_masks_convert_on_cuda():
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("2:4 semi-structured kernels need compute capability 8.0")
+    model = _library_two_four_model("cuda", width=128).half()  # the shapes of the test above
+    x = torch.randn(64, 256, dtype=torch.half, device="cuda")
+    sparse = to_semi_structured(model)
+    assert type(sparse[0].weight).__name__.startswith("SparseSemiStructuredTensor")
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), model(x), atol=1e-2, rtol=1e-2)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="2:4 semi-structured kernels need CUDA")
 def test_semi_structured_matches_dense_on_cuda():
     torch.manual_seed(0)

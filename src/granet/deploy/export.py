@@ -8,11 +8,19 @@
 * ``csr`` layout: the tensor viewed as ``(shape[0], numel / shape[0])``; ``NAME::values``,
   ``NAME::crow`` (row pointers) and ``NAME::col`` (column indices, int16 when a row holds at most
   2**15 weights, else int32; row pointers int32 unless there are 2**31 active values).
+* ``fan-in`` layout (condensed, for masks with constant fan-in): the tensor viewed as in ``csr``,
+  every row holding the same number ``k`` of active weights; ``NAME::values`` and ``NAME::index``,
+  ``(rows, k)``: each row's column indices in ascending order, dtype as ``csr``'s column indices.
+  It is ``csr`` without the row pointers (row ``r`` starts at ``r * k``), the form
+  :class:`granet.deploy.condensed.CondensedLinear` computes with. Every sparsified tensor of the
+  export must have constant fan-in (refused otherwise, naming the tensor).
 
 Every other tensor of the state dict is stored as usual under its own name, except a tensor that is
 the same tensor as an earlier key's (tied weights, e.g. a language model's output layer and its token
 embedding): it is stored once, and the later key is listed in ``tied`` (key -> earlier key) and
-restored as the same tensor (files without ties keep format version 1; with ties, version 2). Training zeroes
+restored as the same tensor (files without ties keep format version 1; with ties, version 2; the
+``fan-in`` layout, with or without ties, is version 3, so that a granet which predates it refuses it
+by its version). Training zeroes
 inactive weights by multiplying with the mask, which leaves ``-0.0`` where a weight was negative;
 to restore the dense-stored tensors bit for bit, those sign bits are kept as ``NAME::negzero``
 (bit-packed like the mask, written only for tensors that hold such zeros; ``keep_zero_signs=False``
@@ -47,15 +55,21 @@ from torch import nn
 
 from ..errors import CheckpointError, GranetError, RunDirError, install_hint, short_repr, short_text
 from ..rundir import MODEL_FILE, atomic_output, load_file, refuse_run_file
+from .condensed import constant_fan_in
 
 if TYPE_CHECKING:
     from typing_extensions import TypeGuard
 
 FORMAT_NAME = "granet-sparse"
-FORMAT_VERSION = 2
-#: The versions this granet reads: 1 (no tied tensors) and 2 (``tied`` metadata).
-READABLE_VERSIONS = ("1", "2")
+FORMAT_VERSION = 3
+#: The versions this granet reads: 1 (no tied tensors), 2 (``tied`` metadata) and 3 (the ``fan-in``
+#: layout; ``tied`` where there are ties).
+READABLE_VERSIONS = ("1", "2", "3")
+#: The layouts for any mask.
 LAYOUTS = ("bitmask", "csr")
+#: The layouts for masks with constant fan-in only.
+STRUCTURED_LAYOUTS = ("fan-in",)
+_ALL_LAYOUTS = LAYOUTS + STRUCTURED_LAYOUTS
 _SEP = "::"
 _MAX_CSR_COLS = 2**31  # CSR column indices are at most int32
 _INSTALL_HINT = f"granet export needs the safetensors package: {install_hint('export', 'safetensors')}"
@@ -201,6 +215,23 @@ def _csr_pieces(name: str, tensor: torch.Tensor, mask: torch.Tensor) -> dict[str
     return {"crow": crow.to(_crow_dtype(nnz)), "col": col.to(_col_dtype(cols))}
 
 
+def _fan_in_index(name: str, tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(rows, k)`` column indices of a constant fan-in ``mask`` viewed as (shape[0], rest)."""
+    rows, cols = _csr_shape(tensor.shape)
+    if cols > _MAX_CSR_COLS:
+        raise ValueError(f"{short_repr(name)}: rows of {cols} weights are too long for int32 column indices "
+                         f"(use layout='bitmask')")
+    m2 = mask.reshape(rows, cols)
+    k = constant_fan_in(m2)
+    if k is None:
+        counts = m2.sum(dim=1)
+        row = int((counts != counts[0]).nonzero()[0, 0])
+        raise ValueError(f"{short_repr(name)} has no constant fan-in (row {row} holds {int(counts[row])} active "
+                         f"weights, row 0 {int(counts[0])}): layout 'fan-in' needs the same count in every row "
+                         f"(use layout='csr' or 'bitmask')")
+    return m2.nonzero()[:, 1].reshape(rows, k).to(_col_dtype(cols))
+
+
 def _crow_dtype(nnz: int) -> torch.dtype:
     """The row-pointer dtype of a CSR tensor with ``nnz`` active values (part of the format)."""
     return torch.int32 if nnz < 2**31 else torch.int64
@@ -227,6 +258,8 @@ def _encode(name: str, tensor: torch.Tensor, mask: torch.Tensor, layout: str,
     pieces = {f"{name}{_SEP}values": tensor[mask].contiguous()}
     if layout == "bitmask":
         pieces[f"{name}{_SEP}mask"] = pack_bits(mask)
+    elif layout == "fan-in":
+        pieces[f"{name}{_SEP}index"] = _fan_in_index(name, tensor, mask)
     else:
         pieces.update({f"{name}{_SEP}{k}": v for k, v in _csr_pieces(name, tensor, mask).items()})
     if keep_zero_signs and tensor.is_floating_point():
@@ -266,7 +299,8 @@ def export_sparse(state_dict_or_model: Union[nn.Module, Mapping[str, torch.Tenso
             outside a mask must be zero.
         path: output file.
         metadata: JSON-serialisable mapping stored in the header (read back by :func:`read_metadata`).
-        layout: ``"bitmask"`` or ``"csr"`` (see the module docstring).
+        layout: ``"bitmask"``, ``"csr"`` or, where every mask has constant fan-in, ``"fan-in"``
+            (see the module docstring).
         keep_zero_signs: keep the sign of ``-0.0`` inactive weights, for a bit-identical restore.
 
     The file is written to a temporary name, flushed to disk and renamed: a failed export leaves
@@ -280,8 +314,8 @@ def export_sparse(state_dict_or_model: Union[nn.Module, Mapping[str, torch.Tenso
         RunDirError: the file could not be written (read-only or full disk, file-size limit).
         ImportError: safetensors is not installed.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {short_repr(layout)}")
+    if layout not in _ALL_LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(_ALL_LAYOUTS)}, got {short_repr(layout)}")
     path = Path(path)
     _check_output_path(path)
     original = state_dict_or_model.state_dict() if isinstance(state_dict_or_model, nn.Module) else state_dict_or_model
@@ -311,7 +345,8 @@ def export_sparse(state_dict_or_model: Union[nn.Module, Mapping[str, torch.Tenso
         tensors[key] = tensor.clone(memory_format=torch.contiguous_format) if copy else tensor
         if tensor.numel():
             storages.add(ptr)
-    header = {"format": FORMAT_NAME, "format_version": "2" if tied else "1", "layout": layout,
+    version = "3" if layout in STRUCTURED_LAYOUTS else "2" if tied else "1"
+    header = {"format": FORMAT_NAME, "format_version": version, "layout": layout,
               "keys": json.dumps(list(state)), "sparse": json.dumps(sparse_info), "user": user}
     if tied:
         header["tied"] = json.dumps(tied)
@@ -366,10 +401,13 @@ def _open(path: Union[str, Path]) -> tuple[dict[str, str], Any]:
         raise SparseExportError(f"{path} is not a readable safetensors file ({_detail(exc)})") from None
     if meta.get("format") != FORMAT_NAME:
         raise SparseExportError(f"{path} is not a granet sparse export (no 'format: {FORMAT_NAME}' metadata)")
-    if meta.get("format_version") not in READABLE_VERSIONS or meta.get("layout") not in LAYOUTS:
+    if meta.get("format_version") not in READABLE_VERSIONS or meta.get("layout") not in _ALL_LAYOUTS:
         raise SparseExportError(
             f"{path}: unsupported granet sparse format version {short_repr(meta.get('format_version'))} "
             f"/ layout {short_repr(meta.get('layout'))} (this granet reads versions {', '.join(READABLE_VERSIONS)})")
+    if meta["layout"] in STRUCTURED_LAYOUTS and meta["format_version"] != "3":
+        raise SparseExportError(f"{path} is a corrupt granet sparse export (layout {meta['layout']!r} in a "
+                                f"version-{meta['format_version']} file; it needs version 3)")
     return meta, handle
 
 
@@ -408,7 +446,8 @@ def _sparse_entry(key: str, info: Any, layout: str,
     """A sparsified tensor's declaration, checked against the sizes of its stored pieces.
 
     Every piece's size follows from (shape, nnz): ``values`` (nnz,), ``mask`` and ``negzero``
-    (ceil(numel / 8),) bytes, ``crow`` (rows + 1,), ``col`` (nnz,), so a declared shape is accepted
+    (ceil(numel / 8),) bytes, ``crow`` (rows + 1,), ``col`` (nnz,), ``index`` (rows, nnz / rows), so a
+    declared shape is accepted
     only where the file holds the bytes it implies (CSR: the row pointers; the column-index dtype
     bounds the row length).
     """
@@ -425,9 +464,16 @@ def _sparse_entry(key: str, info: Any, layout: str,
     if nnz > numel:
         raise ValueError(f"{name} declares {short_repr(nnz)} active values in shape {short_repr(shape)}")
     bitmap = (torch.uint8, (-(-numel // 8),))
-    required = {"values": (dtype, (nnz,))}
+    required: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {"values": (dtype, (nnz,))}
     if layout == "bitmask":
         required["mask"] = bitmap
+    elif layout == "fan-in":
+        rows, cols = _csr_shape(tuple(shape))
+        if cols > _MAX_CSR_COLS:
+            raise ValueError(f"{name} declares shape {short_repr(shape)}: rows too long for column indices")
+        if rows and nnz % rows:
+            raise ValueError(f"{name} declares {nnz} active values, not the same number in each of {rows} rows")
+        required["index"] = (_col_dtype(cols), (rows, nnz // rows if rows else 0))
     else:
         rows, cols = _csr_shape(tuple(shape))
         if cols > _MAX_CSR_COLS:
@@ -483,8 +529,11 @@ def _entries(meta: Mapping[str, str], headers: Mapping[str, tuple[torch.dtype, t
 
 
 def _tied_metadata(meta: Mapping[str, str], keys: list[str], sparse: Mapping[str, Any]) -> dict[str, str]:
-    """The ``tied`` metadata, checked: each key names an earlier, untied tensor and is not declared sparse itself."""
-    if meta["format_version"] == "1":
+    """The ``tied`` metadata, checked: each key names an earlier, untied tensor and is not declared sparse itself.
+
+    Version 1 has none, version 2 always some; version 3 has them where there are ties.
+    """
+    if meta["format_version"] == "1" or (meta["format_version"] == "3" and "tied" not in meta):
         if "tied" in meta:
             raise ValueError("its version-1 metadata has 'tied' entries")
         return {}
@@ -591,7 +640,12 @@ def _decode(handle: Any, entry: _Entry, layout: str, dense: bool,
         flat_mask: Optional[torch.Tensor] = active
     else:
         rows, cols = _csr_shape(entry.shape)
-        active = _csr_positions(piece("crow"), piece("col"), rows, cols, entry.nnz)
+        if layout == "fan-in":  # CSR whose rows all hold k: row r starts at r * k
+            index = piece("index")
+            crow = torch.arange(rows + 1, dtype=torch.int64) * index.shape[1]
+            active = _csr_positions(crow, index.reshape(-1), rows, cols, entry.nnz)
+        else:
+            active = _csr_positions(piece("crow"), piece("col"), rows, cols, entry.nnz)
         flat_mask = None
         if mask:
             flat_mask = torch.zeros(numel, dtype=torch.bool)
@@ -718,6 +772,6 @@ def export_run(run_dir: Union[str, Path], out_path: Optional[Union[str, Path]] =
                          keep_zero_signs=keep_zero_signs)
 
 
-__all__ = ["ExportInfo", "FORMAT_NAME", "FORMAT_VERSION", "LAYOUTS", "READABLE_VERSIONS", "SparseExportError",
-           "export_run",
+__all__ = ["ExportInfo", "FORMAT_NAME", "FORMAT_VERSION", "LAYOUTS", "READABLE_VERSIONS", "STRUCTURED_LAYOUTS",
+           "SparseExportError", "export_run",
            "export_sparse", "load_masks", "load_sparse", "pack_bits", "read_metadata", "unpack_bits"]
