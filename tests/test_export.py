@@ -762,3 +762,21 @@ def test_files_of_earlier_versions_still_load_and_are_written_byte_for_byte(name
         return json.loads(data[8:8 + size]), data[8 + size:]
 
     assert split(new) == split(old) and new.stat().st_size == old.stat().st_size
+
+
+def test_cli_exports_a_fan_in_run_condensed_and_loads_it_back_bit_identically(tmp_path, capsys):
+    run, out = tmp_path / "run", tmp_path / "fanin.safetensors"
+    assert granet_main(["train", "--method", "rigl", "--model", "mlp", "--structure", "fan-in", "--density", "0.1",
+                        "--epochs", "1", "--out", str(run), "--progress", "log"]) == 0
+    assert granet_main(["export", str(run), "--format", "fan-in", "--out", str(out)]) == 0
+    trained = torch.load(run / "model.pt", weights_only=True)
+    weights = trained["model"] if "model" in trained else trained
+    loaded = granet.load_sparse(str(out))
+    assert loaded.keys() == weights.keys()
+    assert all(torch.equal(loaded[k], weights[k]) for k in weights)
+    masks = torch.load(run / "checkpoint.pt", weights_only=True)["sparsifier"]["masks"]
+    with st.safe_open(str(out), "pt") as f:  # stored condensed: per output unit, its k inputs' indices
+        for name, mask in masks.items():
+            k = int(mask.sum(1)[0])
+            assert tuple(f.get_slice(f"{name}::index").get_shape()) == (mask.shape[0], k), name
+            assert f.get_slice(f"{name}::values").get_shape()[0] == mask.shape[0] * k, name

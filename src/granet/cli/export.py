@@ -29,14 +29,16 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _options(p: argparse.ArgumentParser) -> None:
-    from ..deploy.export import LAYOUTS
+    from ..deploy.export import LAYOUTS, STRUCTURED_LAYOUTS
 
     describe(p, __doc__, raw=True)
     p.add_argument("run_dir", metavar="RUN_DIR", help="a granet run directory (holds model.pt)")
     p.add_argument("--out", metavar="FILE", default=None,
                    help="output file (default RUN_DIR/model.sparse.safetensors)")
-    p.add_argument("--format", dest="layout", choices=LAYOUTS, default="bitmask",
-                   help="bitmask: active values + 1 bit per weight; csr: values + row pointers + column indices")
+    p.add_argument("--format", dest="layout", choices=(*LAYOUTS, *STRUCTURED_LAYOUTS), default="bitmask",
+                   help="bitmask: active values + 1 bit per weight; csr: values + row pointers + column indices; "
+                        "fan-in: values + one row of input indices per output unit (a run trained with "
+                        "--structure fan-in; its layers load as condensed layers)")
     add_bool(p, "--drop-zero-signs",
              help="store inactive weights as +0.0 even where the run holds -0.0 (smaller file; identical outputs, "
                   "but not bit-identical tensors; default: false)")
