@@ -213,9 +213,6 @@ def test_a_layer_the_structure_does_not_fit_is_named() -> None:
     (dict(structure="2:4", density=0.5, redistribute="momentum", grow="momentum", drop_fraction=0.3),
      "redistribute='momentum' moves regrowth between layers, which structure 2:4 does not allow (every group or "
      "row regrows what it lost): use redistribute='none'"),
-    (dict(structure="fan-in", density=0.1, prune="global", init_density=1.0),
-     "structure fan-in keeps one count per row of each layer, which global pruning (one threshold over all "
-     "layers) does not give: pass prune='layerwise'"),
     (dict(structure="fan-in", density=0.1, distribution="global"),
      "structure fan-in needs per-layer densities, which distribution 'global' does not give: pass a per-layer "
      "distribution such as 'erk'"),
@@ -299,7 +296,7 @@ def test_ddp_masks_are_identical_on_both_ranks(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-@pytest.mark.parametrize("structure,extra", [("2:4", ["--keep-dense", "features.0"]),
+@pytest.mark.parametrize("structure,extra", [("2:4", ["--keep-dense", "features.0"]), ("fan-in", []),
                                              ("fan-in", ["--prune", "layerwise"])])
 def test_cli_runs_end_with_exact_structure(tmp_path: Path, structure: str, extra: list) -> None:
     run = tmp_path / "run"
@@ -335,3 +332,21 @@ def test_the_methods_that_score_at_initialisation_refuse_a_structure_in_one_line
     with pytest.raises(ValueError, match=rf"^method '{method}' requires structure='unstructured', got '2:4'$"):
         granet.method_config(method, density=0.5, structure="2:4")
     assert granet.method_config(method, density=0.5).structure == "unstructured"
+
+
+@pytest.mark.parametrize("method", ["granet", "granet-st", "gmp"])
+def test_fan_in_under_global_pruning_moves_the_budget_between_layers_in_whole_rows(method: str) -> None:
+    # The presets prune globally: one threshold over all layers decides each layer's share, which is
+    # then a whole number of inputs per output unit.
+    model = mlp(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    s = granet.create_sparsifier(method, model, opt, structure="fan-in", density=0.2, total_steps=STEPS,
+                                 update_interval=5)
+    assert s.config.prune == "global" and s.final_counts == []
+    train(model, opt, s, (16,), range(1, STEPS + 1), "fan-in")  # asserts the structure after every step
+    ks = [int(row_counts(m)[0]) for m in s.masks.values()]
+    rows = [m.shape[0] for m in s.masks.values()]
+    assert s.counts == [k * r for k, r in zip(ks, rows)]
+    # the target up to rounding each layer's share to whole rows (at most half a row per unit and layer)
+    assert abs(sum(s.counts) - round(0.2 * s.total)) <= sum(r / 2 for r in rows) + len(rows)
+    assert len(set(s.layer_density().values())) > 1  # not a uniform split: the threshold chose the shares

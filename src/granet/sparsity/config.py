@@ -121,8 +121,9 @@ class SparsityConfig:
         "unstructured", "where each layer's active weights may be: ``unstructured`` (anywhere), ``N:M`` such as "
                         "``2:4`` (exactly N active in every M consecutive inputs of an output unit; the final "
                         "density must be N/M and every layer follows n_t:M, so ``distribution`` does not apply) "
-                        "or ``fan-in`` (every output unit of a layer keeps the same number of inputs; layer-wise "
-                        "pruning only). See :mod:`granet.sparsity.structure`.")
+                        "or ``fan-in`` (every output unit of a layer keeps the same number of inputs; under "
+                        "global pruning each layer's share is rounded to whole inputs per unit). See "
+                        ":mod:`granet.sparsity.structure`.")
     total_steps: Optional[int] = _field(
         None, "number of optimizer steps of the whole run; needed when a step field is a fraction.")
     seed: int = _field(0, "seed of every random choice (initial mask, random regrowth, tie-breaking).")
@@ -257,9 +258,6 @@ class SparsityConfig:
                              f"{structure} does not allow (every group or row regrows what it lost): use "
                              "redistribute='none'")
         if structure.kind == "fan-in":
-            if self.prune == "global":
-                raise ValueError("structure fan-in keeps one count per row of each layer, which global pruning (one "
-                                 "threshold over all layers) does not give: pass prune='layerwise'")
             if not get_distribution(self.distribution).per_layer:
                 raise ValueError(f"structure fan-in needs per-layer densities, which distribution "
                                  f"{self.distribution!r} does not give: pass a per-layer distribution such as 'erk'")

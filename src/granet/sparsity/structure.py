@@ -77,9 +77,10 @@ and r < 0.5.
   differs from the target by the rounding (at most half an entry per row, more where the minimum
   of one applies). Per-layer densities (ERK etc.) do apply: ``d`` is the layer's density that the
   distribution and the schedule give (for gradual pruning, the layer's cubic schedule between its
-  initial and final densities, evaluated at the step), and the row count follows it. A global
-  threshold, which sets layer densities by ranking weights across layers, does not fit a per-row
-  count: pruning is layer-wise.
+  initial and final densities, evaluated at the step), and the row count follows it. Under global
+  pruning a layer's ``d`` is the share of its weights that one threshold over all layers keeps at
+  the update (the update policy solves that unstructured selection first), so the budget moves
+  between layers as without structure and each layer's share is then rounded to a row count.
 
 **Initial masks.** Sparse-to-sparse methods start from a random mask: :func:`random_structured_mask`
 draws uniform scores on the CPU from the caller's generator (so CPU and CUDA runs get the same

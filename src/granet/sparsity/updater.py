@@ -360,12 +360,8 @@ class TopologyUpdater:
                                   protect=self.config.protect_units) for i in layers]
 
         if self.config.prune == "global":
-            target = self.global_prune_target(step, params, counts)
-            if target is None:
-                return list(masks)
-            problem = Problem(target, self.generator(seed, "prune", step), partial(segments, *range(len(params))),
-                              sum(p.numel() for p in params), cpu)
-            return [m.to(p.device) for m, p in zip(self.solver([problem])[0], params)]
+            pruned_globally = self._prune_global(step, params, masks, counts, names, optimizer)
+            return list(masks) if pruned_globally is None else pruned_globally
         pruning = self.pruning
         problems: list[Problem] = []
         pruned: list[int] = []
@@ -381,17 +377,47 @@ class TopologyUpdater:
             new[i] = mask
         return new
 
+    def _prune_global(self, step: int, params: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
+                      counts: Sequence[int], names: Sequence[str],
+                      optimizer: Optional[torch.optim.Optimizer]) -> Optional[list[torch.Tensor]]:
+        """Global pruning to the schedule's target at ``step``: one threshold over all layers' prune
+        scores (``None``: already at or below the target)."""
+        seed = self.config.seed
+        target = self.global_prune_target(step, params, counts)
+        if target is None:
+            return None
+
+        def segments(*layers: int) -> list[Segment]:
+            return [self._segment(self.criteria.prune, i, params[i], names[i], optimizer,
+                                  partial(self.generator, seed, "prune", step, i), among=masks[i], count=counts[i],
+                                  protect=self.config.protect_units) for i in layers]
+
+        problem = Problem(target, self.generator(seed, "prune", step), partial(segments, *range(len(params))),
+                          sum(p.numel() for p in params), on_cpu(params))
+        return [m.to(p.device) for m, p in zip(self.solver([problem])[0], params)]
+
     def _prune_structured(self, step: int, params: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
                           counts: Sequence[int], init_counts: Sequence[int], final_counts: Sequence[int],
                           names: Sequence[str], optimizer: Optional[torch.optim.Optimizer]) -> list[torch.Tensor]:
         """Gradual pruning within the structure: every group keeps ``nm_count(d_t)`` (N:M), every row
-        ``fan_in_count`` of the layer's scheduled density (fan-in, layer-wise), by the prune score."""
+        ``fan_in_count`` of the layer's density (fan-in): its scheduled density under layer-wise pruning,
+        and under global pruning the share of the layer's weights that one global threshold over all
+        layers keeps (so the budget moves between layers as in unstructured global pruning, and each
+        layer's share is then rounded to a whole number of inputs per unit), by the prune score."""
         assert self.pruning is not None
         new = list(masks)
+        shares: Optional[list[int]] = None
+        if self.structure.kind == "fan-in" and self.config.prune == "global":
+            pruned_globally = self._prune_global(step, params, masks, counts, names, optimizer)
+            if pruned_globally is None:
+                return new
+            shares = [int(m.sum()) for m in pruned_globally]
         for i, param in enumerate(params):
             shape = tuple(param.shape)
             if self.structure.kind == "n:m":
                 density = self.pruning.density(step)
+            elif shares is not None:
+                density = max(shares[i], 1) / param.numel()
             else:
                 density = max(round(self.pruning.interpolate(step, init_counts[i], final_counts[i])), 1) / param.numel()
             count = self.structured_count(i, shape, density)
