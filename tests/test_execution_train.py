@@ -66,3 +66,22 @@ def test_bad_execution_settings_are_one_line_errors(values, message):
     with pytest.raises(ConfigError) as info:
         TrainConfig.from_dict(values)
     assert str(info.value) == message
+
+
+def test_sparse_execution_under_ddp_keeps_the_masks_of_the_dense_path(tmp_path):
+    # Two gloo processes: the sparse layers' weight gradients are all-reduced like any dense gradient
+    # (zero off the mask), the sparsifier verifies identical masks on both ranks after every update.
+    from helpers import torchrun
+
+    common = ["train", *ARGS, "--device", "cpu"]
+    runs = {}
+    for mode in ("dense", "sparse"):
+        runs[mode] = tmp_path / mode
+        proc = torchrun(2, [*common, "--execution", mode, "--out", str(runs[mode])])
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    a, b = _checkpoint(runs["dense"]), _checkpoint(runs["sparse"])
+    assert a["progress"]["step"] == b["progress"]["step"] and b["config"]["execution"] == "sparse"
+    for name, mask in a["sparsifier"]["masks"].items():
+        assert torch.equal(mask, b["sparsifier"]["masks"][name]), name
+    for name, weight in a["model"].items():
+        torch.testing.assert_close(b["model"][name], weight, rtol=1e-4, atol=1e-5)
