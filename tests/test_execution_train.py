@@ -22,7 +22,7 @@ def _checkpoint(run):
 def test_sparse_execution_trains_the_masks_of_the_dense_path(mode, tmp_path, caplog):
     dense, sparse = tmp_path / "dense", tmp_path / mode
     assert main(["train", *ARGS, "--out", str(dense)]) == 0
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="granet"):
         assert main(["train", *ARGS, "--execution", mode, "--out", str(sparse)]) == 0
     plan = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sparse execution")]
     # LeNet-300-100 on 8x8 digits has no layer of 2^17 entries: auto keeps all three dense
