@@ -29,7 +29,7 @@ FLAT_KEYS = [
     "init_from", "score_batches", "tensorboard", "dist_timeout", "fsdp",
 ]
 #: Keys added since (a config.yaml without them reads as the method's preset, the behaviour it had).
-NEW_KEYS = ["prune_criterion", "drop_criterion", "protect_units", "rng", "structure", "execution"]
+NEW_KEYS = ["prune_criterion", "drop_criterion", "protect_units", "rng", "structure", "ablation", "execution"]
 
 #: A config.yaml as that version wrote it (`granet train --model mlp --method rigl --epochs 2
 #: --update-interval 5 --density 0.05 --lr-schedule multistep --milestones 0.5 0.75 --keep-checkpoints 1`):

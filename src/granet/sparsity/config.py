@@ -124,6 +124,12 @@ class SparsityConfig:
                         "or ``fan-in`` (every output unit of a layer keeps the same number of inputs; under "
                         "global pruning each layer's share is rounded to whole inputs per unit). See "
                         ":mod:`granet.sparsity.structure`.")
+    ablation: float = _field(
+        0.0, "neuron ablation for ``structure='fan-in'`` (SRigL's γ_sal, which uses 0.3), in [0, 1); 0 (default) "
+             "turns it off. At each drop-and-regrow update an output unit (every layer but the last) with fewer "
+             "than ``max(1, floor(γ · k))`` salient weights (kept, or among what the unstructured update would "
+             "regrow; k the layer's fan-in with no unit ablated) loses all its weights for good, and the layer's "
+             "other units share its budget (a larger fan-in, rounded). See :mod:`granet.sparsity.structure`.")
     total_steps: Optional[int] = _field(
         None, "number of optimizer steps of the whole run; needed when a step field is a fraction.")
     seed: int = _field(0, "seed of every random choice (initial mask, random regrowth, tie-breaking).")
@@ -243,6 +249,19 @@ class SparsityConfig:
                 f"layer-wise pruning needs a per-layer distribution ({', '.join(per_layer)}), not {self.distribution!r}"
             )
         self._check_structure()
+        self._check_ablation()
+
+    def _check_ablation(self) -> None:
+        """γ_sal in [0, 1), and only where units can be ablated (fan-in, without ``protect_units``)."""
+        gamma = self.ablation
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma < 1.0:
+            raise ValueError(f"ablation must be a number in [0, 1), got {gamma!r}")
+        if gamma > 0 and self.parsed_structure.kind != "fan-in":
+            raise ValueError(f"ablation={gamma!r} removes output units of constant fan-in layers: it needs "
+                             f"structure='fan-in', got structure={self.structure!r}")
+        if gamma > 0 and self.protect_units:
+            raise ValueError(f"ablation={gamma!r} removes output units, which protect_units keeps alive: "
+                             "use one of the two")
 
     def _check_structure(self) -> None:
         """The rules of a structure (see the README's "Structured sparsity")."""
@@ -272,7 +291,7 @@ class SparsityConfig:
             unused |= {"prune_start", "prune_end", "prune_criterion"}
         if self.drop_fraction <= 0:
             unused |= {"regrow_start", "regrow_end", "drop_fraction_end", "drop_decay", "grow", "drop_criterion",
-                       "redistribute", "reinit_regrown"}
+                       "redistribute", "reinit_regrown", "ablation"}
         if self.prune is None and self.drop_fraction <= 0:
             unused |= {"update_interval", "protect_units"}
         if isinstance(self.structure, str) and ":" in self.structure:

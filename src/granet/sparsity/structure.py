@@ -86,6 +86,34 @@ and r < 0.5.
 draws uniform scores on the CPU from the caller's generator (so CPU and CUDA runs get the same
 mask) and keeps exactly ``count`` per group or row.
 
+**Neuron ablation** (fan-in, SRigL's γ_sal: ``SparsityConfig.ablation``, 0 = off). At every
+drop-and-regrow update of a fan-in layer (not the last sparsified layer, whose units are the
+model's outputs, as in SRigL's code) :func:`ablate_units` may remove whole output units. Let ``T``
+be the layer's active weights before the update, ``R`` its rows and ``L`` its live rows (those
+holding weights). After the drop (the layer's ``T - n_drop`` highest drop scores, as above), a
+weight is *salient* when it is kept or among the ``n_drop`` highest grow scores of the entries not
+kept (what the unstructured update would regrow; ties broken by the generator of (seed, "ablate",
+step, layer), so the regrowth's own draws are those of a run without ablation; SRigL's code ranks the
+grow scores over all entries, here over those not kept, so no weight counts twice). A live row
+with fewer than ``max(1, floor(γ · T / R))`` salient weights is ablated
+(``T / R``: the fan-in of the layer's budget with no unit ablated, as in SRigL's code;
+γ is read as its decimal text, :func:`ablation_threshold`), but at least ``max(1, ceil(T / row_len))``
+rows stay live: when more rows qualify, those with the fewest salient weights go first, then the
+lowest row index. An ablated row loses its kept weights and regrows none. The ``L'`` live rows take
+the budget: each holds ``k' = round(T / L')`` (half to even, :func:`fan_in_after_ablation`), so
+``k' >= k`` and the layer holds ``L' · k'`` weights, within ``L' / 2`` of ``T`` (exactly ``T`` when
+``L'`` divides it; each ablating update rounds once); each live row regrows ``k'`` minus what it kept,
+by the grow score, as above. Ablated units stay ablated (SRigL's code recomputes the ablated set at
+every update, so a unit whose gradients rank high can come back there; here no update regrows a
+row of 0): the ablated units are the rows of 0 of the mask, so resuming needs no state beyond the
+masks. Gradual pruning spreads a layer's scheduled total ``R · k_t`` over its live rows
+(``min(k, round(R · k_t / L))`` each, ablated rows keep 0). With ablation the structure checks
+(after every update, ``set_masks``, ``load_state_dict``) accept rows of 0: every live row holds the
+same ``k``, ablated rows none (``structure_violations(..., ablated=True)``). A mask with ablated
+rows has no constant fan-in for the condensed inference layer
+(:func:`granet.deploy.condensed.constant_fan_in` returns ``None`` and ``condense`` refuses the layer
+in one line); dropping the ablated rows (and their outputs) is left to the user.
+
 :func:`is_structured` and :func:`structure_violations` check a mask (after every update, in tests).
 """
 from __future__ import annotations
@@ -93,6 +121,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Optional, Sequence, Union
 
 import torch
@@ -105,10 +134,13 @@ __all__ = [
     "UNSTRUCTURED",
     "Structure",
     "Violation",
+    "ablate_units",
+    "ablation_threshold",
     "active_counts",
     "check_layer",
     "contested_ties",
     "drop_and_regrow",
+    "fan_in_after_ablation",
     "fan_in_count",
     "from_rows",
     "group_counts",
@@ -748,6 +780,79 @@ def drop_and_regrow(drop_scores: torch.Tensor, grow_scores: torch.Tensor, mask: 
     return kept, grown
 
 
+# ---------------------------------------------------------------------------------------------- neuron ablation
+
+def _ablation(gamma: float) -> Fraction:
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma < 1.0:
+        raise ValueError(f"ablation must be a number in [0, 1), got {gamma!r}")
+    return Fraction(repr(float(gamma)))
+
+
+def ablation_threshold(gamma: float, total: int, rows: int) -> int:
+    """The salient weights a unit needs to stay live: ``max(1, floor(γ · total / rows))``.
+
+    ``total / rows`` is the fan-in the layer's budget gives when no unit is ablated; ``γ`` is read
+    as its shortest decimal text (``0.29 · 100`` is 29, not the 28.99... of binary floating point).
+
+    Args:
+        gamma: γ_sal, in [0, 1).
+        total: the layer's active weights.
+        rows: its output units (at least 1).
+
+    Returns:
+        The threshold (at least 1).
+
+    Raises:
+        ValueError: ``gamma`` outside [0, 1).
+    """
+    return max(1, math.floor(_ablation(gamma) * Fraction(int(total), max(int(rows), 1))))
+
+
+def fan_in_after_ablation(total: int, live: int, row_len: int) -> int:
+    """The count of every live row when ``live`` rows share ``total`` active weights:
+    ``clamp(round(total / live), 1, row_len)``, rounded half to even (the library's rounding)."""
+    if live < 1:
+        raise ValueError(f"a layer needs a live row to hold weights, got {live!r} live rows")
+    return min(int(row_len), max(1, round(Fraction(int(total), int(live)))))
+
+
+def ablate_units(mask: torch.Tensor, kept: torch.Tensor, regrowable: torch.Tensor, gamma: float,
+                 unit_dim: int = 0) -> tuple[torch.Tensor, int]:
+    """The ablated units of a fan-in layer after one drop-and-regrow update, and the live rows' new count
+    (the rule is in the module notes, "Neuron ablation").
+
+    Args:
+        mask: the ``torch.bool`` mask before the update (every live row holds the same count, ablated rows 0).
+        kept: the mask after the drop.
+        regrowable: the entries the unstructured update would regrow (outside ``kept``).
+        gamma: γ_sal, in [0, 1).
+        unit_dim: the dimension of the weight's output units.
+
+    Returns:
+        ``(ablated, k)``: ``(rows,)`` bool, every row without weights after the update (those already
+        at 0 included), and the count of every other row.
+
+    Raises:
+        ValueError: ``gamma`` outside [0, 1).
+    """
+    counts = row_counts(mask, unit_dim)
+    rows, row_len = row_shape(mask.shape, unit_dim)
+    total, live = int(counts.sum()), counts > 0
+    n_live = int(live.sum())
+    if n_live == 0:
+        return ~live, 0
+    threshold = ablation_threshold(gamma, total, rows)
+    salient = row_counts(kept, unit_dim) + row_counts(regrowable, unit_dim)
+    candidates = (live & (salient < threshold)).nonzero().squeeze(1)
+    most = n_live - max(1, -(-total // row_len))  # keep enough live rows for the budget to fit
+    if candidates.numel() > most:  # the fewest salient weights first, then the lowest row index
+        order = (salient[candidates] * rows + candidates).argsort()
+        candidates = candidates[order[:max(most, 0)]]
+    ablated = ~live
+    ablated[candidates] = True
+    return ablated, fan_in_after_ablation(total, n_live - int(candidates.numel()), row_len)
+
+
 # ---------------------------------------------------------------------------------------------- schedule and init
 
 def _density(density: float) -> float:
@@ -850,7 +955,7 @@ class Violation:
 
 
 def structure_violations(mask: torch.Tensor, structure: Structure, unit_dim: int = 0,
-                         count: Optional[int] = None) -> Optional[Violation]:
+                         count: Optional[int] = None, *, ablated: bool = False) -> Optional[Violation]:
     """The first row (fan-in) or group (N:M) of ``mask`` that breaks ``structure``, or ``None``.
 
     Args:
@@ -858,25 +963,36 @@ def structure_violations(mask: torch.Tensor, structure: Structure, unit_dim: int
         structure: the structure it should have (``unstructured``: never broken).
         unit_dim: the dimension of the weight's output units.
         count: the count every group or row must hold; default ``N`` for N:M (pass ``n_t`` during
-            the gradual schedule) and, for fan-in, the count of row 0 (every row the same).
+            the gradual schedule) and, for fan-in, the count of row 0 (every row the same), with
+            ``ablated`` the count of the first row that has one.
+        ablated: fan-in with neuron ablation: rows of 0 (ablated units) are allowed, every other
+            row must hold ``count``.
 
     Returns:
         A :class:`Violation` (first in row order), or ``None`` when the mask has the structure.
 
     Raises:
-        ValueError: a mask the structure cannot apply to (see :func:`check_layer`).
+        ValueError: a mask the structure cannot apply to (see :func:`check_layer`), or ``ablated``
+            with a structure other than fan-in.
     """
+    if ablated and structure.kind != "fan-in":
+        raise ValueError(f"ablated rows exist only under structure fan-in, got {structure}")
     if not structure.structured:
         return None
     check_layer(structure, f"a mask of shape {tuple(mask.shape)}", mask.shape, unit_dim)
     counts = active_counts(mask, structure, unit_dim)
     if counts.numel() == 0:
         return None
-    if count is None:
-        expected = structure.n if structure.kind == "n:m" else int(counts[0])
-    else:
+    if count is not None:
         expected = count
+    elif structure.kind == "n:m":
+        expected = structure.n
+    else:
+        nonzero = counts[counts > 0] if ablated else counts
+        expected = int(nonzero[0]) if nonzero.numel() else 0
     wrong = counts != expected
+    if ablated:
+        wrong &= counts != 0
     offending = int(wrong.sum())
     if offending == 0:
         return None
@@ -887,7 +1003,8 @@ def structure_violations(mask: torch.Tensor, structure: Structure, unit_dim: int
     return Violation(first, None, int(counts[first]), expected, offending)
 
 
-def is_structured(mask: torch.Tensor, structure: Structure, unit_dim: int = 0, count: Optional[int] = None) -> bool:
+def is_structured(mask: torch.Tensor, structure: Structure, unit_dim: int = 0, count: Optional[int] = None, *,
+                  ablated: bool = False) -> bool:
     """Whether ``mask`` has ``structure`` exactly (see :func:`structure_violations`).
 
     Args:
@@ -895,6 +1012,7 @@ def is_structured(mask: torch.Tensor, structure: Structure, unit_dim: int = 0, c
         structure: the structure.
         unit_dim: the dimension of the weight's output units.
         count: the count every group or row must hold (defaults as :func:`structure_violations`).
+        ablated: allow rows of 0 (fan-in with neuron ablation).
 
     Returns:
         ``True`` when no row or group breaks it.
@@ -902,4 +1020,4 @@ def is_structured(mask: torch.Tensor, structure: Structure, unit_dim: int = 0, c
     Raises:
         ValueError: a mask the structure cannot apply to.
     """
-    return structure_violations(mask, structure, unit_dim, count) is None
+    return structure_violations(mask, structure, unit_dim, count, ablated=ablated) is None

@@ -48,6 +48,7 @@ import torch
 
 from ..kernels.counter_rng import RandomSource
 from ..kernels.layer_threads import on_cpu
+from ..kernels.topk import select_top
 from . import topology
 from .config import ResolvedSparsity, SparsityConfig
 from .criteria import (
@@ -62,11 +63,15 @@ from .distributions import allocate_counts, layer_counts
 from .schedules import DropFractionSchedule, PruningSchedule
 from .structure import (
     Violation,
+    ablate_units,
     active_counts,
+    fan_in_after_ablation,
     fan_in_count,
+    from_rows,
     nm_count,
     random_structured_mask,
     room,
+    row_counts,
     row_shape,
     select_structured,
     structure_violations,
@@ -294,6 +299,10 @@ class TopologyUpdater:
         if not self.structure.structured or mask.numel() == 0:
             return None
         counts = active_counts(mask, self.structure, self._dim(i))
+        if self.config.ablation > 0:  # fan-in with ablated units: every live row alike, ablated rows 0
+            live = int(torch.count_nonzero(counts))
+            expected = round(int(counts.sum()) / live) if live else 0
+            return structure_violations(mask, self.structure, self._dim(i), expected, ablated=True)
         return structure_violations(mask, self.structure, self._dim(i), round(int(counts.sum()) / counts.numel()))
 
     def check_structure(self, names: Sequence[str], masks: Sequence[torch.Tensor]) -> None:
@@ -420,8 +429,16 @@ class TopologyUpdater:
                 density = max(shares[i], 1) / param.numel()
             else:
                 density = max(round(self.pruning.interpolate(step, init_counts[i], final_counts[i])), 1) / param.numel()
-            count = self.structured_count(i, shape, density)
-            if counts[i] <= self.structured_total(i, shape, count):
+            count: Union[int, torch.Tensor] = self.structured_count(i, shape, density)
+            ablated = self._ablated_rows(i, masks[i])
+            if ablated is not None:  # the layer's scheduled total over its live rows, never more than they hold
+                live, held = int((~ablated).sum()), counts[i] // int((~ablated).sum())
+                k = min(held, fan_in_after_ablation(self.structured_total(i, shape, int(count)), live,
+                                                    row_shape(shape, self._dim(i))[1]))
+                if counts[i] <= live * k:
+                    continue
+                count = torch.where(ablated, 0, k)
+            elif counts[i] <= self.structured_total(i, shape, int(count)):
                 continue
             generator = self.generator(self.config.seed, "prune", step, i)  # the score's, then the ties'
             segment = self._segment(self.criteria.prune, i, param, names[i], optimizer, partial(lambda g: g, generator),
@@ -489,10 +506,13 @@ class TopologyUpdater:
             return grow(j, kept[0], drops[layers[j]])
 
         if self.structure.structured:  # every group or row regrows what it lost (redistribution is refused)
+            grows = list(drops)
             for j, (kept_mask,) in enumerate(self.solver([drop(j) for j in range(len(layers))])):
-                self._regrow_structured(result, layers[j], names[layers[j]], params[layers[j]], masks[layers[j]],
-                                        kept_mask, step, optimizer)
-            grows = drops
+                i = layers[j]
+                moved = self._regrow_structured(result, i, names[i], params[i], masks[i], kept_mask, step, optimizer,
+                                                ablate=self._ablates(i, n))
+                if moved is not None:  # with ablation: the weights the layer lost and regrew
+                    drops[i], grows[i] = moved
         elif cfg.redistribute == "none":  # each layer regrows what it dropped: drop, regrowth, new mask in one chain
             grows = drops
             self.solver([drop(j, then=partial(regrow_dropped, j)) for j in range(len(layers))])
@@ -508,19 +528,47 @@ class TopologyUpdater:
             report.layers[names[i]].update(dropped=drops[i], regrown=grows[i])
         return result
 
+    def _ablates(self, i: int, n: int) -> bool:
+        """Whether layer ``i`` of ``n`` may lose units at a drop-and-regrow update (neuron ablation: fan-in
+        only, never the last layer, whose units are the model's outputs)."""
+        return self.config.ablation > 0 and self.structure.kind == "fan-in" and i != n - 1
+
+    def _ablated_rows(self, i: int, mask: torch.Tensor) -> Optional[torch.Tensor]:
+        """Layer ``i``'s ablated rows (``(rows,)`` bool), or ``None`` when ablation is off or no row is ablated."""
+        if self.config.ablation <= 0:
+            return None
+        empty = row_counts(mask, self._dim(i)) == 0
+        return empty if bool(empty.any()) and not bool(empty.all()) else None
+
     def _regrow_structured(self, result: Regrowth, i: int, name: str, param: torch.Tensor, old: torch.Tensor,
-                           kept: torch.Tensor, step: int, optimizer: Optional[torch.optim.Optimizer]) -> None:
+                           kept: torch.Tensor, step: int, optimizer: Optional[torch.optim.Optimizer],
+                           ablate: bool = False) -> Optional[tuple[int, int]]:
         """Layer ``i``'s regrowth within the structure: each group (N:M) or row (fan-in) regrows its
-        room, the entries it lost at the drop, among its entries inactive after the drop, by the grow score."""
+        room, the entries it lost at the drop, among its entries inactive after the drop, by the grow score.
+        With ``ablate`` (neuron ablation, :func:`~.structure.ablate_units`), ablated rows lose what they
+        kept and the live rows regrow to the new fan-in; it then returns ``(dropped, regrown)``."""
         generator = self.generator(self.config.seed, "grow", step, i)  # the score's, then the ties'
         kept = kept.view(old.shape)
         segment = self._segment(self.criteria.grow, i, param, name, optimizer, lambda: generator, among=kept,
                                 outside=True, count=param.numel() - int(kept.sum()))
         scores = segment.values.detach().abs() if segment.absolute else segment.values
         dim = self._dim(i)
-        grown = select_structured(scores, self.structure, room(old, kept, self.structure, dim), generator,
-                                  among=kept, outside=True, unit_dim=dim)
+        if not ablate:
+            grown = select_structured(scores, self.structure, room(old, kept, self.structure, dim), generator,
+                                      among=kept, outside=True, unit_dim=dim)
+            self._combine(result, i, old, kept, grown)
+            return None
+        # salient: kept, or among what the unstructured update would regrow (its own generator: the
+        # regrowth's draws are those of a run without ablation)
+        regrowable = select_top(scores.detach().masked_fill(kept, -math.inf), int(old.sum()) - int(kept.sum()),
+                                self.generator(self.config.seed, "ablate", step, i)).view(old.shape)
+        ablated, k = ablate_units(old, kept, regrowable, self.config.ablation, dim)
+        rows, row_len = row_shape(old.shape, dim)
+        kept = kept & from_rows((~ablated).unsqueeze(1).expand(rows, row_len), old.shape, dim)
+        counts = torch.where(ablated, 0, k - row_counts(kept, dim))
+        grown = select_structured(scores, self.structure, counts, generator, among=kept, outside=True, unit_dim=dim)
         self._combine(result, i, old, kept, grown)
+        return int(old.sum()) - int(kept.sum()), int(grown.sum())
 
     def _segment(self, criterion: Criterion, i: int, param: torch.Tensor, name: str,
                  optimizer: Optional[torch.optim.Optimizer], generator: Callable[[], RandomSource],

@@ -130,6 +130,7 @@ class SparsityOptions:
     mask_optimizer_state: Optional[bool] = _preset("mask_optimizer_state")
     rng: Optional[str] = _preset("rng")
     structure: Optional[str] = _preset("structure")
+    ablation: Optional[float] = _preset("ablation")
     track_exploration: Optional[bool] = _preset("track_exploration")
 
 
