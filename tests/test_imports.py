@@ -381,7 +381,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "models": ("foundation",),
     "data": ("foundation",),
     "reports": ("foundation",),
-    "deploy": ("foundation",),
+    "deploy": ("kernels",),
     "sparsity": ("kernels", "parallel"),
     "accounting": ("sparsity",),
     "baselines": ("accounting",),

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 import granet
+import granet.sparsity.criteria  # the modules the tests below call through granet.sparsity
+import granet.sparsity.masking
 from granet.kernels import native
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -338,10 +340,10 @@ def test_set_enabled_reports_itself_in_the_status():
 
 def _pretend_not_built(monkeypatch) -> None:
     """This process as if granet had been installed without a C compiler."""
-    monkeypatch.setattr(native, "_MODULE", "granet._no_such_kernels")
-    monkeypatch.setattr(native, "_loaded", False)
-    monkeypatch.setattr(native, "_library", None)
-    monkeypatch.setattr(native, "_state", "")
+    monkeypatch.setattr(native._LIBRARY, "module", "granet._no_such_kernels")
+    monkeypatch.setattr(native._LIBRARY, "loaded", False)
+    monkeypatch.setattr(native._LIBRARY, "lib", None)
+    monkeypatch.setattr(native._LIBRARY, "state", "")
     monkeypatch.setattr(native, "_warned", False)
 
 
@@ -350,8 +352,8 @@ def test_without_the_built_kernels_the_torch_path_runs_and_warns_once(monkeypatc
     want = granet.sparsity.criteria.select_top(scores, 777)  # with the kernels
     _pretend_not_built(monkeypatch)
     # Tensors the kernels could never take do not even look for them (nor warn).
-    assert not native.supports([torch.empty(3, device="meta")]) and not native._loaded
-    assert not native.supports([torch.empty(3, dtype=torch.float64)]) and not native._loaded
+    assert not native.supports([torch.empty(3, device="meta")]) and not native._LIBRARY.loaded
+    assert not native.supports([torch.empty(3, dtype=torch.float64)]) and not native._LIBRARY.loaded
     with caplog.at_level(logging.INFO, logger="granet.kernels.native"):
         got = [granet.sparsity.criteria.select_top(scores, 777) for _ in range(2)]
     assert all(torch.equal(g, want) for g in got)
@@ -459,7 +461,7 @@ def byte_at_a_time(tmp_path_factory) -> ctypes.CDLL:
 
 @pytest.mark.parametrize("n", SIZES)
 def test_the_byte_at_a_time_scan_for_an_unknown_byte_order_gives_the_same_results(n, byte_at_a_time, monkeypatch):
-    monkeypatch.setattr(native, "_library", byte_at_a_time)
+    monkeypatch.setattr(native._LIBRARY, "lib", byte_at_a_time)
     x = _values(n, seed=n)
     valid = torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.6
     for absolute in (False, True):

@@ -39,8 +39,6 @@ rounding, not bit for bit. For inference only: no gradients flow.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import importlib.util
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +48,7 @@ import torch
 from torch import nn
 
 from ..errors import short_repr
+from ..kernels.native_library import NativeLibrary
 
 __all__ = ["CondensedLinear", "available", "condense", "condensed_linear", "constant_fan_in", "index_dtype",
            "set_enabled", "status"]
@@ -61,104 +60,13 @@ LANES = 16  #: rows per block of the blocked layout (one AVX-512 register of flo
 #: weights and batch row, the broadcast kernel one cache-line load of x^T per weight and 16 rows).
 GATHER_MAX_BATCH = 8
 
-_MODULE = "granet.deploy._condensed_kernels"
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_condensed.c")
-_LEVELS = ("portable", "avx2", "avx512")
-_NOT_BUILT = "not built (no working C compiler when granet was installed)"
-_OFF_VALUES = ("0", "false", "no", "off")
-
-_lock = threading.Lock()
-_library: Optional[ctypes.CDLL] = None
-_loaded = False
-_state = ""
-# GRANET_NATIVE=0 (or false/no/off) turns granet's native kernels off, these included; read once,
-# as the forward pass of a small layer cannot afford an environment lookup per call.
-_enabled = os.environ.get("GRANET_NATIVE", "1").strip().lower() not in _OFF_VALUES
-_off = "" if _enabled else "off (GRANET_NATIVE=0)"
+_LEVELS = ("portable", "avx2", "avx512")  # granet_condensed_use's levels, named in status()
 
 
 # ---------------------------------------------------------------------------- the native library
 
-def set_enabled(flag: bool) -> bool:
-    """Use the native condensed kernels (where built) or the torch operations; returns the previous
-    setting. The default comes from ``GRANET_NATIVE``. Results do not depend on it."""
-    global _enabled, _off
-    previous, _enabled = _enabled, bool(flag)
-    if previous != _enabled:
-        _off = "" if _enabled else "off (set_enabled(False))"
-    return previous
-
-
-def _library_or_none() -> Optional[ctypes.CDLL]:
-    global _library, _loaded, _state
-    if not _enabled:
-        return None
-    if not _loaded:
-        with _lock:
-            if not _loaded:
-                _library, _state = _load()
-                _loaded = True
-    return _library
-
-
-def available() -> bool:
-    """Whether the native condensed kernels are in use (built, loaded, checked, not turned off)."""
-    return _library_or_none() is not None
-
-
-def status() -> str:
-    """``"in use (avx512)"`` (or ``avx2``, ``portable``), ``"off (GRANET_NATIVE=0)"``,
-    ``"off (set_enabled(False))"``, ``"not built (...)"``, ``"stale (...)"`` or ``"unusable (...)"``."""
-    if not _enabled:
-        return _off
-    _library_or_none()
-    return _state
-
-
-def _source_hash(path: str) -> int:
-    """The first 60 bits of the file's SHA-256, as ``setup.py`` compiles them into the library."""
-    with open(path, "rb") as f:
-        return int(hashlib.sha256(f.read()).hexdigest()[:15], 16)
-
-
-def _load() -> tuple[Optional[ctypes.CDLL], str]:
-    """The installed kernels and ``"in use (LEVEL)"``, or ``None`` and why not."""
-    try:
-        spec = importlib.util.find_spec(_MODULE)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.origin:
-        return None, _NOT_BUILT
-    return _open(spec.origin, _SOURCE if os.path.exists(_SOURCE) else None)
-
-
-def _open(path: str, source: Optional[str], level: int = -1) -> tuple[Optional[ctypes.CDLL], str]:
-    """The library at ``path`` loaded, checked (built from ``source`` where given; the bits of the
-    torch operations on a small case) and set to ``level`` (-1: the widest this CPU runs)."""
-    try:
-        lib = ctypes.CDLL(path)
-        _declare(lib)
-    except (OSError, AttributeError) as e:  # not loadable here, or built from a version without a symbol
-        return None, f"unusable ({path}: {e})"
-    if source is not None and lib.granet_condensed_source_hash() != _source_hash(source):
-        return None, f"stale ({path} was built from an older {os.path.basename(source)}: reinstall granet)"
-    used = lib.granet_condensed_use(level)
-    if used < 0:
-        return None, f"unusable ({path}: level {level} does not run on this CPU)"
-    failed = _self_test(lib)
-    if failed:
-        return None, f"unusable ({path} differs from the torch operations ({failed}); built with FMA contraction?)"
-    return lib, f"in use ({_LEVELS[used]})"
-
-
 def _declare(lib: ctypes.CDLL) -> None:
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.granet_condensed_source_hash.restype = ctypes.c_uint64
-    lib.granet_condensed_source_hash.argtypes = []
-    lib.granet_condensed_levels.restype = c_int
-    lib.granet_condensed_levels.argtypes = []
-    lib.granet_condensed_use.restype = c_int
-    lib.granet_condensed_use.argtypes = [c_int]
     lib.granet_condensed_gather_f32.restype = c_int
     lib.granet_condensed_gather_f32.argtypes = [ptr, ptr, c_int, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, i64]
     lib.granet_condensed_broadcast_f32.restype = c_int
@@ -166,8 +74,9 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def _self_test(lib: ctypes.CDLL) -> str:
-    """"" when both kernels give the torch operations' bits on small cases (both index widths, a
-    partial last block, one row, a few rows and a batch with a partial lane block), else the case."""
+    """The library's self-test: ``""`` when both kernels give the torch operations' bits on small
+    cases (both index widths, a partial last block, one row, a few rows and a batch with a partial
+    lane block), else the reason, naming the first case that differs."""
     gen = torch.Generator().manual_seed(0)
     for in_features, out_features, k in ((37, 21, 5), (40_000, 18, 3)):
         weight = torch.zeros(out_features, in_features)
@@ -181,8 +90,40 @@ def _self_test(lib: ctypes.CDLL) -> str:
                 got = _native(lib, values, index, x, out_features, b)
                 want = _reference(values, index, x, out_features, b)
                 if not torch.equal(got.view(torch.int32), want.view(torch.int32)):
-                    return f"{index.dtype} indices, batch {batch}, {'a' if b is not None else 'no'} bias"
+                    return (f"differs from the torch operations ({index.dtype} indices, batch {batch}, "
+                            f"{'a' if b is not None else 'no'} bias); built with FMA contraction?")
     return ""
+
+
+_LIBRARY = NativeLibrary(module="granet.deploy._condensed_kernels",
+                         source=os.path.join(os.path.dirname(os.path.abspath(__file__)), "_condensed.c"),
+                         prefix="granet_condensed", levels=_LEVELS, declare=_declare, self_test=_self_test)
+
+_library_or_none = _LIBRARY.library  # the checked library, or None: the torch operations run
+_load = _LIBRARY.load
+
+
+def set_enabled(flag: bool) -> bool:
+    """Use the native condensed kernels (where built) or the torch operations; returns the previous
+    setting. The default comes from ``GRANET_NATIVE``. Results do not depend on it."""
+    return _LIBRARY.set_enabled(flag)
+
+
+def available() -> bool:
+    """Whether the native condensed kernels are in use (built, loaded, checked, not turned off)."""
+    return _LIBRARY.available()
+
+
+def status() -> str:
+    """``"in use (avx512)"`` (or ``avx2``, ``portable``), ``"off (GRANET_NATIVE=0)"``,
+    ``"off (set_enabled(False))"``, ``"not built (...)"``, ``"stale (...)"`` or ``"unusable (...)"``."""
+    return _LIBRARY.status()
+
+
+def _open(path: str, source: Optional[str], level: int = -1) -> tuple[Optional[ctypes.CDLL], str]:
+    """The library at ``path`` loaded, checked (built from ``source`` where given; the bits of the
+    torch operations on a small case) and set to ``level`` (-1: the widest this CPU runs)."""
+    return _LIBRARY.open(path, source, level)
 
 
 # ---------------------------------------------------------------------------- layouts

@@ -6,9 +6,10 @@ operations these are seven passes and a slow compaction (``nonzero`` costs about
 one core); fused, they are one pass at a fraction of the cost. The kernels here are that fusion,
 in plain C (``_native.c``, no torch headers), compiled when the package is built (``setup.py``) into
 the extension module ``granet.kernels._native_kernels``. This module finds that file with importlib and
-loads it with ``ctypes`` on first use: no compiler runs at import or run time. When loaded, the
-library picks the widest instruction set this CPU runs (AVX-512 with or without VBMI, AVX2, or the
-portable baseline) and checks itself on a known case, which a wrong byte order would fail.
+loads it with ``ctypes`` on first use (:mod:`.native_library`, the loader of granet's C libraries): no
+compiler runs at import or run time. When loaded, the library picks the widest instruction set this
+CPU runs (AVX-512 with or without VBMI, AVX2, or the portable baseline) and checks itself on a known
+case, which a wrong byte order would fail.
 
 Where the package was installed without a working C compiler the library is missing, and so it is
 with ``GRANET_NATIVE=0`` in the environment: :mod:`granet.kernels.topk` then runs the torch operations
@@ -23,130 +24,24 @@ on the layer threads of :mod:`granet.kernels.layer_threads`.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import importlib.util
 import logging
 import os
-import threading
 from typing import Optional, Sequence
 
 import torch
 from torch.autograd.graph import increment_version
 
+from .native_library import NOT_BUILT, NativeLibrary
+
 logger = logging.getLogger(__name__)
 
-_MODULE = "granet.kernels._native_kernels"
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_native.c")
 _LEVELS = ("portable", "avx2", "avx512", "avx512vbmi")  # granet_kernels_use's levels, named in status()
-_NOT_BUILT = "not built (no working C compiler when granet was installed)"
-
-_lock = threading.Lock()
-_library: Optional[ctypes.CDLL] = None
-_loaded = False
-_state = ""  # status() once loaded: "in use (LEVEL)", or why there is no library
+_NOT_BUILT = NOT_BUILT
 _warned = False
-_SWITCH = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
-
-
-def _from_environment() -> bool:
-    value = os.environ.get("GRANET_NATIVE", "1")
-    if value.strip().lower() not in _SWITCH:
-        logger.warning("GRANET_NATIVE=%r is not one of 1/0, true/false, yes/no, on/off: the native kernels stay on",
-                       value)
-        return True
-    return _SWITCH[value.strip().lower()]
-
-
-_enabled = _from_environment()
-_off = "" if _enabled else "off (GRANET_NATIVE=0)"
-
-
-def set_enabled(flag: bool) -> bool:
-    """Use the native kernels (where they are built) or not; returns the previous setting.
-
-    The default comes from ``GRANET_NATIVE`` (``0`` turns them off). Results do not depend on it.
-    """
-    global _enabled, _off
-    previous, _enabled = _enabled, bool(flag)
-    if previous != _enabled:
-        _off = "" if _enabled else "off (set_enabled(False))"
-    return previous
-
-
-def library() -> Optional[ctypes.CDLL]:
-    """The loaded kernels, or ``None`` (turned off, or not built: torch ops run)."""
-    global _library, _loaded, _state
-    if not _enabled:
-        return None
-    if not _loaded:
-        with _lock:
-            if not _loaded:
-                _library, _state = _load()
-                _loaded = True
-                if _library is not None:
-                    logger.debug("native selection kernels %s", _state)
-    return _library
-
-
-def available() -> bool:
-    """Whether the native kernels are in use: built, loaded, and not turned off."""
-    return library() is not None
-
-
-def status() -> str:
-    """A short line for ``summary.json`` and ``granet --version``: ``"in use (avx512)"`` (or
-    ``avx512vbmi``, ``avx2``, ``portable``), ``"off (GRANET_NATIVE=0)"``, ``"off (set_enabled(False))"``,
-    ``"not built (...)"``, ``"stale (...)"`` or ``"unusable (...)"``."""
-    if not _enabled:
-        return _off
-    library()
-    return _state
-
-
-def _load() -> tuple[Optional[ctypes.CDLL], str]:
-    """The installed kernels and ``"in use (LEVEL)"``, or ``None`` and why not."""
-    try:
-        spec = importlib.util.find_spec(_MODULE)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.origin:
-        return None, _NOT_BUILT
-    # The source sits beside the library in a source checkout (editable install), where it may
-    # have changed since the library was built; a wheel may not ship it.
-    return _open(spec.origin, _SOURCE if os.path.exists(_SOURCE) else None)
-
-
-def _source_hash(path: str) -> int:
-    """The first 60 bits of the file's SHA-256, as ``setup.py`` compiles them into the library."""
-    with open(path, "rb") as f:
-        return int(hashlib.sha256(f.read()).hexdigest()[:15], 16)
-
-
-def _open(path: str, source: Optional[str]) -> tuple[Optional[ctypes.CDLL], str]:
-    """The library at ``path`` loaded, checked (built from ``source`` where given; the self-test)
-    and set to the widest instruction set this CPU runs; or ``None`` and why not."""
-    try:
-        lib = ctypes.CDLL(path)
-        _declare(lib)
-    except (OSError, AttributeError) as e:  # not loadable here, or built from a version without a symbol
-        return None, f"unusable ({path}: {e})"
-    if source is not None and lib.granet_kernels_source_hash() != _source_hash(source):
-        return None, f"stale ({path} was built from an older {os.path.basename(source)}: reinstall granet)"
-    level = lib.granet_kernels_use(-1)
-    failed = lib.granet_kernels_self_test()
-    if failed:
-        return None, f"unusable ({path} fails its self-test ({failed:#x}): built for another byte order?)"
-    return lib, f"in use ({_LEVELS[level]})"
 
 
 def _declare(lib: ctypes.CDLL) -> None:
     i64, ptr, f32, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
-    lib.granet_kernels_source_hash.restype = ctypes.c_uint64
-    lib.granet_kernels_source_hash.argtypes = []
-    lib.granet_kernels_levels.restype = c_int
-    lib.granet_kernels_levels.argtypes = []
-    lib.granet_kernels_use.restype = c_int
-    lib.granet_kernels_use.argtypes = [c_int]
     lib.granet_kernels_self_test.restype = c_int
     lib.granet_kernels_self_test.argtypes = []
     lib.granet_band_f32.restype = i64
@@ -160,15 +55,63 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.granet_compact_f32.argtypes = [ptr, i64, c_int, ptr, c_int, ptr, ptr, i64]
 
 
+def _self_test(lib: ctypes.CDLL) -> str:
+    """The library's own check on a known case (at the level in use), which a wrong byte order fails."""
+    failed = lib.granet_kernels_self_test()
+    return f"fails its self-test ({failed:#x}): built for another byte order?" if failed else ""
+
+
+_LIBRARY = NativeLibrary(module="granet.kernels._native_kernels",
+                         source=os.path.join(os.path.dirname(os.path.abspath(__file__)), "_native.c"),
+                         prefix="granet_kernels", levels=_LEVELS, declare=_declare, self_test=_self_test,
+                         log=logger, name="native selection kernels")
+
+
+def set_enabled(flag: bool) -> bool:
+    """Use the native kernels (where they are built) or not; returns the previous setting.
+
+    The default comes from ``GRANET_NATIVE`` (``0`` turns them off). Results do not depend on it.
+    """
+    return _LIBRARY.set_enabled(flag)
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded kernels, or ``None`` (turned off, or not built: torch ops run)."""
+    return _LIBRARY.library()
+
+
+def available() -> bool:
+    """Whether the native kernels are in use: built, loaded, and not turned off."""
+    return _LIBRARY.available()
+
+
+def status() -> str:
+    """A short line for ``summary.json`` and ``granet --version``: ``"in use (avx512)"`` (or
+    ``avx512vbmi``, ``avx2``, ``portable``), ``"off (GRANET_NATIVE=0)"``, ``"off (set_enabled(False))"``,
+    ``"not built (...)"``, ``"stale (...)"`` or ``"unusable (...)"``."""
+    return _LIBRARY.status()
+
+
+def _load() -> tuple[Optional[ctypes.CDLL], str]:
+    """The installed kernels and ``"in use (LEVEL)"``, or ``None`` and why not."""
+    return _LIBRARY.load()
+
+
+def _open(path: str, source: Optional[str]) -> tuple[Optional[ctypes.CDLL], str]:
+    """The library at ``path`` loaded, checked (built from ``source`` where given; the self-test)
+    and set to the widest instruction set this CPU runs; or ``None`` and why not."""
+    return _LIBRARY.open(path, source)
+
+
 def _warn_missing() -> None:
     global _warned
-    with _lock:  # the layer threads may all find the kernels missing at once
+    with _LIBRARY.lock:  # the layer threads may all find the kernels missing at once
         if _warned:
             return
         _warned = True
     logger.warning("granet's native selection kernels are %s: topology updates on the CPU run torch operations "
                    "instead (the same masks, about 2x slower). Reinstall granet where a C compiler is available "
-                   "to build them.", _state)
+                   "to build them.", _LIBRARY.state)
 
 
 def _fits(t: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -199,7 +142,7 @@ def supports(values: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tens
             if t is not None and not _fits(t, dtype):
                 return False
     lib = library()
-    if lib is None and _enabled:
+    if lib is None and _LIBRARY.enabled:
         _warn_missing()
     return lib is not None
 
