@@ -54,8 +54,10 @@ SHAPES = ((768, 3072), (3072, 768), (4096, 4096))  # (in_features, out_features)
 BATCHES = (1, 64)
 
 
-def _interleaved(fns: Sequence[Callable[[], object]], repeats: int, budget_s: float) -> list[list[float]]:
-    """Milliseconds of each function, run in turn ``repeats`` times (at least 7, fewer past ``budget_s``)."""
+def interleaved(fns: Sequence[Callable[[], object]], repeats: int, budget_s: float,
+                minimum: int = 7) -> list[list[float]]:
+    """Milliseconds of each function, run in turn ``repeats`` times (at least ``minimum``, fewer past
+    ``budget_s``); also the timing loop of bench_sparse_training.py."""
     for fn in fns:
         fn()  # warm-up
     times: list[list[float]] = [[] for _ in fns]
@@ -65,7 +67,7 @@ def _interleaved(fns: Sequence[Callable[[], object]], repeats: int, budget_s: fl
             t0 = time.perf_counter()
             fn()
             ts.append((time.perf_counter() - t0) * 1e3)
-        if r >= 6 and time.perf_counter() - start > budget_s:
+        if r >= minimum - 1 and time.perf_counter() - start > budget_s:
             break
     return times
 
@@ -80,12 +82,12 @@ def _after_dense(dense: Callable[[], object], variants: Sequence[Callable[[], ob
     fns: list[Callable[[], object]] = []
     for v in variants:
         fns += [dense, v]
-    times = _interleaved(fns, repeats, budget_s=3.0 * len(variants))
+    times = interleaved(fns, repeats, budget_s=3.0 * len(variants))
     return [t for ts in times[0::2] for t in ts], times[1::2]
 
 
 def _medians(fns: Sequence[Callable[[], object]], repeats: int, budget_s: float) -> list[float]:
-    return [statistics.median(ts) for ts in _interleaved(fns, repeats, budget_s)]
+    return [statistics.median(ts) for ts in interleaved(fns, repeats, budget_s)]
 
 
 def _sparse_linear(fan_in: int, fan_out: int, density: float, gen: torch.Generator) -> nn.Linear:
@@ -266,7 +268,7 @@ def conv1x1(densities: Sequence[float], repeats: int) -> None:
                 conv.weight.copy_(_sparse_linear(c_in, c_out, density, gen).weight.view_as(conv.weight))
             sparse = SparseConv1x1(conv)
             x = torch.randn(1, c_in, size, size, generator=gen)
-            cells, _ = _row(*_interleaved([lambda: conv(x), lambda: sparse(x)], repeats, budget_s=3.0))
+            cells, _ = _row(*interleaved([lambda: conv(x), lambda: sparse(x)], repeats, budget_s=3.0))
             diff = float((conv(x) - sparse(x)).abs().max())
             print(f"| {c_in}->{c_out} @ {size}x{size} | {density:g} | {cells} | {diff:.1e} |")
     print()

@@ -56,6 +56,7 @@ from typing import Any, Callable, Optional, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from bench_inference import interleaved  # noqa: E402  (the same timing loop)
 from torch import nn  # noqa: E402
 
 import granet  # noqa: E402
@@ -70,22 +71,6 @@ except ImportError:
 
 ROWS = 2048  # batch x tokens of the GPT-2 block
 D_MODEL, D_FF = 768, 3072
-
-
-def _interleaved(fns: Sequence[Callable[[], object]], repeats: int, budget_s: float) -> list[list[float]]:
-    """Milliseconds of each function, run in turn ``repeats`` times (at least 3, fewer past ``budget_s``)."""
-    for fn in fns:
-        fn()  # warm-up: first calls allocate and pick kernels
-    times: list[list[float]] = [[] for _ in fns]
-    start = time.perf_counter()
-    for r in range(repeats):
-        for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-        if r >= 2 and time.perf_counter() - start > budget_s:
-            break
-    return times
 
 
 def _ratio(base: list[float], other: list[float]) -> str:
@@ -128,7 +113,7 @@ def _padded_bmm(layout: LinearLayout, gyt: torch.Tensor, xt: torch.Tensor, chunk
 
 
 def _print_times(title: str, fns: dict[str, Callable[[], object]], repeats: int, budget_s: float) -> None:
-    ms = [statistics.median(t) for t in _interleaved(list(fns.values()), repeats, budget_s)]
+    ms = [statistics.median(t) for t in interleaved(list(fns.values()), repeats, budget_s, minimum=3)]
     print(title)
     for name, m in zip(fns, ms):
         print(f"  {name:42s} {m:8.1f} ms  {m / ms[0]:5.2f}")
@@ -200,7 +185,7 @@ def _layer_ratio(out_f: int, in_f: int, rows: int, density: float, repeats: int,
         sparse_linear(x, weight, layout, bias).backward(gy)
         x.grad = weight.grad = bias.grad = None
 
-    ts = _interleaved([dense, sparse], repeats, 8.0)
+    ts = interleaved([dense, sparse], repeats, 8.0, minimum=3)
     return f"{statistics.median(ts[0]) / statistics.median(ts[1]):.2f}"
 
 
@@ -307,7 +292,7 @@ def section_step(threads: Sequence[int], repeats: int, densities: Sequence[float
                     masks = list(masked.sparsifier.masks.values())  # type: ignore[union-attr]
                     trainers.append(_SparsePropTrainer(masks, inputs, targets))
                     labels.append("sparseprop")
-                ts = _interleaved([t.step for t in trainers], repeats, 40.0)
+                ts = interleaved([t.step for t in trainers], repeats, 40.0, minimum=3)
                 cells = [f"{label} {statistics.median(t):.1f} ms" + ("" if i == 0 else f" ({_ratio(ts[0], t)})")
                          for i, (label, t) in enumerate(zip(labels, ts))]
                 print(f"  density {d:g}: " + "; ".join(cells) + f"; masked/sparse {_ratio(ts[1], ts[2])}; "

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_structure_training import NETS, mlp
 from torch import nn
 
 import granet
@@ -28,17 +29,6 @@ STEPS = 30
 FAN_IN = Structure("fan-in")
 
 
-def mlp(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
-
-
-def conv(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 8))
-
-
-NETS = {"mlp": (mlp, (16,)), "conv": (conv, (4, 4, 4))}
 
 
 def options(method: str, ablation: float = 0.9) -> dict:
