@@ -114,6 +114,38 @@ def spawn_ranks(target, args_per_rank: list, timeout_s: float) -> tuple[list, li
     return procs, hung
 
 
+def run_rank(scenario, rank: int, world: int, init_method: str, out_dir: str, timeout_s: float) -> None:
+    """Spawned entry point of one gloo rank: join the group, save ``scenario(rank)``'s result as
+    ``out_dir/rank{rank}.pt`` (or the traceback as ``rank{rank}.err``), then leave at once.
+
+    gloo's teardown (destroy_process_group, then interpreter finalisation with its threads still
+    alive) occasionally aborts with "terminate called without an active exception" when the peer
+    has just exited (seen once in a few dozen runs). The result is on disk and every rank is past
+    its last collective (the barrier), so the process exits without that teardown.
+    """
+    import datetime
+    import os
+    import sys
+    import traceback
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # the ranks share the CPU cores
+    out = Path(out_dir)
+    try:
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        torch.save(scenario(rank), out / f"rank{rank}.part")
+        (out / f"rank{rank}.part").replace(out / f"rank{rank}.pt")  # never a half-written result
+        dist.barrier()  # no rank closes its sockets while another still talks to it
+    except BaseException:
+        (out / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

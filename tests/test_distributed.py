@@ -9,10 +9,7 @@ workers) because starting Python + torch in two processes is most of the cost.
 """
 from __future__ import annotations
 
-import datetime
 import os
-import sys
-import traceback
 import warnings
 from pathlib import Path
 
@@ -20,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from filelock import FileLock
-from helpers import batch, spawn_ranks
+from helpers import batch, run_rank, spawn_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -96,36 +93,12 @@ def train(method: str, rank: int, world: int, steps: int, dtype: torch.dtype, gl
     }
 
 
-def _worker(rank: int, init_method: str, scenario: str, out_dir: str) -> None:
-    """Spawned entry point: join the group, run ``scenario``, save its result (or the traceback)."""
-    torch.set_num_threads(1)  # two ranks share the CPU cores
-    out = Path(out_dir)
-    try:
-        dist.init_process_group(
-            "gloo", init_method=init_method, rank=rank, world_size=WORLD,
-            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
-        )
-        result = SCENARIOS[scenario](rank)
-        torch.save(result, out / f"rank{rank}.part")
-        (out / f"rank{rank}.part").replace(out / f"rank{rank}.pt")  # never a half-written result
-        dist.barrier()  # no rank closes its sockets while another still talks to it
-    except BaseException:
-        (out / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    # gloo's teardown (destroy_process_group, then interpreter finalisation with its threads still
-    # alive) occasionally aborts with "terminate called without an active exception" when the peer
-    # has just exited (seen here once in a few dozen runs). The result is on disk and every rank is
-    # past its last collective, so leave at once.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def run_group(tmp: Path, scenario: str) -> list[dict]:
     """Run ``scenario`` on ``WORLD`` spawned gloo ranks; their results, by rank."""
     tmp.mkdir(parents=True, exist_ok=True)
     init_method = f"file://{tmp / 'rendezvous'}"
-    procs, hung = spawn_ranks(_worker, [(r, init_method, scenario, str(tmp)) for r in range(WORLD)], GROUP_TIMEOUT_S)
+    procs, hung = spawn_ranks(run_rank, [(SCENARIOS[scenario], r, WORLD, init_method, str(tmp), COLLECTIVE_TIMEOUT_S)
+                                        for r in range(WORLD)], GROUP_TIMEOUT_S)
     errors = {r: (tmp / f"rank{r}.err").read_text() for r in range(WORLD) if (tmp / f"rank{r}.err").exists()}
     if hung:
         pytest.fail(f"scenario {scenario!r}: rank(s) {hung} still running after {GROUP_TIMEOUT_S}s; errors: {errors}")

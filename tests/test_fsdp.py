@@ -8,16 +8,12 @@ have layers whose rows do not split evenly (and, on 4 ranks, a layer with an emp
 """
 from __future__ import annotations
 
-import datetime
-import os
-import sys
-import traceback
+import functools
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-from helpers import batch, spawn_ranks
+from helpers import batch, run_rank, spawn_ranks
 from torch import nn
 
 import granet
@@ -290,29 +286,13 @@ def scenario(rank: int, world: int) -> dict:
     return result
 
 
-def _worker(rank: int, world: int, init_method: str, out_dir: str) -> None:
-    """Spawned entry point: join the group, run the scenario, save its result (or the traceback)."""
-    torch.set_num_threads(1)
-    out = Path(out_dir)
-    try:
-        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-        torch.save(scenario(rank, world), out / f"rank{rank}.part")
-        (out / f"rank{rank}.part").replace(out / f"rank{rank}.pt")
-        dist.barrier()
-    except BaseException:
-        (out / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # see test_distributed: gloo teardown can abort after the results are saved
-
-
 def run_group(tmp: Path, world: int) -> list[dict]:
     """The scenario on ``world`` spawned gloo ranks; their results by rank."""
     tmp.mkdir(parents=True, exist_ok=True)
     init_method = f"file://{tmp / 'rendezvous'}"
-    _, hung = spawn_ranks(_worker, [(r, world, init_method, str(tmp)) for r in range(world)], GROUP_TIMEOUT_S)
+    work = functools.partial(scenario, world=world)
+    _, hung = spawn_ranks(run_rank, [(work, r, world, init_method, str(tmp), COLLECTIVE_TIMEOUT_S)
+                                     for r in range(world)], GROUP_TIMEOUT_S)
     errors = {r: (tmp / f"rank{r}.err").read_text() for r in range(world) if (tmp / f"rank{r}.err").exists()}
     if hung or errors or not all((tmp / f"rank{r}.pt").exists() for r in range(world)):
         pytest.fail(f"world {world}: hung ranks {hung}, errors {errors}")

@@ -3,16 +3,11 @@ exactly structured after every step, with exact counts; resumes, DDP and the CLI
 from __future__ import annotations
 
 import copy
-import datetime
-import os
-import sys
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-from helpers import spawn_ranks
+from helpers import run_rank, spawn_ranks
 from torch import nn
 
 import granet
@@ -244,42 +239,31 @@ def test_nm_makes_the_distribution_unused_and_set_masks_checks_the_structure() -
 WORLD = 2
 
 
-def _ddp_worker(rank: int, init_method: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    out = Path(out_dir)
-    try:
-        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD,
-                                timeout=datetime.timedelta(seconds=60))
-        result = {}
-        for method, structure in (("granet", "2:4"), ("rigl", "fan-in")):
-            model = conv(rank)  # every rank starts elsewhere: DDP and the sparsifier broadcast rank 0's
-            ddp = nn.parallel.DistributedDataParallel(model)
-            opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
-            s = granet.create_sparsifier(method, ddp, opt, **options(method, structure))
-            assert s.distributed
-            for t in range(1, STEPS + 1):
-                x, y = batch(t, (4, 4, 4))
-                x, y = x[rank * 16:(rank + 1) * 16], y[rank * 16:(rank + 1) * 16]
-                opt.zero_grad()
-                nn.functional.cross_entropy(ddp(x), y).backward()
-                opt.step()
-                s.step()
-                assert_structured(s, structure)
-            result[f"{method} {structure}"] = [m.clone() for m in s.masks.values()]
-        torch.save(result, out / f"rank{rank}.part")
-        (out / f"rank{rank}.part").replace(out / f"rank{rank}.pt")
-        dist.barrier()
-    except BaseException:
-        (out / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # see tests/test_distributed.py: gloo teardown can abort after the results are saved
+def _ddp_scenario(rank: int) -> dict:
+    """One rank: granet 2:4 and rigl fan-in under DDP, the structure checked after every step."""
+    result = {}
+    for method, structure in (("granet", "2:4"), ("rigl", "fan-in")):
+        model = conv(rank)  # every rank starts elsewhere: DDP and the sparsifier broadcast rank 0's
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+        s = granet.create_sparsifier(method, ddp, opt, **options(method, structure))
+        assert s.distributed
+        for t in range(1, STEPS + 1):
+            x, y = batch(t, (4, 4, 4))
+            x, y = x[rank * 16:(rank + 1) * 16], y[rank * 16:(rank + 1) * 16]
+            opt.zero_grad()
+            nn.functional.cross_entropy(ddp(x), y).backward()
+            opt.step()
+            s.step()
+            assert_structured(s, structure)
+        result[f"{method} {structure}"] = [m.clone() for m in s.masks.values()]
+    return result
 
 
 def test_ddp_masks_are_identical_on_both_ranks(tmp_path: Path) -> None:
     init_method = f"file://{tmp_path / 'rendezvous'}"
-    _, hung = spawn_ranks(_ddp_worker, [(r, init_method, str(tmp_path)) for r in range(WORLD)], 150)
+    args = [(_ddp_scenario, r, WORLD, init_method, str(tmp_path), 60) for r in range(WORLD)]
+    _, hung = spawn_ranks(run_rank, args, 150)
     errors = {r: (tmp_path / f"rank{r}.err").read_text() for r in range(WORLD)
               if (tmp_path / f"rank{r}.err").exists()}
     assert not hung and not errors, (hung, errors)
