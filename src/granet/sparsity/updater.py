@@ -359,15 +359,7 @@ class TopologyUpdater:
         names = [str(i) for i in range(len(params))] if names is None else names
         if self.structure.structured:
             return self._prune_structured(step, params, masks, counts, init_counts, final_counts, names, optimizer)
-
-        def segments(*layers: int, generator: Optional[RandomSource] = None) -> list[Segment]:
-            """The layers' prune scores; their generators are ``generator`` (one layer's: the score's,
-            then the ties'), else one per layer, made only if the score function runs."""
-            return [self._segment(self.criteria.prune, i, params[i], names[i], optimizer,
-                                  partial(self.generator, seed, "prune", step, i) if generator is None else
-                                  (lambda: generator), among=masks[i], count=counts[i],
-                                  protect=self.config.protect_units) for i in layers]
-
+        segments = partial(self._prune_segments, step, params, masks, counts, names, optimizer)
         if self.config.prune == "global":
             pruned_globally = self._prune_global(step, params, masks, counts, names, optimizer)
             return list(masks) if pruned_globally is None else pruned_globally
@@ -391,19 +383,24 @@ class TopologyUpdater:
                       optimizer: Optional[torch.optim.Optimizer]) -> Optional[list[torch.Tensor]]:
         """Global pruning to the schedule's target at ``step``: one threshold over all layers' prune
         scores (``None``: already at or below the target)."""
-        seed = self.config.seed
         target = self.global_prune_target(step, params, counts)
         if target is None:
             return None
-
-        def segments(*layers: int) -> list[Segment]:
-            return [self._segment(self.criteria.prune, i, params[i], names[i], optimizer,
-                                  partial(self.generator, seed, "prune", step, i), among=masks[i], count=counts[i],
-                                  protect=self.config.protect_units) for i in layers]
-
-        problem = Problem(target, self.generator(seed, "prune", step), partial(segments, *range(len(params))),
+        segments = partial(self._prune_segments, step, params, masks, counts, names, optimizer, *range(len(params)))
+        problem = Problem(target, self.generator(self.config.seed, "prune", step), segments,
                           sum(p.numel() for p in params), on_cpu(params))
         return [m.to(p.device) for m, p in zip(self.solver([problem])[0], params)]
+
+    def _prune_segments(self, step: int, params: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
+                        counts: Sequence[int], names: Sequence[str], optimizer: Optional[torch.optim.Optimizer],
+                        *layers: int, generator: Optional[RandomSource] = None) -> list[Segment]:
+        """The layers' prune scores among their active weights; their generators are ``generator``
+        (one layer's: the score's, then the ties'), else one per layer, made only if the score
+        function runs."""
+        return [self._segment(self.criteria.prune, i, params[i], names[i], optimizer,
+                              partial(self.generator, self.config.seed, "prune", step, i) if generator is None else
+                              (lambda: generator), among=masks[i], count=counts[i],
+                              protect=self.config.protect_units) for i in layers]
 
     def _prune_structured(self, step: int, params: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
                           counts: Sequence[int], init_counts: Sequence[int], final_counts: Sequence[int],
@@ -441,8 +438,7 @@ class TopologyUpdater:
             elif counts[i] <= self.structured_total(i, shape, int(count)):
                 continue
             generator = self.generator(self.config.seed, "prune", step, i)  # the score's, then the ties'
-            segment = self._segment(self.criteria.prune, i, param, names[i], optimizer, partial(lambda g: g, generator),
-                                    among=masks[i], count=counts[i], protect=self.config.protect_units)
+            (segment,) = self._prune_segments(step, params, masks, counts, names, optimizer, i, generator=generator)
             scores = segment.values.detach().abs() if segment.absolute else segment.values
             new[i] = select_structured(scores, self.structure, count, generator, among=masks[i],
                                        unit_dim=self._dim(i))
