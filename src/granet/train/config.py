@@ -671,7 +671,8 @@ def resume_config(saved: Mapping[str, Any], overrides: Mapping[str, Any], source
 
 def check_resume_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], source: str = "the run") -> None:
     """Refuse settings (flat keys, as :func:`flat_values` gives them) that would change the result of the
-    run being resumed."""
+    run being resumed. ``saved`` may lack keys added since it was written: they count as their defaults."""
+    saved = flat_values(saved)
     differing = sorted(k for k in current if k not in RESUMABLE_DIFFERENCES and saved.get(k) != current[k])
     if differing:
         details = ", ".join(f"{k}: {source} has {saved.get(k)!r}, now {current[k]!r}" for k in differing)

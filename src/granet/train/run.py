@@ -84,7 +84,7 @@ def resume_point(run_dir: str, overrides: Mapping[str, Any]) -> tuple[TrainConfi
         saved = state["config"]
         if on_disk is not None:
             try:
-                check_resume_compatible(flat_values(saved), flat_values(on_disk), "the checkpoint")
+                check_resume_compatible(saved, flat_values(on_disk), "the checkpoint")
             except ConfigError as exc:
                 raise ConfigError(f"{root / CONFIG_FILE} was changed after the run started; resuming uses the "
                                   f"config stored in the checkpoint, so restore the file or start a new run "
@@ -247,7 +247,7 @@ def _resumed_config(config: TrainConfig, saved: Mapping[str, Any]) -> TrainConfi
     unset = {k: saved[k] for k in keys if current[k] is None and saved.get(k) is not None}
     if unset:
         config = config.with_run_values(**unset)
-    check_resume_compatible(flat_values(saved), config.to_dict(), "the checkpoint")
+    check_resume_compatible(saved, config.to_dict(), "the checkpoint")
     threads, saved_threads = config.machine.threads, saved.get("threads")
     if saved_threads is not None and threads != saved_threads:
         logger.warning("threads: the run so far used %d torch thread(s), it continues with %d; float sums change "
