@@ -24,7 +24,7 @@ from typing import Union
 
 import torch
 
-__all__ = ["CounterGenerator", "RandomSource", "permutation", "splitmix64", "splitmix64_reference", "uniform"]
+__all__ = ["CounterGenerator", "RandomSource", "permutation", "splitmix64_reference", "uniform"]
 
 _MASK64 = (1 << 64) - 1
 _GAMMA = 0x9E3779B97F4A7C15
@@ -48,11 +48,6 @@ def _mix_(z: torch.Tensor) -> torch.Tensor:
         if multiplier is not None:
             z.mul_(_signed(multiplier))
     return z
-
-
-def splitmix64(x: torch.Tensor) -> torch.Tensor:
-    """SplitMix64's output function of int64 states (a new tensor)."""
-    return _mix_(x.to(torch.int64, copy=True))
 
 
 def splitmix64_reference(key: int, count: int) -> list[int]:
